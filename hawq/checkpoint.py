@@ -1,0 +1,44 @@
+"""Model checkpoints that carry what rebuilds the model (its config), and training state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from hawq.errors import HawqError
+from hawq.io import load_torch, save_torch
+
+SCHEMA = 1
+
+
+def build_model(model_cfg: DictConfig | dict) -> nn.Module:
+    """Instantiate a model from its config node (``_target_`` + arguments)."""
+    return instantiate(model_cfg)
+
+
+def save_model(path: str | Path, model: nn.Module, model_cfg: DictConfig | dict, **meta: Any) -> Path:
+    """Write ``{schema, model_cfg, state_dict, meta}`` atomically."""
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_torch(path, {"schema": SCHEMA, "model_cfg": model_cfg, "state_dict": state, "meta": meta})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model saved by :func:`save_model`; returns ``(model, meta)``."""
+    ckpt = load_torch(path)
+    if not isinstance(ckpt, dict) or "model_cfg" not in ckpt or "state_dict" not in ckpt:
+        raise HawqError(f"corrupt checkpoint {path}: not a hawq model checkpoint")
+    model = build_model(ckpt["model_cfg"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise HawqError(f"checkpoint {path} does not fit its model config: {first}") from e
+    return model.to(device), ckpt.get("meta", {})

@@ -1,0 +1,130 @@
+"""Typed, validated views of the Hydra config.
+
+Each config group has a dataclass schema. :func:`typed` merges a group's node
+into its schema (so a wrong type or an unknown key is caught) and runs the
+schema's ``__post_init__`` range checks; any failure becomes a one-line
+:class:`~hawq.errors.HawqError` naming the key, the bad value and what is
+allowed. Stages added later validate their own groups the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hawq.errors import HawqError
+
+T = TypeVar("T")
+
+
+def require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ``ValueError('<key>=<value>: <allowed>')`` unless ``cond``."""
+    if not cond:
+        raise ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def typed(node: DictConfig | dict | None, schema: type[T], section: str) -> T:
+    """Validate ``node`` against dataclass ``schema`` and return the instance.
+
+    Args:
+        node: the config group (e.g. ``cfg.train``).
+        schema: a dataclass whose fields mirror the group's keys.
+        section: the group name used in error messages (``train``).
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node or {})
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ValueError as e:
+        raise HawqError(f"bad config: {section}.{e}") from e
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        raise HawqError(f"bad config {section}.{key}: {msg}") from e
+
+
+@dataclass
+class TrainConfig:
+    """``train`` group: the FP training recipe."""
+
+    epochs: int = 200  # seed recipe: 200 epochs
+    optimizer: Any = field(
+        default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
+    )
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global grad norm; None = off
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the training model
+    log_every: int = 50  # steps between progress-bar metric updates
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
+                "0 <= warmup_epochs < epochs")  # fmt: skip
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "0..1")
+        require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "0..1")
+        require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
+                "null or > 0")  # fmt: skip
+
+
+@dataclass
+class DataConfig:
+    """``data`` group: where images come from and how they are batched."""
+
+    _target_: str = "hawq.data.module.ImageData"
+    name: str = "cifar10"
+    root: str | None = None  # folder with cifar-10-batches-py or the npz shards
+    download: bool = False  # fetch the official archive when root has nothing
+    synthetic: bool = False  # use generated images when root is null
+    batch_size: int = 512
+    eval_batch_size: int = 1024
+    augment: bool = True  # random crop (padding) + horizontal flip
+    padding: int = 4
+    train_subset: int | None = None  # first N train images (all when null)
+    test_subset: int | None = None
+    seed: int = 0  # synthetic data seed
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size,
+                "an integer >= 1")  # fmt: skip
+        require(self.padding >= 0, "padding", self.padding, "an integer >= 0")
+        for key in ("train_subset", "test_subset"):
+            v = getattr(self, key)
+            require(v is None or v >= 1, key, v, "null or an integer >= 1")
+        require(self.root is not None or self.synthetic, "root", self.root,
+                "a folder with CIFAR-10, or data=synthetic")  # fmt: skip
+
+
+@dataclass
+class PathsConfig:
+    """``paths`` group: where runs live."""
+
+    runs: str = "runs"
+    run_dir: str = "runs/default"
+    checkpoint: str = "runs/default/model.pt"  # the FP checkpoint (trained or given)
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys."""
+
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    stages: list[str] = field(default_factory=lambda: ["train", "evaluate"])
+    force: bool = False  # redo stages whose outputs exist
+
+    def __post_init__(self) -> None:
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+                "device", self.device, "auto, cpu, cuda or cuda:N")  # fmt: skip
+        require(len(self.stages) >= 1, "stages", self.stages, "a non-empty list of stage names")
+
+
+def run_config(cfg: DictConfig) -> RunConfig:
+    top = {k: cfg[k] for k in ("name", "seed", "device", "stages", "force") if k in cfg}
+    return typed(top, RunConfig, "run")

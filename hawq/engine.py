@@ -1,0 +1,134 @@
+"""Training and evaluation loops shared by FP training and QAT."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hawq.errors import HawqError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HawqError(f"device={name} but no CUDA GPU is available; use device=cpu or auto")
+    return dev
+
+
+def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def cosine_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine schedule (with optional warm-up) as a ``LambdaLR``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_multiplier(s, total_steps, warmup_steps, min_ratio)
+    )
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op context on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    amp: bool = True,
+    grad_clip: float | None = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over ``batches``; returns mean loss, accuracy, last lr, images/s.
+
+    Raises:
+        FloatingPointError: the loss became NaN or Inf (callers add context).
+    """
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, leave=False, disable=None)
+    for step, (x, y) in enumerate(bar):
+        with autocast(device, amp):
+            out = model(x)
+            loss = loss_fn(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.detach() * y.shape[0]
+        correct += (out.argmax(-1) == y).sum()
+        seen += y.shape[0]
+        if step % 20 == 0:
+            lval = loss.item()
+            if not math.isfinite(lval):
+                raise FloatingPointError(f"loss is {lval} at step {step}")
+            bar.set_postfix(loss=f"{lval:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    mean_loss = (total_loss / max(seen, 1)).item()
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"mean training loss is {mean_loss}")
+    return {
+        "loss": mean_loss,
+        "acc": 100.0 * correct.item() / max(seen, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "img_per_s": seen / seconds if seconds > 0 else float("nan"),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    amp: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy over ``batches``, in eval mode."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in tqdm(batches, desc=desc, leave=False, disable=None):
+        with autocast(device, amp):
+            out = model(x).float()
+        total_loss += loss_fn(out, y).double() * y.shape[0]
+        correct += (out.argmax(-1) == y).sum()
+        seen += y.shape[0]
+    model.train(was_training)
+    return {
+        "acc": 100.0 * correct.item() / max(seen, 1),
+        "loss": (total_loss / max(seen, 1)).item(),
+        "n": seen,
+    }

@@ -1,0 +1,145 @@
+"""Quantizable matrix operations and their inventory.
+
+A *quantizable op* is any module that performs a matrix product: ``nn.Linear``,
+``nn.Conv2d`` and :class:`MatMul` (an activation x activation product such as
+``q @ k^T`` or ``attn @ v``). Models expose every such product as a named
+module so later stages (Hessian, allocation, quantization, integer kernels) can
+address it by its module name, never by list position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module, so both activation operands can be observed/quantized.
+
+    Args (forward):
+        a: (..., n, k) tensor.
+        b: (..., k, m) tensor.
+    Returns:
+        (..., n, m) tensor.
+    """
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+#: Module types that count as quantizable matrix operations.
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, MatMul)
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    """True for modules that perform a matrix product (including quantized wrappers)."""
+    return isinstance(module, QUANTIZABLE_TYPES) or getattr(module, "is_quantizable_op", False)
+
+
+def quantizable_ops(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module for every quantizable op, in registration (= network) order.
+
+    Wrappers that mark themselves with ``is_quantizable_op = True`` (quantized
+    replacements) are listed in place of the module they replaced, and their
+    children are not listed again.
+    """
+    ops: dict[str, nn.Module] = {}
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if name and is_quantizable(module):
+            ops[name] = module
+            skip_prefixes.append(name + ".")
+    return ops
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """One quantizable op: its name, kind, parameter count and MACs per input."""
+
+    name: str
+    kind: str  # "linear" | "conv2d" | "matmul"
+    params: int
+    macs: int
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "params": self.params, "macs": self.macs}
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d) or getattr(module, "op_kind", None) == "conv2d":
+        return "conv2d"
+    if isinstance(module, nn.Linear) or getattr(module, "op_kind", None) == "linear":
+        return "linear"
+    return "matmul"
+
+
+def _macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    kind = _kind(module)
+    if kind == "linear":
+        # every output element is an in_features-long dot product
+        return output.numel() * inputs[0].shape[-1]
+    if kind == "conv2d":
+        weight = module.weight
+        per_output = weight.shape[1] * weight.shape[2] * weight.shape[3]  # (C_in/groups)*kh*kw
+        return output.numel() * per_output
+    a, _b = inputs[0], inputs[1]
+    return output.numel() * a.shape[-1]
+
+
+def op_inventory(
+    model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32), device: str | None = None
+) -> list[OpInfo]:
+    """List the quantizable ops in execution order with their MACs for one input.
+
+    Args:
+        model: any module; its quantizable ops are found by :func:`quantizable_ops`.
+        input_size: shape of one input without the batch dimension.
+        device: where to run the probing forward pass (default: the model's device).
+
+    Returns:
+        One :class:`OpInfo` per op, ordered by first execution; ``macs`` counts
+        multiply-accumulates for a single input (batch size 1).
+    """
+    ops = quantizable_ops(model)
+    seen: dict[str, int] = {}
+    order: list[str] = []
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            if name not in seen:
+                order.append(name)
+                seen[name] = 0
+            seen[name] += _macs(module, inputs, output)
+
+        return hook
+
+    for name, module in ops.items():
+        handles.append(module.register_forward_hook(make_hook(name)))
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else "cpu"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    unexecuted = [n for n in ops if n not in seen]
+    order.extend(unexecuted)
+    infos = []
+    for name in order:
+        module = ops[name]
+        # weight and bias only: quantized wrappers also hold scales/zero points
+        params = sum(
+            p.numel() for n, p in module.named_parameters() if n.endswith(("weight", "bias"))
+        )
+        infos.append(OpInfo(name, _kind(module), params, seen.get(name, 0)))
+    return infos

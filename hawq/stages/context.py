@@ -1,0 +1,86 @@
+"""What every stage gets: the config, the run directory, the device, data and models."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from hawq.checkpoint import build_model, load_model
+from hawq.config import DataConfig, RunConfig, typed
+from hawq.data.module import ImageData
+from hawq.engine import resolve_device
+from hawq.io import read_json, write_json
+from hawq.provenance import provenance
+
+log = logging.getLogger("hawq")
+
+
+class Context:
+    """Shared state of one pipeline run.
+
+    Attributes:
+        cfg: the full resolved Hydra config.
+        run: validated top-level keys (name, seed, device, stages, force).
+        run_dir: where every artifact of this run is read and written.
+        device: the torch device stages compute on.
+        results: the contents of ``results.json`` (updated by each stage).
+    """
+
+    RESULTS = "results.json"
+
+    def __init__(self, cfg: DictConfig, run: RunConfig) -> None:
+        self.cfg = cfg
+        self.run = run
+        self.run_dir = Path(cfg.paths.run_dir).expanduser().resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(run.device)
+        path = self.run_dir / self.RESULTS
+        self.results: dict[str, Any] = read_json(path) if path.is_file() else {}
+        self.results.setdefault("stages", {})
+
+    @property
+    def force(self) -> bool:
+        return self.run.force
+
+    def path(self, name: str) -> Path:
+        """An artifact of this run: ``run_dir / name``."""
+        return self.run_dir / name
+
+    @property
+    def checkpoint(self) -> Path:
+        """The FP model checkpoint (``paths.checkpoint``), trained here or given."""
+        return Path(self.cfg.paths.checkpoint).expanduser().resolve()
+
+    @cached_property
+    def data(self) -> ImageData:
+        typed(self.cfg.data, DataConfig, "data")
+        return instantiate(self.cfg.data)
+
+    def build_model(self) -> nn.Module:
+        """A fresh model from ``cfg.model``, on the run's device."""
+        torch.manual_seed(self.run.seed)
+        return build_model(self.cfg.model).to(self.device)
+
+    def load_fp_model(self) -> nn.Module:
+        """The FP model from :attr:`checkpoint`, in eval mode on the run's device."""
+        model, _ = load_model(self.checkpoint, self.device)
+        return model.eval()
+
+    def stage_result(self, stage: str) -> dict | None:
+        return self.results["stages"].get(stage)
+
+    def save_results(self, stage: str | None = None, metrics: dict | None = None) -> Path:
+        """Record ``metrics`` under ``stages.<stage>`` and rewrite results.json atomically."""
+        if stage is not None:
+            self.results["stages"][stage] = metrics
+        self.results["name"] = self.run.name
+        self.results["config"] = OmegaConf.to_container(self.cfg, resolve=True)
+        self.results["provenance"] = provenance(self.device)
+        return write_json(self.path(self.RESULTS), self.results)

@@ -1,0 +1,111 @@
+"""Stage ``train``: FP training with per-epoch checkpoints and exact resume.
+
+Outputs: ``paths.checkpoint`` (the FP model), ``metrics.csv`` (one row per
+epoch). While running, ``train_state.pt`` holds model, optimizer and scheduler
+state after the last finished epoch; a killed run restarts from it. Epoch ``e``
+draws its data order, augmentation and dropout from ``seed`` and ``e`` alone,
+so a resumed run ends with the same weights and metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from tqdm import tqdm
+
+from hawq.checkpoint import save_model
+from hawq.config import TrainConfig, typed
+from hawq.engine import cosine_scheduler, evaluate, train_epoch
+from hawq.errors import HawqError
+from hawq.io import load_torch, save_torch, write_text
+from hawq.stages.context import Context
+
+log = logging.getLogger("hawq")
+STATE = "train_state.pt"
+CSV = "metrics.csv"
+CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "img_per_s"]
+
+
+def done(ctx: Context) -> bool:
+    return ctx.checkpoint.is_file()
+
+
+def _write_csv(ctx: Context, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(ctx.path(CSV), buf.getvalue())
+
+
+def run(ctx: Context) -> dict:
+    tc = typed(ctx.cfg.train, TrainConfig, "train")
+    data = ctx.data
+    model = ctx.build_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = instantiate(tc.optimizer)(params)
+    train_loader = data.train_loader(ctx.device, seed=ctx.run.seed)
+    test_loader = data.eval_loader("test", ctx.device)
+    steps = len(train_loader)
+    scheduler = cosine_scheduler(optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps),
+                                 tc.min_lr_ratio)  # fmt: skip
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+
+    state_path = ctx.path(STATE)
+    start_epoch, history = 0, []
+    if state_path.is_file() and ctx.force:
+        state_path.unlink()
+    if state_path.is_file():
+        state = load_torch(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        log.info("train: resuming after epoch %d from %s", start_epoch, state_path)
+    if start_epoch > tc.epochs:
+        raise HawqError(f"{state_path} is at epoch {start_epoch} > train.epochs={tc.epochs}")
+
+    step_model = torch.compile(model) if tc.compile else model
+    bar = tqdm(range(start_epoch, tc.epochs), desc="epochs", initial=start_epoch,
+               total=tc.epochs, disable=None)  # fmt: skip
+    for epoch in bar:
+        torch.manual_seed(ctx.run.seed * 100_003 + epoch)  # dropout stream of this epoch
+        train_loader.set_epoch(epoch)
+        try:
+            tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device, scheduler,
+                             amp=tc.amp, grad_clip=tc.grad_clip, desc=f"epoch {epoch + 1}")  # fmt: skip
+        except FloatingPointError as e:
+            raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
+        ev = evaluate(model, test_loader, ctx.device)
+        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
+               "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
+               "seconds": tr["seconds"], "img_per_s": tr["img_per_s"]}  # fmt: skip
+        history.append(row)
+        bar.set_postfix(loss=f"{tr['loss']:.3f}", acc=f"{ev['acc']:.2f}")
+        log.info("epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f | %.0f img/s",
+                 epoch + 1, tc.epochs, tr["loss"], tr["acc"], ev["loss"], ev["acc"],
+                 tr["img_per_s"])  # fmt: skip
+        _write_csv(ctx, history)
+        save_torch(state_path, {"epoch": epoch + 1, "history": history,
+                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict()})  # fmt: skip
+
+    last = history[-1]
+    save_model(ctx.checkpoint, model, ctx.cfg.model, epochs=tc.epochs, test_acc=last["test_acc"],
+               data=ctx.cfg.data.name)  # fmt: skip
+    state_path.unlink(missing_ok=True)
+    return {
+        "epochs": tc.epochs,
+        "test_acc": last["test_acc"],
+        "test_loss": last["test_loss"],
+        "train_loss": last["train_loss"],
+        "best_test_acc": max(r["test_acc"] for r in history),
+        "train_seconds": sum(r["seconds"] for r in history),
+        "img_per_s": sum(r["img_per_s"] for r in history) / len(history),
+        "checkpoint": str(ctx.checkpoint),
+    }
