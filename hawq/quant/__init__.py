@@ -1,0 +1,1 @@
+"""Quantization: primitives, calibrators, quantized modules, plans, PTQ and QAT."""
