@@ -1,0 +1,36 @@
+"""Shared fixtures and the ``gpu`` marker's skip rule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CIFAR10_DIR = Path(os.environ.get("HAWQ_TEST_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/hawq-inductor-cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """The real CIFAR-10 npz copy; tests using it skip when it is absent."""
+    if not (CIFAR10_DIR / "cifar10_test.npz").is_file():
+        pytest.skip(f"real CIFAR-10 not found in {CIFAR10_DIR}")
+    return CIFAR10_DIR
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
