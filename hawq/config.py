@@ -37,12 +37,12 @@ def typed(node: DictConfig | dict | None, schema: type[T], section: str) -> T:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node or {})
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except ValueError as e:
-        raise HawqError(f"bad config: {section}.{e}") from e
-    except OmegaConfBaseException as e:
+    except OmegaConfBaseException as e:  # wrong type or unknown key (before ValueError: a subclass)
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
         raise HawqError(f"bad config {section}.{key}: {msg}") from e
+    except ValueError as e:  # a range check in __post_init__
+        raise HawqError(f"bad config: {section}.{e}") from e
 
 
 @dataclass

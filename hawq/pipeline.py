@@ -19,7 +19,7 @@ from types import ModuleType
 from omegaconf import DictConfig
 
 import hawq.stages
-from hawq.config import run_config
+from hawq.config import DataConfig, TrainConfig, run_config, typed
 from hawq.errors import HawqError, choices
 from hawq.stages.context import Context
 
@@ -47,6 +47,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
     """Run ``cfg.stages`` in order; returns the final contents of ``results.json``."""
     run = run_config(cfg)
     stages = [load_stage(name) for name in run.stages]  # fail on a typo before any work
+    typed(cfg.data, DataConfig, "data")
+    typed(cfg.train, TrainConfig, "train")
     ctx = Context(cfg, run)
     log.info("run directory: %s (device %s)", ctx.run_dir, ctx.device)
     for name, stage in zip(run.stages, stages):

@@ -34,3 +34,27 @@ def cifar10_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the Hydra config like the CLI does, with the run directory in ``tmp_path``."""
+    from hydra import compose, initialize_config_dir
+
+    def _make(*overrides: str, run_dir: Path | None = None):
+        run_dir = run_dir or tmp_path / "run"
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return compose("config", overrides=[f"paths.run_dir={run_dir}", *overrides])
+
+    return _make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    """Run ``python -m hawq.run ARGS`` in a subprocess; returns CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HAWQ_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "hawq.run", *args], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
