@@ -100,3 +100,9 @@ def test_checkpoint_rebuilds_model_without_config(make_cfg, tmp_path):
     model, meta = load_model(tmp_path / "run" / "model.pt")
     assert meta["epochs"] == 2
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_smoke_on_real_cifar10_when_root_points_at_it(make_cfg, cifar10_dir):
+    res = run_pipeline(make_cfg(*SMOKE, f"data.root={cifar10_dir}", "train.epochs=1"))
+    assert res["config"]["data"]["root"] == str(cifar10_dir)
+    assert res["stages"]["evaluate"]["fp"]["n"] == 128
