@@ -1,0 +1,300 @@
+"""Exact bit allocation: a multiple-choice knapsack solved as an integer linear program.
+
+Op ``i`` picks exactly one of its candidate settings ``c``; ``x[i,c]`` in {0, 1}::
+
+    minimise    sum_{i,c} s[i,c] x[i,c]                       (total sensitivity)
+    subject to  sum_c x[i,c] = 1                               for every op i
+                sum_{i,c} cost_b[i,c] x[i,c] <= B_b            for every upper budget b
+                sum_{i,c} cost_b[i,c] x[i,c] >= B_b            for a lower budget (int4_share)
+                sum_{c: lvl(c)=v} x[j,c] = sum_{c: lvl(c)=v} x[r,c]
+                                                               for tie group (r, j, ...), level v
+
+where ``lvl(c)`` is the activation setting (bits, format): ops reading one
+tensor share it. Solved by :func:`scipy.optimize.milp` (HiGHS branch and cut)
+with a zero MIP gap, so the optimum is exact (up to HiGHS' 1e-7 feasibility
+tolerance); :func:`brute_force` enumerates all choices as the test oracle and
+:func:`greedy` is the classic HAWQ-V2-style heuristic kept as a baseline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from hawq.alloc.candidates import Candidate
+from hawq.errors import HawqError, choices
+
+BUDGET_KINDS = ("avg_bits", "size_mb", "bops", "latency_us", "int4_share")
+LOWER_BOUNDS = frozenset({"int4_share"})  # "at least"; every other budget is "at most"
+
+
+@dataclass
+class Problem:
+    """One allocation instance.
+
+    Attributes:
+        ops: op names in network order.
+        choices: per op, its candidate settings.
+        sens: per op, sensitivity of each candidate (shape ``(len(choices[i]),)``).
+        costs: budget kind -> per op, that cost of each candidate; totals add over ops.
+        ties: groups of op names whose activation settings must be equal.
+    """
+
+    ops: list[str]
+    choices: list[list[Candidate]]
+    sens: list[np.ndarray]
+    costs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    ties: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.ops)
+        if len(self.choices) != n or len(self.sens) != n:
+            raise ValueError("ops, choices and sens must have one entry per op")
+        self.sens = [np.asarray(s, dtype=float) for s in self.sens]
+        self.costs = {b: [np.asarray(c, dtype=float) for c in v] for b, v in self.costs.items()}
+        for i, k in enumerate(self.choices):
+            if not k:
+                raise HawqError(f"op {self.ops[i]} has no candidate setting")
+            arrays = [self.sens[i]] + [v[i] for v in self.costs.values()]
+            if any(a.shape != (len(k),) for a in arrays):
+                raise ValueError(f"op {self.ops[i]}: sensitivity/cost length != candidates")
+        index = {name: i for i, name in enumerate(self.ops)}
+        for g in self.ties:
+            missing = [o for o in g if o not in index]
+            if missing:
+                raise HawqError(f"tie group names unknown op(s) {choices(missing)}")
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Start of each op's block in the flat variable vector."""
+        return np.concatenate([[0], np.cumsum([len(k) for k in self.choices])])
+
+    def total(self, kind: str, index: list[int]) -> float:
+        """Sum of cost ``kind`` (or ``"sens"``) over ops for one choice per op."""
+        rows = self.sens if kind == "sens" else self.costs[kind]
+        return float(sum(rows[i][c] for i, c in enumerate(index)))
+
+    def ties_ok(self, index: list[int]) -> bool:
+        pos = {name: i for i, name in enumerate(self.ops)}
+        for g in self.ties:
+            levels = {self.choices[pos[o]][index[pos[o]]].a_level for o in g}
+            if len(levels) > 1:
+                return False
+        return True
+
+
+@dataclass
+class Solution:
+    """The chosen candidate index per op, with objective and cost totals."""
+
+    index: list[int]
+    objective: float
+    totals: dict[str, float]
+    status: str
+    solve_s: float
+
+    def chosen(self, problem: Problem) -> dict[str, Candidate]:
+        pairs = enumerate(zip(problem.ops, self.index, strict=True))
+        return {n: problem.choices[i][c] for i, (n, c) in pairs}
+
+
+class InfeasibleBudget(HawqError):
+    """No allocation meets the budgets; ``bounds`` maps each binding budget to its limit."""
+
+    def __init__(self, message: str, bounds: dict[str, float]) -> None:
+        super().__init__(message)
+        self.bounds = bounds
+
+
+def _check_budgets(problem: Problem, budgets: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for b, v in budgets.items():
+        if v is None:
+            continue
+        if b not in problem.costs:
+            raise HawqError(f"budget {b} has no cost model here; available: "
+                            f"{choices(problem.costs)}")  # fmt: skip
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise HawqError(f"alloc.{b}={v!r} is invalid; allowed: a finite number or null")
+        out[b] = float(v)
+    return out
+
+
+def _constraints(problem: Problem, budgets: dict[str, float]) -> list[LinearConstraint]:
+    """One-hot rows, tie rows and (scaled) budget rows."""
+    off = problem.offsets
+    n_var, n_ops = int(off[-1]), len(problem.ops)
+    rows, cols, vals = [], [], []
+    for i in range(n_ops):  # sum_c x[i,c] = 1
+        rows += [i] * (off[i + 1] - off[i])
+        cols += list(range(off[i], off[i + 1]))
+    vals = [1.0] * len(cols)
+    r = n_ops
+    pos = {name: i for i, name in enumerate(problem.ops)}
+    for group in problem.ties:
+        ref = pos[group[0]]
+        levels = {c.a_level for o in group for c in problem.choices[pos[o]]}
+        for other in group[1:]:
+            j = pos[other]
+            for level in sorted(levels, key=str):
+                for op, sign in ((j, 1.0), (ref, -1.0)):
+                    for c, cand in enumerate(problem.choices[op]):
+                        if cand.a_level == level:
+                            rows.append(r), cols.append(off[op] + c), vals.append(sign)
+                r += 1
+    eq = coo_array((vals, (rows, cols)), shape=(r, n_var)).tocsr()
+    cons = [LinearConstraint(eq, np.r_[np.ones(n_ops), np.zeros(r - n_ops)],
+                             np.r_[np.ones(n_ops), np.zeros(r - n_ops)])]  # fmt: skip
+    for b, limit in budgets.items():
+        row = np.concatenate(problem.costs[b])
+        scale = abs(limit) or float(np.abs(row).max()) or 1.0  # rows of order 1 for HiGHS
+        if b in LOWER_BOUNDS:
+            cons.append(LinearConstraint(row[None] / scale, limit / scale, np.inf))
+        else:
+            cons.append(LinearConstraint(row[None] / scale, -np.inf, limit / scale))
+    return cons
+
+
+def _milp(problem: Problem, objective: np.ndarray, budgets: dict[str, float]):
+    scale = float(np.abs(objective).max()) or 1.0
+    n_var = len(objective)
+    return milp(objective / scale, integrality=np.ones(n_var), bounds=(0, 1),
+                constraints=_constraints(problem, budgets),
+                options={"mip_rel_gap": 0.0, "presolve": True})  # fmt: skip
+
+
+def _index(problem: Problem, x: np.ndarray) -> list[int]:
+    off = problem.offsets
+    return [int(np.argmax(x[off[i]:off[i + 1]])) for i in range(len(problem.ops))]
+
+
+def _fmt(v: float, up: bool) -> str:
+    """6 significant digits, rounded so the printed limit is still feasible."""
+    if v == 0:
+        return "0"
+    e = math.floor(math.log10(abs(v))) - 5
+    q = v / 10.0**e
+    q = math.ceil(q - 1e-9) if up else math.floor(q + 1e-9)
+    return f"{q * 10.0**e:.6g}"
+
+
+def extreme(problem: Problem, kind: str, budgets: dict[str, float | None] | None = None,
+            maximize: bool = False) -> float | None:
+    """Smallest (largest with ``maximize``) total of cost ``kind`` any allocation meeting
+    ``budgets``, ties and pins can reach; None when none meets them."""
+    budgets = _check_budgets(problem, budgets or {})
+    row = np.concatenate(problem.costs[kind])
+    res = _milp(problem, -row if maximize else row, budgets)
+    return problem.total(kind, _index(problem, res.x)) if res.success else None
+
+
+def _diagnose(problem: Problem, budgets: dict[str, float]) -> InfeasibleBudget:
+    """Explain infeasibility: each budget that cannot be met given the others."""
+    if not _milp(problem, np.zeros(int(problem.offsets[-1])), {}).success:
+        return InfeasibleBudget("no allocation satisfies the tie groups and pins alone "
+                                f"(ties: {problem.ties})", {})  # fmt: skip
+    parts, bounds = [], {}
+    for b, limit in budgets.items():
+        others = {k: v for k, v in budgets.items() if k != b}
+        lower = b in LOWER_BOUNDS
+        best = extreme(problem, b, others, maximize=lower)
+        if best is None:
+            continue
+        if (best < limit) if lower else (best > limit):
+            bounds[b] = best
+            word = "largest" if lower else "smallest"
+            parts.append(f"alloc.{b}={limit:.6g} is infeasible; the {word} feasible value is "
+                         f"{_fmt(best, up=not lower)}")  # fmt: skip
+    where = " (given the other budgets, ties and pins)" if len(budgets) > 1 or problem.ties else ""
+    msg = "; ".join(parts) + where if parts else f"budgets {budgets} are jointly infeasible"
+    return InfeasibleBudget(msg, bounds)
+
+
+def solve(problem: Problem, budgets: dict[str, float | None] | None = None) -> Solution:
+    """Minimise total sensitivity under ``budgets`` (kind -> limit; None = off).
+
+    Raises:
+        InfeasibleBudget: no allocation meets them; the message names, for each
+            budget that cannot be met given the others, the smallest (largest for
+            ``int4_share``) feasible value.
+    """
+    budgets = _check_budgets(problem, budgets or {})
+    start = time.perf_counter()
+    res = _milp(problem, np.concatenate(problem.sens), budgets)
+    elapsed = time.perf_counter() - start
+    if res.status == 2:
+        raise _diagnose(problem, budgets)
+    if not res.success:
+        raise HawqError(f"the ILP solver failed: {res.message}")
+    index = _index(problem, res.x)
+    totals = {b: problem.total(b, index) for b in problem.costs}
+    return Solution(index, problem.total("sens", index), totals, res.message, elapsed)
+
+
+def _feasible(problem: Problem, budgets: dict[str, float], index: list[int], tol: float) -> bool:
+    for b, limit in budgets.items():
+        t = problem.total(b, index)
+        slack = tol * max(1.0, abs(limit))
+        if (t < limit - slack) if b in LOWER_BOUNDS else (t > limit + slack):
+            return False
+    return True
+
+
+def brute_force(
+    problem: Problem, budgets: dict[str, float | None] | None = None, tol: float = 0.0
+) -> Solution | None:
+    """Enumerate every choice (``prod_i k_i`` of them); None when none is feasible."""
+    budgets = _check_budgets(problem, budgets or {})
+    start = time.perf_counter()
+    best: list[int] | None = None
+    best_obj = math.inf
+    for index in itertools.product(*(range(len(k)) for k in problem.choices)):
+        index = list(index)
+        if not _feasible(problem, budgets, index, tol) or not problem.ties_ok(index):
+            continue
+        obj = problem.total("sens", index)
+        if obj < best_obj:
+            best, best_obj = index, obj
+    if best is None:
+        return None
+    totals = {b: problem.total(b, best) for b in problem.costs}
+    return Solution(best, best_obj, totals, "enumerated", time.perf_counter() - start)
+
+
+def greedy(problem: Problem, budgets: dict[str, float | None] | None = None) -> Solution | None:
+    """Heuristic peer (ignores ties): start at each op's least-sensitive candidate and
+    repeatedly take the move with the smallest ``d_sens / d_violation`` until every
+    budget holds; None when it gets stuck."""
+    budgets = _check_budgets(problem, budgets or {})
+    start = time.perf_counter()
+    index = [int(np.lexsort((sum(problem.costs[b][i] for b in budgets) if budgets
+                             else np.zeros(len(s)), s))[0])  # fmt: skip
+             for i, s in enumerate(problem.sens)]
+    sign = {b: (-1.0 if b in LOWER_BOUNDS else 1.0) for b in budgets}
+    while True:
+        over = {b: sign[b] * (problem.total(b, index) - v) for b, v in budgets.items()}
+        over = {b: o for b, o in over.items() if o > 0}
+        if not over:
+            break
+        best, best_ratio = None, math.inf
+        for i, cur in enumerate(index):
+            for c in range(len(problem.choices[i])):
+                gain = sum(sign[b] * (problem.costs[b][i][cur] - problem.costs[b][i][c])
+                           / max(abs(budgets[b]), 1e-300) for b in over)  # fmt: skip
+                if gain <= 0:
+                    continue
+                ratio = (problem.sens[i][c] - problem.sens[i][cur]) / gain
+                if ratio < best_ratio:
+                    best, best_ratio = (i, c), ratio
+        if best is None:
+            return None
+        index[best[0]] = best[1]
+    totals = {b: problem.total(b, index) for b in problem.costs}
+    return Solution(index, problem.total("sens", index), totals, "greedy",
+                    time.perf_counter() - start)  # fmt: skip

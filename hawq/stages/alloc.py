@@ -1,0 +1,167 @@
+"""Stage ``alloc``: ``hessian.json`` (+ FP model, calibration batches) -> ``bits.yaml`` + PNGs.
+
+Chooses one candidate setting per quantizable op with the exact ILP of
+:mod:`hawq.alloc.ilp` under the configured budgets (``cfg.alloc``), writes the plan
+with its provenance (method, budgets, objective, solver status, cost totals,
+per-op predicted sensitivity, the sensitivity-vs-budget frontier) and two plots:
+``<out>_per_op.png`` (bits per op beside sensitivity) and ``<out>_frontier.png``.
+An infeasible budget ends the run with one line naming the smallest feasible value.
+Skipped when the output exists and was made with the same ``alloc`` config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from hawq.alloc import allocate, frontier, read_hessian
+from hawq.alloc.allocate import choices_per_op, resolve_pins
+from hawq.alloc.config import AllocConfig
+from hawq.alloc.costs import LatencyTable
+from hawq.alloc.sensitivity import measured_sensitivity
+from hawq.config import typed
+from hawq.errors import HawqError, choices
+from hawq.io import read_yaml
+from hawq.models.ops import quantizable_ops
+from hawq.quant.plan import OpSetting, save_plan
+from hawq.stages.context import Context
+from hawq.viz.alloc import plot_allocation, plot_frontier
+
+log = logging.getLogger("hawq")
+
+
+def _config(ctx: Context) -> AllocConfig:
+    return typed(ctx.cfg.get("alloc"), AllocConfig, "alloc")
+
+
+def _config_dict(cfg: AllocConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def done(ctx: Context) -> bool:
+    cfg = _config(ctx)
+    out = ctx.path(cfg.out)
+    if not out.is_file():
+        return False
+    meta = (read_yaml(out) or {}).get("meta", {})
+    return meta.get("config") == _config_dict(cfg)
+
+
+def _base(ctx: Context, cfg: AllocConfig) -> OpSetting:
+    """``alloc.base``, else ``quant.default`` (the settings PTQ/QAT apply), else defaults."""
+    base = cfg.base
+    if base is None:
+        quant = ctx.cfg.get("quant")
+        base = OmegaConf.to_container(quant.default, resolve=True) if quant else {}
+    try:
+        return OpSetting(**dict(base))
+    except TypeError as e:
+        raise HawqError(f"bad config alloc.base: {e}") from e
+
+
+def _measured(ctx: Context, cfg: AllocConfig, report, model, base: OpSetting):
+    """Single-op PTQ accuracy drops (one evaluation per op and candidate)."""
+    try:
+        from hawq.quant.api import calibrate, quantize_
+    except ImportError as e:
+        raise HawqError(f"alloc.method=measured needs hawq.quant.api: {e}") from e
+    from hawq.engine import evaluate
+
+    pins = resolve_pins(list(report.ops), cfg.pins, cfg.pin_first, cfg.pin_last)
+    cands = choices_per_op(report, cfg.candidates, pins)
+    calib = ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
+    test = ctx.data.eval_loader(cfg.measured_split, ctx.device,
+                                batch_size=cfg.measured_batch_size)  # fmt: skip
+
+    def quantize_fn(m, plan):
+        quantize_(m, plan)
+        calibrate(m, calib, max_batches=cfg.calib_batches)
+        return m
+
+    def evaluate_fn(m) -> float:
+        return evaluate(m, test, ctx.device, desc="measured")["acc"]
+
+    fp_acc, drops = measured_sensitivity(model, dict(zip(report.ops, cands, strict=True)), base,
+                                         quantize_fn, evaluate_fn)  # fmt: skip
+    return [drops[n] for n in report.ops], fp_acc
+
+
+def _at_lowest_bits(problem, kinds: dict[str, str]) -> dict[str, float]:
+    """Each op's sensitivity at its candidate with the fewest operand bits."""
+    out = {}
+    for i, (name, cs) in enumerate(zip(problem.ops, problem.choices, strict=True)):
+        j = min(range(len(cs)), key=lambda j: (sum(cs[j].operand_bits(kinds[name])),
+                                               -problem.sens[i][j]))  # fmt: skip
+        out[name] = float(problem.sens[i][j])
+    return out
+
+
+def run(ctx: Context) -> dict:
+    cfg = _config(ctx)
+    hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
+    report = read_hessian(hessian_path)
+    model = ctx.load_fp_model()
+    names = list(quantizable_ops(model))
+    if set(names) != set(report.ops):
+        raise HawqError(f"{hessian_path} does not match the model's ops: only in the report "
+                        f"{choices(set(report.ops) - set(names)) or '-'}; only in the model "
+                        f"{choices(set(names) - set(report.ops)) or '-'}")  # fmt: skip
+    base = _base(ctx, cfg)
+    latency = LatencyTable.load(cfg.latency_table) if cfg.latency_table else None
+    sens, extra = None, {}
+    start = time.perf_counter()
+    if cfg.method == "measured":
+        sens, fp_acc = _measured(ctx, cfg, report, model, base)
+        extra["measured_fp_acc"] = fp_acc
+        extra["measured_s"] = time.perf_counter() - start
+    calib = (ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
+             if cfg.method.startswith("hawq") else None)  # fmt: skip
+    alloc = allocate(report, cfg.candidates, cfg.method, cfg.budgets, model=model,
+                     calib_batches=calib, max_batches=cfg.calib_batches,
+                     input_size=tuple(ctx.data.input_size), base=base, sens=sens, ties=cfg.ties,
+                     tie_groups=cfg.tie_groups, pins=cfg.pins, pin_first=cfg.pin_first,
+                     pin_last=cfg.pin_last, latency=latency, avg_bits_by=cfg.avg_bits_by,
+                     seed=cfg.seed)  # fmt: skip
+    budgets = cfg.budgets
+    kind = cfg.frontier_budget or next(iter(budgets), "bops")
+    t0 = time.perf_counter()
+    points = (frontier(alloc.problem, kind, cfg.frontier_points,
+                       {k: v for k, v in budgets.items() if k != kind})
+              if cfg.frontier_points else [])  # fmt: skip
+    frontier_s = time.perf_counter() - t0
+    meta = {**alloc.meta, "config": _config_dict(cfg), **extra,
+            "frontier": {"budget": kind, "points": [p.as_dict() for p in points]}}
+    out = ctx.path(cfg.out)
+    stem = out.with_suffix("")
+    chosen = alloc.chosen
+    low = _at_lowest_bits(alloc.problem, {n: c.kind for n, c in report.ops.items()})
+    plot_allocation({n: c.w_bits for n, c in chosen.items()},
+                    {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
+                    path=f"{stem}_per_op.png",
+                    title=f"{cfg.method}: {budgets or 'no budget'}")  # fmt: skip
+    if points:
+        plot_frontier(kind, [p.cost for p in points], [p.objective for p in points],
+                      (alloc.solution.totals[kind], alloc.solution.objective),
+                      path=f"{stem}_frontier.png",
+                      title=f"{cfg.method}: exact ILP frontier")  # fmt: skip
+    save_plan(out, alloc.plan, meta)  # last: the plan exists only when everything succeeded
+    log.info("alloc: %s under %s -> objective %.4g, totals %s (solve %.3f s)", cfg.method,
+             budgets, alloc.solution.objective, alloc.solution.totals,
+             alloc.solution.solve_s)  # fmt: skip
+    return {
+        "method": cfg.method,
+        "budgets": budgets,
+        "objective": alloc.solution.objective,
+        "totals": alloc.solution.totals,
+        "ops": len(report.ops),
+        "timings": {**{k: round(v, 4) for k, v in alloc.timings.items()},
+                    "frontier_s": round(frontier_s, 4)},  # fmt: skip
+        "bits": str(out),
+        "hessian": str(hessian_path),
+        **extra,
+    }

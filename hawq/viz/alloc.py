@@ -1,0 +1,81 @@
+"""Plots of a bit allocation: bits per op beside sensitivity; sensitivity vs budget."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hawq.viz.common import plt, save_figure
+
+UNITS = {"avg_bits": "bits", "size_mb": "MB", "bops": "GBOPs / image",
+         "latency_us": "us / image", "int4_share": "share of MACs at <= 4 bits"}  # fmt: skip
+
+
+def plot_allocation(
+    w_bits: Mapping[str, float | None],
+    a_bits: Mapping[str, float | None],
+    sens_low: Mapping[str, float],
+    sens_chosen: Mapping[str, float],
+    path: str | Path | None = None,
+    title: str = "bit allocation",
+):
+    """Top: weight/activation bits per op (FP drawn as 32). Bottom: sensitivity per op
+    at its lowest-bit candidate (bars) and at the chosen setting (dots), log scale."""
+    names = list(w_bits)
+    x = np.arange(len(names))
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True,
+                                   figsize=(max(6.0, 0.3 * len(names) + 2), 6.0))  # fmt: skip
+    wb = [32 if w_bits[n] is None else w_bits[n] for n in names]
+    ab = [32 if a_bits[n] is None else a_bits[n] for n in names]
+    ax1.bar(x - 0.2, wb, 0.4, label="weight bits", color="tab:blue")
+    ax1.bar(x + 0.2, ab, 0.4, label="activation bits", color="tab:orange")
+    ax1.set_ylabel("bits")
+    ax1.set_yticks(sorted(set(wb) | set(ab)))
+    ax1.legend(fontsize=8)
+    ax1.set_title(title)
+    low = np.array([max(float(sens_low[n]), 1e-30) for n in names])
+    ax2.bar(x, low, color="tab:gray", label="at lowest-bit candidate")
+    ax2.plot(x, [max(float(sens_chosen[n]), 1e-30) for n in names], "o", color="tab:red",
+             label="at chosen setting")  # fmt: skip
+    if (low > 0).any():
+        ax2.set_yscale("log")
+    ax2.set_ylabel("predicted sensitivity")
+    ax2.legend(fontsize=8)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels(names, rotation=90, fontsize=7)
+    for ax in (ax1, ax2):
+        ax.grid(axis="y", alpha=0.3)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_frontier(
+    kind: str,
+    costs: Sequence[float],
+    objectives: Sequence[float],
+    chosen: tuple[float, float] | None = None,
+    path: str | Path | None = None,
+    title: str = "predicted sensitivity vs budget",
+):
+    """The exact frontier ``min Omega`` against the total of budget ``kind``."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    # between sampled budgets the optimum is that of the next tighter point: an upper
+    # budget keeps the point to its left, a lower bound (int4_share) the one to its right
+    where = "pre" if kind == "int4_share" else "post"
+    ax.step(costs, objectives, where=where, color="tab:blue", alpha=0.5)
+    ax.plot(costs, objectives, "o", color="tab:blue", label="ILP optimum")
+    if chosen is not None:
+        ax.plot(*chosen, "*", color="tab:red", markersize=14, label="this allocation")
+    if any(o > 0 for o in objectives):
+        ax.set_yscale("log")
+    ax.set_xlabel(f"{kind} ({UNITS.get(kind, '')})")
+    ax.set_ylabel("total predicted sensitivity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
