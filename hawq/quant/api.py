@@ -1,0 +1,201 @@
+"""Apply a plan: ``quantize_(model, plan)`` and the helpers PTQ/QAT need around it.
+
+``quantize_`` swaps every op the plan quantizes for its wrapper from
+:mod:`hawq.quant.modules` *in place*, under the same module name; ops whose
+effective setting is float (both bits null) stay untouched. BatchNorms that
+directly follow a quantized conv are folded into it (and replaced by
+``nn.Identity``) when ``fold_bn`` is true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawq.errors import HawqError, choices
+from hawq.models.ops import MatMul, quantizable_ops
+from hawq.quant.bn_fold import find_conv_bn_pairs
+from hawq.quant.formats import FORMAT_BITS
+from hawq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
+from hawq.quant.plan import OpSetting, Plan
+from hawq.quant.quantizer import Quantizer
+
+METHODS = (None, "ste", "lsq", "lsqplus", "pact")
+QUANT_TYPES = (QuantLinear, QuantConv2d, QuantMatMul)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def check_setting(name: str, s: OpSetting) -> None:
+    """Float formats fix their own width: the plan's bits must agree."""
+    for key, fmt in (("w_bits", s.w_format), ("a_bits", s.a_format)):
+        bits = getattr(s, key)
+        if fmt != "int" and bits is not None and bits != FORMAT_BITS[fmt]:
+            raise HawqError(f"op {name}: {key}={bits} but {fmt} stores {FORMAT_BITS[fmt]} bits; "
+                            f"set {key}={FORMAT_BITS[fmt]}")  # fmt: skip
+
+
+def quantize_(
+    model: nn.Module, plan: Plan, method: str | None = None, fold_bn: bool = True
+) -> nn.Module:
+    """Replace exactly the ops the plan quantizes by their quantized versions (in place).
+
+    Args:
+        model: an FP model (its quantizable ops by :func:`hawq.models.quantizable_ops`).
+        plan: per-op settings; an op name not in the model is an error.
+        method: None (PTQ: fixed qparams), ``ste`` (QAT, min/max ranges each step),
+            ``lsq``, ``lsqplus`` or ``pact`` (QAT with learned qparams).
+        fold_bn: fold a BatchNorm2d that follows a quantized conv into it.
+
+    Returns:
+        ``model`` itself.
+    """
+    if method not in METHODS:
+        raise HawqError(f"QAT method={method!r} is invalid; allowed: {choices(METHODS[1:])}")
+    ops = quantizable_ops(model)
+    done = [n for n, m in ops.items() if isinstance(m, QUANT_TYPES)]
+    if done:
+        raise HawqError(f"model is already quantized (e.g. {done[0]}); quantize an FP model")
+    settings = plan.resolved(list(ops))
+    pairs = find_conv_bn_pairs(model) if fold_bn else {}
+    mods = dict(model.named_modules())
+    for name, s in settings.items():
+        if s.is_float:
+            continue
+        check_setting(name, s)
+        m = ops[name]
+        if isinstance(m, nn.Conv2d):
+            bn = mods[pairs[name]] if name in pairs else None
+            new: nn.Module = QuantConv2d(m, s, method, bn)
+            if bn is not None:
+                _set_module(model, pairs[name], nn.Identity())
+        elif isinstance(m, nn.Linear):
+            new = QuantLinear(m, s, method)
+        elif isinstance(m, MatMul):
+            new = QuantMatMul(s, method)
+        else:
+            raise HawqError(f"op {name}: cannot quantize a {type(m).__name__}")
+        _set_module(model, name, new)
+    return model
+
+
+def quant_ops(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> quantized wrapper, in network order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+
+
+def quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """``<op>.<w_quant|a_quant|b_quant>`` -> quantizer."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+@torch.no_grad()
+def init_weight_qparams(model: nn.Module) -> None:
+    """Static weight qparams from the current (folded) weights."""
+    for op in quant_ops(model).values():
+        wq = getattr(op, "w_quant", None)
+        if wq is not None and not wq.dynamic:
+            w = op.folded()[0] if isinstance(op, QuantConv2d) else op.weight
+            wq.init_from_weight(w.detach())
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
+    """Set weight qparams, then activation ranges from up to ``max_batches`` batches.
+
+    Activation quantizers observe their FP inputs (upstream weights already
+    quantized) with the calibrator of their setting. Returns the batches used.
+    """
+    init_weight_qparams(model)
+    acts = [q for q in quantizers(model).values()
+            if not q.is_weight and not q.dynamic and not bool(q.ready) or
+            (not q.is_weight and q.fmt.startswith("fp8") and not q.dynamic)]  # fmt: skip
+    was_training = model.training
+    model.eval()
+    for q in acts:
+        q.start_observe()
+    n = 0
+    try:
+        for batch in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device) if device is not None else x)
+            n += 1
+    finally:
+        for q in acts:
+            q.finish_observe()
+        model.train(was_training)
+    return n
+
+
+def check_ready(model: nn.Module) -> None:
+    """Every quantizer has qparams (calibrated, dynamic, or self-scaled)."""
+    missing = [n for n, q in quantizers(model).items() if not bool(q.ready)]
+    if missing:
+        raise HawqError(f"quantizer(s) not calibrated: {choices(missing)}; run calibrate()")
+
+
+def set_bits_(model: nn.Module, plan: Plan, floor_bits: int | None) -> None:
+    """Progressive lowering: every int operand at ``max(plan bits, floor_bits)``."""
+    for name, op in quant_ops(model).items():
+        s = plan.setting(name)
+        for qname, target in (("w_quant", s.w_bits), ("a_quant", s.a_bits),
+                              ("b_quant", s.a_bits)):  # fmt: skip
+            q = getattr(op, qname, None)
+            if q is None or q.fmt != "int" or target is None:
+                continue
+            q.set_bits(target if floor_bits is None else max(target, floor_bits))
+
+
+def freeze_bn_(model: nn.Module) -> int:
+    """Freeze the folded BN statistics (deployed form from now on); returns how many."""
+    n = 0
+    for op in quant_ops(model).values():
+        if isinstance(op, QuantConv2d) and op.bn is not None:
+            op.bn_frozen.fill_(True)
+            n += 1
+    return n
+
+
+def collapsed_ops(model: nn.Module) -> list[str]:
+    """Ops with a NaN/Inf or collapsed scale, or a non-finite weight."""
+    bad = []
+    for name, op in quant_ops(model).items():
+        qs = [getattr(op, k, None) for k in ("w_quant", "a_quant", "b_quant")]
+        w = getattr(op, "weight", None)
+        if any(q is not None and q.collapsed() for q in qs) or (
+            w is not None and not torch.isfinite(w).all()
+        ):
+            bad.append(name)
+    return bad
+
+
+def summary(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per quantized op: kind and the effective bits/format/method of each operand."""
+    out = {}
+    for name, op in quant_ops(model).items():
+        row: dict[str, Any] = {"kind": op.op_kind}
+        for key in ("w_quant", "a_quant", "b_quant"):
+            q = getattr(op, key, None)
+            if q is not None:
+                row[key[0]] = {"bits": q.bits, "format": q.fmt, "symmetric": q.symmetric,
+                               "signed": q.signed, "granularity": q.granularity,
+                               "dynamic": q.dynamic, "calibrator": q.calibrator_name,
+                               "learn": q.learn}  # fmt: skip
+        if isinstance(op, QuantConv2d):
+            row["bn_folded"] = op.bn is not None
+        out[name] = row
+    return out

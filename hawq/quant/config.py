@@ -1,0 +1,88 @@
+"""Typed views of the ``quant`` and ``qat`` config groups, and plan resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hawq.config import require
+from hawq.errors import HawqError
+from hawq.quant.plan import DEFAULT_KEY, Plan, load_plan
+
+BITS_FILE = "bits.yaml"  # written by the alloc stage into the run directory
+
+
+@dataclass
+class QuantConfig:
+    """``quant`` group: the default op setting, an optional plan file, calibration."""
+
+    default: Any = field(default_factory=dict)  # the plan's _default OpSetting (validated)
+    plan: str | None = None  # a bits.yaml; wins over the run's bits.yaml and `default`
+    calib_batches: int = 8  # calibration batches of the (unaugmented) train split
+    calib_batch_size: int = 256
+    fold_bn: bool = True  # fold BN into the preceding quantized conv
+
+    def __post_init__(self) -> None:
+        require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")
+        require(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size,
+                "an integer >= 1")  # fmt: skip
+
+
+@dataclass
+class QATConfig:
+    """``qat`` group: the quantization-aware training recipe."""
+
+    epochs: int = 30
+    method: str = "lsq"  # lsq | lsqplus | pact | ste
+    lr: float = 1.0e-5  # weights (fine-tuning a trained model: small)
+    qparam_lr: float = 1.0e-3  # step sizes, offsets, clips
+    weight_decay: float = 0.0
+    schedule: list[int] | None = None  # progressive floor bits, e.g. [8, 4, 3, 2]
+    epochs_per_step: int = 1  # epochs at each schedule step but the last (it takes the rest)
+    freeze_bn_epoch: int | None = 2  # freeze folded-BN statistics from this epoch; null = never
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    amp: bool = True
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        require(self.method in ("lsq", "lsqplus", "pact", "ste"), "method", self.method,
+                "lsq, lsqplus, pact, ste")  # fmt: skip
+        require(self.lr >= 0 and self.qparam_lr >= 0, "lr", self.lr, ">= 0")
+        require(self.epochs_per_step >= 1, "epochs_per_step", self.epochs_per_step, ">= 1")
+        require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
+                "0 <= warmup_epochs < epochs")  # fmt: skip
+        if self.schedule is not None:
+            s = list(self.schedule)
+            ok = len(s) >= 1 and all(1 <= b <= 8 for b in s)
+            ok = ok and all(s[i] >= s[i + 1] for i in range(len(s) - 1))
+            require(ok, "schedule", self.schedule, "null or non-increasing bits in 1-8")
+
+    def floor_bits(self, epoch: int) -> int | None:
+        """Progressive schedule: the bit floor in ``epoch`` (0-based); None without schedule."""
+        if not self.schedule:
+            return None
+        return self.schedule[min(epoch // self.epochs_per_step, len(self.schedule) - 1)]
+
+
+def resolve_plan(qc: QuantConfig, run_dir: Path) -> tuple[Plan, str]:
+    """``quant.plan`` if set, else the run's ``bits.yaml``, else ``quant.default``.
+
+    Returns ``(plan, source)`` with source the file path or ``quant.default``.
+    """
+    if qc.plan:
+        path = Path(qc.plan).expanduser()
+        if not path.is_file():
+            raise HawqError(f"quant.plan={qc.plan}: no such file")
+        return load_plan(path)[0], str(path.resolve())
+    path = run_dir / BITS_FILE
+    if path.is_file():
+        return load_plan(path)[0], str(path)
+    try:
+        plan = Plan.from_dict({DEFAULT_KEY: dict(qc.default)}, where="plan")
+    except HawqError as e:
+        raise HawqError(str(e).replace(f"plan.{DEFAULT_KEY}", "quant.default")) from e
+    return plan, "quant.default"

@@ -1,0 +1,100 @@
+"""Stage ``ptq``: post-training quantization of the FP checkpoint with a plan.
+
+Inputs: ``paths.checkpoint`` (FP model) and the plan (``quant.plan``, else the
+run's ``bits.yaml``, else ``quant.default``). Outputs: ``ptq_model.pt`` (a
+quantized checkpoint: model config + plan + state, see
+:func:`hawq.quant.load_quantized`), ``ptq_bits.yaml`` (the plan used) and
+metrics: FP vs quantized accuracy/loss and a one-line setting per op.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from torch import nn
+
+from hawq.config import typed
+from hawq.engine import evaluate
+from hawq.io import load_torch
+from hawq.quant import (
+    calibrate,
+    check_ready,
+    quantize_,
+    save_plan,
+    save_quantized,
+    summary,
+)
+from hawq.quant.config import QuantConfig, resolve_plan
+from hawq.stages.context import Context
+
+log = logging.getLogger("hawq")
+CKPT = "ptq_model.pt"
+PLAN = "ptq_bits.yaml"
+
+
+def done(ctx: Context) -> bool:
+    return ctx.path(CKPT).is_file()
+
+
+def load_fp(ctx: Context) -> tuple[nn.Module, dict]:
+    """The FP model (eval mode, on the run's device) and the config that rebuilds it."""
+    model_cfg = load_torch(ctx.checkpoint).get("model_cfg") if ctx.checkpoint.is_file() else None
+    return ctx.load_fp_model(), model_cfg
+
+
+def op_lines(model: nn.Module) -> dict[str, str]:
+    """``op -> "W4 int per_channel | A4 int asym mse"`` for results.json."""
+    out = {}
+    for name, row in summary(model).items():
+        parts = []
+        for key in ("w", "a", "b"):
+            q = row.get(key)
+            if q is None:
+                continue
+            sym = "sym" if q["symmetric"] else "asym"
+            rng = "dynamic" if q["dynamic"] else (q["learn"] or q["calibrator"])
+            gran = q["granularity"] if key == "w" else sym
+            parts.append(f"{key.upper()}{q['bits']} {q['format']} {gran} {rng}")
+        out[name] = " | ".join(parts) + (" | bn folded" if row.get("bn_folded") else "")
+    return out
+
+
+def bits_histogram(model: nn.Module) -> dict[str, int]:
+    """How many ops at each ``W<b>A<b>`` combination."""
+    c: Counter[str] = Counter()
+    for row in summary(model).values():
+        a = row["a"]["bits"] if "a" in row else "fp"
+        if row["kind"] == "matmul":
+            c[f"A{a}xA{a}"] += 1
+        else:
+            c[f"W{row['w']['bits'] if 'w' in row else 'fp'}A{a}"] += 1
+    return dict(sorted(c.items()))
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    qc = typed(ctx.cfg.quant, QuantConfig, "quant")
+    plan, source = resolve_plan(qc, ctx.run_dir)
+    model, model_cfg = load_fp(ctx)
+    test = ctx.data.eval_loader("test", ctx.device)
+    fp = evaluate(model, test, ctx.device)
+    quantize_(model, plan, None, qc.fold_bn)
+    calib = ctx.data.eval_loader("train", ctx.device, qc.calib_batch_size)
+    n = calibrate(model, calib, qc.calib_batches)
+    check_ready(model)
+    q = evaluate(model, test, ctx.device)
+    log.info("ptq: FP acc %.2f -> quantized %.2f (plan from %s)", fp["acc"], q["acc"], source)
+    save_plan(ctx.path(PLAN), plan, {"source": source})
+    save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, None, qc.fold_bn,
+                   fp_acc=fp["acc"], acc=q["acc"], plan_source=source)  # fmt: skip
+    return {
+        "fp": fp,
+        "quantized": q,
+        "acc_drop": fp["acc"] - q["acc"],
+        "plan_source": source,
+        "calib_batches": n,
+        "bits": bits_histogram(model),
+        "ops": op_lines(model),
+        "checkpoint": str(ctx.path(CKPT)),
+    }

@@ -1,0 +1,227 @@
+"""Stage ``qat``: quantization-aware training (LSQ, LSQ+, PACT or STE) from the FP model.
+
+Inputs: ``paths.checkpoint`` and the plan (as for ``ptq``). The quantized model
+is calibrated (initial qparams), then weights and qparams train together.
+Optional progressive lowering: ``qat.schedule`` (e.g. [8, 4, 3, 2]) gives a bit
+floor per ``qat.epochs_per_step`` epochs; each op runs at ``max(plan bits, floor)``
+and keeps its covered range when its bits drop. Folded BN statistics freeze at
+``qat.freeze_bn_epoch``.
+
+Outputs: ``qat_model.pt`` (quantized checkpoint), ``qat_bits.yaml``,
+``qat_metrics.csv``; ``qat_state.pt`` holds the state after the last finished
+epoch and a restarted run resumes from it exactly (per-epoch seeds, as ``train``).
+A NaN/Inf loss stops the run naming the ops whose scales collapsed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawq.config import typed
+from hawq.engine import cosine_scheduler, evaluate, train_epoch
+from hawq.errors import HawqError
+from hawq.io import load_torch, save_torch, write_text
+from hawq.quant import (
+    Plan,
+    calibrate,
+    check_ready,
+    collapsed_ops,
+    freeze_bn_,
+    quant_ops,
+    quantize_,
+    save_plan,
+    save_quantized,
+    set_bits_,
+)
+from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
+from hawq.quant.quantizer import Quantizer
+from hawq.stages.context import Context
+from hawq.stages.ptq import bits_histogram, load_fp, op_lines
+
+log = logging.getLogger("hawq")
+CKPT = "qat_model.pt"
+PLAN = "qat_bits.yaml"
+STATE = "qat_state.pt"
+CSV = "qat_metrics.csv"
+FIELDS = ["epoch", "floor_bits", "bn_frozen", "train_loss", "train_acc", "test_loss", "test_acc",
+          "lr", "seconds", "img_per_s"]  # fmt: skip
+
+
+def done(ctx: Context) -> bool:
+    return ctx.path(CKPT).is_file()
+
+
+def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:
+    """The schedule's last floor must reach every int op's plan bits."""
+    if not tc.schedule:
+        return
+    lowest = [b for s in plan.resolved(op_names).values()
+              for b, f in ((s.w_bits, s.w_format), (s.a_bits, s.a_format))
+              if b is not None and f == "int"]
+    if lowest and tc.schedule[-1] > min(lowest):
+        raise HawqError(f"qat.schedule={tc.schedule} ends at {tc.schedule[-1]} bits but the "
+                        f"plan has {min(lowest)}-bit operands; end it at <= {min(lowest)}")
+    needed = tc.epochs_per_step * (len(tc.schedule) - 1) + 1
+    if needed > tc.epochs:
+        raise HawqError(f"qat.schedule={tc.schedule} with epochs_per_step={tc.epochs_per_step} "
+                        f"needs qat.epochs >= {needed}")  # fmt: skip
+
+
+def param_groups(model: nn.Module, tc: QATConfig) -> list[dict]:
+    """Weights at ``lr`` (with weight decay), quantizer parameters at ``qparam_lr`` (none)."""
+    qparams = {id(p) for m in model.modules() if isinstance(m, Quantizer)
+               for p in m.parameters(recurse=False)}  # fmt: skip
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qparams]
+    quant = [p for p in model.parameters() if p.requires_grad and id(p) in qparams]
+    groups = [{"params": weights, "lr": tc.lr, "weight_decay": tc.weight_decay}]
+    if quant:
+        groups.append({"params": quant, "lr": tc.qparam_lr, "weight_decay": 0.0})
+    return groups
+
+
+class NonFiniteWatch:
+    """Records, without a host sync, when (a running count of op calls) each quantized
+    op's output first went NaN/Inf; after a divergence the earliest one is its origin."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ops = quant_ops(model)
+        dev = next(model.parameters()).device
+        self.step = torch.zeros((), dtype=torch.long, device=dev)
+        self.first = {n: torch.full((), 2**62, dtype=torch.long, device=dev) for n in self.ops}
+        self.handles = []
+        for name, op in self.ops.items():
+            self.handles.append(op.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args, out) -> None:
+            if module.training:
+                self.step += 1
+                bad = ~torch.isfinite(out.detach()).all()
+                self.first[name] = torch.where(bad & (self.step < self.first[name]), self.step,
+                                               self.first[name])  # fmt: skip
+        return hook
+
+    def origin(self) -> list[str]:
+        first = {n: int(t) for n, t in self.first.items()}
+        lo = min(first.values(), default=2**62)
+        return [n for n, s in first.items() if s == lo][:1] if lo < 2**62 else []
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def qat_epoch(model: nn.Module, batches, optimizer, loss_fn, device, scheduler, tc: QATConfig,
+              epoch: int) -> dict[str, float]:  # fmt: skip
+    """One training epoch; a NaN/Inf loss becomes a HawqError naming the collapsed ops.
+
+    Named: the ops whose output went non-finite first (step-wise) and whose own scales
+    are collapsed or non-finite at that point; else every op with such scales now.
+    """
+    watch = NonFiniteWatch(model)
+    try:
+        return train_epoch(model, batches, optimizer, loss_fn, device, scheduler, amp=tc.amp,
+                           grad_clip=tc.grad_clip, desc=f"qat {epoch + 1}")  # fmt: skip
+    except FloatingPointError as e:
+        origin = watch.origin()
+        bad = [n for n in origin if n in collapsed_ops(model)] or origin or collapsed_ops(model)
+        names = ", ".join(bad) if bad else "none (weights and scales finite)"
+        raise HawqError(f"QAT diverged in epoch {epoch + 1}: {e}; ops with collapsed or "
+                        f"non-finite scales: {names}; lower qat.lr/qat.qparam_lr") from e
+    finally:
+        watch.remove()
+
+
+def _write_csv(ctx: Context, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS)
+    w.writeheader()
+    w.writerows(history)
+    write_text(ctx.path(CSV), buf.getvalue())
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    qc = typed(ctx.cfg.quant, QuantConfig, "quant")
+    tc = typed(ctx.cfg.qat, QATConfig, "qat")
+    plan, source = resolve_plan(qc, ctx.run_dir)
+    model, model_cfg = load_fp(ctx)
+    data = ctx.data
+    test = data.eval_loader("test", ctx.device)
+    fp = evaluate(model, test, ctx.device)
+    from hawq.models.ops import quantizable_ops
+
+    check_schedule(tc, plan, list(quantizable_ops(model)))
+    quantize_(model, plan, tc.method, qc.fold_bn)
+    set_bits_(model, plan, tc.floor_bits(0))
+    torch.manual_seed(ctx.run.seed)
+    calibrate(model, data.eval_loader("train", ctx.device, qc.calib_batch_size), qc.calib_batches)
+    check_ready(model)
+    init = evaluate(model, test, ctx.device)
+
+    optimizer = torch.optim.Adam(param_groups(model, tc))
+    train = data.train_loader(ctx.device, seed=ctx.run.seed)
+    steps = len(train)
+    scheduler = cosine_scheduler(optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps),
+                                 tc.min_lr_ratio)  # fmt: skip
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+
+    state_path = ctx.path(STATE)
+    start, history = 0, []
+    if state_path.is_file() and ctx.force:
+        state_path.unlink()
+    if state_path.is_file():
+        state = load_torch(state_path)
+        model.load_state_dict(state["model"])  # includes bit widths and BN-frozen flags
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, history, init = state["epoch"], state["history"], state["init"]
+        log.info("qat: resuming after epoch %d from %s", start, state_path)
+    if start > tc.epochs:
+        raise HawqError(f"{state_path} is at epoch {start} > qat.epochs={tc.epochs}")
+
+    for epoch in range(start, tc.epochs):
+        floor = tc.floor_bits(epoch)
+        set_bits_(model, plan, floor)
+        frozen = tc.freeze_bn_epoch is not None and epoch >= tc.freeze_bn_epoch
+        if frozen:
+            freeze_bn_(model)
+        torch.manual_seed(ctx.run.seed * 100_003 + epoch)
+        train.set_epoch(epoch)
+        tr = qat_epoch(model, train, optimizer, loss_fn, ctx.device, scheduler, tc, epoch)
+        ev = evaluate(model, test, ctx.device)
+        history.append({"epoch": epoch + 1, "floor_bits": floor, "bn_frozen": frozen,
+                        "train_loss": tr["loss"], "train_acc": tr["acc"], "test_loss": ev["loss"],
+                        "test_acc": ev["acc"], "lr": tr["lr"], "seconds": tr["seconds"],
+                        "img_per_s": tr["img_per_s"]})  # fmt: skip
+        log.info("qat epoch %d/%d (floor %s bits): train loss %.4f | test loss %.4f acc %.2f",
+                 epoch + 1, tc.epochs, floor, tr["loss"], ev["loss"], ev["acc"])  # fmt: skip
+        _write_csv(ctx, history)
+        save_torch(state_path, {"epoch": epoch + 1, "history": history, "init": init,
+                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict()})  # fmt: skip
+
+    last = history[-1]
+    save_plan(ctx.path(PLAN), plan, {"source": source, "method": tc.method})
+    save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, tc.method, qc.fold_bn,
+                   fp_acc=fp["acc"], acc=last["test_acc"], plan_source=source)  # fmt: skip
+    state_path.unlink(missing_ok=True)
+    return {
+        "fp": fp,
+        "init": init,  # quantized (calibrated) before QAT
+        "quantized": {"acc": last["test_acc"], "loss": last["test_loss"], "n": fp["n"]},
+        "acc_drop": fp["acc"] - last["test_acc"],
+        "method": tc.method,
+        "epochs": tc.epochs,
+        "schedule": tc.schedule,
+        "plan_source": source,
+        "train_seconds": sum(r["seconds"] for r in history),
+        "bits": bits_histogram(model),
+        "ops": op_lines(model),
+        "checkpoint": str(ctx.path(CKPT)),
+    }

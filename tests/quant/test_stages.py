@@ -1,0 +1,146 @@
+"""Stages ptq and qat through the pipeline (smoke sizes, CPU)."""
+
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import hawq.stages.qat as qat_stage
+from hawq.errors import HawqError
+from hawq.pipeline import run_pipeline
+from hawq.quant import OpSetting, Plan, calibrate, load_quantized, quantize_, save_plan
+from hawq.quant.config import QATConfig
+
+from ..conftest import run_cli
+from .cases import batches, tiny_vit
+
+SMOKE = ("experiment=smoke", "data.train_subset=256", "data.test_subset=128", "device=cpu",
+         "train.epochs=2", "qat.epochs=2", "quant.calib_batches=2")  # fmt: skip
+W4A4 = ("quant.default.w_bits=4", "quant.default.a_bits=4")
+
+
+@pytest.fixture(scope="module")
+def fp_vit(tmp_path_factory):
+    """One trained tiny-ViT checkpoint shared by the stage tests (train runs once)."""
+    from hydra import compose, initialize_config_dir
+
+    from ..conftest import REPO
+
+    run = tmp_path_factory.mktemp("fp")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.run_dir={run}", *SMOKE, "stages=[train]"])
+    run_pipeline(cfg)
+    return f"paths.checkpoint={run / 'model.pt'}"
+
+
+@pytest.mark.parametrize(("model", "calibrator"), [("vit_tiny", "percentile"),
+                                                   ("resnet_tiny", "mse")])
+def test_ptq_then_qat_improves_quantized_loss(make_cfg, tmp_path, model, calibrator):
+    res = run_pipeline(make_cfg(*SMOKE, *W4A4, f"model={model}", "stages=[train,ptq,qat]",
+                                f"quant.default.calibrator={calibrator}"))  # fmt: skip
+    ptq, qat = res["stages"]["ptq"], res["stages"]["qat"]
+    assert ptq["fp"]["acc"] == res["stages"]["train"]["test_acc"]
+    assert qat["init"]["loss"] == pytest.approx(ptq["quantized"]["loss"], rel=0.05)
+    assert qat["quantized"]["loss"] < qat["init"]["loss"], "QAT must lower the quantized loss"
+    run = tmp_path / "run"
+    for name in ("ptq_model.pt", "qat_model.pt", "ptq_bits.yaml", "qat_bits.yaml",
+                 "qat_metrics.csv"):
+        assert (run / name).is_file(), name
+    assert not (run / "qat_state.pt").exists()
+    # the quantized checkpoint rebuilds the model that was evaluated
+    qmodel, plan, meta = load_quantized(run / "qat_model.pt")
+    assert plan.default.w_bits == 4 and meta["acc"] == qat["quantized"]["acc"]
+    ops = ptq["ops"]
+    assert len(ops) == (14 if model == "vit_tiny" else 8) and all("W4" in v or "A4" in v
+                                                                 for v in ops.values())  # fmt: skip
+    if model == "resnet_tiny":
+        assert ops["conv1"].endswith("bn folded")
+
+
+@pytest.mark.slow  # ~60 s on a busy 2-core CPU: three QAT runs
+def test_qat_resumes_exactly(make_cfg, tmp_path, monkeypatch, fp_vit):
+    args = (*SMOKE, *W4A4, "stages=[qat]", fp_vit, "qat.epochs=3", "qat.schedule=[8,4]",
+            "qat.freeze_bn_epoch=1")  # fmt: skip
+    full = run_pipeline(make_cfg(*args, run_dir=tmp_path / "full"))
+    killed = tmp_path / "killed"
+    real_save, calls = qat_stage.save_torch, []
+
+    def save_then_die(path, obj):  # the process dies right after epoch 2's checkpoint
+        real_save(path, obj)
+        calls.append(obj["epoch"])
+        if obj["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(qat_stage, "save_torch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(make_cfg(*args, run_dir=killed))
+    monkeypatch.setattr(qat_stage, "save_torch", real_save)
+    assert (killed / "qat_state.pt").is_file() and not (killed / "qat_model.pt").exists()
+    resumed = run_pipeline(make_cfg(*args, run_dir=killed))
+
+    def rows(d):
+        with open(d / "qat_metrics.csv") as f:
+            return [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")}
+                    for r in csv.DictReader(f)]  # fmt: skip
+
+    assert rows(killed) == rows(tmp_path / "full") and [r["floor_bits"] for r in rows(killed)] == [
+        "8", "4", "4"]  # fmt: skip
+    assert resumed["stages"]["qat"]["quantized"] == full["stages"]["qat"]["quantized"]
+    a = torch.load(tmp_path / "full" / "qat_model.pt", weights_only=False)["state_dict"]
+    b = torch.load(killed / "qat_model.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+def test_plan_precedence_and_bad_op(make_cfg, tmp_path, fp_vit):
+    SMOKE_FP = (*SMOKE, fp_vit)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_plan(run / "bits.yaml", Plan.from_dict({"_default": {"w_bits": 6, "a_bits": 6},
+                                                 "head": {"w_bits": 3}}))  # fmt: skip
+    res = run_pipeline(make_cfg(*SMOKE_FP, "stages=[ptq]"))["stages"]["ptq"]
+    assert res["plan_source"].endswith("bits.yaml") and res["ops"]["head"].startswith("W3")
+    other = tmp_path / "given.yaml"
+    save_plan(other, Plan.from_dict({"_default": {"w_bits": 5, "a_bits": 5},
+                                     "no.such.op": {"w_bits": 2}}))  # fmt: skip
+    with pytest.raises(HawqError, match="not in the model: no.such.op"):
+        run_pipeline(make_cfg(*SMOKE_FP, "stages=[ptq]", "force=true", f"quant.plan={other}"))
+    with pytest.raises(HawqError, match="quant.default: w_bits=0 is invalid"):
+        run_pipeline(make_cfg(*SMOKE_FP, "stages=[ptq]", "force=true", "quant.plan=null",
+                              "quant.default.w_bits=0", run_dir=tmp_path / "r2"))  # fmt: skip
+    with pytest.raises(HawqError, match="qat.method='sgd' is invalid"):
+        run_pipeline(make_cfg(*SMOKE_FP, "stages=[qat]", "qat.method=sgd"))
+    with pytest.raises(HawqError, match="qat.schedule=\\[8, 4\\] ends at 4 bits"):
+        run_pipeline(make_cfg(*SMOKE_FP, "stages=[qat]", "qat.schedule=[8,4]", "qat.epochs=3",
+                              "quant.plan=null", "quant.default.w_bits=2",
+                              run_dir=tmp_path / "r2"))  # fmt: skip
+
+
+def test_cli_bad_setting_is_one_line(tmp_path):
+    proc = run_cli("experiment=smoke", "stages=[ptq]", "quant.default.calibrator=magic",
+                   f"paths.run_dir={tmp_path}", "paths.checkpoint=/nonexistent.pt")  # fmt: skip
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "calibrator='magic' is invalid" in err[0], proc.stderr
+
+
+def test_nan_loss_names_the_collapsed_op():
+    model = tiny_vit()
+    quantize_(model, Plan(OpSetting(w_bits=4, a_bits=4)), method="lsq")
+    calibrate(model, batches(1))
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.a_quant.scale.fill_(float("nan"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(HawqError, match="non-finite scales: blocks.1.mlp.fc1;") as e:
+        qat_stage.qat_epoch(model, batches(2), opt, nn.CrossEntropyLoss(), torch.device("cpu"),
+                            None, QATConfig(epochs=1, amp=False), 0)  # fmt: skip
+    assert "\n" not in str(e.value)
+
+
+def test_results_json_records_the_stage(tmp_path, make_cfg, fp_vit):
+    run_pipeline(make_cfg(*SMOKE, fp_vit, "stages=[ptq]"))
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"ptq"} <= set(on_disk["stages"])
+    assert on_disk["config"]["quant"]["default"]["w_bits"] == 8
