@@ -21,13 +21,16 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
     return instantiate(model_cfg)
 
 
-def save_model(path: str | Path, model: nn.Module, model_cfg: DictConfig | dict, **meta: Any) -> Path:
+def save_model(
+    path: str | Path, model: nn.Module, model_cfg: DictConfig | dict, **meta: Any
+) -> Path:
     """Write ``{schema, model_cfg, state_dict, meta}`` atomically."""
     if isinstance(model_cfg, DictConfig):
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_torch(path, {"schema": SCHEMA, "model_cfg": model_cfg, "state_dict": state, "meta": meta})
+    ckpt = {"schema": SCHEMA, "model_cfg": model_cfg, "state_dict": state, "meta": meta}
+    return save_torch(path, ckpt)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

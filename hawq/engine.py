@@ -33,7 +33,10 @@ def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float = 0.0
 
 
 def cosine_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step cosine schedule (with optional warm-up) as a ``LambdaLR``."""
     return torch.optim.lr_scheduler.LambdaLR(

@@ -31,7 +31,8 @@ def test_model_group_instantiates(make_cfg, model):
 
 
 def test_data_groups_instantiate(make_cfg):
-    data = instantiate(make_cfg("data=synthetic", "data.train_subset=64", "data.test_subset=32").data)
+    cfg = make_cfg("data=synthetic", "data.train_subset=64", "data.test_subset=32")
+    data = instantiate(cfg.data)
     assert len(data.splits.train) == 64 and data.input_size == (3, 32, 32)
     data = instantiate(make_cfg("data=cifar10", "data.root=/nowhere").data)
     assert data.root == "/nowhere"  # nothing loaded until used

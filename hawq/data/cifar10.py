@@ -149,7 +149,8 @@ def download_cifar10(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
         try:
             with urllib.request.urlopen(url) as resp, open(fd, "wb") as out:  # noqa: S310
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=None) as bar:
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=None)
+                with bar:
                     for chunk in iter(lambda: resp.read(1 << 16), b""):
                         out.write(chunk)
                         bar.update(len(chunk))

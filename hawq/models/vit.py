@@ -112,7 +112,7 @@ class ViT(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
         self.patch_size = patch_size
         num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Linear(in_chans * patch_size * patch_size, dim)

@@ -62,8 +62,9 @@ class OpSetting:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 8):
                 raise HawqError(f"{key}={v!r} is invalid; allowed: an integer 1-8 or null")
-        for key, allowed in (("w_format", FORMATS), ("a_format", FORMATS),
-                             ("granularity", GRANULARITIES), ("calibrator", CALIBRATORS)):  # fmt: skip
+        enums = (("w_format", FORMATS), ("a_format", FORMATS),
+                 ("granularity", GRANULARITIES), ("calibrator", CALIBRATORS))  # fmt: skip
+        for key, allowed in enums:
             v = getattr(self, key)
             if v not in allowed:
                 raise HawqError(f"{key}={v!r} is invalid; allowed: {choices(allowed)}")

@@ -28,7 +28,8 @@ from hawq.stages.context import Context
 log = logging.getLogger("hawq")
 STATE = "train_state.pt"
 CSV = "metrics.csv"
-CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "img_per_s"]
+CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+              "img_per_s"]  # fmt: skip
 
 
 def done(ctx: Context) -> bool:
@@ -78,7 +79,8 @@ def run(ctx: Context) -> dict:
         train_loader.set_epoch(epoch)
         try:
             tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device, scheduler,
-                             amp=tc.amp, grad_clip=tc.grad_clip, desc=f"epoch {epoch + 1}")  # fmt: skip
+                             amp=tc.amp, grad_clip=tc.grad_clip,
+                             desc=f"epoch {epoch + 1}")  # fmt: skip
         except FloatingPointError as e:
             raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
         ev = evaluate(model, test_loader, ctx.device)

@@ -44,8 +44,8 @@ def test_rerun_skips_existing_outputs_unless_forced(make_cfg, tmp_path):
 def test_evaluate_alone_from_a_given_checkpoint(make_cfg, tmp_path):
     run_pipeline(make_cfg(*SMOKE, "stages=[train]"))
     other = tmp_path / "other"
-    res = run_pipeline(make_cfg(*SMOKE, "stages=[evaluate]", f"paths.checkpoint={tmp_path}/run/model.pt",
-                                run_dir=other))  # fmt: skip
+    given = f"paths.checkpoint={tmp_path}/run/model.pt"
+    res = run_pipeline(make_cfg(*SMOKE, "stages=[evaluate]", given, run_dir=other))
     assert res["stages"]["evaluate"]["fp"]["n"] == 128
     assert not (other / "model.pt").exists()
 
@@ -83,7 +83,8 @@ def test_cli_unknown_model(tmp_path):
 def test_cli_bad_value_and_corrupt_checkpoint(tmp_path):
     proc = run_cli("experiment=smoke", "train.epochs=0", f"paths.run_dir={tmp_path}/a")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("hawq: error: bad config: train.epochs=0")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hawq: error: bad config: train.epochs=0")
 
     (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
     proc = run_cli("experiment=smoke", "stages=[evaluate]", f"paths.run_dir={tmp_path}/b",

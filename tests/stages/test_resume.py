@@ -11,8 +11,9 @@ import torch
 
 from ..conftest import REPO
 
+# dropout on: its random stream must resume exactly too
 ARGS = ["experiment=smoke", "stages=[train]", "train.epochs=6", "data.train_subset=512",
-        "data.test_subset=128", "model.dropout=0.1"]  # fmt: skip  (dropout: its RNG must resume too)
+        "data.test_subset=128", "model.dropout=0.1"]  # fmt: skip
 
 
 def start(run_dir):
