@@ -1,0 +1,162 @@
+"""Integer inference speed: INT8 GEMM + requant vs cuBLAS FP16 and ``torch._int_mm``; integer
+ViT end to end vs pure FP16; a latency table (op x setting -> microseconds) for the allocator.
+
+Usage::
+
+    python benchmarks/bench_integer.py --out benchmarks/integer.json [--quick]
+
+GPU parts need CUDA (and triton for the fused kernel); on a CPU they are skipped with a
+message, and only the CPU reference path is timed (as a sanity number, not a target).
+Issue 7's targets (H100): INT8 GEMM + requant >= 1.5x cuBLAS FP16 at M=66560, K=512,
+N=512/1536/2048; integer ViT >= 1.5x pure-FP16 img/s at batch 1024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hawq.integer import ops  # noqa: E402
+from hawq.integer.dyadic import Requant  # noqa: E402
+
+GEMM_SHAPES = [(66560, 512, 512), (66560, 512, 1536), (66560, 512, 2048), (8192, 8192, 8192)]
+
+
+def timed(fn, iters: int, warmup: int = 3) -> float:
+    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    cuda = torch.cuda.is_available()
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_gpu(m: int, k: int, n: int, iters: int) -> dict:
+    dev = "cuda"
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=dev)
+    b = torch.randint(-1000, 1000, (n,), dtype=torch.int32, device=dev)
+    rq = Requant.from_scale(torch.full((n,), 1e-4, dtype=torch.float64), 0).to(dev)
+    xh, wh = x.half(), w.half()
+    flops = 2 * m * n * k
+    res = {"shape": [m, k, n]}
+    res["fp16_s"] = timed(lambda: xh @ wh.t(), iters)
+    res["int_mm_s"] = timed(lambda: torch._int_mm(x, w.t()), iters)
+    with ops.backend("int_mm"):
+        res["int_mm_requant_s"] = timed(lambda: ops.int_linear(x, w, b, rq), iters)
+    if ops.triton_available():
+        with ops.backend("triton"):
+            res["triton_requant_s"] = timed(lambda: ops.int_linear(x, w, b, rq), iters)
+            w4 = ops.pack_int4(torch.clamp(w, -8, 7))
+            res["triton_int4_requant_s"] = timed(lambda: ops.int_linear(x, w4, b, rq), iters)
+    for key in [k for k in res if k.endswith("_s")]:
+        res[key.replace("_s", "_tops")] = flops / res[key] / 1e12
+        res[key.replace("_s", "_vs_fp16")] = res["fp16_s"] / res[key]
+    return res
+
+
+def vit_e2e_gpu(batch: int, iters: int) -> dict:
+    from hawq.integer.convert import convert
+    from hawq.models import ViT
+    from hawq.quant import Plan, calibrate, quantize_
+
+    torch.manual_seed(0)
+    fp = ViT().cuda().eval()
+    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    half = ViT().cuda().eval().half()
+    half.load_state_dict(fp.state_dict())
+    with torch.no_grad():
+        t_fp16 = timed(lambda: half(x.half()), iters)
+        q = ViT().cuda().eval()
+        q.load_state_dict(fp.state_dict())
+        quantize_(q, Plan())
+        calibrate(q, [(x[:256],)])
+        im = convert(q, [(x[:256],)]).cuda()
+        xq = im.quantize_input(x)
+        t_int = timed(lambda: im.forward_int(xq), iters)
+    return {"batch": batch, "fp16_img_s": batch / t_fp16, "integer_img_s": batch / t_int,
+            "integer_vs_fp16": t_fp16 / t_int, "backend": ops.get_backend()}  # fmt: skip
+
+
+def latency_table(iters: int) -> dict:
+    """Seed-ViT op shapes at batch 1024 x 65 tokens: op -> setting -> microseconds."""
+    m = 1024 * 65
+    shapes = {"qkv": (512, 1536), "proj": (512, 512), "fc1": (512, 512), "fc2": (512, 512)}
+    return {f"{name}_{k}x{n}": _latency_row(m, k, n, iters) for name, (k, n) in shapes.items()}
+
+
+def _latency_row(m: int, k: int, n: int, iters: int) -> dict[str, float]:
+    dev = "cuda"
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=dev)
+    w4 = ops.pack_int4(w)
+    rq = Requant.from_scale(torch.full((n,), 1e-4, dtype=torch.float64), 0).to(dev)
+    xh, wh = x.half(), w.half()
+    row = {"fp16": timed(lambda: xh @ wh.t(), iters) * 1e6}
+    for be in ("int_mm", "triton"):
+        if be == "triton" and not ops.triton_available():
+            continue
+        with ops.backend(be):
+            row[f"w8a8_{be}"] = timed(lambda: ops.int_linear(x, w, None, rq), iters) * 1e6
+            if be == "triton":
+                row["w4a8_triton"] = timed(lambda: ops.int_linear(x, w4, None, rq), iters) * 1e6
+    return row
+
+
+def cpu_reference(quick: bool) -> dict:
+    m, k, n = (4096, 512, 512) if quick else (16384, 512, 512)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    rq = Requant.from_scale(torch.full((n,), 1e-4, dtype=torch.float64), 0)
+    xf, wf = x.float(), w.float()
+    t_ref = timed(lambda: ops.int_linear(x, w, None, rq), 3, 1)
+    t_f32 = timed(lambda: xf @ wf.t(), 3, 1)
+    return {"shape": [m, k, n], "reference_int_linear_s": t_ref, "fp32_matmul_s": t_f32,
+            "reference_vs_fp32": t_f32 / t_ref}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/integer.json")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="small CPU sizes")
+    args = ap.parse_args()
+    out: dict = {"torch": torch.__version__, "python": platform.python_version(),
+                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                 "triton": ops.triton_available()}  # fmt: skip
+    out["cpu_reference"] = cpu_reference(args.quick)
+    if torch.cuda.is_available():
+        out["gemm"] = [gemm_gpu(*s, args.iters) for s in GEMM_SHAPES]
+        out["vit_e2e"] = vit_e2e_gpu(1024, args.iters)
+        out["latency_us"] = latency_table(args.iters)
+    else:
+        msg = "no CUDA GPU: GEMM / end-to-end / latency-table benchmarks skipped"
+        print(msg, file=sys.stderr)
+        out["skipped"] = msg
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

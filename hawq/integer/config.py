@@ -1,0 +1,29 @@
+"""``integer`` config group: conversion to the integer-only graph and its export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hawq.config import require
+from hawq.integer.ops import BACKENDS
+
+
+@dataclass
+class IntegerConfig:
+    """Options of the ``integer`` and ``export`` stages (see conf/integer/default.yaml)."""
+
+    source: str | None = None  # quantized checkpoint; None: qat_model.pt, else ptq_model.pt
+    residual_bits: int = 16  # fixed-point bits of the residual stream (int32 storage)
+    pack_int4: bool = True  # <= 4-bit weights stored two per byte
+    calib_batches: int = 4  # batches that size the residual / GELU / logit formats
+    calib_batch_size: int = 256
+    margin: float = 1.25  # widening of those calibrated ranges
+    backend: str = "auto"  # integer kernels: auto | reference | int_mm | triton
+
+    def __post_init__(self) -> None:
+        require(8 <= self.residual_bits <= 24, "residual_bits", self.residual_bits, "8-24")
+        require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")
+        require(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size,
+                "an integer >= 1")  # fmt: skip
+        require(self.margin >= 1.0, "margin", self.margin, ">= 1.0")
+        require(self.backend in BACKENDS, "backend", self.backend, ", ".join(BACKENDS))

@@ -1,0 +1,88 @@
+"""Integer-only GELU (I-BERT, Kim et al. 2021, Alg. 2).
+
+``GELU(x) = x/2 (1 + erf(x / sqrt 2))`` with erf replaced by the second-order fit
+
+    L(u) = sign(u) * (1 - a (min(|u|, b) - b)^2),   a = 0.2888, b = 1.769
+
+(``L(0+) = 1 - a b^2 = 0.096``: the fit minimises the GELU error, not the erf error).
+For an input ``x = S q`` (integer ``q``, real scale ``S`` fixed at conversion), with
+``S_e = S / sqrt 2`` and the integer constants
+
+    q_b = floor(b / S_e),    q_1 = floor(1 / (a S_e^2))
+
+the integer pipeline is
+
+    q_L   = sign(q) * (q_1 - (min(|q|, q_b) - q_b)^2)      erf(x/sqrt 2) ~= a S_e^2 q_L
+    q_out = rshift_round(q * (q_L + q_1), t)                GELU(x) ~= S_out q_out
+    S_out = S * a S_e^2 / 2 * 2^t
+
+where the rounding shift ``t`` brings the largest output below ``2^31`` (an int32 that a
+dyadic requantizer can take: ``|q| <= in_max`` and ``0 <= q_L + q_1 <= 2 q_1``).
+
+Every runtime operation is an int64 add, multiply, compare or sign; the only reals are
+``S`` and ``S_out``, used when building the constants. Error: the fit's own error
+(``max |GELU_int - GELU| ~ 0.02`` near ``|x| ~ 1.3-2.5``, see the tests for the measured
+bound) plus the flooring of ``q_b, q_1`` (relative ``~S``). For ``x >= 0`` the result is
+non-decreasing in ``q`` (``q_L + q_1 >= 0`` and non-decreasing), like GELU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hawq.integer.dyadic import rshift_round
+
+Tensor = torch.Tensor
+
+A = 0.2888
+B = 1.769
+INT64_SAFE = 2**62
+
+
+def gelu_constants(scale: float) -> tuple[int, int, float]:
+    """``(q_b, q_1, S_out)`` for input scale ``scale``."""
+    s_e = scale / math.sqrt(2.0)
+    q_b = math.floor(B / s_e)
+    q_1 = math.floor(1.0 / (A * s_e * s_e))
+    return q_b, q_1, scale * A * s_e * s_e / 2.0
+
+
+def i_gelu(q: Tensor, q_b: int, q_1: int, t: int = 0) -> Tensor:
+    """The integer pipeline of the module docstring (int64 in, int64 out)."""
+    q = q.to(torch.int64)
+    q_abs = torch.clamp(q.abs(), max=q_b)
+    q_l = torch.sign(q) * (q_1 - (q_abs - q_b) ** 2)
+    out = q * (q_l + q_1)
+    return rshift_round(out, t) if t else out
+
+
+class IntGELU(nn.Module):
+    """GELU on integers at a fixed input scale.
+
+    Args:
+        scale: input scale ``S``.
+        in_max: largest ``|q|`` the input can hold (checked against int64 overflow:
+            ``in_max * 2 q_1 < 2^62``).
+
+    Attributes:
+        out_scale: ``S_out`` of the module docstring.
+    """
+
+    def __init__(self, scale: float, in_max: int) -> None:
+        super().__init__()
+        q_b, q_1, out_scale = gelu_constants(float(scale))
+        if in_max * 2 * q_1 >= INT64_SAFE:
+            raise OverflowError(f"IntGELU: scale {scale:.3g} with |q| <= {in_max} overflows int64")
+        self.t = max(0, (in_max * 2 * q_1).bit_length() - 31)
+        self.register_buffer("q_b", torch.tensor(q_b, dtype=torch.int64))
+        self.register_buffer("q_1", torch.tensor(q_1, dtype=torch.int64))
+        self.scale, self.out_scale, self.in_max = float(scale), out_scale * 2.0**self.t, in_max
+
+    def forward(self, q: Tensor) -> Tensor:
+        return i_gelu(q, int(self.q_b), int(self.q_1), self.t)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, out_scale={self.out_scale:.4g}, t={self.t}"

@@ -1,0 +1,118 @@
+"""Integer-only LayerNorm with an integer square root by Newton iteration (I-BERT Sec. 3.6).
+
+Input: codes ``q`` (last dimension ``D``) of ``x = S q``. Output: codes on the grid of the
+consumer, ``(s_out, z, [lo, hi])``. With a precision shift ``t`` and output fraction ``k``::
+
+    mu   = round(sum q / D)                        c = q - mu
+    v    = floor(2^(2t) sum c^2 / D) + round(eps 2^(2t) / S^2)
+    r    = isqrt(v)                                 (r ~= 2^t sigma / S)
+    y    = round(c 2^(t+k) / r)                     (y ~= 2^k (x - mean) / sigma)
+    out  = clamp(rshift_round(y M_c + B_c, E_c) + z, lo, hi)
+
+with per-channel dyadic ``M_c 2^-E_c ~= gamma_c 2^-k / s_out`` and
+``B_c = round(beta_c 2^E_c / s_out)``. The scale ``S`` cancels in ``c / r``: only ``eps``
+depends on it. ``isqrt`` is Newton's ``r <- floor((r + floor(v / r)) / 2)`` from a start
+above the root, which decreases monotonically to ``floor(sqrt v)``.
+
+Bounds: with ``|c| < 2^C`` (``C`` = input bits + 1) ``sum c^2 < D 2^(2C)``, so ``t`` is chosen
+with ``D 2^(2C + 2t) < 2^62``; ``|y| <= sqrt(D) 2^k``. Error: the mean and ``isqrt`` floor
+contribute relative errors ``~ 1 / r`` (``r >= 2^t``), the output rounding ``s_out / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hawq.integer.dyadic import dyadic, rshift_round
+
+Tensor = torch.Tensor
+
+FRAC_BITS = 16  # k
+MAX_T = 8
+MAX_E = 40  # caps B_c = beta 2^E / s_out
+
+
+def isqrt(v: Tensor, iters: int = 64) -> Tensor:
+    """``floor(sqrt(v))`` of non-negative int64 ``v < 2^62`` by integer Newton iteration."""
+    v = v.to(torch.int64)
+    r = torch.full_like(v, 2**31)  # >= sqrt(v) for v < 2^62
+    for _ in range(iters):
+        nxt = torch.bitwise_right_shift(r + torch.div(v, r, rounding_mode="floor"), 1)
+        nxt = torch.clamp(nxt, min=1)  # v = 0 would reach 0; its root is fixed up below
+        if not (nxt < r).any():
+            break
+        r = torch.minimum(nxt, r)
+    return torch.where(v == 0, torch.zeros_like(r), r)
+
+
+def precision_shift(dim: int, in_bits: int) -> int:
+    """``t`` with ``dim 2^(2(in_bits+1) + 2t) < 2^62`` (at most 8)."""
+    free = 62 - math.ceil(math.log2(max(dim, 2))) - 2 * (in_bits + 1)
+    if free < 0:
+        raise OverflowError(f"IntLayerNorm: D={dim} at {in_bits} input bits overflows int64")
+    return min(MAX_T, free // 2)
+
+
+class IntLayerNorm(nn.Module):
+    """LayerNorm over the last dimension, integer in and integer out.
+
+    Args:
+        weight, bias: the float ``gamma``, ``beta`` (``D``,).
+        eps: the LayerNorm epsilon.
+        in_scale: scale ``S`` of the input codes.
+        in_bits: the input codes satisfy ``|q| < 2^(in_bits - 1)``.
+        out_scale, out_zero, out_lo, out_hi: the output grid (the consumer's input grid).
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor,
+        eps: float,
+        in_scale: float,
+        in_bits: int,
+        out_scale: float,
+        out_zero: int,
+        out_lo: int,
+        out_hi: int,
+    ) -> None:
+        super().__init__()
+        d = weight.numel()
+        self.t = precision_shift(d, in_bits)
+        self.k = FRAC_BITS
+        eps_q = round(eps * 4.0**self.t / (in_scale * in_scale))
+        m, e = dyadic(weight.detach().double().cpu() * 2.0**-self.k / out_scale, max_shift=MAX_E)
+        b = torch.round(bias.detach().double().cpu() * torch.pow(2.0, e.double()) / out_scale)
+        if b.abs().max() >= 2**61:
+            raise OverflowError("IntLayerNorm: beta / s_out too large for int64")
+        self.register_buffer("m", m)
+        self.register_buffer("e", e)
+        self.register_buffer("b", b.to(torch.int64))
+        self.register_buffer("eps_q", torch.tensor(eps_q, dtype=torch.int64))
+        self.register_buffer("z", torch.tensor(int(out_zero), dtype=torch.int64))
+        self.out_lo, self.out_hi = int(out_lo), int(out_hi)
+        self.out_dtype = torch.int8 if -128 <= out_lo and out_hi <= 127 else torch.int32
+        self.dim, self.in_scale, self.out_scale = d, float(in_scale), float(out_scale)
+
+    def normalize(self, q: Tensor) -> Tensor:
+        """``y ~= 2^k (x - mean) / sigma`` (int64)."""
+        q = q.to(torch.int64)
+        d = self.dim
+        mu = torch.div(q.sum(-1, keepdim=True) * 2 + d, 2 * d, rounding_mode="floor")
+        c = q - mu
+        v = torch.div(torch.bitwise_left_shift((c * c).sum(-1, keepdim=True), 2 * self.t), d,
+                      rounding_mode="floor") + self.eps_q  # fmt: skip
+        r = torch.clamp(isqrt(v), min=1)  # v = 0 only for a constant row with eps = 0
+        num = torch.bitwise_left_shift(c, self.t + self.k + 1)
+        return torch.div(num + r, 2 * r, rounding_mode="floor")  # round(c 2^(t+k) / r)
+
+    def forward(self, q: Tensor) -> Tensor:
+        y = self.normalize(q)
+        out = rshift_round(y * self.m + self.b, self.e) + self.z
+        return torch.clamp(out, self.out_lo, self.out_hi).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, t={self.t}, k={self.k}, out_scale={self.out_scale:.4g}"

@@ -1,0 +1,229 @@
+"""Integer kernels: the one module through which every integer GEMM/conv is reached.
+
+Semantics (every backend must match them bit for bit)::
+
+    int_linear(x, w, b, rq)      = rq(x @ w^T + b)                  x int8 (..., K), w int8 (N, K)
+    int_matmul(a, b, za, zb, rq) = rq((a - za) @ (b - zb))          a (..., M, K), b (..., K, N)
+    int_conv2d(x, w, b, rq)      = rq(conv2d(pad(x, value=pad_value), w) + b)
+
+Accumulators are int32 (the bounds of :mod:`hawq.integer.dyadic` make overflow impossible
+for the layers :mod:`hawq.integer.convert` builds); ``rq`` is a
+:class:`~hawq.integer.dyadic.Requant` (None returns the int32 accumulator).
+
+Backends:
+
+* ``reference`` -- CPU or GPU: the products in float64 on integer values, exact because
+  every partial sum is an integer below ``2^53``. This path *defines* the semantics
+  (``torch._int_mm`` is ~50x slower than an fp32 matmul on a CPU, so int64 GEMMs would be
+  pointlessly slow).
+* ``int_mm`` -- ``torch._int_mm`` (int8 x int8 -> int32), then the requantization in
+  int64 torch ops: the baseline for GPU speed.
+* ``triton`` -- the fused kernel of :mod:`hawq.integer.triton_gemm` (int8 or packed int4
+  weights); on a CPU it needs ``TRITON_INTERPRET=1``.
+* ``auto`` -- ``reference`` for CPU tensors, ``triton`` on CUDA when it imports, else
+  ``int_mm``.
+
+``int_matmul`` (the activation x activation products of attention) has no
+int8 GEMM backend yet: off the reference path it runs as an fp32 GEMM on integer values,
+exact while ``K * 255^2 < 2^24`` (K <= 258, true for head dims), else in float64.
+Convolutions off the reference path are lowered to ``int_linear`` by im2col.
+
+Int4 weights are stored packed two per byte (:func:`pack_int4`); the reference path
+unpacks them, the Triton kernel unpacks in registers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from hawq.integer.dyadic import Requant
+
+Tensor = torch.Tensor
+
+BACKENDS = ("auto", "reference", "int_mm", "triton")
+_backend = os.environ.get("HAWQ_INT_BACKEND", "auto")
+_FP32_EXACT_K = 258  # K * 255^2 < 2^24
+
+
+def set_backend(name: str) -> None:
+    """Select the kernel backend for all later calls (see the module docstring)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"integer backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager: use backend ``name`` inside the block."""
+    prev = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
+
+
+def triton_available() -> bool:
+    """True when ``triton`` imports (on CPU, kernels also need ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "no triton"
+        return False
+    return True
+
+
+def _resolve(x: Tensor) -> str:
+    if _backend != "auto":
+        return _backend
+    if not x.is_cuda:
+        return "reference"
+    return "triton" if triton_available() else "int_mm"
+
+
+# ---------------------------------------------------------------- int4 packing
+
+
+def pack_int4(w: Tensor) -> Tensor:
+    """Pack int4 values (int8 tensor in [-8, 7]) two per byte along the last dimension.
+
+    Byte ``j`` holds element ``2j`` in its low nibble and ``2j + 1`` in its high nibble
+    (two's complement); an odd length is padded with a zero.
+
+    Returns:
+        uint8 tensor of shape ``(..., ceil(K / 2))``.
+    """
+    if w.numel() and (w.min() < -8 or w.max() > 7):
+        raise ValueError("pack_int4: values must lie in [-8, 7]")
+    w = w.to(torch.int16)
+    if w.shape[-1] % 2:
+        w = F.pad(w, (0, 1))
+    lo = w[..., 0::2] & 0xF
+    hi = w[..., 1::2] & 0xF
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_int4(p: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``(..., ceil(k/2))`` -> int8 ``(..., k)``."""
+    p = p.to(torch.int16)
+    lo = ((p & 0xF) ^ 8) - 8  # sign-extend the nibble
+    hi = (((p >> 4) & 0xF) ^ 8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], -1)[..., :k].to(torch.int8)
+
+
+def weight_int8(w: Tensor, k: int | None = None) -> Tensor:
+    """Int8 weights, unpacking packed int4 (uint8) ones."""
+    return unpack_int4(w, k if k is not None else 2 * w.shape[-1]) if w.dtype == torch.uint8 else w
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def _finish(acc: Tensor, requant: Requant | None) -> Tensor:
+    return requant(acc) if requant is not None else acc.to(torch.int32)
+
+
+def int_linear(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None = None,
+    requant: Requant | None = None,
+    k: int | None = None,
+) -> Tensor:
+    """``requant(x @ w^T + bias)`` with int32 accumulation.
+
+    Args:
+        x: int8 (..., K).
+        w: int8 (N, K), or uint8 (N, ceil(K/2)) packed int4.
+        bias: int32 (N,) at scale ``s_x s_w`` (zero-point terms folded in), or None.
+        requant: output requantizer, or None for the int32 accumulator.
+        k: K for packed int4 weights (default ``x.shape[-1]``).
+
+    Returns:
+        (..., N) in ``requant.out_dtype`` (int32 without ``requant``).
+    """
+    lead, kx = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, kx)
+    be = _resolve(x)
+    if be == "triton":
+        from hawq.integer.triton_gemm import gemm_requant
+
+        k4 = kx if w.dtype == torch.uint8 else None
+        out = gemm_requant(x2.contiguous(), w, bias, requant, k=k4)
+        return out.reshape(*lead, -1)
+    w8 = weight_int8(w, k or kx)
+    if be == "int_mm" and x2.shape[0] > 16 and kx % 8 == 0 and w8.shape[0] % 8 == 0:
+        acc = torch._int_mm(x2.contiguous(), w8.t().contiguous()).to(torch.int64)
+    else:
+        acc = (x2.to(torch.float64) @ w8.to(torch.float64).t()).to(torch.int64)
+    if bias is not None:
+        acc = acc + bias.to(acc.device, torch.int64)
+    return _finish(acc, requant).reshape(*lead, -1)
+
+
+def int_matmul(
+    a: Tensor,
+    b: Tensor,
+    za: int = 0,
+    zb: int = 0,
+    requant: Requant | None = None,
+) -> Tensor:
+    """``requant((a - za) @ (b - zb))`` with int32 accumulation (batched like ``matmul``).
+
+    Args:
+        a: int8 (..., M, K) codes with zero point ``za``.
+        b: int8 (..., K, N) codes with zero point ``zb``.
+    """
+    kk = a.shape[-1]
+    dtype = torch.float64
+    if _resolve(a) != "reference" and kk <= _FP32_EXACT_K:
+        dtype = torch.float32
+    acc = torch.matmul(a.to(dtype) - za, b.to(dtype) - zb).to(torch.int64)
+    return _finish(acc, requant)
+
+
+def int_conv2d(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None = None,
+    requant: Requant | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int = 0,
+    pad_value: int = 0,
+) -> Tensor:
+    """``requant(conv2d(pad(x, pad_value), w) + bias)``, channels on dim 1 (NCHW).
+
+    Padding with the input zero point ``pad_value`` (the code of real 0) makes the
+    zero-point correction folded into ``bias`` valid at the borders too.
+
+    Args:
+        x: int8 (B, C, H, W).
+        w: int8 (N, C, kh, kw) (groups = 1).
+        requant: applied per output channel (dim 1).
+    """
+    if padding:
+        x = F.pad(x.to(torch.int16), (padding,) * 4, value=pad_value).to(torch.int8)
+    n, _, kh, kw = w.shape
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    if _resolve(x) == "reference":
+        acc = F.conv2d(x.to(torch.float64), w.to(torch.float64), stride=(sh, sw)).to(torch.int64)
+        if bias is not None:
+            acc = acc + bias.to(acc.device, torch.int64).reshape(1, -1, 1, 1)
+        if requant is None:
+            return acc.to(torch.int32)
+        return requant(acc.movedim(1, -1)).movedim(-1, 1)
+    bsz, _, h, wd = x.shape
+    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    cols = F.unfold(x.to(torch.float32), (kh, kw), stride=(sh, sw))  # (B, C*kh*kw, L), exact
+    cols = cols.transpose(1, 2).to(torch.int8)  # (B, L, C*kh*kw)
+    out = int_linear(cols, w.reshape(n, -1), bias, requant)  # (B, L, N)
+    return out.transpose(1, 2).reshape(bsz, n, ho, wo)

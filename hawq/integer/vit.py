@@ -1,0 +1,194 @@
+"""Integer-only ViT (the graph of :class:`hawq.models.vit.ViT` on integers).
+
+Number formats (``R = 2^(rb-1) - 1`` with ``rb`` = ``residual_bits``, default 16)::
+
+    image --Q(patch_embed grid)--> int8 patches                      (the only float -> int step)
+    tokens = requant(patch_embed) at s_r; x = cat(cls_q, tokens) + pos_q   (one common scale s_r)
+    block:  h  = IntLayerNorm(x)                  -> int8 on the qkv input grid
+            q|k|v = requant_col(qkv(h))           -> int8 on the qk.a / qk.b / av.b grids
+            sc = (q - z_q) @ (k - z_k)^T          int32; softmax scale s_q s_k / sqrt(d_h)
+            p  = IntSoftmax(sc)                   int at 2^-16 -> requant -> int8 on the av.a grid
+            o  = requant((p - z_p) @ (v - z_v))   -> int8 on the proj input grid
+            x  = clamp(x + requant(proj(o)), +-R) residual add at s_r
+            h  = IntLayerNorm(x) -> fc1 -> requant to the GELU grid (16 bits) -> IntGELU
+               -> requant to the fc2 grid -> fc2 -> requant at s_r -> residual add
+    logits = requant(head(IntLayerNorm(x[:, 0])))  int32 at s_logit (dequantized only for output)
+
+Every GEMM has int8 operands and an int32 accumulator; the residual stream is int32
+holding ``rb``-bit values at one scale ``s_r``, so additions and the class-token
+concatenation need no rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hawq.integer import adapter
+from hawq.integer.adapter import Grid
+from hawq.integer.gelu import IntGELU
+from hawq.integer.layernorm import IntLayerNorm
+from hawq.integer.layers import WIDE, IntLinear, IntMatMul, IntRequant, residual_add
+from hawq.integer.softmax import IntSoftmax
+
+Tensor = torch.Tensor
+GELU_BITS = 16
+LOGIT_BITS = 16
+
+
+def _ln(norm: nn.LayerNorm, s_r: float, rb: int, grid: Grid) -> IntLayerNorm:
+    return IntLayerNorm(norm.weight, norm.bias, norm.eps, s_r, rb, grid.scale, grid.zero,
+                        grid.lo, grid.hi)  # fmt: skip
+
+
+def _to_residual(spec: adapter.WeightSpec, s_r: float) -> IntRequant:
+    return IntRequant(spec.act.scale * spec.scale / s_r, 0, -WIDE, WIDE, torch.int32)
+
+
+class IntAttention(nn.Module):
+    """Integer multi-head attention (see the module docstring)."""
+
+    def __init__(self, attn: nn.Module, prefix: str, s_r: float, pack_int4: bool) -> None:
+        super().__init__()
+        self.heads, self.head_dim = attn.heads, attn.head_dim
+        qk = adapter.matmul_spec(f"{prefix}.qk", attn.qk)
+        av = adapter.matmul_spec(f"{prefix}.av", attn.av)
+        qkv = adapter.linear_spec(f"{prefix}.qkv", attn.qkv)
+        proj = adapter.linear_spec(f"{prefix}.proj", attn.proj)
+        self.in_grid = qkv.act
+        d = attn.heads * attn.head_dim
+        # per output column: q -> qk.a, k -> qk.b, v -> av.b
+        grids = [qk.a] * d + [qk.b] * d + [av.b] * d
+        tgt = torch.tensor([g.scale for g in grids], dtype=torch.float64)
+        col = lambda key: torch.tensor([getattr(g, key) for g in grids])  # noqa: E731
+        self.qkv = IntLinear(qkv, IntRequant(qkv.act.scale * qkv.scale / tgt, col("zero"),
+                                             col("lo"), col("hi")), pack_int4)  # fmt: skip
+        self.qk = IntMatMul(qk, None)
+        self.softmax = IntSoftmax(qk.a.scale * qk.b.scale * attn.scale)
+        self.p_rq = IntRequant.to_grid(self.softmax.out_scale, av.a)
+        self.av = IntMatMul(av, IntRequant.to_grid(av.a.scale * av.b.scale, proj.act))
+        self.proj = IntLinear(proj, _to_residual(proj, s_r), pack_int4)
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, t, _ = h.shape  # (B, T, D) int8
+        qkv = self.qkv(h).reshape(b, t, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd) int8
+        scores = self.qk(q, k.transpose(-2, -1))  # (B, nh, T, T) int32
+        p = self.p_rq(self.softmax(scores))  # int8 on the av.a grid
+        out = self.av(p, v)  # (B, nh, T, hd) int8 on the proj grid
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))  # int32 at s_r
+
+
+class IntMLP(nn.Module):
+    """fc1 -> integer GELU -> fc2, ending at the residual scale."""
+
+    def __init__(self, mlp: nn.Module, prefix: str, s_r: float, gelu_max: float,
+                 pack_int4: bool) -> None:  # fmt: skip
+        super().__init__()
+        fc1 = adapter.linear_spec(f"{prefix}.fc1", mlp.fc1)
+        fc2 = adapter.linear_spec(f"{prefix}.fc2", mlp.fc2)
+        self.in_grid = fc1.act
+        g_max = 2 ** (GELU_BITS - 1) - 1
+        s_g = max(gelu_max, 1.0) / g_max  # below |x| = 1 the range would waste bits
+        self.fc1 = IntLinear(fc1, IntRequant(fc1.act.scale * fc1.scale / s_g, 0, -g_max, g_max,
+                                             torch.int32), pack_int4)  # fmt: skip
+        self.act = IntGELU(s_g, g_max)
+        self.act_rq = IntRequant.to_grid(self.act.out_scale, fc2.act)
+        self.fc2 = IntLinear(fc2, _to_residual(fc2, s_r), pack_int4)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc2(self.act_rq(self.act(self.fc1(h))))
+
+
+class IntBlock(nn.Module):
+    """Pre-norm block: ``x + attn(ln1(x))``, ``x + mlp(ln2(x))`` at the residual scale."""
+
+    def __init__(self, block: nn.Module, prefix: str, s_r: float, rb: int, gelu_max: float,
+                 pack_int4: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.limit = 2 ** (rb - 1) - 1
+        self.attn = IntAttention(block.attn, f"{prefix}.attn", s_r, pack_int4)
+        self.mlp = IntMLP(block.mlp, f"{prefix}.mlp", s_r, gelu_max, pack_int4)
+        self.norm1 = _ln(block.norm1, s_r, rb, self.attn.in_grid)
+        self.norm2 = _ln(block.norm2, s_r, rb, self.mlp.in_grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = residual_add(x, self.attn(self.norm1(x)), self.limit)
+        return residual_add(x, self.mlp(self.norm2(x)), self.limit)
+
+
+class IntegerViT(nn.Module):
+    """Integer-only ViT built from a fake-quant :class:`~hawq.models.vit.ViT`.
+
+    Args:
+        qmodel: the fake-quant ViT (every op quantized by ``hawq.quant``).
+        ranges: ``residual``, ``gelu.<i>`` and ``logits`` absmax (from calibration).
+        residual_bits: bits of the residual stream (int32 storage).
+        pack_int4: store <= 4-bit weights two per byte.
+    """
+
+    def __init__(self, qmodel: nn.Module, ranges: dict[str, float], residual_bits: int = 16,
+                 pack_int4: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        rb = residual_bits
+        self.limit = 2 ** (rb - 1) - 1
+        self.s_r = s_r = max(ranges["residual"], 1e-6) / self.limit
+        self.patch_size = qmodel.patch_size
+        pe = adapter.linear_spec("patch_embed", qmodel.patch_embed)
+        self.in_grid = pe.act
+        self.patch_embed = IntLinear(pe, _to_residual(pe, s_r), pack_int4)
+        lim = self.limit
+        q = lambda t: torch.clamp(torch.round(t.detach().double().cpu() / s_r), -lim, lim)  # noqa: E731
+        self.register_buffer("cls_q", q(qmodel.cls_token).to(torch.int32))
+        self.register_buffer("pos_q", q(qmodel.pos_embed).to(torch.int32))
+        self.blocks = nn.ModuleList(
+            IntBlock(b, f"blocks.{i}", s_r, rb, ranges[f"gelu.{i}"], pack_int4)
+            for i, b in enumerate(qmodel.blocks)
+        )
+        head = adapter.linear_spec("head", qmodel.head)
+        self.norm = _ln(qmodel.norm, s_r, rb, head.act)
+        l_max = 2 ** (LOGIT_BITS - 1) - 1
+        self.logit_scale = max(ranges["logits"], 1e-6) / l_max
+        self.head = IntLinear(head, IntRequant(head.act.scale * head.scale / self.logit_scale, 0,
+                                               -l_max, l_max, torch.int32), pack_int4)  # fmt: skip
+
+    def quantize_input(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) float -> (B, N, C p p) int8 patches on the patch_embed grid."""
+        b, c, h, w = images.shape
+        p = self.patch_size
+        x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return self.in_grid.quantize(x.reshape(b, (h // p) * (w // p), c * p * p))
+
+    def forward_int(self, patches: Tensor) -> Tensor:
+        """int8 patches -> int32 logits at :attr:`logit_scale` (integer-only)."""
+        tokens = self.patch_embed(patches)  # (B, N, D) int32 at s_r
+        cls = self.cls_q.expand(tokens.shape[0], -1, -1)
+        x = residual_add(torch.cat([cls, tokens], dim=1), self.pos_q, self.limit)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Float images -> float logits (quantize, integer graph, dequantize)."""
+        return self.forward_int(self.quantize_input(images)).to(torch.float32) * self.logit_scale
+
+
+def calibration_points(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Where :func:`hawq.integer.calibrate.observe_absmax` looks in a ViT."""
+    points = {"logits": ("head", "output")}
+    for i in range(len(model.blocks)):
+        points[f"res.{i}.1"] = (f"blocks.{i}.norm1", "input")
+        points[f"res.{i}.2"] = (f"blocks.{i}.norm2", "input")
+        points[f"gelu.{i}"] = (f"blocks.{i}.mlp.fc1", "output")
+    points["res.out"] = ("norm", "input")
+    return points
+
+
+def reduce_ranges(found: dict[str, float], margin: float = 1.25) -> dict[str, float]:
+    """One residual range (max over the stream) and the others, widened by ``margin``."""
+    out = {k: v * margin for k, v in found.items() if not k.startswith("res.")}
+    out["residual"] = margin * max(v for k, v in found.items() if k.startswith("res."))
+    out["logits"] = 2 * found["logits"]  # clipping a logit could tie the argmax
+    return {k: (v if math.isfinite(v) else 1.0) for k, v in out.items()}

@@ -1,0 +1,80 @@
+"""Stage ``integer``: convert the quantized model to the integer-only graph and evaluate it.
+
+Inputs: a quantized checkpoint (``integer.source``, else the run's ``qat_model.pt``, else
+``ptq_model.pt``). Outputs: ``integer_model.pt`` (the integer module) and metrics: test
+accuracy of the fake-quant model and of the integer model, their gap and the argmax
+agreement between the two on every test image.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hawq.config import typed
+from hawq.errors import HawqError
+from hawq.integer import ops
+from hawq.integer.config import IntegerConfig
+from hawq.integer.convert import convert
+from hawq.io import save_torch
+from hawq.quant import load_quantized
+from hawq.stages.context import Context
+
+log = logging.getLogger("hawq")
+OUT = "integer_model.pt"
+SOURCES = ("qat_model.pt", "ptq_model.pt")
+
+
+def source(ctx: Context, ic: IntegerConfig) -> Path:
+    """The quantized checkpoint to convert."""
+    if ic.source is not None:
+        path = Path(ic.source).expanduser()
+        if not path.is_file():
+            raise HawqError(f"integer.source={ic.source} does not exist")
+        return path
+    for name in SOURCES:
+        if ctx.path(name).is_file():
+            return ctx.path(name)
+    raise HawqError(f"no quantized checkpoint in {ctx.run_dir} ({' or '.join(SOURCES)}); "
+                    "run the ptq or qat stage first, or set integer.source")  # fmt: skip
+
+
+def done(ctx: Context) -> bool:
+    return ctx.path(OUT).is_file() and bool(ctx.stage_result("integer"))
+
+
+@torch.no_grad()
+def compare(qmodel: nn.Module, imodel: nn.Module, batches, device: torch.device) -> dict:
+    """Accuracy of both models and their argmax agreement (percent) over ``batches``."""
+    n = agree = ok_q = ok_i = 0
+    for x, y in batches:
+        pq = qmodel(x).argmax(-1)
+        pi = imodel(x).argmax(-1)
+        n += y.numel()
+        agree += int((pq == pi).sum())
+        ok_q += int((pq == y).sum())
+        ok_i += int((pi == y).sum())
+    pct = lambda k: 100.0 * k / max(n, 1)  # noqa: E731
+    return {"n": n, "fake_quant_acc": pct(ok_q), "integer_acc": pct(ok_i), "agreement": pct(agree)}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    ic = typed(ctx.cfg.get("integer"), IntegerConfig, "integer")
+    ops.set_backend(ic.backend)
+    src = source(ctx, ic)
+    qmodel, plan, _meta = load_quantized(src, ctx.device)
+    qmodel.eval()
+    calib = ctx.data.eval_loader("train", ctx.device, ic.calib_batch_size)
+    imodel = convert(qmodel, calib, ic.residual_bits, ic.pack_int4, ic.calib_batches, ic.margin,
+                     ctx.device).to(ctx.device)  # fmt: skip
+    res = compare(qmodel, imodel, ctx.data.eval_loader("test", ctx.device), ctx.device)
+    save_torch(ctx.path(OUT), imodel.cpu())
+    log.info("integer: fake-quant acc %.2f, integer acc %.2f, argmax agreement %.2f%%",
+             res["fake_quant_acc"], res["integer_acc"], res["agreement"])  # fmt: skip
+    return {**res, "acc_gap": res["fake_quant_acc"] - res["integer_acc"], "source": str(src),
+            "residual_bits": ic.residual_bits, "backend": ops.get_backend(),
+            "model": type(imodel).__name__, "checkpoint": str(ctx.path(OUT))}  # fmt: skip
