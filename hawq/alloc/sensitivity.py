@@ -158,24 +158,32 @@ def hawq_sensitivity(
     a_err: Mapping[str, Mapping[ALevel, float]],
     method: str = "hawq_v3",
 ) -> np.ndarray:
-    """``Omega_i(c)`` of the module docstring for each candidate of one op."""
+    """``Omega_i(c)`` of the module docstring for each candidate of one op.
+
+    Curvatures are clamped at zero: the loss Hessian is indefinite away from a
+    minimum and Hutchinson estimates of small traces can be negative, and a
+    negative curvature would make the solver *prefer* quantization noise on that
+    operand (fewer bits = lower predicted loss), which the second-order model
+    cannot justify. A clamped op costs nothing to quantize, as a flat one would.
+    """
     if curv.kind == "matmul":
         w_curv = 0.0
     elif method == "hawq_v1":
         if curv.top_eig is None:
             raise HawqError(f"hawq_v1 needs eigenvalues of op {curv.name} in hessian.json")
-        w_curv = curv.top_eig / max(curv.numel, 1)
+        w_curv = max(curv.top_eig, 0.0) / max(curv.numel, 1)
     else:
         if curv.trace is None:
             raise HawqError(f"{method} needs the trace of op {curv.name} in hessian.json")
-        w_curv = curv.trace / max(curv.numel, 1)
+        w_curv = max(curv.trace, 0.0) / max(curv.numel, 1)
     out = np.zeros(len(cands))
     for j, c in enumerate(cands):
         if curv.kind != "matmul":
             out[j] += w_curv * w_err[(c.w_bits, c.w_format)]
         if c.a_bits is not None:
             for k in OPERANDS[curv.kind]:
-                out[j] += curv.act_trace[k] / max(curv.act_numel[k], 1) * a_err[k][c.a_level]
+                a_curv = max(curv.act_trace[k], 0.0) / max(curv.act_numel[k], 1)
+                out[j] += a_curv * a_err[k][c.a_level]
     return out
 
 

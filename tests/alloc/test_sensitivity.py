@@ -162,3 +162,17 @@ def test_measured_drop_uses_quantize_and_is_zero_for_float():
     assert 0 <= drops["0"][1] < drops["0"][2]  # 8 bits barely hurts, 2 bits hurts more
     assert drops["2"][0] > 0
     assert isinstance(model[0], nn.Linear)  # the FP model itself was not modified
+
+
+def test_negative_curvature_never_rewards_quantization_noise():
+    from hawq.alloc.candidates import Candidate
+    from hawq.alloc.report import OpCurvature
+    from hawq.alloc.sensitivity import hawq_sensitivity
+
+    curv = OpCurvature(name="fc", kind="linear", numel=10, macs=40, trace=-5.0, top_eig=-1.0,
+                       act_trace={"x": -3.0}, act_numel={"x": 4})  # fmt: skip
+    cands = [Candidate(w_bits=4, a_bits=4), Candidate(w_bits=8, a_bits=8)]
+    w_err = {(c.w_bits, c.w_format): 1.0 / c.w_bits for c in cands}
+    a_err = {"x": {c.a_level: 1.0 / c.a_bits for c in cands}}
+    for method in ("hawq_v1", "hawq_v3"):
+        assert (hawq_sensitivity(curv, cands, w_err, a_err, method) == 0).all()
