@@ -1,0 +1,144 @@
+"""Public entry points: per-op traces, top eigenvalues and activation traces of any model.
+
+Op names are the module names of the model's quantizable ops
+(:func:`hawq.models.ops.quantizable_ops`: every ``nn.Linear``, ``nn.Conv2d`` and
+:class:`~hawq.models.ops.MatMul`). A weight op's block spans its weight and
+bias; parameter-free ops (MatMul) have no weight block and are absent from the
+weight results. ``batches`` is any re-iterable of ``(x, y)``; the Hessian is
+the sample-weighted average over it (see :class:`HessianOperator`). The model
+should be in eval mode; these functions do not change its mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from hawq.hessian.activation import ActivationHessian, operand_traces
+from hawq.hessian.density import SpectralDensity, slq
+from hawq.hessian.hutchinson import TraceEstimate, block_traces
+from hawq.hessian.hvp import Batch, LossFn
+from hawq.hessian.lanczos import lanczos
+from hawq.hessian.operator import HessianOperator, hessian_operator
+from hawq.hessian.power import EigenResult, power_iteration
+
+EIG_METHODS = {"lanczos": lanczos, "power": power_iteration}
+
+
+def layer_traces(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    rtol: float = 0.05,
+    max_samples: int = 500,
+    seed: int = 0,
+    min_samples: int = 10,
+    estimator: str = "hutchinson",
+    backend: str = "auto",
+    callback: Callable[[int, float], None] | None = None,
+) -> dict[str, TraceEstimate]:
+    """:math:`\\mathrm{tr}(\\bar H_{ll})` for every weight op, one full product per sample.
+
+    Args:
+        model, loss_fn, batches: see the module docstring.
+        rtol: stop when every op's relative standard error is at most this.
+        max_samples / min_samples: bounds on Rademacher samples.
+        seed: seeds the probe vectors.
+        estimator: ``hutchinson`` or ``hutchpp``.
+        backend: ``auto``, ``double_backward`` or ``func``.
+        callback: ``callback(samples, worst_rel_stderr)`` after every sample.
+
+    Returns:
+        op name -> :class:`TraceEstimate` (mean, stderr, n_samples, numel).
+    """
+    op, _ = hessian_operator(model, loss_fn, batches, backend=backend)
+    res = block_traces(op, rtol=rtol, max_samples=max_samples, min_samples=min_samples,
+                       seed=seed, estimator=estimator, callback=callback)  # fmt: skip
+    return res.blocks
+
+
+def layer_eigenpairs(
+    op: HessianOperator,
+    top_k: int = 1,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    method: str = "lanczos",
+) -> dict[str, EigenResult]:
+    """Top-``top_k`` eigenpairs (largest magnitude) of every diagonal block of ``op``."""
+    if method not in EIG_METHODS:
+        raise ValueError(f"unknown eigen method {method!r}; allowed: {', '.join(EIG_METHODS)}")
+    solve = EIG_METHODS[method]
+    return {name: solve(op.block(name), top_k=top_k, tol=tol, max_iter=max_iter, seed=seed)
+            for name in op.blocks}  # fmt: skip
+
+
+def layer_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    top_k: int = 1,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    method: str = "lanczos",
+    backend: str = "double_backward",
+) -> dict[str, list[float]]:
+    """Top-``top_k`` eigenvalues (by magnitude, largest first) of every weight op's block.
+
+    Args:
+        model, loss_fn, batches: see the module docstring.
+        top_k: eigenvalues per op.
+        tol: relative residual :math:`\\lVert Hv - \\lambda v\\rVert/|\\lambda|` to stop at.
+        max_iter: products per op (Lanczos) or per eigenpair (power iteration).
+        seed: seeds the start vectors.
+        method: ``lanczos`` or ``power`` (power iteration with deflation).
+        backend: ``double_backward``, ``func`` or ``auto``.
+
+    Returns:
+        op name -> eigenvalues. :func:`layer_eigenpairs` also gives vectors,
+        residuals and iteration counts.
+    """
+    op, _ = hessian_operator(model, loss_fn, batches, backend=backend)
+    pairs = layer_eigenpairs(op, top_k, tol, max_iter, seed, method)
+    return {name: r.values for name, r in pairs.items()}
+
+
+def activation_traces(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    rtol: float = 0.05,
+    max_samples: int = 500,
+    seed: int = 0,
+    min_samples: int = 10,
+    callback: Callable[[int, float], None] | None = None,
+) -> dict[str, dict[str, TraceEstimate]]:
+    """Per-sample Hessian trace w.r.t. every op's input operand(s).
+
+    Returns:
+        op name -> operand (``x`` for Linear/Conv2d, ``a`` and ``b`` for MatMul)
+        -> :class:`TraceEstimate` whose ``numel`` is the operand's elements per sample.
+    """
+    act = ActivationHessian(model, loss_fn, batches)
+    return operand_traces(act, rtol=rtol, max_samples=max_samples, min_samples=min_samples,
+                          seed=seed, callback=callback)  # fmt: skip
+
+
+def spectral_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    n_vectors: int = 1,
+    steps: int = 80,
+    seed: int = 0,
+    per_layer: bool = False,
+) -> dict[str, SpectralDensity]:
+    """SLQ density of the Hessian over all op weights (key ``""``) and, optionally, per op."""
+    op = HessianOperator(model, loss_fn, batches)
+    out = {"": slq(op, n_vectors, steps, seed)}
+    if per_layer:
+        for name in op.blocks:
+            out[name] = slq(op.block(name), n_vectors, steps, seed)
+    return out

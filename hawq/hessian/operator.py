@@ -1,0 +1,209 @@
+"""The loss Hessian as a matrix-free linear operator supporting ``@``.
+
+:class:`HessianOperator` represents the data-averaged Hessian
+
+.. math::  \\bar H = \\frac{\\sum_b n_b \\, \\nabla^2_\\theta L_b(\\theta)}{\\sum_b n_b}
+
+over a set of parameters grouped into named blocks (one block per quantizable
+op: its weight and bias). Vectors are flat, blocks concatenated in order;
+``op.blocks[name]`` is the slice of a block. ``op @ v`` works for ``v`` of shape
+``(n,)`` or ``(n, k)``; ``op.block(name)`` is the diagonal block
+:math:`\\bar H_{ll}` as an operator of its own.
+
+Memory: with a single (local) batch the first-order graph is built once and
+reused by every product (double-backward backend). With several batches each
+product loops over them, building and freeing one batch's graph at a time, so
+no more than one batch's graph is alive. Under ``torch.distributed`` every rank
+keeps its shard of the batches and the numerator and :math:`\\sum_b n_b` are
+all-reduced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hawq.hessian import dist
+from hawq.hessian.hvp import BACKENDS, Batch, BatchHVP, LossFn, make_batch_hvp
+from hawq.models.ops import quantizable_ops
+
+
+def op_params(module: nn.Module) -> list[nn.Parameter]:
+    """The weight and bias of a quantizable op (what its block Hessian spans)."""
+    return [p for n, p in module.named_parameters() if n.endswith(("weight", "bias"))
+            and p.requires_grad]  # fmt: skip
+
+
+def op_blocks(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Op name -> its parameters, network order; parameter-free ops (MatMul) are omitted."""
+    blocks = {name: op_params(m) for name, m in quantizable_ops(model).items()}
+    return {name: ps for name, ps in blocks.items() if ps}
+
+
+class HessianOperator:
+    """Matrix-free :math:`\\bar H` over named parameter blocks.
+
+    Args:
+        model: the network, in eval mode; never ``torch.compile``-d.
+        loss_fn: ``loss_fn(output, target)``, a mean over the batch.
+        batches: an iterable of ``(x, y)`` that can be iterated again for every product.
+        blocks: name -> parameters; default: every quantizable op's weight and bias.
+        backend: ``double_backward`` or ``func`` (see :mod:`hawq.hessian.hvp`).
+
+    Attributes:
+        blocks: name -> slice of the flat vector.
+        numel: name -> number of elements of the block.
+        n_hvp: products computed so far (a product restricted to one block counts as one).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Iterable[Batch],
+        blocks: Mapping[str, Sequence[torch.Tensor]] | None = None,
+        backend: str = "double_backward",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown HVP backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        self.model, self.loss_fn, self.batches, self.backend = model, loss_fn, batches, backend
+        blocks = op_blocks(model) if blocks is None else blocks
+        if not blocks:
+            raise ValueError("no parameters to take the Hessian over")
+        self.params: list[torch.Tensor] = []
+        self.block_index: dict[str, list[int]] = {}
+        self.blocks: dict[str, slice] = {}
+        start = 0
+        for name, ps in blocks.items():
+            self.block_index[name] = list(range(len(self.params), len(self.params) + len(ps)))
+            self.params.extend(ps)
+            size = sum(p.numel() for p in ps)
+            self.blocks[name] = slice(start, start + size)
+            start += size
+        self.numel = {name: s.stop - s.start for name, s in self.blocks.items()}
+        self.size = start
+        first = self.params[0]
+        self.dtype, self.device = first.dtype, first.device
+        self.n_hvp = 0
+        local = list(dist.shard(batches))
+        # one local batch: keep it (and, for double backward, its first-order graph)
+        self._fixed: Batch | None = local[0] if len(local) == 1 else None
+        self._cache: BatchHVP | None = None
+
+    # -- linear-operator protocol ------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        """:math:`\\bar H v` for ``v`` of shape ``(n,)`` or ``(n, k)``."""
+        return self._apply(v, list(range(len(self.params))))
+
+    def block(self, name: str) -> BlockOperator:
+        """The diagonal block :math:`\\bar H_{ll}` of op ``name`` as an operator."""
+        return BlockOperator(self, name)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _apply(self, v: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        if v.ndim == 2:
+            return torch.stack([self._apply(c, idx) for c in v.unbind(1)], dim=1)
+        shapes = [self.params[i].shape for i in idx]
+        n = sum(s.numel() for s in shapes)
+        if v.shape != (n,):
+            raise ValueError(f"vector of shape {tuple(v.shape)}, operator needs ({n},)")
+        vs = list(v.to(self.dtype).split([s.numel() for s in shapes]))
+        vs = [c.reshape(s) for c, s in zip(vs, shapes)]
+        out = self.apply_list(vs, idx)
+        return torch.cat([o.reshape(-1) for o in out])
+
+    def apply_list(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
+        """:math:`\\bar H_{SS} v_S` with tensors shaped like ``params[idx]``."""
+        self.n_hvp += 1
+        if self._fixed is not None and self.backend == "double_backward":
+            if self._cache is None:
+                self._cache = make_batch_hvp(self.backend, self.model, self.loss_fn, self.params,
+                                             self._fixed)  # fmt: skip
+            acc = self._cache(vs, idx)
+            count = torch.tensor(float(len(self._fixed[1])), device=self.device, dtype=self.dtype)
+            acc = [a * count for a in acc]
+        else:
+            acc = [torch.zeros_like(v) for v in vs]
+            count = torch.zeros((), device=self.device, dtype=self.dtype)
+            local = [self._fixed] if self._fixed is not None else dist.shard(self.batches)
+            for batch in local:
+                hvp = make_batch_hvp(self.backend, self.model, self.loss_fn, self.params, batch)
+                nb = len(batch[1])
+                acc = [a + nb * h for a, h in zip(acc, hvp(vs, idx))]
+                count += nb
+                del hvp  # frees this batch's graph before the next one is built
+        *acc, count = dist.all_reduce_sum([*acc, count.reshape(1)])
+        return [a / count for a in acc]
+
+    def release(self) -> None:
+        """Drop the cached first-order graph (it is rebuilt on the next product)."""
+        self._cache = None
+
+
+class BlockOperator:
+    """Diagonal block :math:`\\bar H_{ll}` of a :class:`HessianOperator` (shares its cache)."""
+
+    def __init__(self, parent: HessianOperator, name: str) -> None:
+        self.parent, self.name = parent, name
+        self.idx = parent.block_index[name]
+        n = parent.numel[name]
+        self.shape = (n, n)
+        self.dtype, self.device = parent.dtype, parent.device
+        self.blocks = {name: slice(0, n)}
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.parent._apply(v, self.idx)
+
+
+def time_backend(op: HessianOperator, reps: int = 3) -> float:
+    """Seconds per product of ``op`` (best of ``reps`` after one warm-up)."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(op.size, generator=g, dtype=op.dtype).to(op.device)
+    for _ in range(2):  # warm-up: builds a cached graph; first CPU products are slow
+        op @ v
+    times = []
+    for _ in range(reps):
+        if op.device.type == "cuda":
+            torch.cuda.synchronize(op.device)
+        start = time.perf_counter()
+        op @ v
+        if op.device.type == "cuda":
+            torch.cuda.synchronize(op.device)
+        times.append(time.perf_counter() - start)
+    op.n_hvp -= reps + 2
+    return min(times)  # least disturbed by other load
+
+
+def hessian_operator(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    blocks: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    backend: str = "auto",
+) -> tuple[HessianOperator, dict[str, float]]:
+    """Build the operator; ``backend="auto"`` times both backends and keeps the faster.
+
+    Returns:
+        ``(operator, timings)`` with seconds per product for each backend timed.
+    """
+    if backend != "auto":
+        return HessianOperator(model, loss_fn, batches, blocks, backend), {}
+    timings, ops = {}, {}
+    for name in BACKENDS:
+        ops[name] = HessianOperator(model, loss_fn, batches, blocks, name)
+        timings[name] = time_backend(ops[name])
+    # every rank must pick the same backend: decide on the summed timings
+    t = torch.tensor([timings[n] for n in BACKENDS], dtype=torch.float64, device=ops[name].device)
+    summed = dist.all_reduce_sum([t])
+    best = BACKENDS[int(torch.argmin(summed[0]))]
+    for name, o in ops.items():
+        if name != best:
+            o.release()
+    return ops[best], timings

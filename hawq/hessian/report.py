@@ -1,0 +1,132 @@
+"""``hessian.json``: the curvature artifact the allocation stage reads.
+
+Schema 1 (ops in network order)::
+
+    {"schema": 1, "model": str, "checkpoint": str, "estimator": "hutchinson"|"hutchpp",
+     "backend": "double_backward"|"func", "seed": int, "dtype": str, "batches": int,
+     "batch_size": int, "wall_s": float,
+     "ops": {name: {"kind": "linear"|"conv2d"|"matmul", "numel": int, "macs": int,
+                    "trace": float|null, "trace_stderr": float|null, "trace_samples": int|null,
+                    "eigenvalues": [float]|null, "eig_residuals": [float]|null,
+                    "eig_iterations": int|null,
+                    "act_trace": {operand: float}, "act_trace_stderr": {operand: float},
+                    "act_numel": {operand: int}}}}
+
+``numel`` counts weight + bias elements (0 for a MatMul); ``macs`` are per
+image; ``act_*`` are keyed ``x`` (Linear/Conv2d) or ``a``/``b`` (MatMul) and
+are per-sample averages. Further top-level keys (timings, density summaries)
+may be present; readers ignore them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from hawq.errors import HawqError
+from hawq.io import read_json, write_json
+
+SCHEMA = 1
+TOP_KEYS = ("schema", "model", "checkpoint", "estimator", "backend", "seed", "dtype",
+            "batches", "batch_size", "wall_s", "ops")  # fmt: skip
+OP_KEYS = (
+    "kind",
+    "numel",
+    "macs",
+    "trace",
+    "trace_stderr",
+    "trace_samples",
+    "eigenvalues",
+    "eig_residuals",
+    "eig_iterations",
+    "act_trace",
+    "act_trace_stderr",
+    "act_numel",
+)
+OPERANDS = {"linear": ("x",), "conv2d": ("x",), "matmul": ("a", "b")}
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    """JSON has no inf/nan: map them to null."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def op_entry(
+    kind: str,
+    numel: int,
+    macs: int,
+    trace: Any = None,
+    eig: Any = None,
+    act: dict[str, Any] | None = None,
+) -> dict:
+    """One op's record from a :class:`TraceEstimate`, an :class:`EigenResult` and operand
+    estimates (any of them may be ``None``)."""
+    act = act or {}
+    return {
+        "kind": kind,
+        "numel": int(numel),
+        "macs": int(macs),
+        "trace": _finite_or_none(trace.mean) if trace else None,
+        "trace_stderr": _finite_or_none(trace.stderr) if trace else None,
+        "trace_samples": int(trace.n_samples) if trace else None,
+        "eigenvalues": [float(v) for v in eig.values] if eig else None,
+        "eig_residuals": [_finite_or_none(r) for r in eig.residuals] if eig else None,
+        "eig_iterations": int(eig.iterations) if eig else None,
+        "act_trace": {k: _finite_or_none(e.mean) for k, e in act.items()},
+        "act_trace_stderr": {k: _finite_or_none(e.stderr) for k, e in act.items()},
+        "act_numel": {k: int(e.numel) for k, e in act.items()},
+    }
+
+
+def validate(report: Any, source: str = "hessian report") -> dict:
+    """Check the schema-1 structure; raise :class:`HawqError` naming the first problem."""
+
+    def fail(msg: str) -> None:
+        raise HawqError(f"invalid {source}: {msg}")
+
+    if not isinstance(report, dict):
+        fail("not a JSON object")
+    if report.get("schema") != SCHEMA:
+        fail(f"schema {report.get('schema')!r}, expected {SCHEMA}")
+    for key in TOP_KEYS:
+        if key not in report:
+            fail(f"missing key {key!r}")
+    if report["estimator"] not in ("hutchinson", "hutchpp"):
+        fail(f"estimator {report['estimator']!r}")
+    if report["backend"] not in ("double_backward", "func"):
+        fail(f"backend {report['backend']!r}")
+    ops = report["ops"]
+    if not isinstance(ops, dict) or not ops:
+        fail("'ops' must be a non-empty object")
+    for name, e in ops.items():
+        if not isinstance(e, dict):
+            fail(f"op {name!r} is not an object")
+        for key in OP_KEYS:
+            if key not in e:
+                fail(f"op {name!r} lacks {key!r}")
+        if e["kind"] not in OPERANDS:
+            fail(f"op {name!r} has kind {e['kind']!r}")
+        if e["kind"] == "matmul" and e["numel"] != 0:
+            fail(f"matmul op {name!r} has numel {e['numel']}")
+        for key in ("act_trace", "act_trace_stderr", "act_numel"):
+            if e[key] and set(e[key]) != set(OPERANDS[e["kind"]]):
+                fail(f"op {name!r} {key} keys {sorted(e[key])}, expected "
+                     f"{list(OPERANDS[e['kind']])}")  # fmt: skip
+    return report
+
+
+def write_hessian_report(path: str | Path, report: dict) -> Path:
+    """Validate and write ``report`` atomically."""
+    return write_json(path, validate(report, str(path)))
+
+
+def load_hessian_report(path: str | Path) -> dict:
+    """Read and validate ``hessian.json``; a missing or malformed file is a :class:`HawqError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise HawqError(f"missing Hessian report {path}; run the 'hessian' stage first")
+    return validate(read_json(path), str(path))

@@ -1,0 +1,143 @@
+"""Stage ``hessian``: per-op curvature of the FP checkpoint -> ``hessian.json`` + plots.
+
+From ``hessian.batches`` batches of ``hessian.batch_size`` images of the
+``hessian.split`` split (eval mode, cross-entropy): per-op Hessian traces
+(Hutchinson or Hutch++, all ops from one product per sample), top eigenvalues
+of each op's diagonal block (Lanczos or power iteration), per-sample activation
+traces of every op operand, and the SLQ spectral density. Writes
+``hessian.json`` (schema in :mod:`hawq.hessian.report`), ``hessian_*.png`` bar
+charts and ``hessian_density.png``. Runs alone from ``paths.checkpoint``. Under
+``torchrun`` batches are sharded over ranks and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hawq.config import typed
+from hawq.errors import HawqError
+from hawq.hessian import dist
+from hawq.hessian.activation import ActivationHessian, operand_traces
+from hawq.hessian.api import layer_eigenpairs
+from hawq.hessian.config import HessianConfig
+from hawq.hessian.density import slq
+from hawq.hessian.hutchinson import block_traces
+from hawq.hessian.operator import hessian_operator
+from hawq.hessian.report import SCHEMA, _finite_or_none, op_entry, write_hessian_report
+from hawq.models.ops import op_inventory
+from hawq.stages.context import Context
+from hawq.viz.hessian import plot_density, plot_report
+
+log = logging.getLogger("hawq")
+REPORT = "hessian.json"
+
+
+def done(ctx: Context) -> bool:
+    return ctx.path(REPORT).is_file()
+
+
+def _progress(desc: str, total: int):
+    bar = tqdm(total=total, desc=desc, leave=False, disable=None if dist.is_main() else True)
+
+    def update(n: int, worst: float) -> None:
+        bar.update(n - bar.n)
+        bar.set_postfix(worst_rel_err=f"{worst:.3f}")
+
+    return bar, update
+
+
+def run(ctx: Context) -> dict:
+    hc = typed(ctx.cfg.get("hessian"), HessianConfig, "hessian")
+    dist.maybe_init(ctx.device)
+    dtype = torch.float64 if hc.dtype == "float64" else torch.float32
+    model = ctx.load_fp_model()
+    data = ctx.data
+    inventory = op_inventory(model, data.input_size)  # before any dtype change
+    model = model.to(dtype).eval()
+    loader = data.eval_loader(hc.split, ctx.device, hc.batch_size)
+    if hc.batches > len(loader):
+        raise HawqError(f"hessian.batches={hc.batches} but the {hc.split} split has only "
+                        f"{len(loader)} batches of {hc.batch_size}")  # fmt: skip
+    batches = [(x.to(dtype), y) for _, (x, y) in zip(range(hc.batches), loader)]
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+
+    op, timings = hessian_operator(model, loss_fn, batches, backend=hc.backend)
+    log.info("hessian: backend %s over %d parameters in %d ops %s", op.backend, op.size,
+             len(op.blocks), {k: round(v, 4) for k, v in timings.items()})  # fmt: skip
+    bar, update = _progress("hessian traces", hc.max_samples)
+    traces = block_traces(op, rtol=hc.rtol, max_samples=hc.max_samples,
+                          min_samples=hc.min_samples, seed=hc.seed, estimator=hc.estimator,
+                          sketch=hc.sketch, callback=update)  # fmt: skip
+    bar.close()
+    t_traces = time.perf_counter() - start
+
+    eigs = {}
+    if hc.top_k:
+        eigs = layer_eigenpairs(op, hc.top_k, hc.tol, hc.max_iter, hc.seed, hc.eig_method)
+    densities = {}
+    if hc.density:
+        densities[""] = slq(op, hc.density_vectors, hc.density_steps, hc.seed)
+        if hc.density_per_layer:
+            for name in op.blocks:
+                densities[name] = slq(op.block(name), hc.density_vectors, hc.density_steps,
+                                      hc.seed)  # fmt: skip
+    op.release()
+    acts = {}
+    if hc.activation:
+        bar, update = _progress("activation traces", hc.max_samples)
+        acts = operand_traces(ActivationHessian(model, loss_fn, batches), rtol=hc.rtol,
+                              max_samples=hc.max_samples, min_samples=hc.min_samples,
+                              seed=hc.seed, callback=update)  # fmt: skip
+        bar.close()
+    wall = time.perf_counter() - start
+
+    report = {
+        "schema": SCHEMA,
+        "model": ctx.cfg.model.get("_target_"),
+        "checkpoint": str(ctx.checkpoint),
+        "estimator": hc.estimator,
+        "backend": op.backend,
+        "seed": hc.seed,
+        "dtype": hc.dtype,
+        "batches": hc.batches,
+        "batch_size": hc.batch_size,
+        "wall_s": round(wall, 3),
+        "split": hc.split,
+        "world_size": dist.world()[1],
+        "backend_timings_s": timings,
+        "hvp_products": op.n_hvp,
+        "whole_trace": {"mean": traces.total.mean, "stderr": traces.total.stderr},
+        "ops": {
+            info.name: op_entry(
+                info.kind,
+                op.numel.get(info.name, 0),
+                info.macs,
+                traces.blocks.get(info.name),
+                eigs.get(info.name),
+                acts.get(info.name),
+            )  # fmt: skip
+            for info in inventory
+        },
+    }
+    if dist.is_main():
+        write_hessian_report(ctx.path(REPORT), report)
+        plots = plot_report(report, ctx.run_dir)
+        if densities:
+            plots.append(plot_density(densities, ctx.path("hessian_density.png")))
+        log.info("hessian: wrote %s and %d plots", ctx.path(REPORT), len(plots))
+    rel = [e.rel_stderr for e in traces.blocks.values()]
+    return {
+        "report": str(ctx.path(REPORT)),
+        "backend": op.backend,
+        "trace_samples": traces.total.n_samples,
+        "worst_rel_stderr": _finite_or_none(max(rel)) if rel else None,
+        "whole_trace": traces.total.mean,
+        "hvp_products": op.n_hvp,
+        "traces_s": round(t_traces, 3),
+    }
