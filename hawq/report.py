@@ -1,0 +1,233 @@
+"""Results tables built from run directories, and budgets as fractions of their range.
+
+A table is described by *rows* (a YAML list, e.g. ``experiments/vit_cifar/rows.yaml``)::
+
+    - label: FP
+      runs: [vit_cifar, vit_cifar_s*]  # run directories under the runs root (globs), one per seed
+      metric: stages.evaluate.fp.acc   # dotted path into each run's results.json
+      command: python -m hawq.run experiment=vit_cifar seed=0,1,2 -m
+
+:func:`results_table` reads every matching ``results.json`` and writes one
+Markdown row per entry: the mean (and, for >= 2 runs, the sample standard
+deviation) of the metric, the number of runs, the command, the commits and the
+hardware from the runs' provenance. A row with no finished run reads
+``to run``, so numbers are never typed by hand.
+
+:func:`budget_range` gives the HAWQ-V3 budget parametrisation: with per-op
+candidate settings, a budget is :math:`B(f) = B_{min} + f\\,(B_{max} - B_{min})`
+where :math:`B_{min}` / :math:`B_{max}` are the totals with every op at its
+cheapest / dearest candidate (``size_mb`` or ``bops``; costs are separable per
+op, so these are the exact extremes without ties or pins).
+
+Notebooks run or load a run with :func:`run_stages`. Command line::
+
+    python -m hawq.report table experiments/vit_cifar/rows.yaml --runs runs
+    python -m hawq.report budget runs/resnet20_cifar/hessian.json --kind bops --fraction 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hawq.errors import HawqError
+from hawq.io import read_json, read_yaml
+
+RESULTS = "results.json"
+
+
+@dataclass
+class Row:
+    """One table row: a metric over the runs whose directories match ``runs``."""
+
+    label: str
+    runs: str | list[str]  # glob(s) of run directories under the runs root
+    metric: str
+    command: str = ""
+    scale: float = 1.0  # e.g. 100 for a share stored as a fraction
+    digits: int = 2
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lookup(obj: Any, dotted: str) -> Any:
+    """``obj["a"]["b"][0]`` for ``"a.b.0"``; None when any step is missing."""
+    for key in dotted.split("."):
+        if isinstance(obj, Mapping) and key in obj:
+            obj = obj[key]
+        elif isinstance(obj, list) and key.lstrip("-").isdigit() and abs(int(key)) < len(obj):
+            obj = obj[int(key)]
+        else:
+            return None
+    return obj
+
+
+def load_rows(path: str | Path) -> list[Row]:
+    """Rows from a YAML list of mappings (keys of :class:`Row`)."""
+    data = read_yaml(path)
+    if not isinstance(data, list):
+        raise HawqError(f"{path}: expected a list of rows")
+    rows = []
+    for i, entry in enumerate(data):
+        try:
+            rows.append(Row(**entry))
+        except TypeError as e:
+            raise HawqError(f"{path}: row {i}: {e}") from e
+    return rows
+
+
+@dataclass
+class Cell:
+    """The aggregated value of one row."""
+
+    values: list[float]
+    commits: list[str]
+    hardware: list[str]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+
+def collect(row: Row, runs_root: str | Path) -> Cell:
+    """The metric of every finished run matching ``row.runs`` (sorted by directory)."""
+    values, commits, hardware = [], [], []
+    pats = [row.runs] if isinstance(row.runs, str) else list(row.runs)
+    dirs = sorted({d for pat in pats for d in glob.glob(str(Path(runs_root) / pat))})
+    for d in dirs:
+        path = Path(d) / RESULTS
+        if not path.is_file():
+            continue
+        res = read_json(path)
+        v = lookup(res, row.metric)
+        if v is None or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        values.append(float(v) * row.scale)
+        prov = res.get("provenance", {})
+        git = str(prov.get("git") or "?")
+        commits.append(git[:7] + ("+dirty" if git.endswith("+dirty") else ""))
+        hardware.append(str(prov.get("hardware") or "?"))
+    return Cell(values, commits, hardware)
+
+
+def _fmt(cell: Cell, digits: int) -> str:
+    if not cell.values:
+        return "to run"
+    s = f"{cell.mean:.{digits}f}"
+    if cell.std is not None and not math.isnan(cell.std):
+        s += f" ± {cell.std:.{digits}f}"
+    return s
+
+
+def _uniq(xs: Iterable[str]) -> str:
+    return ", ".join(dict.fromkeys(xs)) or "-"
+
+
+def results_table(rows: Sequence[Row], runs_root: str | Path) -> str:
+    """A Markdown table: label, value (mean ± std over runs), runs, command, commit, hardware."""
+    lines = ["| row | value | runs | command | commit | hardware |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in rows:
+        cell = collect(row, runs_root)
+        label = row.label + (f" ({row.note})" if row.note else "")
+        cmd = f"`{row.command}`" if row.command else "-"
+        lines.append(f"| {label} | {_fmt(cell, row.digits)} | {len(cell.values)} | {cmd} | "
+                     f"{_uniq(cell.commits)} | {_uniq(cell.hardware)} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def budget_range(hessian_json: str | Path, candidates: Sequence[Mapping[str, Any]],
+                 kind: str) -> tuple[float, float]:  # fmt: skip
+    """``(B_min, B_max)`` of ``kind`` (``size_mb`` or ``bops``) over per-op candidate choices.
+
+    Units as in :mod:`hawq.alloc.costs`: ``size_mb`` MB, ``bops`` G bit-ops per image.
+    """
+    from hawq.alloc import parse_candidates, read_hessian
+    from hawq.alloc.costs import GIGA, OpCost, bops, size_mb
+
+    fns = {"size_mb": lambda op, c: size_mb(op, c), "bops": lambda op, c: bops(op, c) / GIGA}
+    if kind not in fns:
+        raise HawqError(f"budget kind {kind!r} is invalid; allowed: {', '.join(fns)}")
+    report = read_hessian(hessian_json)
+    cands = parse_candidates(candidates)
+    lo = hi = 0.0
+    for name, op in report.ops.items():
+        cost = OpCost(name, op.kind, op.numel, op.macs)
+        vals = [fns[kind](cost, c) for c in cands]
+        lo += min(vals)
+        hi += max(vals)
+    return lo, hi
+
+
+def budget_at(lo: float, hi: float, fraction: float) -> float:
+    """:math:`B_{min} + f (B_{max} - B_{min})` for ``0 <= f <= 1``."""
+    if not 0.0 <= fraction <= 1.0:
+        raise HawqError(f"fraction={fraction} is invalid; allowed: 0 <= fraction <= 1")
+    return lo + fraction * (hi - lo)
+
+
+def compose_config(overrides: Sequence[str] = (), run_dir: str | Path | None = None):
+    """The config the CLI would build from ``overrides`` (``paths.run_dir`` set when given)."""
+    from hydra import compose, initialize_config_dir
+
+    from hawq.run import CONF_DIR
+
+    extra = [f"paths.run_dir={Path(run_dir).expanduser().resolve()}"] if run_dir else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, *extra])
+
+
+def run_stages(
+    overrides: Sequence[str], stages: Sequence[str], run_dir: str | Path | None = None
+) -> tuple[dict, Path]:
+    """Run ``stages`` like ``python -m hawq.run OVERRIDES stages=[...]`` (for notebooks).
+
+    Stages whose outputs exist are skipped, so pointing ``run_dir`` at a finished
+    run only loads it. Returns ``(results.json contents, run directory)``.
+    """
+    from hawq.pipeline import run_pipeline
+
+    cfg = compose_config([*overrides, f"stages=[{','.join(stages)}]"], run_dir)
+    results = run_pipeline(cfg)
+    return results, Path(cfg.paths.run_dir).expanduser().resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hawq.report", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table", help="Markdown results table from rows.yaml and run directories")
+    t.add_argument("rows")
+    t.add_argument("--runs", default="runs", help="root of the run directories")
+    b = sub.add_parser("budget", help="a budget at a fraction of its [min, max] range")
+    b.add_argument("hessian")
+    b.add_argument("--kind", default="bops", choices=("bops", "size_mb"))
+    b.add_argument("--fraction", type=float, required=True)
+    b.add_argument("--bits", type=int, nargs="+", default=[4, 8],
+                   help="candidate widths (every w x a combination)")  # fmt: skip
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "table":
+            sys.stdout.write(results_table(load_rows(args.rows), args.runs))
+        else:
+            cands = [{"w_bits": w, "a_bits": a} for w in args.bits for a in args.bits]
+            lo, hi = budget_range(args.hessian, cands, args.kind)
+            print(f"{budget_at(lo, hi, args.fraction):.6g}")
+    except HawqError as e:
+        print(f"hawq: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
