@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 CIFAR10_DIR = Path(os.environ.get("HAWQ_TEST_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/hawq-inductor-cache")
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors only in interpreter mode, which triton reads once,
+    # at import: set it before any test (or torch.compile) imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
