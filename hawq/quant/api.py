@@ -165,7 +165,7 @@ def freeze_bn_(model: nn.Module) -> int:
     n = 0
     for op in quant_ops(model).values():
         if isinstance(op, QuantConv2d) and op.bn is not None:
-            op.bn_frozen.fill_(True)
+            op.freeze_bn()
             n += 1
     return n
 

@@ -46,6 +46,7 @@ class QATConfig:
     grad_clip: float | None = None
     amp: bool = True
     label_smoothing: float = 0.0
+    compile: bool = False  # torch.compile the training model (fuses the fake quantizers)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")

@@ -100,10 +100,32 @@ class QuantConv2d(nn.Module):
         self.bias = conv.bias
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
+        self._frozen = (-1, False)  # (buffer version, value): host copy of bn_frozen
+        self.register_load_state_dict_post_hook(QuantConv2d._refresh_frozen)
         self.setting = setting
         w0 = self.folded()[0].detach() if bn is not None else self.weight.detach()
         self.w_quant = weight_quantizer(setting, w0, method)
         self.a_quant = act_quantizer(setting, method)
+
+    @staticmethod
+    def _refresh_frozen(module: QuantConv2d, _keys=None) -> None:
+        module._frozen = (module.bn_frozen._version, bool(module.bn_frozen))
+
+    def freeze_bn(self) -> None:
+        """Use the running statistics from now on (the deployed form)."""
+        self.bn_frozen.fill_(True)
+        self._refresh_frozen(self)
+
+    def is_bn_frozen(self) -> bool:
+        """``bn_frozen`` without a device sync per step: re-read only after the buffer
+        changed (any in-place write, ``load_state_dict`` included, bumps its version).
+        Under ``torch.compile`` the host copy is used as is (a guarded constant)."""
+        if torch.compiler.is_compiling():
+            return self._frozen[1]
+        version = self.bn_frozen._version
+        if self._frozen[0] != version:
+            self._frozen = (version, bool(self.bn_frozen))
+        return self._frozen[1]
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -123,7 +145,7 @@ class QuantConv2d(nn.Module):
         x = _q(self.a_quant, x)
         w_f, b_f = self.folded()
         w_q = _q(self.w_quant, w_f)
-        if self.bn is None or not self.training or bool(self.bn_frozen):
+        if self.bn is None or not self.training or self.is_bn_frozen():
             return self._conv(x, w_q, b_f)
         bn = self.bn
         sigma_run = torch.sqrt(bn.running_var + bn.eps).clone()  # the sigma folded into w_f

@@ -86,7 +86,7 @@ def reduce_range(
     :func:`group_view` ``(x)`` with shape ``(rows, n_groups, 1)``.
     """
     if granularity == "per_tensor":
-        return x.min(), x.max()
+        return torch.aminmax(x)  # one pass
     if granularity == "per_channel":
         axis = axis % x.dim()
         dims = [d for d in range(x.dim()) if d != axis]
@@ -147,15 +147,10 @@ def grad_scale(x: Tensor, g: float) -> Tensor:
     return x.detach() + (xg - xg.detach())
 
 
-def fake_quantize(
+def fake_quantize_reference(
     x: Tensor, scale: Tensor, zero_point: Tensor, q_min: int, q_max: int
 ) -> Tensor:
-    """``dequantize(quantize(x))`` with the STE for ``x``.
-
-    Gradient: ``d x_hat / d x = 1`` if ``(q_min - z) s <= x <= (q_max - z) s`` else 0.
-    ``scale`` and ``zero_point`` are treated as constants (see :mod:`hawq.quant.learnable`
-    for learned ones).
-    """
+    """Composite (autograd-traced) :func:`fake_quantize`: the reference the fused one equals."""
     scale, zero_point = scale.detach(), zero_point.detach()
     lo = (q_min - zero_point) * scale
     hi = (q_max - zero_point) * scale
@@ -164,10 +159,60 @@ def fake_quantize(
     return x_hat + (x_c - x_c.detach())  # forward value exactly x_hat
 
 
+def _fake_quantize_forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int,
+                           q_max: int) -> Tensor:  # fmt: skip
+    q = x / scale if zero_point is None else (x / scale).add_(zero_point)
+    q = q.round_().clamp_(q_min, q_max)
+    return (q if zero_point is None else q.sub_(zero_point)).mul_(scale)
+
+
+class FakeQuantizeSTE(torch.autograd.Function):
+    """Fused :func:`fake_quantize`: output and STE mask in one forward, one backward pass.
+
+    Forward ``x_hat = (clamp(round(x / s + z), q_min, q_max) - z) s`` (in-place chain on one
+    buffer; without a graph :func:`fake_quantize` runs just this) and the boolean mask
+    ``m = [(q_min - z) s <= x <= (q_max - z) s]``; backward ``dL/dx = m * dL/dx_hat``.
+    ``scale``/``zero_point`` are constants (no gradient); ``zero_point=None`` means 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int,
+                q_max: int) -> Tensor:  # fmt: skip
+        lo = q_min * scale if zero_point is None else (q_min - zero_point) * scale
+        hi = q_max * scale if zero_point is None else (q_max - zero_point) * scale
+        x_c = torch.clamp(x, lo, hi)
+        if torch.compiler.is_compiling():
+            mask = (x_c == x).to(x.dtype)
+        else:  # 0./1. in x's dtype: bool x float products are slow on CPU
+            mask = torch.eq(x_c, x, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        ctx.save_for_backward(mask)
+        return _fake_quantize_forward(x, scale, zero_point, q_min, q_max)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None
+
+
+def fake_quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int, q_max: int
+) -> Tensor:
+    """``dequantize(quantize(x))`` with the STE for ``x`` (fused, see :class:`FakeQuantizeSTE`).
+
+    Gradient: ``d x_hat / d x = 1`` if ``(q_min - z) s <= x <= (q_max - z) s`` else 0.
+    ``scale`` and ``zero_point`` are treated as constants (see :mod:`hawq.quant.learnable`
+    for learned ones); ``zero_point=None`` stands for an all-zero zero point.
+    """
+    z = None if zero_point is None else zero_point.detach()
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _fake_quantize_forward(x, scale.detach(), z, q_min, q_max)
+    return FakeQuantizeSTE.apply(x, scale.detach(), z, q_min, q_max)
+
+
 def fake_quantize_grouped(
     x: Tensor,
     scale: Tensor,
-    zero_point: Tensor,
+    zero_point: Tensor | None,
     q_min: int,
     q_max: int,
     granularity: str,

@@ -237,22 +237,36 @@ class Quantizer(nn.Module):
             return pact_fake_quantize(x, self.alpha, self.bits, self.signed)
         grouped = self.granularity == "per_group" and self.is_weight
         if self.dynamic:
-            lo, hi = reduce_range(x.detach(), self.granularity if self.is_weight else "per_tensor",
-                                  self.axis, self.group_size)  # fmt: skip
-            scale, zp = choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
             gran = self.granularity if self.is_weight else "per_tensor"
-            return fake_quantize_grouped(x, scale, zp, self.q_min, self.q_max, gran,
+            lo, hi = reduce_range(x.detach(), gran, self.axis, self.group_size)
+            scale, zp = choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
+            return fake_quantize_grouped(x, scale, self._zero(zp), self.q_min, self.q_max, gran,
                                          self.group_size)  # fmt: skip
         if self.learn is None:
             gran = self.granularity if self.is_weight else "per_tensor"
-            return fake_quantize_grouped(x, self.scale, self.zero_point, self.q_min, self.q_max,
-                                         gran, self.group_size)  # fmt: skip
+            return fake_quantize_grouped(x, self.scale, self._zero(self.zero_point), self.q_min,
+                                         self.q_max, gran, self.group_size)  # fmt: skip
         xv = group_view(x, self.group_size) if grouped else x
-        n = xv.numel() // max(self.scale.numel(), 1) if self.is_weight else x[0].numel()
-        g = lsq_grad_scale(n, self.q_max)
-        scale = self.scale.abs().clamp(min=MIN_SCALE)
+        g = self._grad_scale(xv if self.is_weight else x)
         if self.learn == "lsq":
-            out = lsq_fake_quantize(xv, scale, self.q_min, self.q_max, g, self.zero_point)
+            out = lsq_fake_quantize(xv, self.scale, self.q_min, self.q_max, g,
+                                    self._zero(self.zero_point), MIN_SCALE)  # fmt: skip
         else:
-            out = lsqplus_fake_quantize(xv, scale, self.offset, self.q_min, self.q_max, g)
+            out = lsqplus_fake_quantize(xv, self.scale, self.offset, self.q_min, self.q_max, g,
+                                        MIN_SCALE)  # fmt: skip
         return ungroup(out, x.shape) if grouped else out
+
+    def _zero(self, zero_point: Tensor) -> Tensor | None:
+        """The zero point, or None where it is 0 by construction (symmetric grids, b > 1),
+        which saves the fused kernels a pass."""
+        return None if self.symmetric and self.bits > 1 else zero_point
+
+    def _grad_scale(self, x: Tensor) -> float:
+        """LSQ's ``g = 1/sqrt(N Q_p)``, cached per (shape, Q_p): N is the number of elements
+        one step size covers (per sample for activations)."""
+        key = (tuple(x.shape), self.q_max)
+        cache = self.__dict__.setdefault("_g_cache", {})
+        if key not in cache:
+            n = x.numel() // max(self.scale.numel(), 1) if self.is_weight else x[0].numel()
+            cache[key] = lsq_grad_scale(n, self.q_max)
+        return cache[key]

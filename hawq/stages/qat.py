@@ -11,6 +11,16 @@ Outputs: ``qat_model.pt`` (quantized checkpoint), ``qat_bits.yaml``,
 ``qat_metrics.csv``; ``qat_state.pt`` holds the state after the last finished
 epoch and a restarted run resumes from it exactly (per-epoch seeds, as ``train``).
 A NaN/Inf loss stops the run naming the ops whose scales collapsed.
+
+Data parallel: under ``torchrun --nproc_per_node N -m hawq.run ... stages=[qat]`` the
+stage joins the process group (gloo on CPU, NCCL on CUDA), calibrates on every rank and
+broadcasts rank 0's qparams, gives each rank a contiguous 1/N slice of every global
+batch (``data.batch_size`` stays the global batch, so the run equals the 1-process one
+up to floating-point summation order and resumes exactly), trains the DDP-wrapped
+model, all-reduces the metrics, and only rank 0 writes files (see
+:mod:`hawq.distributed`). ``qat.compile=true`` runs the training steps through
+``torch.compile`` (evaluation, calibration and saving use the eager model; no Hessian is
+ever taken of the compiled one).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawq import distributed as dist
 from hawq.config import typed
 from hawq.engine import cosine_scheduler, evaluate, train_epoch
 from hawq.errors import HawqError
@@ -102,7 +113,9 @@ class NonFiniteWatch:
         def hook(module, args, out) -> None:
             if module.training:
                 self.step += 1
-                bad = ~torch.isfinite(out.detach()).all()
+                # one read-only pass: a NaN/Inf anywhere makes the sum non-finite (a finite
+                # output overflowing the fp32/bf16 range in the sum is divergence anyway)
+                bad = ~torch.isfinite(out.detach().sum())
                 self.first[name] = torch.where(bad & (self.step < self.first[name]), self.step,
                                                self.first[name])  # fmt: skip
         return hook
@@ -118,16 +131,27 @@ class NonFiniteWatch:
 
 
 def qat_epoch(model: nn.Module, batches, optimizer, loss_fn, device, scheduler, tc: QATConfig,
-              epoch: int) -> dict[str, float]:  # fmt: skip
+              epoch: int, train_model: nn.Module | None = None,
+              watch: NonFiniteWatch | None = None) -> dict[str, float]:  # fmt: skip
     """One training epoch; a NaN/Inf loss becomes a HawqError naming the collapsed ops.
 
     Named: the ops whose output went non-finite first (step-wise) and whose own scales
     are collapsed or non-finite at that point; else every op with such scales now.
+
+    Args:
+        model: the (unwrapped) quantized model.
+        train_model: what runs the steps (DDP and/or ``torch.compile`` wrapper of
+            ``model``); ``model`` itself when None.
+        watch: a run-long :class:`NonFiniteWatch` (registering hooks once keeps a compiled
+            graph valid); one for this epoch when None.
     """
-    watch = NonFiniteWatch(model)
+    own = watch is None
+    watch = watch or NonFiniteWatch(model)
+    train_model = model if train_model is None else train_model
     try:
-        return train_epoch(model, batches, optimizer, loss_fn, device, scheduler, amp=tc.amp,
-                           grad_clip=tc.grad_clip, desc=f"qat {epoch + 1}")  # fmt: skip
+        return train_epoch(train_model, batches, optimizer, loss_fn, device, scheduler,
+                           amp=tc.amp, grad_clip=tc.grad_clip,
+                           desc=f"qat {epoch + 1}")  # fmt: skip
     except FloatingPointError as e:
         origin = watch.origin()
         bad = [n for n in origin if n in collapsed_ops(model)] or origin or collapsed_ops(model)
@@ -135,7 +159,8 @@ def qat_epoch(model: nn.Module, batches, optimizer, loss_fn, device, scheduler, 
         raise HawqError(f"QAT diverged in epoch {epoch + 1}: {e}; ops with collapsed or "
                         f"non-finite scales: {names}; lower qat.lr/qat.qparam_lr") from e
     finally:
-        watch.remove()
+        if own:
+            watch.remove()
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
@@ -147,25 +172,45 @@ def _write_csv(ctx: Context, history: list[dict]) -> None:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    created, device = dist.init_from_env(ctx.device)
+    try:
+        return _run(ctx, device)
+    finally:
+        if created:
+            dist.tdist.destroy_process_group()
+
+
+def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     qc = typed(ctx.cfg.quant, QuantConfig, "quant")
     tc = typed(ctx.cfg.qat, QATConfig, "qat")
+    rank, world = dist.world()
+    main = rank == 0
     plan, source = resolve_plan(qc, ctx.run_dir)
     model, model_cfg = load_fp(ctx)
+    model.to(device)
     data = ctx.data
-    test = data.eval_loader("test", ctx.device)
-    fp = evaluate(model, test, ctx.device)
+    test = data.eval_loader("test", device)
+
+    def evaluate_all(m: nn.Module) -> dict[str, float]:
+        shard = dist.shard_by_index(test, rank, world) if world > 1 else test
+        return dist.reduce_eval_metrics(evaluate(m, shard, device), device)
+
+    fp = evaluate_all(model)
     from hawq.models.ops import quantizable_ops
 
     check_schedule(tc, plan, list(quantizable_ops(model)))
     quantize_(model, plan, tc.method, qc.fold_bn)
     set_bits_(model, plan, tc.floor_bits(0))
     torch.manual_seed(ctx.run.seed)
-    calibrate(model, data.eval_loader("train", ctx.device, qc.calib_batch_size), qc.calib_batches)
+    calibrate(model, data.eval_loader("train", device, qc.calib_batch_size), qc.calib_batches)
+    dist.broadcast_state(model)  # identical qparams (and signedness) on every rank
     check_ready(model)
-    init = evaluate(model, test, ctx.device)
+    init = evaluate_all(model)
 
     optimizer = torch.optim.Adam(param_groups(model, tc))
-    train = data.train_loader(ctx.device, seed=ctx.run.seed)
+    train = data.train_loader(device, seed=ctx.run.seed)
+    if world > 1:
+        train = dist.ShardedBatches(train, rank, world)
     steps = len(train)
     scheduler = cosine_scheduler(optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps),
                                  tc.min_lr_ratio)  # fmt: skip
@@ -173,9 +218,11 @@ def run(ctx: Context) -> dict[str, Any]:
 
     state_path = ctx.path(STATE)
     start, history = 0, []
-    if state_path.is_file() and ctx.force:
+    resume = state_path.is_file() and not ctx.force
+    dist.barrier()  # every rank decided before rank 0 removes a stale state
+    if state_path.is_file() and ctx.force and main:
         state_path.unlink()
-    if state_path.is_file():
+    if resume:
         state = load_torch(state_path)
         model.load_state_dict(state["model"])  # includes bit widths and BN-frozen flags
         optimizer.load_state_dict(state["optimizer"])
@@ -185,32 +232,47 @@ def run(ctx: Context) -> dict[str, Any]:
     if start > tc.epochs:
         raise HawqError(f"{state_path} is at epoch {start} > qat.epochs={tc.epochs}")
 
-    for epoch in range(start, tc.epochs):
-        floor = tc.floor_bits(epoch)
-        set_bits_(model, plan, floor)
-        frozen = tc.freeze_bn_epoch is not None and epoch >= tc.freeze_bn_epoch
-        if frozen:
-            freeze_bn_(model)
-        torch.manual_seed(ctx.run.seed * 100_003 + epoch)
-        train.set_epoch(epoch)
-        tr = qat_epoch(model, train, optimizer, loss_fn, ctx.device, scheduler, tc, epoch)
-        ev = evaluate(model, test, ctx.device)
-        history.append({"epoch": epoch + 1, "floor_bits": floor, "bn_frozen": frozen,
-                        "train_loss": tr["loss"], "train_acc": tr["acc"], "test_loss": ev["loss"],
-                        "test_acc": ev["acc"], "lr": tr["lr"], "seconds": tr["seconds"],
-                        "img_per_s": tr["img_per_s"]})  # fmt: skip
-        log.info("qat epoch %d/%d (floor %s bits): train loss %.4f | test loss %.4f acc %.2f",
-                 epoch + 1, tc.epochs, floor, tr["loss"], ev["loss"], ev["acc"])  # fmt: skip
-        _write_csv(ctx, history)
-        save_torch(state_path, {"epoch": epoch + 1, "history": history, "init": init,
-                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict()})  # fmt: skip
+    train_model = dist.wrap_ddp(model, device)
+    if tc.compile:
+        train_model = torch.compile(train_model)
+    watch = NonFiniteWatch(model)
+    try:
+        for epoch in range(start, tc.epochs):
+            floor = tc.floor_bits(epoch)
+            set_bits_(model, plan, floor)
+            frozen = tc.freeze_bn_epoch is not None and epoch >= tc.freeze_bn_epoch
+            if frozen:
+                freeze_bn_(model)
+            torch.manual_seed(ctx.run.seed * 100_003 + epoch)
+            train.set_epoch(epoch)
+            tr = qat_epoch(model, train, optimizer, loss_fn, device, scheduler, tc, epoch,
+                           train_model, watch)  # fmt: skip
+            if world > 1:
+                tr = dist.reduce_train_metrics(tr, train.seen, device)
+            ev = evaluate_all(model)
+            history.append({"epoch": epoch + 1, "floor_bits": floor, "bn_frozen": frozen,
+                            "train_loss": tr["loss"], "train_acc": tr["acc"],
+                            "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
+                            "seconds": tr["seconds"], "img_per_s": tr["img_per_s"]})  # fmt: skip
+            log.info("qat epoch %d/%d (floor %s bits): train loss %.4f | test loss %.4f acc %.2f",
+                     epoch + 1, tc.epochs, floor, tr["loss"], ev["loss"], ev["acc"])  # fmt: skip
+            if main:
+                _write_csv(ctx, history)
+                save_torch(state_path, {"epoch": epoch + 1, "history": history, "init": init,
+                                        "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict()})  # fmt: skip
+    finally:
+        watch.remove()
 
     last = history[-1]
-    save_plan(ctx.path(PLAN), plan, {"source": source, "method": tc.method})
-    save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, tc.method, qc.fold_bn,
-                   fp_acc=fp["acc"], acc=last["test_acc"], plan_source=source)  # fmt: skip
-    state_path.unlink(missing_ok=True)
+    if main:
+        save_plan(ctx.path(PLAN), plan, {"source": source, "method": tc.method})
+        save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, tc.method,
+                       qc.fold_bn, fp_acc=fp["acc"], acc=last["test_acc"],
+                       plan_source=source)  # fmt: skip
+        state_path.unlink(missing_ok=True)
+    dist.barrier()  # the checkpoint exists before any rank reports done
     return {
         "fp": fp,
         "init": init,  # quantized (calibrated) before QAT
@@ -224,4 +286,5 @@ def run(ctx: Context) -> dict[str, Any]:
         "bits": bits_histogram(model),
         "ops": op_lines(model),
         "checkpoint": str(ctx.path(CKPT)),
+        "world_size": world,
     }
