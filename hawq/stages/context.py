@@ -15,6 +15,7 @@ from torch import nn
 from hawq.checkpoint import build_model, load_model
 from hawq.config import DataConfig, RunConfig, typed
 from hawq.data.module import ImageData
+from hawq.distributed import is_main
 from hawq.engine import resolve_device
 from hawq.io import read_json, write_json
 from hawq.provenance import provenance
@@ -83,4 +84,7 @@ class Context:
         self.results["name"] = self.run.name
         self.results["config"] = OmegaConf.to_container(self.cfg, resolve=True)
         self.results["provenance"] = provenance(self.device)
-        return write_json(self.path(self.RESULTS), self.results)
+        path = self.path(self.RESULTS)
+        if is_main():  # under torchrun every rank holds the same results; one writes them
+            write_json(path, self.results)
+        return path
