@@ -13,26 +13,17 @@ CPU generators, identical on every rank.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
 
+from hawq.distributed import is_main, world
+
+__all__ = ["all_reduce_sum", "is_main", "shard", "world"]
+
 T = TypeVar("T")
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` when no process group is initialised."""
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    """True on rank 0 (and when not distributed): the rank that writes files."""
-    return world()[0] == 0
 
 
 def shard(batches: Iterable[T]) -> Iterator[T]:
@@ -55,16 +46,3 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[start : start + t.numel()].view_as(t))
         start += t.numel()
     return out
-
-
-def maybe_init(device: torch.device) -> bool:
-    """Initialise the default process group when launched by ``torchrun``.
-
-    Uses NCCL for CUDA devices and gloo otherwise. Returns True when running
-    distributed (``WORLD_SIZE > 1``).
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True

@@ -17,9 +17,11 @@ import time
 
 import torch
 from torch import nn
+from torch.distributed import destroy_process_group
 from tqdm import tqdm
 
 from hawq.config import typed
+from hawq.distributed import init_from_env
 from hawq.errors import HawqError
 from hawq.hessian import dist
 from hawq.hessian.activation import ActivationHessian, operand_traces
@@ -52,8 +54,16 @@ def _progress(desc: str, total: int):
 
 
 def run(ctx: Context) -> dict:
+    created, ctx.device = init_from_env(ctx.device)  # under torchrun: one rank per process
+    try:
+        return _run(ctx)
+    finally:
+        if created:
+            destroy_process_group()
+
+
+def _run(ctx: Context) -> dict:
     hc = typed(ctx.cfg.get("hessian"), HessianConfig, "hessian")
-    dist.maybe_init(ctx.device)
     dtype = torch.float64 if hc.dtype == "float64" else torch.float32
     model = ctx.load_fp_model()
     data = ctx.data
