@@ -163,23 +163,12 @@ def gemm_shape(module: nn.Module, kind: str, inputs: tuple[Any, ...], output: to
 
 def op_shapes(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, str]:
     """Op name -> :func:`gemm_shape` key, from one forward pass on a zero image pair."""
-    from hawq.models.ops import _kind, quantizable_ops
+    from hawq.models.ops import op_kind, probe_ops
 
     shapes: dict[str, str] = {}
-    handles = []
-    for name, mod in quantizable_ops(model).items():
-        def hook(m, inputs, output, name=name):
-            shapes.setdefault(name, gemm_shape(m, _kind(m), inputs, output))
 
-        handles.append(mod.register_forward_hook(hook))
-    p = next(model.parameters(), None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_size, device=p.device if p is not None else "cpu"))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    def record(name: str, m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        shapes.setdefault(name, gemm_shape(m, op_kind(m), inputs, output))
+
+    probe_ops(model, record, input_size, batch=2)
     return shapes

@@ -22,7 +22,7 @@ from torch import nn
 
 from hawq.alloc.report import OPERANDS
 from hawq.errors import HawqError, choices
-from hawq.models.ops import _kind, quantizable_ops
+from hawq.models.ops import op_kind, probe_ops
 
 
 def shared_input_groups(model: nn.Module, input_size: tuple[int, ...]) -> list[list[str]]:
@@ -30,28 +30,17 @@ def shared_input_groups(model: nn.Module, input_size: tuple[int, ...]) -> list[l
     readers: dict[int, list[str]] = {}
     keep: list[torch.Tensor] = []  # hold inputs so no storage is freed and reused mid-pass
     order: list[str] = []
-    handles = []
-    for name, mod in quantizable_ops(model).items():
-        def hook(m, inputs, _out, name=name):
-            if name not in order:
-                order.append(name)
-            for t in inputs[: len(OPERANDS[_kind(m)])]:
-                keep.append(t)
-                ptr = t.untyped_storage().data_ptr()
-                if name not in readers.setdefault(ptr, []):
-                    readers[ptr].append(name)
 
-        handles.append(mod.register_forward_hook(hook))
-    p = next(model.parameters(), None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=p.device if p is not None else "cpu"))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    def record(name: str, m: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
+        if name not in order:
+            order.append(name)
+        for t in inputs[: len(OPERANDS[op_kind(m)])]:
+            keep.append(t)
+            ptr = t.untyped_storage().data_ptr()
+            if name not in readers.setdefault(ptr, []):
+                readers[ptr].append(name)
+
+    probe_ops(model, record, input_size)
     return merge_groups([r for r in readers.values() if len(r) > 1], order)
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from hawq.hessian import dist
 from hawq.hessian.hutchinson import RunningStats, TraceEstimate, rademacher
 from hawq.hessian.hvp import Batch, LossFn
-from hawq.models.ops import _kind, quantizable_ops
+from hawq.models.ops import op_kind, quantizable_ops
 
 Key = tuple[str, str]  # (op name, operand name)
 OPERANDS = {"linear": ("x",), "conv2d": ("x",), "matmul": ("a", "b")}
@@ -62,7 +62,7 @@ def tap_operands(ops: Mapping[str, nn.Module], taps: dict[Key, list[torch.Tensor
         return hook
 
     for name, m in ops.items():
-        handles.append(m.register_forward_pre_hook(make_hook(name, OPERANDS[_kind(m)])))
+        handles.append(m.register_forward_pre_hook(make_hook(name, OPERANDS[op_kind(m)])))
     try:
         yield taps
     finally:
@@ -142,7 +142,7 @@ class ActivationHessian:
         probe = self._graph(*self.local[0]) if self.local else None
         keys = probe.keys if probe else []
         numel = probe.numel_per_sample() if probe else {}
-        self.keys: list[Key] = [(n, o) for n, m in self.ops.items() for o in OPERANDS[_kind(m)]
+        self.keys: list[Key] = [(n, o) for n, m in self.ops.items() for o in OPERANDS[op_kind(m)]
                                 if (n, o) in keys or not keys]  # fmt: skip
         self.numel = {k: numel.get(k, 0) for k in self.keys}
         self.n_products = 0

@@ -9,6 +9,7 @@ address it by its module name, never by list position.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,8 @@ class OpInfo:
         return {"name": self.name, "kind": self.kind, "params": self.params, "macs": self.macs}
 
 
-def _kind(module: nn.Module) -> str:
+def op_kind(module: nn.Module) -> str:
+    """``"linear"``, ``"conv2d"`` or ``"matmul"`` (quantized wrappers report via ``op_kind``)."""
     if isinstance(module, nn.Conv2d) or getattr(module, "op_kind", None) == "conv2d":
         return "conv2d"
     if isinstance(module, nn.Linear) or getattr(module, "op_kind", None) == "linear":
@@ -78,7 +80,7 @@ def _kind(module: nn.Module) -> str:
 
 
 def _macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
-    kind = _kind(module)
+    kind = op_kind(module)
     if kind == "linear":
         # every output element is an in_features-long dot product
         return output.numel() * inputs[0].shape[-1]
@@ -90,56 +92,54 @@ def _macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     return output.numel() * a.shape[-1]
 
 
-def op_inventory(
-    model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32), device: str | None = None
-) -> list[OpInfo]:
+def probe_ops(
+    model: nn.Module,
+    hook: Callable[[str, nn.Module, tuple, torch.Tensor], None],
+    input_size: tuple[int, ...] = (3, 32, 32),
+    batch: int = 1,
+) -> None:
+    """One eval-mode, no-grad forward pass on zeros, calling ``hook(name, module, inputs,
+    output)`` after every quantizable op runs (in execution order). Train mode and hooks
+    are restored afterwards."""
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: hook(name, m, i, o))
+        for name, module in quantizable_ops(model).items()
+    ]
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else "cpu"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+def op_inventory(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) -> list[OpInfo]:
     """List the quantizable ops in execution order with their MACs for one input.
 
     Args:
         model: any module; its quantizable ops are found by :func:`quantizable_ops`.
         input_size: shape of one input without the batch dimension.
-        device: where to run the probing forward pass (default: the model's device).
 
     Returns:
-        One :class:`OpInfo` per op, ordered by first execution; ``macs`` counts
-        multiply-accumulates for a single input (batch size 1).
+        One :class:`OpInfo` per op, ordered by first execution (ops that never run come
+        last, with 0 MACs); ``macs`` counts multiply-accumulates for a single input.
     """
     ops = quantizable_ops(model)
-    seen: dict[str, int] = {}
-    order: list[str] = []
-    handles = []
+    macs: dict[str, int] = {}  # insertion order = execution order
 
-    def make_hook(name: str):
-        def hook(module, inputs, output):
-            if name not in seen:
-                order.append(name)
-                seen[name] = 0
-            seen[name] += _macs(module, inputs, output)
+    def count(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        macs[name] = macs.get(name, 0) + _macs(module, inputs, output)
 
-        return hook
-
-    for name, module in ops.items():
-        handles.append(module.register_forward_hook(make_hook(name)))
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else "cpu"
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    unexecuted = [n for n in ops if n not in seen]
-    order.extend(unexecuted)
+    probe_ops(model, count, input_size)
     infos = []
-    for name in order:
-        module = ops[name]
+    for name in [*macs, *(n for n in ops if n not in macs)]:
         # weight and bias only: quantized wrappers also hold scales/zero points
-        params = sum(
-            p.numel() for n, p in module.named_parameters() if n.endswith(("weight", "bias"))
-        )
-        infos.append(OpInfo(name, _kind(module), params, seen.get(name, 0)))
+        params = sum(p.numel() for n, p in ops[name].named_parameters()
+                     if n.endswith(("weight", "bias")))  # fmt: skip
+        infos.append(OpInfo(name, op_kind(ops[name]), params, macs.get(name, 0)))
     return infos
