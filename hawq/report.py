@@ -23,6 +23,13 @@ Notebooks run or load a run with :func:`run_stages`. Command line::
 
     python -m hawq.report table experiments/vit_cifar/rows.yaml --runs runs
     python -m hawq.report budget runs/resnet20_cifar/hessian.json --kind bops --fraction 0.5
+    python -m hawq.report tradeoff "hawq_v3=runs/share_*" "uniform=runs/w*a*" --stage qat \
+        --cost bops --out pareto.png
+
+:func:`tradeoff_points` gives the accuracy-vs-cost points of finished ``ptq``/``qat``
+runs (e.g. a Hydra multirun over budgets): the cost is recomputed from the plan the
+stage actually applied (``<stage>_bits.yaml``) and the FP model's op inventory, so
+uniform baselines and allocated plans share one axis.
 """
 
 from __future__ import annotations
@@ -203,6 +210,59 @@ def run_stages(
     return results, Path(cfg.paths.run_dir).expanduser().resolve()
 
 
+def plan_costs(plan_path: str | Path, checkpoint: str | Path,
+               input_size: tuple[int, ...] = (3, 32, 32)) -> dict[str, float]:  # fmt: skip
+    """Size (MB), GBOPs per image and INT4 MAC share of the plan at ``plan_path``.
+
+    ``BOPs = sum_l MACs_l * b_w * b_a`` (an FP operand counts 32 bits), size
+    ``= sum_l params_l * b_w / 8 / 2^20``; both from :mod:`hawq.alloc.costs`.
+    """
+    from hawq.alloc.candidates import Candidate
+    from hawq.alloc.costs import OpCost, bops, int4_macs, size_mb
+    from hawq.checkpoint import load_model
+    from hawq.models.ops import op_inventory
+    from hawq.quant.plan import load_plan
+
+    plan, _ = load_plan(plan_path)
+    model, _ = load_model(checkpoint)
+    out = {"size_mb": 0.0, "bops": 0.0, "int4_macs": 0.0, "macs": 0.0}
+    for info in op_inventory(model, input_size):
+        st = plan.setting(info.name)
+        op = OpCost(info.name, info.kind, info.params, info.macs)
+        c = Candidate(st.w_bits, st.a_bits, st.w_format, st.a_format)
+        out["size_mb"] += size_mb(op, c)
+        out["bops"] += bops(op, c) / 1e9
+        out["int4_macs"] += int4_macs(op, c)
+        out["macs"] += info.macs
+    out["int4_share"] = out.pop("int4_macs") / max(out.pop("macs"), 1.0)
+    return out
+
+
+def tradeoff_points(
+    run_globs: Sequence[str], stage: str = "ptq", cost: str = "bops"
+) -> tuple[list[tuple[float, float]], float | None]:
+    """``(cost, quantized accuracy)`` of every finished ``stage`` among the runs, and the
+    FP accuracy they were measured against (None when no run matched)."""
+    if stage not in ("ptq", "qat"):
+        raise HawqError(f"stage={stage!r} is invalid; allowed: ptq, qat")
+    if cost not in ("bops", "size_mb", "int4_share"):
+        raise HawqError(f"cost={cost!r} is invalid; allowed: bops, int4_share, size_mb")
+    points, fp = [], None
+    for pattern in run_globs:
+        for run in sorted(glob.glob(pattern)):
+            res_path, plan = Path(run) / RESULTS, Path(run) / f"{stage}_bits.yaml"
+            if not res_path.is_file() or not plan.is_file():
+                continue
+            res = read_json(res_path)
+            metrics = res.get("stages", {}).get(stage)
+            if not metrics:
+                continue
+            costs = plan_costs(plan, res["config"]["paths"]["checkpoint"])
+            points.append((costs[cost], metrics["quantized"]["acc"]))
+            fp = metrics.get("fp", {}).get("acc", fp)
+    return points, fp
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hawq.report", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -215,10 +275,30 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--fraction", type=float, required=True)
     b.add_argument("--bits", type=int, nargs="+", default=[4, 8],
                    help="candidate widths (every w x a combination)")  # fmt: skip
+    d = sub.add_parser("tradeoff", help="accuracy vs BOPs/size PNG over finished ptq/qat runs")
+    d.add_argument("series", nargs="+", help="LABEL=GLOB of run directories, one per line")
+    d.add_argument("--stage", default="ptq", choices=("ptq", "qat"))
+    d.add_argument("--cost", default="bops", choices=("bops", "size_mb", "int4_share"))
+    d.add_argument("--out", default="tradeoff.png")
     args = p.parse_args(argv)
     try:
         if args.cmd == "table":
             sys.stdout.write(results_table(load_rows(args.rows), args.runs))
+        elif args.cmd == "tradeoff":
+            from hawq.viz.report import plot_tradeoff
+
+            series, ref = {}, {}
+            for item in args.series:
+                label, _, pattern = item.rpartition("=")
+                series[label or pattern], fp = tradeoff_points([pattern], args.stage, args.cost)
+                if fp is not None:
+                    ref["FP"] = fp
+            if not any(series.values()):
+                raise HawqError(f"no finished {args.stage} run matches {' '.join(args.series)}")
+            xlabel = {"bops": "GBOPs / image", "size_mb": "size (MB)",
+                      "int4_share": "INT4 share of MACs"}[args.cost]  # fmt: skip
+            print(plot_tradeoff(series, xlabel, args.out, reference=ref,
+                                title=f"{args.stage} accuracy vs {args.cost}"))  # fmt: skip
         else:
             cands = [{"w_bits": w, "a_bits": a} for w in args.bits for a in args.bits]
             lo, hi = budget_range(args.hessian, cands, args.kind)

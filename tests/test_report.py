@@ -79,3 +79,27 @@ def test_budget_range_is_all_low_to_all_high(tmp_path):
         budget_at(lo, hi, 1.5)
     with pytest.raises(HawqError, match="budget kind"):
         budget_range(path, cands, "latency_us")
+
+
+def test_tradeoff_points_recompute_costs_from_the_applied_plans(make_cfg, tmp_path):
+    from hawq.pipeline import run_pipeline
+    from hawq.report import main, tradeoff_points
+
+    base = ("experiment=smoke", "data.train_subset=128", "data.test_subset=64", "train.epochs=1")
+    run_pipeline(make_cfg(*base, "stages=[train]", run_dir=tmp_path / "fp"))
+    ckpt = f"paths.checkpoint={tmp_path}/fp/model.pt"
+    accs = {}
+    for bits in (4, 8):
+        res = run_pipeline(make_cfg(*base, ckpt, "stages=[ptq]", f"quant.default.w_bits={bits}",
+                                    f"quant.default.a_bits={bits}",
+                                    run_dir=tmp_path / f"w{bits}"))  # fmt: skip
+        accs[bits] = res["stages"]["ptq"]["quantized"]["acc"]
+    pts, fp = tradeoff_points([str(tmp_path / "w*")], "ptq", "bops")
+    (b4, a4), (b8, a8) = pts
+    assert (a4, a8) == (accs[4], accs[8]) and fp is not None
+    assert b8 == pytest.approx(4 * b4)  # every op W4A4 -> W8A8: BOPs x 4
+    shares, _ = tradeoff_points([str(tmp_path / "w*")], "ptq", "int4_share")
+    assert [s for s, _ in shares] == [1.0, 0.0]
+    out = tmp_path / "t.png"
+    assert main(["tradeoff", f"uniform={tmp_path}/w*", "--out", str(out)]) == 0 and out.is_file()
+    assert main(["tradeoff", f"{tmp_path}/none*", "--out", str(out)]) == 2
