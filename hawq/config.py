@@ -35,6 +35,8 @@ def typed(node: DictConfig | dict | None, schema: type[T], section: str) -> T:
         section: the group name used in error messages (``train``).
     """
     try:
+        if isinstance(node, DictConfig):  # resolve ${...} against the whole config first
+            node = OmegaConf.to_container(node, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(schema), node or {})
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:  # wrong type or unknown key (before ValueError: a subclass)

@@ -40,3 +40,10 @@ def test_data_groups_instantiate(make_cfg):
 
 def test_every_group_option_is_listed_here():
     assert set(OP_COUNTS) == set(MODELS)
+
+
+def test_group_values_may_interpolate_other_groups(make_cfg):
+    from hawq.alloc.config import AllocConfig
+
+    cfg = make_cfg("experiment=vit_cifar_hawq", "paths.runs=/somewhere")
+    assert typed(cfg.alloc, AllocConfig, "alloc").hessian == "/somewhere/vit_cifar/hessian.json"
