@@ -61,12 +61,13 @@ class TrainConfig:
     grad_clip: float | None = None  # max global grad norm; None = off
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the training model
-    log_every: int = 50  # steps between progress-bar metric updates
+    log_every: int = 50  # steps between loss read-backs (progress bar, NaN check)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
                 "0 <= warmup_epochs < epochs")  # fmt: skip
+        require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "0..1")
         require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "0..1")
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,

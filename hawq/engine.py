@@ -61,8 +61,12 @@ def train_epoch(
     amp: bool = True,
     grad_clip: float | None = None,
     desc: str = "train",
+    log_every: int = 20,
 ) -> dict[str, float]:
     """One pass over ``batches``; returns mean loss, accuracy, last lr, images/s.
+
+    Every ``log_every`` steps the loss is read back (one host sync): the progress bar
+    shows it and a NaN/Inf stops the epoch.
 
     Raises:
         FloatingPointError: the loss became NaN or Inf (callers add context).
@@ -87,7 +91,7 @@ def train_epoch(
         total_loss += loss.detach() * y.shape[0]
         correct += (out.argmax(-1) == y).sum()
         seen += y.shape[0]
-        if step % 20 == 0:
+        if step % log_every == 0:
             lval = loss.item()
             if not math.isfinite(lval):
                 raise FloatingPointError(f"loss is {lval} at step {step}")

@@ -79,7 +79,7 @@ def run(ctx: Context) -> dict:
         train_loader.set_epoch(epoch)
         try:
             tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device, scheduler,
-                             amp=tc.amp, grad_clip=tc.grad_clip,
+                             amp=tc.amp, grad_clip=tc.grad_clip, log_every=tc.log_every,
                              desc=f"epoch {epoch + 1}")  # fmt: skip
         except FloatingPointError as e:
             raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
