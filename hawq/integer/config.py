@@ -19,6 +19,7 @@ class IntegerConfig:
     calib_batch_size: int = 256
     margin: float = 1.25  # widening of those calibrated ranges
     backend: str = "auto"  # integer kernels: auto | reference | int_mm | triton
+    onnx: bool = False  # stage export also writes export/model.onnx (QDQ) of the source model
 
     def __post_init__(self) -> None:
         require(8 <= self.residual_bits <= 24, "residual_bits", self.residual_bits, "8-24")

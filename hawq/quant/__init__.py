@@ -29,6 +29,7 @@ from hawq.quant.formats import (
 )
 from hawq.quant.learnable import lsq_fake_quantize, lsqplus_fake_quantize, pact_fake_quantize
 from hawq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
+from hawq.quant.onnx_export import export_onnx
 from hawq.quant.plan import OpSetting, Plan, load_plan, save_plan
 from hawq.quant.primitives import (
     choose_qparams,
@@ -44,9 +45,9 @@ from hawq.quant.quantizer import Quantizer
 __all__ = [
     "CALIBRATORS", "FORMAT_BITS", "OpSetting", "Plan", "QuantConv2d", "QuantLinear",
     "QuantMatMul", "Quantizer", "calibrate", "check_ready", "choose_qparams", "collapsed_ops",
-    "dequantize", "fake_quantize", "fake_quantize_tensor", "find_conv_bn_pairs", "fold_conv_bn",
-    "fold_weight_bias", "format_fake_quantize", "fp8_fake_quantize", "freeze_bn_", "load_plan",
-    "load_quantized", "lsq_fake_quantize", "lsqplus_fake_quantize", "make_calibrator",
+    "dequantize", "export_onnx", "fake_quantize", "fake_quantize_tensor", "find_conv_bn_pairs",
+    "fold_conv_bn", "fold_weight_bias", "format_fake_quantize", "fp8_fake_quantize", "freeze_bn_",
+    "load_plan", "load_quantized", "lsq_fake_quantize", "lsqplus_fake_quantize", "make_calibrator",
     "mse_range", "mx_fake_quantize", "nf4_fake_quantize", "nf4_levels", "pact_fake_quantize",
     "qrange", "quant_ops", "quantize", "quantize_", "quantizers", "reduce_range", "save_plan",
     "save_quantized", "set_bits_", "summary",

@@ -1,29 +1,58 @@
-"""Stage ``export``: the integer model as safetensors + JSON (scales, shifts, bits by op name).
+"""Stage ``export``: the integer model as safetensors + JSON, and optionally the fake-quant
+model as ONNX (QDQ).
 
 Input: ``integer_model.pt`` (stage ``integer``). Output: ``export/integer.safetensors`` and
 ``export/integer.json``, readable with :mod:`hawq.integer.standalone` (json + safetensors
-only, no training code).
+only, no training code). With ``integer.onnx: true`` also ``export/model.onnx``: the quantized
+checkpoint the integer stage reads (``integer.source``, else ``qat_model.pt``, else
+``ptq_model.pt``) in QuantizeLinear/DequantizeLinear form (:mod:`hawq.quant.onnx_export`);
+then the integer model is optional, and when onnxruntime is installed the file is run on one
+test batch and compared with PyTorch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
+import torch
+
+from hawq.config import typed
 from hawq.errors import HawqError
+from hawq.integer.config import IntegerConfig
 from hawq.integer.export import export
 from hawq.integer.standalone import load
 from hawq.io import load_torch
 from hawq.stages.context import Context
-from hawq.stages.integer import OUT
+from hawq.stages.integer import OUT, source
 
 DIR = "export"
+ONNX = "model.onnx"
+
+
+def _plan(ctx: Context) -> tuple[bool, bool]:
+    """``(integer, onnx)``: which artifacts this run's export writes."""
+    ic = typed(ctx.cfg.get("integer"), IntegerConfig, "integer")
+    return ctx.path(OUT).is_file() or not ic.onnx, ic.onnx
 
 
 def done(ctx: Context) -> bool:
-    return (ctx.path(DIR) / "integer.json").is_file()
+    want_int, want_onnx = _plan(ctx)
+    return ((not want_int or (ctx.path(DIR) / "integer.json").is_file())
+            and (not want_onnx or (ctx.path(DIR) / ONNX).is_file()))  # fmt: skip
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    want_int, want_onnx = _plan(ctx)
+    out: dict[str, Any] = {}
+    if want_int:
+        out.update(_export_integer(ctx))
+    if want_onnx:
+        out["onnx"] = _export_onnx(ctx)
+    return out
+
+
+def _export_integer(ctx: Context) -> dict[str, Any]:
     if not ctx.path(OUT).is_file():
         raise HawqError(f"missing {ctx.path(OUT)}; run the integer stage first")
     model = load_torch(ctx.path(OUT))
@@ -33,3 +62,30 @@ def run(ctx: Context) -> dict[str, Any]:
     back = load(out)  # the standalone reader must accept what was written
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"dir": str(out), "nodes": len(back.nodes), "tensors": len(back.tensors), "bytes": size}
+
+
+@torch.no_grad()
+def _export_onnx(ctx: Context) -> dict[str, Any]:
+    """Write ``export/model.onnx``; check it in onnxruntime on one test batch if installed."""
+    from hawq.quant import load_quantized
+    from hawq.quant.onnx_export import export_onnx
+
+    src = source(ctx, typed(ctx.cfg.get("integer"), IntegerConfig, "integer"))
+    qmodel, _plan_, _meta = load_quantized(src, "cpu")
+    qmodel.eval()
+    x = next(iter(ctx.data.eval_loader("test", "cpu", 64)))[0].cpu()
+    path = export_onnx(qmodel, x[:1], ctx.path(DIR) / ONNX)
+    res: dict[str, Any] = {"path": str(path), "source": str(src), "bytes": path.stat().st_size}
+    if importlib.util.find_spec("onnxruntime") is None:
+        return res
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")  # keep the float bias
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    ref = qmodel(x)
+    res.update(ort_max_abs_diff=float((got - ref).abs().max()), ort_n=x.shape[0],
+               ort_argmax_agreement=100.0 * float((got.argmax(-1) == ref.argmax(-1))
+                                                  .float().mean()))  # fmt: skip
+    return res
