@@ -39,5 +39,10 @@ for f in 0.25 0.5 0.75; do
   run experiment=vit_cifar_hawq alloc.bops="$b" name="vit_cifar_hawq_bops$f" "$@"
 done
 
-# 6. the table
+# 6. the seed study's INT4-share curve (Hessian / measured / random order) and INT2 on the six
+#    least sensitive ops
+run experiment=vit_cifar_seed_method stages='[int4_curve]' name=vit_cifar_int4_curve \
+    'curve.hessian=${paths.runs}/vit_cifar/hessian.json' curve.rest=fp curve.int2_plan_k=6 "$@"
+
+# 7. the table
 python -m hawq.report table experiments/vit_cifar/rows.yaml --runs "$RUNS"
