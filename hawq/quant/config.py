@@ -8,7 +8,7 @@ from typing import Any
 
 from hawq.config import require
 from hawq.errors import HawqError
-from hawq.quant.plan import DEFAULT_KEY, Plan, load_plan
+from hawq.quant.plan import DEFAULT_KEY, OpSetting, Plan, load_plan
 
 BITS_FILE = "bits.yaml"  # written by the alloc stage into the run directory
 
@@ -82,8 +82,17 @@ def resolve_plan(qc: QuantConfig, run_dir: Path) -> tuple[Plan, str]:
     path = run_dir / BITS_FILE
     if path.is_file():
         return load_plan(path)[0], str(path)
+    return Plan(default_setting(qc.default)), "quant.default"
+
+
+def default_setting(default: Any) -> OpSetting:
+    """The ``quant.default`` mapping as a validated :class:`OpSetting` (one-line errors name
+    ``quant.default.<key>``); ``None`` gives the built-in defaults."""
+    if default is not None and not isinstance(default, dict):
+        from omegaconf import OmegaConf
+
+        default = OmegaConf.to_container(default, resolve=True)
     try:
-        plan = Plan.from_dict({DEFAULT_KEY: dict(qc.default)}, where="plan")
+        return Plan.from_dict({DEFAULT_KEY: dict(default or {})}, where="plan").default
     except HawqError as e:
         raise HawqError(str(e).replace(f"plan.{DEFAULT_KEY}", "quant.default")) from e
-    return plan, "quant.default"

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from hawq.alloc import allocate, frontier, read_hessian
 from hawq.alloc.allocate import choices_per_op, resolve_pins
 from hawq.alloc.config import AllocConfig
@@ -28,6 +26,7 @@ from hawq.config import typed
 from hawq.errors import HawqError, choices
 from hawq.io import read_yaml
 from hawq.models.ops import quantizable_ops
+from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, save_plan
 from hawq.stages.context import Context
 from hawq.viz.alloc import plot_allocation, plot_frontier
@@ -54,12 +53,11 @@ def done(ctx: Context) -> bool:
 
 def _base(ctx: Context, cfg: AllocConfig) -> OpSetting:
     """``alloc.base``, else ``quant.default`` (the settings PTQ/QAT apply), else defaults."""
-    base = cfg.base
-    if base is None:
+    if cfg.base is None:
         quant = ctx.cfg.get("quant")
-        base = OmegaConf.to_container(quant.default, resolve=True) if quant else {}
+        return default_setting(quant.default if quant else None)
     try:
-        return OpSetting(**dict(base))
+        return OpSetting(**dict(cfg.base))
     except TypeError as e:
         raise HawqError(f"bad config alloc.base: {e}") from e
 

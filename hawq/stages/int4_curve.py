@@ -23,8 +23,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from hawq.alloc.curve import (
     LOW,
     CurveConfig,
@@ -43,7 +41,7 @@ from hawq.engine import evaluate
 from hawq.errors import HawqError, choices
 from hawq.io import read_json, write_json
 from hawq.models.ops import op_inventory
-from hawq.quant.config import QuantConfig
+from hawq.quant.config import QuantConfig, default_setting
 from hawq.quant.plan import OpSetting, save_plan
 from hawq.stages.context import Context
 from hawq.viz.curve import plot_int4_curve
@@ -57,11 +55,7 @@ def _config(ctx: Context) -> CurveConfig:
 
 def _base(ctx: Context) -> OpSetting:
     quant = ctx.cfg.get("quant")
-    base = OmegaConf.to_container(quant.default, resolve=True) if quant else {}
-    try:
-        return OpSetting(**dict(base))
-    except TypeError as e:
-        raise HawqError(f"bad config quant.default: {e}") from e
+    return default_setting(quant.default if quant else None)
 
 
 def _key(cfg: CurveConfig, base: OpSetting) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 from torch import nn
 
 from hawq.analysis import (
@@ -48,6 +47,7 @@ from hawq.config import typed
 from hawq.errors import HawqError, choices
 from hawq.io import read_json, write_json
 from hawq.quant import calibrate, check_ready, load_quantized, quantize_
+from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, Plan
 from hawq.stages.context import Context
 from hawq.viz.landscape import plot_1d, plot_2d, plot_op_rise, plot_quant_path
@@ -63,11 +63,7 @@ def done(ctx: Context) -> bool:
 
 def _base_setting(ctx: Context, lc: LandscapeConfig) -> OpSetting:
     quant = ctx.cfg.get("quant")
-    base = OmegaConf.to_container(quant.default, resolve=True) if quant else {}
-    try:
-        return replace(OpSetting(**dict(base)), granularity=lc.granularity)
-    except TypeError as e:
-        raise HawqError(f"bad config quant.default: {e}") from e
+    return replace(default_setting(quant.default if quant else None), granularity=lc.granularity)
 
 
 def quantized_versions(ctx: Context, lc: LandscapeConfig, model: nn.Module) -> dict[str, nn.Module]:
