@@ -11,7 +11,6 @@ from hydra.utils import instantiate
 from scipy.stats import spearmanr
 
 from hawq.alloc.curve import int2_plan, max_share_within, prefixes
-from hawq.checkpoint import save_model
 from hawq.engine import evaluate
 from hawq.errors import HawqError
 from hawq.models import op_inventory
@@ -19,21 +18,11 @@ from hawq.pipeline import run_pipeline
 from hawq.quant.api import calibrate, quantize_
 from hawq.quant.plan import OpSetting, Plan, load_plan
 
-from .cases import TINY_VIT, tiny_vit, write_report
+from .cases import tiny_vit
 
 SMOKE = ("experiment=smoke", "data.train_subset=96", "data.test_subset=64",
          "stages=[int4_curve]", "curve.calib_batches=2", "curve.calib_batch_size=32")  # fmt: skip
 N_OPS = 14
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    """A run directory holding the tiny ViT checkpoint and a synthetic hessian.json."""
-    d = tmp_path / "run"
-    model = tiny_vit()
-    save_model(d / "model.pt", model, {"_target_": "hawq.models.vit.ViT", **TINY_VIT})
-    write_report(model, d / "hessian.json")
-    return d
 
 
 def _cfg(make_cfg, run_dir, *extra):

@@ -8,26 +8,15 @@ import pytest
 import torch
 
 from hawq.alloc import parse_hessian, read_hessian
-from hawq.checkpoint import save_model
 from hawq.errors import HawqError
 from hawq.models import quantizable_ops
 from hawq.pipeline import run_pipeline
 from hawq.quant.plan import load_plan
 
-from .cases import TINY_VIT, tiny_vit, write_report
+from .cases import tiny_vit, write_report
 
 SMOKE = ("experiment=smoke", "data.train_subset=128", "data.test_subset=64", "stages=[alloc]",
          "alloc.calib_batches=2", "alloc.calib_batch_size=32", "alloc.frontier_points=6")
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    """A run directory holding the tiny ViT checkpoint and a synthetic hessian.json."""
-    d = tmp_path / "run"
-    model = tiny_vit()
-    save_model(d / "model.pt", model, {"_target_": "hawq.models.vit.ViT", **TINY_VIT})
-    write_report(model, d / "hessian.json")
-    return d
 
 
 def _cfg(make_cfg, run_dir, *extra):
