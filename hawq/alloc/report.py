@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from hawq.errors import HawqError
-from hawq.io import read_json
 
 KINDS = ("linear", "conv2d", "matmul")
 OPERANDS = {"linear": ("x",), "conv2d": ("x",), "matmul": ("a", "b")}
@@ -87,12 +86,11 @@ def parse_hessian(d: dict[str, Any], where: str = "hessian.json") -> HessianRepo
 
 
 def read_hessian(path: str | Path) -> HessianReport:
-    """Read ``path`` (``hessian.json``): the Hessian stage's validator when present, then
-    :func:`parse_hessian`."""
-    try:
-        from hawq.hessian.report import load_hessian_report
-    except ImportError:
-        return parse_hessian(read_json(path), where=str(path))
+    """Read ``path`` (``hessian.json``): the schema check of
+    :func:`hawq.hessian.load_hessian_report`, then what allocation needs
+    (:func:`parse_hessian`)."""
+    from hawq.hessian.report import load_hessian_report
+
     return parse_hessian(load_hessian_report(path), where=str(path))
 
 
@@ -102,23 +100,15 @@ def synthetic_report(
     """A ``hessian.json`` mapping for ``model`` with random positive curvature (log-uniform
     over 4 decades), for tests and benchmarks: true op names, kinds, numel, MACs and
     operand sizes; traces/eigenvalues are made up."""
-    from hawq.models.ops import op_inventory, quantizable_ops
+    from hawq.models.ops import op_inventory, op_kind, probe_ops
 
     numel: dict[str, dict[str, int]] = {}
-    handles = []
-    for name, mod in quantizable_ops(model).items():
-        def hook(m, inputs, _out, name=name):
-            kind = "matmul" if len(inputs) > 1 else "x"
-            keys = OPERANDS["matmul"] if kind == "matmul" else OPERANDS["linear"]
-            numel[name] = {k: t[0].numel() for k, t in zip(keys, inputs, strict=False)}
 
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size))
-    finally:
-        for h in handles:
-            h.remove()
+    def record(name: str, m: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
+        keys = OPERANDS[op_kind(m)]
+        numel[name] = {k: t[0].numel() for k, t in zip(keys, inputs, strict=False)}
+
+    probe_ops(model, record, input_size)
     g = torch.Generator().manual_seed(seed)
 
     def draw() -> float:
