@@ -21,7 +21,8 @@ from hawq.quant.plan import OpSetting, Plan, load_plan
 from .cases import tiny_vit
 
 SMOKE = ("experiment=smoke", "data.train_subset=96", "data.test_subset=64",
-         "stages=[int4_curve]", "curve.calib_batches=2", "curve.calib_batch_size=32")  # fmt: skip
+         "stages=[int4_curve]", "curve.calib_batches=2", "curve.calib_batch_size=32",
+         "curve.step=1")  # fmt: skip
 N_OPS = 14
 
 

@@ -16,7 +16,8 @@ from hawq.quant.plan import load_plan
 from .cases import tiny_vit, write_report
 
 SMOKE = ("experiment=smoke", "data.train_subset=128", "data.test_subset=64", "stages=[alloc]",
-         "alloc.calib_batches=2", "alloc.calib_batch_size=32", "alloc.frontier_points=6")
+         "alloc.calib_batches=2", "alloc.calib_batch_size=32", "alloc.frontier_points=6",
+         "alloc.int4_share=null")  # fmt: skip  (budgets come from each test)
 
 
 def _cfg(make_cfg, run_dir, *extra):

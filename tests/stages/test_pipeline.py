@@ -10,7 +10,22 @@ from hawq.pipeline import run_pipeline
 
 from ..conftest import run_cli
 
-SMOKE = ("experiment=smoke", "data.train_subset=256", "data.test_subset=128", "train.epochs=2")
+SMOKE = ("experiment=smoke", "data.train_subset=256", "data.test_subset=128", "train.epochs=2",
+         "stages=[train,evaluate]")  # fmt: skip
+ALL_STAGES = ["train", "evaluate", "hessian", "alloc", "ptq", "qat", "integer", "int4_curve",
+              "landscape"]  # fmt: skip
+
+
+def test_smoke_default_runs_the_whole_pipeline(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=smoke", "data.train_subset=256", "data.test_subset=128")
+    assert list(cfg.stages) == ALL_STAGES
+    res = run_pipeline(cfg)
+    assert list(res["stages"]) == ALL_STAGES
+    run_dir = tmp_path / "run"
+    for artifact in ("model.pt", "hessian.json", "bits.yaml", "ptq_model.pt", "qat_model.pt",
+                     "integer_model.pt", "int4_curve.json", "landscape.json"):  # fmt: skip
+        assert (run_dir / artifact).is_file(), artifact
+    assert res["stages"]["ptq"]["plan_source"] == str(run_dir / "bits.yaml")
 
 
 def test_smoke_end_to_end(make_cfg, tmp_path):

@@ -6,7 +6,8 @@ import torch
 from hawq.engine import cosine_multiplier
 from hawq.pipeline import run_pipeline
 
-SMOKE = ("experiment=smoke", "data.train_subset=128", "data.test_subset=64", "train.epochs=1")
+SMOKE = ("experiment=smoke", "data.train_subset=128", "data.test_subset=64", "train.epochs=1",
+         "stages=[train,evaluate]")  # fmt: skip
 
 
 def test_cosine_schedule_shape():
