@@ -112,6 +112,30 @@ def train_epoch(
 
 
 @torch.no_grad()
+def forward_batches(
+    model: nn.Module,
+    batches: Iterable,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
+    """Eval-mode, no-grad forward passes over up to ``max_batches`` batches (``(x, y)`` pairs
+    or input tensors), for observers and hooks; restores train mode. Returns batches run."""
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        for batch in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device) if device is not None else x)
+            n += 1
+    finally:
+        model.train(was_training)
+    return n
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from hawq.engine import forward_batches
 from hawq.errors import HawqError
 
 Tensor = torch.Tensor
@@ -58,20 +59,11 @@ def observe_absmax(
         h = m.register_forward_pre_hook(make(key, where)) if where == "input" else \
             m.register_forward_hook(make(key, where))  # fmt: skip
         handles.append(h)
-    was_training = model.training
-    model.eval()
-    n = 0
     try:
-        for batch in batches:
-            if n >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device) if device is not None else x)
-            n += 1
+        n = forward_batches(model, batches, max_batches, device)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if n == 0:
         raise HawqError("integer conversion needs at least one calibration batch")
     return dict(found)

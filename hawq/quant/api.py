@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawq.engine import forward_batches
 from hawq.errors import HawqError, choices
 from hawq.models.ops import MatMul, quantizable_ops
 from hawq.quant.bn_fold import find_conv_bn_pairs
@@ -122,23 +123,13 @@ def calibrate(
     acts = [q for q in quantizers(model).values()
             if not q.is_weight and not q.dynamic and not bool(q.ready) or
             (not q.is_weight and q.fmt.startswith("fp8") and not q.dynamic)]  # fmt: skip
-    was_training = model.training
-    model.eval()
     for q in acts:
         q.start_observe()
-    n = 0
     try:
-        for batch in batches:
-            if max_batches is not None and n >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device) if device is not None else x)
-            n += 1
+        return forward_batches(model, batches, max_batches, device)
     finally:
         for q in acts:
             q.finish_observe()
-        model.train(was_training)
-    return n
 
 
 def check_ready(model: nn.Module) -> None:
