@@ -5,12 +5,22 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from hawq.alloc.config import AllocConfig
+from hawq.alloc.curve import CurveConfig
+from hawq.analysis.config import LandscapeConfig
 from hawq.config import DataConfig, TrainConfig, run_config, typed
+from hawq.hessian.config import HessianConfig
+from hawq.integer.config import IntegerConfig, LatencyConfig
 from hawq.models import op_inventory
+from hawq.quant.config import QATConfig, QuantConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+#: every group a stage validates, with its schema
+TYPED = {"train": TrainConfig, "data": DataConfig, "hessian": HessianConfig, "alloc": AllocConfig,
+         "curve": CurveConfig, "quant": QuantConfig, "qat": QATConfig, "integer": IntegerConfig,
+         "latency": LatencyConfig, "landscape": LandscapeConfig}  # fmt: skip
 OP_COUNTS = {"vit_cifar": 38, "vit_tiny": 14, "resnet20": 20, "resnet_tiny": 8}
 
 
@@ -19,8 +29,8 @@ def test_experiment_composes_and_validates(make_cfg, experiment):
     cfg = make_cfg(f"experiment={experiment}")
     assert cfg.name
     run_config(cfg)
-    typed(cfg.train, TrainConfig, "train")
-    typed(cfg.data, DataConfig, "data")
+    for group, schema in TYPED.items():
+        typed(cfg[group], schema, group)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -40,6 +50,9 @@ def test_data_groups_instantiate(make_cfg):
 
 def test_every_group_option_is_listed_here():
     assert set(OP_COUNTS) == set(MODELS)
+    untyped = {"experiment", "hydra", "model", "paths"}  # recipes, Hydra's own, _target_, paths
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()} - untyped
+    assert groups == set(TYPED)
 
 
 def test_group_values_may_interpolate_other_groups(make_cfg):

@@ -28,3 +28,18 @@ class IntegerConfig:
                 "an integer >= 1")  # fmt: skip
         require(self.margin >= 1.0, "margin", self.margin, ">= 1.0")
         require(self.backend in BACKENDS, "backend", self.backend, ", ".join(BACKENDS))
+
+
+@dataclass
+class LatencyConfig:
+    """Options of the ``latency`` stage (see conf/latency/default.yaml)."""
+
+    batch: int = 256  # images per timed call
+    iters: int = 20  # timed calls per (shape, setting); median kept
+    warmup: int = 3
+    out: str = "latency.json"
+
+    def __post_init__(self) -> None:
+        require(self.batch >= 1, "batch", self.batch, "an integer >= 1")
+        require(self.iters >= 1, "iters", self.iters, "an integer >= 1")
+        require(self.warmup >= 0, "warmup", self.warmup, "an integer >= 0")

@@ -62,6 +62,20 @@ def _base(ctx: Context, cfg: AllocConfig) -> OpSetting:
         raise HawqError(f"bad config alloc.base: {e}") from e
 
 
+def _latency_table(ctx: Context, cfg: AllocConfig) -> LatencyTable | None:
+    """``alloc.latency_table``, else the run's ``latency.json`` (stage ``latency``) when a
+    latency budget is set."""
+    if cfg.latency_table:
+        return LatencyTable.load(Path(cfg.latency_table).expanduser())
+    if cfg.latency_us is None:
+        return None
+    path = ctx.path(str((ctx.cfg.get("latency") or {}).get("out", "latency.json")))
+    if not path.is_file():
+        raise HawqError(f"alloc.latency_us needs a latency table: none at {path}; run stage "
+                        "latency first (stages=[latency,alloc]) or set alloc.latency_table")
+    return LatencyTable.load(path)
+
+
 def _measured(ctx: Context, cfg: AllocConfig, report, model, base: OpSetting):
     """Single-op PTQ accuracy drops (one evaluation per op and candidate)."""
     try:
@@ -110,7 +124,7 @@ def run(ctx: Context) -> dict:
                         f"{choices(set(report.ops) - set(names)) or '-'}; only in the model "
                         f"{choices(set(names) - set(report.ops)) or '-'}")  # fmt: skip
     base = _base(ctx, cfg)
-    latency = LatencyTable.load(cfg.latency_table) if cfg.latency_table else None
+    latency = _latency_table(ctx, cfg)
     sens, extra = None, {}
     start = time.perf_counter()
     if cfg.method == "measured":

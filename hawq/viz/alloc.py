@@ -79,3 +79,27 @@ def plot_frontier(
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def plot_latency(table: Mapping, path: str | Path | None = None):
+    """Per op (network order), microseconds per image at each setting of a latency table
+    (:mod:`hawq.integer.latency`), log scale."""
+    names = list(table["ops"])
+    rows = [table["by_shape"][table["ops"][n]] for n in names]
+    settings = list(dict.fromkeys(k for row in rows for k in row))
+    x = np.arange(len(names))
+    width = 0.8 / max(len(settings), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.0))
+    for j, key in enumerate(settings):
+        ys = [row.get(key, np.nan) for row in rows]
+        ax.bar(x + (j - (len(settings) - 1) / 2) * width, ys, width, label=key)
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel(f"{UNITS['latency_us']} (batch {table.get('batch', '?')})")
+    ax.set_title(f"latency per op: {table.get('device', '')}, {table.get('backend', '')}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=min(len(settings), 4))
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -97,3 +97,25 @@ def test_report_reader_names_file_and_missing_key(tmp_path):
         parse_hessian(report, where="h.json")
     with pytest.raises(HawqError, match="missing"):
         read_hessian(tmp_path / "nope.json")
+
+
+def test_latency_budget_from_the_latency_stage(make_cfg, run_dir):
+    """Stage ``latency`` times the checkpoint's ops; ``alloc.latency_us`` then reads
+    latency.json (no ``alloc.latency_table`` given) and keeps the plan's total within it."""
+    lat = ("latency.batch=2", "latency.iters=1", "latency.warmup=0", "alloc.method=uniform",
+           "alloc.pin_last={w_bits:8,a_bits:8}")  # fmt: skip
+    with pytest.raises(HawqError, match="alloc.latency_us needs a latency table: none at"):
+        run_pipeline(_cfg(make_cfg, run_dir, *lat, "alloc.latency_us=1e9"))
+    res = run_pipeline(_cfg(make_cfg, run_dir, *lat, "stages=[latency]"))
+    table = json.loads((run_dir / "latency.json").read_text())
+    assert set(table["ops"]) == set(quantizable_ops(tiny_vit()))
+    assert res["stages"]["latency"]["shapes"] == len(table["by_shape"])
+    assert (run_dir / "latency.png").stat().st_size > 0
+    # halfway between the all-fastest and all-slowest plans
+    rows = [table["by_shape"][s] for s in table["ops"].values()]
+    lo, hi = sum(min(r.values()) for r in rows), sum(max(r.values()) for r in rows)
+    budget = (lo + hi) / 2
+    res = run_pipeline(_cfg(make_cfg, run_dir, *lat, f"alloc.latency_us={budget}"))
+    _, meta = load_plan(run_dir / "bits.yaml")
+    total = sum(table["by_shape"][table["ops"][n]][e["setting"]] for n, e in meta["ops"].items())
+    assert meta["totals"]["latency_us"] == pytest.approx(total) and total <= budget + 1e-9
