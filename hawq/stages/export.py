@@ -5,7 +5,7 @@ Input: ``integer_model.pt`` (stage ``integer``). Output: ``export/integer.safete
 ``export/integer.json``, readable with :mod:`hawq.integer.standalone` (json + safetensors
 only, no training code). With ``integer.onnx: true`` also ``export/model.onnx``: the quantized
 checkpoint the integer stage reads (``integer.source``, else ``qat_model.pt``, else
-``ptq_model.pt``) in QuantizeLinear/DequantizeLinear form (:mod:`hawq.quant.onnx_export`);
+``ptq_model.pt``) in QDQ form, weights as int8 initializers (:mod:`hawq.quant.onnx_export`);
 then the integer model is optional, and when onnxruntime is installed the file is run on one
 test batch and compared with PyTorch.
 """

@@ -24,9 +24,16 @@ at ``s_x s_w`` as an integer deployment would) change the function itself: mean 
 0.6x the quantization error on the W4A4 ResNet. The strict comparison therefore runs ORT with
 ``session.disable_quant_qdq=1`` (all other optimizations on); W8A8 is also checked with ORT's
 defaults under the same max/argmax bounds.
+
+Weights are exported as int8/uint8 initializers read by DequantizeLinear (``weights="int8"``,
+the default); their codes are checked against ``round(Q(W) / s) + z`` of the PyTorch quantizer,
+and the float form (``weights="float"``: QuantizeLinear on the float weight in the graph) gives
+ORT outputs equal bit for bit.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
@@ -43,6 +50,7 @@ ort = pytest.importorskip("onnxruntime")
 
 ATOL_EXACT = 1e-4
 N_TEST = 256
+INT8_UINT8 = {np.dtype(np.int8), np.dtype(np.uint8)}
 
 
 def _randomize_bn(model: torch.nn.Module) -> None:
@@ -56,12 +64,13 @@ def _randomize_bn(model: torch.nn.Module) -> None:
             m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
 
 
-def _fake_quant(arch: str, bits: int, method: str | None = None, **setting) -> torch.nn.Module:
+def _fake_quant(arch: str, bits: int, method: str | None = None,
+                granularity: str = "per_channel") -> torch.nn.Module:  # fmt: skip
     torch.manual_seed(1)
     model = tiny_vit() if arch == "vit" else tiny_resnet()
     _randomize_bn(model)
     model.eval()
-    plan = Plan(OpSetting(w_bits=bits, a_bits=bits, granularity="per_channel", **setting))
+    plan = Plan(OpSetting(w_bits=bits, a_bits=bits, granularity=granularity))
     quantize_(model, plan, method, fold_bn=True)
     calibrate(model, [(torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2)),)])
     return model.eval()
@@ -92,6 +101,13 @@ def _compare(qmodel: torch.nn.Module, sess, x: torch.Tensor) -> dict[str, float]
             "agree": float((out.argmax(1) == ref.argmax(1)).mean())}  # fmt: skip
 
 
+def _weight_codes(graph) -> dict[str, np.ndarray]:
+    """The initializers that DequantizeLinear nodes read (the quantized weights), by name."""
+    inits = {t.name: t for t in graph.graph.initializer}
+    return {n.input[0]: onnx.numpy_helper.to_array(inits[n.input[0]]) for n in graph.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits}  # fmt: skip
+
+
 def _check(res: dict[str, float], exact: bool = True) -> None:
     ok = res["max"] <= res["quant_err"] and res["agree"] >= 0.97
     assert ok and (not exact or res["exact_images"] >= 0.75), res
@@ -112,15 +128,21 @@ def test_onnxruntime_matches_pytorch(arch, bits, images, tmp_path):
     opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     assert opset >= 13
     kinds = [n.op_type for n in graph.graph.node]
-    n_quantizers = 28 if arch == "vit" else 16  # 14 / 8 ops, two operands each
-    assert kinds.count("QuantizeLinear") == kinds.count("DequantizeLinear") == n_quantizers
+    n_quantizers, n_weights = (28, 10) if arch == "vit" else (16, 8)  # 14 / 8 ops, 2 operands
+    codes = _weight_codes(graph)
+    assert len(codes) == n_weights and {c.dtype for c in codes.values()} <= INT8_UINT8
+    assert kinds.count("DequantizeLinear") == n_quantizers
+    assert kinds.count("QuantizeLinear") == n_quantizers - n_weights  # activations only
+    assert not {"Min", "Max"} & set(kinds)  # the per-channel weight clips went into the codes
+    weights = {f"{n.removesuffix('.w_quant')}.weight" for n in quantizers(qmodel)}
+    assert not weights & {t.name for t in graph.graph.initializer}  # no float weight is left
     _check(_compare(qmodel, _session(path), images))
     if bits == 8:  # ORT's default QDQ rewrites (int32 bias) stay within the bounds at 8 bits
         _check(_compare(qmodel, _session(path, qdq_rewrites=True), images), exact=False)
 
 
 def test_sub_8bit_codes_stay_on_their_grid(images, tmp_path):
-    """W4A4: every QuantizeLinear output (int8/uint8 storage) holds 4-bit codes only."""
+    """W4A4: every QuantizeLinear output and weight initializer (int8/uint8) holds 4-bit codes."""
     qmodel = _fake_quant("resnet", 4)
     graph = onnx.load(str(export_onnx(qmodel, images[:2], tmp_path / "m.onnx")))
     assert [n.op_type for n in graph.graph.node].count("Clip") == 8  # one per activation
@@ -128,10 +150,11 @@ def test_sub_8bit_codes_stay_on_their_grid(images, tmp_path):
     graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in q_outs)
     onnx.save(graph, str(tmp_path / "codes.onnx"))
     outs = _session(tmp_path / "codes.onnx").run(q_outs, {"input": images[:32].numpy()})
-    for name, codes in zip(q_outs, outs):
+    weights = _weight_codes(graph)
+    for name, codes in [*zip(q_outs, outs), *weights.items()]:
         lo, hi = (-8, 7) if codes.dtype == np.int8 else (0, 15)
         assert lo <= codes.min() and codes.max() <= hi, (name, codes.dtype, codes.min())
-    assert {c.dtype for c in outs} == {np.dtype(np.int8), np.dtype(np.uint8)}
+    assert len(weights) == 8 and {c.dtype for c in [*outs, *weights.values()]} == INT8_UINT8
 
 
 @pytest.mark.parametrize("method", ["lsq", "lsqplus", "pact"])
@@ -145,6 +168,48 @@ def test_learned_qparams_export(method, images, tmp_path):
                 p.add_(0.01)
     path = export_onnx(qmodel, images[:2], tmp_path / "m.onnx")
     _check(_compare(qmodel, _session(path), images[:64]))
+
+
+@pytest.mark.parametrize(("arch", "granularity", "layer", "name"), [
+    ("vit", "per_channel", "blocks.0.attn.qkv", "blocks.0.attn.qkv.weight_quantized"),
+    ("resnet", "per_tensor", "layer1.0.conv1", "layer1.0.conv1.w_quant_quantized"),  # BN folded
+])  # fmt: skip
+def test_weight_codes_are_the_pytorch_grid(arch, granularity, layer, name, images, tmp_path):
+    """W4: the int8 initializer is ``round(Q(W) / s) + z`` of the PyTorch quantizer, and the
+    per-tensor export matches PyTorch in ORT (per-channel: test_onnxruntime_matches_pytorch)."""
+    qmodel = _fake_quant(arch, 4, granularity=granularity)
+    op = qmodel.get_submodule(layer)
+    q = op.w_quant
+    with torch.no_grad():
+        want = torch.round(op.quantized_weight() / q.scale) + q.zero_point
+    path = export_onnx(qmodel, images[:2], tmp_path / "m.onnx")
+    got = _weight_codes(onnx.load(str(path)))[name]
+    assert got.dtype == np.int8 and np.array_equal(got.astype(np.float32), want.numpy())
+    if granularity == "per_tensor":
+        _check(_compare(qmodel, _session(path), images[:64]))
+
+
+def test_float_weights_form_gives_the_same_outputs(images, tmp_path):
+    """``weights="float"`` keeps QuantizeLinear on the float weights: same ORT outputs (bit for
+    bit), a file > 2x larger (tiny ViT: 2.5x; the weights alone 4x)."""
+    qmodel = _fake_quant("vit", 4)
+    flt = export_onnx(qmodel, images[:2], tmp_path / "float.onnx", weights="float")
+    int8 = export_onnx(qmodel, images[:2], tmp_path / "int8.onnx")
+    kinds = [n.op_type for n in onnx.load(str(flt)).graph.node]
+    assert kinds.count("QuantizeLinear") == 28 and not _weight_codes(onnx.load(str(flt)))
+    assert flt.stat().st_size > 2 * int8.stat().st_size
+    x = {"input": images[:64].numpy()}
+    np.testing.assert_array_equal(_session(flt).run(None, x)[0], _session(int8).run(None, x)[0])
+
+
+def test_weights_option_errors(monkeypatch, tmp_path):
+    model, x = torch.nn.Linear(2, 2), torch.zeros(1, 2)
+    with pytest.raises(HawqError, match="weights='int4': expected one of float, int8"):
+        export_onnx(model, x, tmp_path / "m.onnx", weights="int4")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # onnx not installed
+    with pytest.raises(HawqError, match="pip install onnx") as e:
+        export_onnx(model, x, tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize(("setting", "match"), [
