@@ -25,6 +25,26 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def requant_tile(acc, rn, nmask, m_ptr, e_ptr, z_ptr, lo_ptr, hi_ptr):
+    """``clamp(rshift_round(acc * m_n, e_n) + z_n, lo_n, hi_n)`` for the columns ``rn``.
+
+    ``acc`` is an int32 (BM, BN) tile; the fields are (N,) int64 vectors
+    (``Requant.channels``); the result is int64 (round half to even, as ``rshift_round``).
+    """
+    mult = tl.load(m_ptr + rn, mask=nmask, other=0)[None, :]
+    sh = tl.load(e_ptr + rn, mask=nmask, other=0)[None, :]
+    v = acc.to(tl.int64) * mult
+    q = v >> sh
+    r = v - (q << sh)
+    half = (tl.full(sh.shape, 1, tl.int64) << sh) >> 1
+    up = (r > half) | ((r == half) & (half > 0) & ((q & 1) == 1))
+    q = q + up.to(tl.int64) + tl.load(z_ptr + rn, mask=nmask, other=0)[None, :]
+    q = tl.maximum(q, tl.load(lo_ptr + rn, mask=nmask, other=0)[None, :])
+    q = tl.minimum(q, tl.load(hi_ptr + rn, mask=nmask, other=0)[None, :])
+    return q
+
+
+@triton.jit
 def _gemm_requant_kernel(
     x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, z_ptr, lo_ptr, hi_ptr, out_ptr,
     M, N, K,
@@ -66,17 +86,8 @@ def _gemm_requant_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0)[None, :]
     if REQUANT:
-        mult = tl.load(m_ptr + rn, mask=nmask, other=0)[None, :]
-        sh = tl.load(e_ptr + rn, mask=nmask, other=0)[None, :]
-        v = acc.to(tl.int64) * mult
-        q = v >> sh
-        r = v - (q << sh)
-        half = (tl.full(sh.shape, 1, tl.int64) << sh) >> 1
-        up = (r > half) | ((r == half) & (half > 0) & ((q & 1) == 1))
-        q = q + up.to(tl.int64) + tl.load(z_ptr + rn, mask=nmask, other=0)[None, :]
-        q = tl.maximum(q, tl.load(lo_ptr + rn, mask=nmask, other=0)[None, :])
-        q = tl.minimum(q, tl.load(hi_ptr + rn, mask=nmask, other=0)[None, :])
-        res = q.to(out_ptr.dtype.element_ty)
+        res = requant_tile(acc, rn, nmask, m_ptr, e_ptr, z_ptr, lo_ptr, hi_ptr)
+        res = res.to(out_ptr.dtype.element_ty)
     else:
         res = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, res,
