@@ -98,6 +98,31 @@ def vit_e2e_gpu(batch: int, iters: int) -> dict:
             "integer_vs_fp16": t_fp16 / t_int, "backend": ops.get_backend()}  # fmt: skip
 
 
+def attention_gpu(batch: int, iters: int) -> dict:
+    """Seed-ViT attention matmuls (8 heads, 65 tokens, head dim 64): the Triton INT8 kernel
+    vs fp16 ``torch.matmul``; ``q``, ``k``, ``v`` are strided slices of one qkv, as in the model.
+    """
+    h, t, d = 8, 65, 64
+    qkv = torch.randint(-128, 128, (batch, t, 3, h, d), dtype=torch.int8, device="cuda")
+    p = torch.randint(-128, 128, (batch, h, t, t), dtype=torch.int8, device="cuda")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
+    qh, kh, vh = qkv.half().permute(2, 0, 3, 1, 4)
+    kt, kth = k.transpose(-2, -1), kh.transpose(-2, -1)
+    return {"batch": batch, "heads": h,
+            "qk_65x64x65": _attn_row(q, kt, qh, kth, 3, -7, iters),
+            "av_65x65x64": _attn_row(p, v, p.half(), vh, -128, 0, iters)}  # fmt: skip
+
+
+def _attn_row(a, b, ah, bh, za: int, zb: int, iters: int) -> dict[str, float]:
+    rq = Requant.from_scale(1e-4, 0).to("cuda")
+    row = {"fp16_s": timed(lambda: torch.matmul(ah, bh), iters)}
+    with ops.backend("triton"):
+        row["triton_int8_s"] = timed(lambda: ops.int_matmul(a, b, za, zb, rq), iters)
+        row["triton_int32_s"] = timed(lambda: ops.int_matmul(a, b, za, zb), iters)  # no requant
+    row["triton_int8_vs_fp16"] = row["fp16_s"] / row["triton_int8_s"]
+    return row
+
+
 def latency_table(iters: int) -> dict:
     """Seed-ViT op shapes at batch 1024 x 65 tokens: op -> setting -> microseconds."""
     m = 1024 * 65
@@ -121,6 +146,23 @@ def _latency_row(m: int, k: int, n: int, iters: int) -> dict[str, float]:
             if be == "triton":
                 row["w4a8_triton"] = timed(lambda: ops.int_linear(x, w4, None, rq), iters) * 1e6
     return row
+
+
+def fp8_gemm_gpu(m: int, k: int, n: int, iters: int) -> dict:
+    """FP8 E4M3 ``torch._scaled_mm`` (tensorwise scales, bf16 out) and ``ops.fp8_linear`` (the
+    fp8 path's GEMM: fp32 out, per-channel weight scale) vs cuBLAS FP16 at (M, K, N)."""
+    x, w = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda")
+    x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    xh, wh, one, s_w = x.half(), w.half(), torch.ones((), device="cuda"), torch.rand(n).cuda()
+    res = {"shape": [m, k, n], "fp16_s": timed(lambda: xh @ wh.t(), iters)}
+    mm = lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one,  # noqa: E731
+                                  out_dtype=torch.bfloat16)  # fmt: skip
+    res["scaled_mm_s"] = timed(mm, iters)
+    with ops.backend("auto"):
+        res["fp8_linear_s"] = timed(lambda: ops.fp8_linear(x8, w8, one, s_w), iters)
+    for key in ("scaled_mm_s", "fp8_linear_s"):
+        res[key.replace("_s", "_vs_fp16")] = res["fp16_s"] / res[key]
+    return res
 
 
 def cpu_reference(quick: bool) -> dict:
@@ -149,6 +191,8 @@ def main() -> None:
         out["gemm"] = [gemm_gpu(*s, args.iters) for s in GEMM_SHAPES]
         out["vit_e2e"] = vit_e2e_gpu(1024, args.iters)
         out["latency_us"] = latency_table(args.iters)
+        out["fp8_gemm"] = [fp8_gemm_gpu(*s, args.iters) for s in GEMM_SHAPES[:3]]
+        out["attention"] = attention_gpu(1024, args.iters) if ops.triton_available() else {}
     else:
         msg = "no CUDA GPU: GEMM / end-to-end / latency-table benchmarks skipped"
         print(msg, file=sys.stderr)

@@ -22,10 +22,14 @@ Backends:
   weights); on a CPU it needs ``TRITON_INTERPRET=1``.
 * ``auto`` -- ``reference`` for CPU tensors, ``triton`` on CUDA when it imports, else
   ``int_mm``.
+* FP8 (:func:`fp8_linear`, float8 codes): ``reference`` sums the products of the decoded
+  codes in float64 and defines the semantics; every other backend (``auto`` on CUDA
+  included) runs ``torch._scaled_mm`` with fp32 accumulation.
 
-``int_matmul`` (the activation x activation products of attention) has no
-int8 GEMM backend yet: off the reference path it runs as an fp32 GEMM on integer values,
-exact while ``K * 255^2 < 2^24`` (K <= 258, true for head dims), else in float64.
+``int_matmul`` (the activation x activation products of attention) runs on ``triton`` as
+the batched INT8 kernel of :mod:`hawq.integer.triton_bmm` (zero points corrected with row
+and column sums, fused requantization); on ``int_mm`` it runs as an fp32 GEMM on integer
+values, exact while ``K * 255^2 < 2^24`` (K <= 258, true for head dims), else in float64.
 Convolutions off the reference path are lowered to ``int_linear`` by im2col.
 
 Int4 weights are stored packed two per byte (:func:`pack_int4`); the reference path
@@ -181,11 +185,17 @@ def int_matmul(
 
     Args:
         a: int8 (..., M, K) codes with zero point ``za``.
-        b: int8 (..., K, N) codes with zero point ``zb``.
+        b: int8 (..., K, N) codes with zero point ``zb`` (on ``triton``: the leading dims
+            of ``a``, no broadcasting).
     """
+    be = _resolve(a)
+    if be == "triton":
+        from hawq.integer.triton_bmm import bmm_requant
+
+        return bmm_requant(a, b, za, zb, requant)
     kk = a.shape[-1]
     dtype = torch.float64
-    if _resolve(a) != "reference" and kk <= _FP32_EXACT_K:
+    if be != "reference" and kk <= _FP32_EXACT_K:
         dtype = torch.float32
     acc = torch.matmul(a.to(dtype) - za, b.to(dtype) - zb).to(torch.int64)
     return _finish(acc, requant)
@@ -227,3 +237,82 @@ def int_conv2d(
     cols = cols.transpose(1, 2).to(torch.int8)  # (B, L, C*kh*kw)
     out = int_linear(cols, w.reshape(n, -1), bias, requant)  # (B, L, N)
     return out.transpose(1, 2).reshape(bsz, n, ho, wo)
+
+
+# ---------------------------------------------------------------- fp8
+
+
+def fp8_linear(
+    x8: Tensor,
+    w8: Tensor,
+    x_scale: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``(x8 s_x) @ (w8 s_w)^T + bias`` on float8 codes (e4m3fn or e5m2, any pair).
+
+    Semantics (the ``reference`` path): ``(x8 @ w8^T) * (s_x s_w) + bias`` in float64,
+    rounded once to ``out_dtype``. The float64 dot product of e4m3 codes is exact (partial
+    sums are multiples of ``2^-18`` below ``K 448^2``: exact for ``K < 2^17``); with e5m2
+    operands it rounds at ``2^-53`` relative.
+
+    Off the reference path: ``torch._scaled_mm`` with fp32 accumulation and an fp32 output,
+    ``s_x`` and a per-tensor ``s_w`` as its tensorwise scales, a per-channel ``s_w`` and the
+    bias applied after it in fp32 (CUDA takes row-wise scales only with a bf16 output, which
+    would round the result to 8 bits). On CUDA, e5m2 x e5m2 (no kernel) falls back to the
+    reference, and K, N are zero-padded to multiples of 16.
+
+    Args:
+        x8: float8 (..., K).
+        w8: float8 (N, K).
+        x_scale: float32 0-d.
+        w_scale: float32 0-d or (N,).
+        bias: float (N,) or None.
+
+    Returns:
+        (..., N) in ``out_dtype``.
+    """
+    lead, k = x8.shape[:-1], x8.shape[-1]
+    x2 = x8.reshape(-1, k)  # (M, K)
+    no_kernel = x8.is_cuda and x8.dtype == w8.dtype == torch.float8_e5m2
+    if _resolve(x8) == "reference" or no_kernel:
+        out = _fp8_reference(x2, w8, x_scale, w_scale, bias)
+    else:
+        out = _fp8_scaled_mm(x2, w8, x_scale, w_scale, bias)
+    return out.to(out_dtype).reshape(*lead, -1)
+
+
+def _fp8_reference(
+    x2: Tensor, w8: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    acc = x2.to(torch.float64) @ w8.to(torch.float64).t()  # (M, N), exact for e4m3
+    out = acc * (x_scale.to(torch.float64) * w_scale.to(torch.float64))
+    return out if bias is None else out + bias.to(torch.float64)
+
+
+def _fp8_scaled_mm(
+    x2: Tensor, w8: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    n = w8.shape[0]
+    if x2.is_cuda:
+        x2, w8 = _pad16(x2, 1), _pad16(_pad16(w8, 1), 0)
+    per_channel = w_scale.numel() > 1
+    s_b = torch.ones((), device=w8.device) if per_channel else w_scale.reshape(())
+    out = torch._scaled_mm(x2.contiguous(), w8.contiguous().t(), scale_a=x_scale.float(),
+                           scale_b=s_b.float(), out_dtype=torch.float32)[:, :n]  # fmt: skip
+    if per_channel:
+        out = out * w_scale.float()
+    return out if bias is None else out + bias.float()
+
+
+def _pad16(t: Tensor, dim: int) -> Tensor:
+    """``t`` zero-padded along ``dim`` (0 or 1) to a multiple of 16 (zeros add nothing)."""
+    size = t.shape[dim]
+    if size % 16 == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size + (-size) % 16
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, size).copy_(t)
+    return out

@@ -50,13 +50,15 @@ def _ste(x: Tensor, x_hat: Tensor, lo: Tensor | float, hi: Tensor | float) -> Te
 
 
 def round_minifloat(y: Tensor, fmt: str) -> Tensor:
-    """Nearest value of minifloat ``fmt`` (round half to even, saturating), no gradient."""
+    """Nearest value of minifloat ``fmt`` (round half to even, saturating), no gradient.
+
+    The sign is copied from ``y`` (``-0.0 -> -0.0``), as in an IEEE cast to the format."""
     m, e_min, v_max = MINIFLOATS[fmt]
     a = y.detach().abs().clamp(max=v_max)
     e = torch.floor(torch.log2(a.clamp(min=2.0**e_min))).clamp(min=e_min)
     step = torch.exp2(e - m)
     q = (torch.round(a / step) * step).clamp(max=v_max)
-    return torch.sign(y.detach()) * q
+    return torch.copysign(q, y.detach())
 
 
 def fp8_fake_quantize(

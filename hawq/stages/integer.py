@@ -4,6 +4,10 @@ Inputs: a quantized checkpoint (``integer.source``, else the run's ``qat_model.p
 ``ptq_model.pt``). Outputs: ``integer_model.pt`` (the integer module) and metrics: test
 accuracy of the fake-quant model and of the integer model, their gap and the argmax
 agreement between the two on every test image.
+
+An FP8 plan (an op with fp8 weight and activation formats) takes the fp8 path instead:
+:func:`hawq.integer.fp8.convert_fp8` (float8 codes, ``torch._scaled_mm``); the metrics say
+which (``path``: ``integer`` or ``fp8``) and, for fp8, how many ops run on fp8 codes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from hawq.errors import HawqError
 from hawq.integer import ops
 from hawq.integer.config import IntegerConfig
 from hawq.integer.convert import convert
+from hawq.integer.fp8 import convert_fp8, has_fp8_ops
 from hawq.io import save_torch
 from hawq.quant import load_quantized
 from hawq.stages.context import Context
@@ -68,13 +73,19 @@ def run(ctx: Context) -> dict[str, Any]:
     src = source(ctx, ic)
     qmodel, plan, _meta = load_quantized(src, ctx.device)
     qmodel.eval()
-    calib = ctx.data.eval_loader("train", ctx.device, ic.calib_batch_size)
-    imodel = convert(qmodel, calib, ic.residual_bits, ic.pack_int4, ic.calib_batches, ic.margin,
-                     ctx.device).to(ctx.device)  # fmt: skip
+    path = "fp8" if has_fp8_ops(qmodel) else "integer"
+    if path == "fp8":
+        imodel = convert_fp8(qmodel).to(ctx.device)
+        extra = {"fp8_ops": len(imodel.fp8_ops), "fake_quant_ops": len(imodel.fake_quant_ops)}
+    else:
+        calib = ctx.data.eval_loader("train", ctx.device, ic.calib_batch_size)
+        imodel = convert(qmodel, calib, ic.residual_bits, ic.pack_int4, ic.calib_batches,
+                         ic.margin, ctx.device).to(ctx.device)  # fmt: skip
+        extra = {"residual_bits": ic.residual_bits}
     res = compare(qmodel, imodel, ctx.data.eval_loader("test", ctx.device), ctx.device)
     save_torch(ctx.path(OUT), imodel.cpu())
-    log.info("integer: fake-quant acc %.2f, integer acc %.2f, argmax agreement %.2f%%",
-             res["fake_quant_acc"], res["integer_acc"], res["agreement"])  # fmt: skip
-    return {**res, "acc_gap": res["fake_quant_acc"] - res["integer_acc"], "source": str(src),
-            "residual_bits": ic.residual_bits, "backend": ops.get_backend(),
-            "model": type(imodel).__name__, "checkpoint": str(ctx.path(OUT))}  # fmt: skip
+    log.info("integer (%s path): fake-quant acc %.2f, integer acc %.2f, argmax agreement %.2f%%",
+             path, res["fake_quant_acc"], res["integer_acc"], res["agreement"])  # fmt: skip
+    return {**res, **extra, "acc_gap": res["fake_quant_acc"] - res["integer_acc"], "path": path,
+            "source": str(src), "backend": ops.get_backend(), "model": type(imodel).__name__,
+            "checkpoint": str(ctx.path(OUT))}  # fmt: skip
