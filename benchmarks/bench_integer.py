@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,29 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hawq.integer import ops  # noqa: E402
 from hawq.integer.dyadic import Requant  # noqa: E402
+from hawq.integer.latency import median_seconds  # noqa: E402
 
 GEMM_SHAPES = [(66560, 512, 512), (66560, 512, 1536), (66560, 512, 2048), (8192, 8192, 8192)]
 
 
 def timed(fn, iters: int, warmup: int = 3) -> float:
     """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    cuda = torch.cuda.is_available()
-    for _ in range(iters):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(fn, iters, warmup, cuda=torch.cuda.is_available())
 
 
 def gemm_gpu(m: int, k: int, n: int, iters: int) -> dict:
@@ -123,29 +107,19 @@ def _attn_row(a, b, ah, bh, za: int, zb: int, iters: int) -> dict[str, float]:
     return row
 
 
-def latency_table(iters: int) -> dict:
-    """Seed-ViT op shapes at batch 1024 x 65 tokens: op -> setting -> microseconds."""
-    m = 1024 * 65
-    shapes = {"qkv": (512, 1536), "proj": (512, 512), "fc1": (512, 512), "fc2": (512, 512)}
-    return {f"{name}_{k}x{n}": _latency_row(m, k, n, iters) for name, (k, n) in shapes.items()}
+def latency_table(batch: int, iters: int, out: Path) -> dict:
+    """The seed ViT's latency table (``hawq.integer.latency``): every op shape x the default
+    allocation candidates and FP, microseconds per image; also written to ``out`` for
+    ``alloc.latency_table``."""
+    from hawq.alloc.candidates import Candidate
+    from hawq.integer.latency import measure_latency, write_latency_table
+    from hawq.models import ViT
 
-
-def _latency_row(m: int, k: int, n: int, iters: int) -> dict[str, float]:
-    dev = "cuda"
-    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
-    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=dev)
-    w4 = ops.pack_int4(w)
-    rq = Requant.from_scale(torch.full((n,), 1e-4, dtype=torch.float64), 0).to(dev)
-    xh, wh = x.half(), w.half()
-    row = {"fp16": timed(lambda: xh @ wh.t(), iters) * 1e6}
-    for be in ("int_mm", "triton"):
-        if be == "triton" and not ops.triton_available():
-            continue
-        with ops.backend(be):
-            row[f"w8a8_{be}"] = timed(lambda: ops.int_linear(x, w, None, rq), iters) * 1e6
-            if be == "triton":
-                row["w4a8_triton"] = timed(lambda: ops.int_linear(x, w4, None, rq), iters) * 1e6
-    return row
+    cands = [Candidate(w, a) for w in (4, 8) for a in (4, 8)] + [Candidate(None, None)]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    table = measure_latency(ViT().eval(), cands, batch=batch, iters=iters, device=dev)
+    write_latency_table(table, out)
+    return table
 
 
 def fp8_gemm_gpu(m: int, k: int, n: int, iters: int) -> dict:
@@ -182,15 +156,19 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/integer.json")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="small CPU sizes")
+    ap.add_argument("--latency-out", default="benchmarks/latency_vit_cifar.json",
+                    help="the seed ViT's latency table, for alloc.latency_table")
     args = ap.parse_args()
     out: dict = {"torch": torch.__version__, "python": platform.python_version(),
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "triton": ops.triton_available()}  # fmt: skip
     out["cpu_reference"] = cpu_reference(args.quick)
+    if not torch.cuda.is_available() and args.quick:  # a CPU table: format check, not a target
+        out["latency_us"] = latency_table(8, 3, Path(args.latency_out))
     if torch.cuda.is_available():
         out["gemm"] = [gemm_gpu(*s, args.iters) for s in GEMM_SHAPES]
         out["vit_e2e"] = vit_e2e_gpu(1024, args.iters)
-        out["latency_us"] = latency_table(args.iters)
+        out["latency_us"] = latency_table(1024, args.iters, Path(args.latency_out))
         out["fp8_gemm"] = [fp8_gemm_gpu(*s, args.iters) for s in GEMM_SHAPES[:3]]
         out["attention"] = attention_gpu(1024, args.iters) if ops.triton_available() else {}
     else:

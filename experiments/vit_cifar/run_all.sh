@@ -26,6 +26,7 @@ run experiment=vit_cifar_seed_method quant.default.w_bits=2 quant.default.a_bits
 run experiment=vit_cifar_w8a8 "$@"
 run experiment=vit_cifar_w4a4 stages='[ptq,qat,integer]' "$@"
 run experiment=vit_cifar_w2a2_progressive "$@"
+run experiment=vit_cifar_fp8 "$@"
 
 # 4. measured single-op ranking, and the INT4-share sweep (PTQ at each minimum share)
 run experiment=vit_cifar_hawq alloc.method=measured alloc.int4_share=1.0 stages='[alloc,ptq]' \

@@ -57,6 +57,9 @@ def _export_integer(ctx: Context) -> dict[str, Any]:
         raise HawqError(f"missing {ctx.path(OUT)}; run the integer stage first")
     model = load_torch(ctx.path(OUT))
     res = ctx.stage_result("integer") or {}
+    if hasattr(model, "fp8_ops"):
+        raise HawqError(f"{ctx.path(OUT)} is an FP8 model (the integer stage took the fp8 path): "
+                        "export writes integer-only models; FP8 plans have no integer graph")
     out = export(model, ctx.path(DIR), {"source": res.get("source"),
                                         "integer_acc": res.get("integer_acc")})  # fmt: skip
     back = load(out)  # the standalone reader must accept what was written

@@ -215,15 +215,20 @@ def test_integer_stage_fp8_path(make_cfg):
     from hawq.io import load_torch
     from hawq.pipeline import run_pipeline
 
-    cfg = make_cfg("experiment=smoke", "train.epochs=1", "data.train_subset=256",
-                   "data.test_subset=128", "data.batch_size=64", "data.eval_batch_size=128",
-                   "quant.calib_batches=1", "quant.calib_batch_size=64",
-                   "quant.default.w_format=fp8_e4m3", "quant.default.a_format=fp8_e4m3",
-                   "stages=[train,ptq,integer]", "device=cpu")  # fmt: skip
-    res = run_pipeline(cfg)["stages"]
+    cfg_args = ("experiment=smoke", "train.epochs=1", "data.train_subset=256",
+                "data.test_subset=128", "data.batch_size=64", "data.eval_batch_size=128",
+                "quant.calib_batches=1", "quant.calib_batch_size=64",
+                "quant.default.w_format=fp8_e4m3", "quant.default.a_format=fp8_e4m3",
+                "device=cpu")  # fmt: skip
+    res = run_pipeline(make_cfg(*cfg_args, "stages=[train,ptq,integer]"))["stages"]
     r = res["integer"]
     assert r["path"] == "fp8" and r["fp8_ops"] == 10 and r["fake_quant_ops"] == 4
     assert r["n"] == 128 and r["agreement"] >= 95.0
     assert abs(r["fake_quant_acc"] - res["ptq"]["quantized"]["acc"]) < 1e-9
     saved = load_torch(r["checkpoint"])
     assert isinstance(saved.get_submodule("blocks.0.mlp.fc1"), Fp8Linear)
+    # export writes integer-only graphs: an FP8 model is refused with one line
+    from hawq.errors import HawqError
+
+    with pytest.raises(HawqError, match="is an FP8 model .* FP8 plans have no integer graph"):
+        run_pipeline(make_cfg(*cfg_args, "stages=[export]"))
