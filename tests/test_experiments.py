@@ -21,16 +21,21 @@ def test_both_studies_present():
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_rows_name_existing_experiments(study, tmp_path):
+    """Every rows*.yaml table and *.sh launcher of a study (GPU run_all.sh, CPU variants)."""
     folder = REPO / "experiments" / study
-    rows = load_rows(folder / "rows.yaml")
-    assert len({r.label for r in rows}) == len(rows), "duplicate row labels"
-    text = (folder / "rows.yaml").read_text() + (folder / "run_all.sh").read_text()
+    tables, scripts = sorted(folder.glob("rows*.yaml")), sorted(folder.glob("*.sh"))
+    assert "run_all.sh" in {p.name for p in scripts}
+    text = "".join(p.read_text() for p in [*tables, *scripts])
     named = set(re.findall(r"experiment=([A-Za-z0-9_]+)", text))
     assert named and named <= EXPERIMENTS, named - EXPERIMENTS
-    # with no runs every row reads "to run"
-    table = results_table(rows, tmp_path).splitlines()[2:]
-    assert len(table) == len(rows) and all("| to run | 0 |" in line for line in table)
-    assert subprocess.run(["bash", "-n", str(folder / "run_all.sh")]).returncode == 0
+    for path in tables:
+        rows = load_rows(path)
+        assert len({r.label for r in rows}) == len(rows), f"duplicate row labels in {path.name}"
+        # with no runs every row reads "to run"
+        table = results_table(rows, tmp_path).splitlines()[2:]
+        assert len(table) == len(rows) and all("| to run | 0 |" in line for line in table)
+    for path in scripts:
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path.name
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "slurm"])
