@@ -77,12 +77,13 @@ class IntGELU(nn.Module):
         if in_max * 2 * q_1 >= INT64_SAFE:
             raise OverflowError(f"IntGELU: scale {scale:.3g} with |q| <= {in_max} overflows int64")
         self.t = max(0, (in_max * 2 * q_1).bit_length() - 31)
-        self.register_buffer("q_b", torch.tensor(q_b, dtype=torch.int64))
+        self.register_buffer("q_b", torch.tensor(q_b, dtype=torch.int64))  # for export
         self.register_buffer("q_1", torch.tensor(q_1, dtype=torch.int64))
+        self.consts = (q_b, q_1)  # host ints: no device sync or graph break per call
         self.scale, self.out_scale, self.in_max = float(scale), out_scale * 2.0**self.t, in_max
 
     def forward(self, q: Tensor) -> Tensor:
-        return i_gelu(q, int(self.q_b), int(self.q_1), self.t)
+        return i_gelu(q, *self.consts, self.t)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}, out_scale={self.out_scale:.4g}, t={self.t}"

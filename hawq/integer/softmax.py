@@ -81,8 +81,9 @@ class IntSoftmax(nn.Module):
         self.scale, self.out_bits = float(scale), out_bits
         self.shift = softmax_shift(self.scale)
         q_ln2, q_b, q_c, _ = exp_constants(self.scale * 2.0**-self.shift)
-        for name, v in (("q_ln2", q_ln2), ("q_b", q_b), ("q_c", q_c)):
+        for name, v in (("q_ln2", q_ln2), ("q_b", q_b), ("q_c", q_c)):  # for export
             self.register_buffer(name, torch.tensor(v, dtype=torch.int64))
+        self.consts = (q_ln2, q_b, q_c)  # host ints: no device sync or graph break per call
         self.out_scale = 2.0**-out_bits
 
     def forward(self, q: Tensor) -> Tensor:
@@ -92,7 +93,7 @@ class IntSoftmax(nn.Module):
         elif self.shift < 0:
             q = rshift_round(q, -self.shift)
         q = q - q.amax(dim=-1, keepdim=True)
-        e = i_exp(q, int(self.q_ln2), int(self.q_b), int(self.q_c))
+        e = i_exp(q, *self.consts)
         total = e.sum(dim=-1, keepdim=True)  # >= q_exp(0) > 0: the row maximum contributes
         return torch.div(torch.bitwise_left_shift(e, self.out_bits), total, rounding_mode="floor")
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hawq.integer.gelu import IntGELU
-from hawq.integer.layernorm import IntLayerNorm, isqrt
+from hawq.integer.layernorm import IntLayerNorm, bit_length, isqrt
 from hawq.integer.softmax import IntSoftmax
 
 GELU_ERR = 0.02  # I-BERT's fit: measured max 0.0182 on [-8, 8]
@@ -64,6 +64,22 @@ def test_isqrt_exact(v):
     ok_lo = r * r <= t
     ok_hi = (r + 1) * (r + 1) > t
     assert bool((ok_lo & ok_hi)[t > 0].all())
+
+
+def test_isqrt_every_magnitude_and_around_squares():
+    """Fixed Newton steps are enough at every bit length, at k^2 - 1, k^2, k^2 + 1 and the
+    ends of the range (oracle: math.isqrt)."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    vals = [0, 1, 2, 3, 2**62 - 1, 2**62]
+    vals += [rng.randrange(2**e, 2 ** (e + 1)) for e in range(62) for _ in range(50)]
+    ks = [rng.randrange(1, 2**31) for _ in range(3000)] + [2**31 - 1, 2**16, 3]
+    vals += [k * k + d for k in ks for d in (-1, 0, 1)]
+    t = torch.tensor(vals, dtype=torch.int64)
+    assert bit_length(t).tolist() == [v.bit_length() for v in vals]
+    assert isqrt(t).tolist() == [math.isqrt(v) for v in vals]
 
 
 @settings(deadline=None, max_examples=20)
