@@ -29,6 +29,7 @@ from hawq.models.ops import quantizable_ops
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, save_plan
 from hawq.stages.context import Context
+from hawq.stages.latency import table_path
 from hawq.viz.alloc import plot_allocation, plot_frontier
 
 log = logging.getLogger("hawq")
@@ -69,7 +70,7 @@ def _latency_table(ctx: Context, cfg: AllocConfig) -> LatencyTable | None:
         return LatencyTable.load(Path(cfg.latency_table).expanduser())
     if cfg.latency_us is None:
         return None
-    path = ctx.path(str((ctx.cfg.get("latency") or {}).get("out", "latency.json")))
+    path = table_path(ctx)
     if not path.is_file():
         raise HawqError(f"alloc.latency_us needs a latency table: none at {path}; run stage "
                         "latency first (stages=[latency,alloc]) or set alloc.latency_table")

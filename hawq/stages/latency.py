@@ -11,6 +11,7 @@ Measure on the hardware you deploy to: a CPU table times the reference kernels.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from hawq.alloc.allocate import resolve_pins
@@ -31,8 +32,13 @@ def _config(ctx: Context) -> LatencyConfig:
     return typed(ctx.cfg.get("latency"), LatencyConfig, "latency")
 
 
+def table_path(ctx: Context) -> Path:
+    """Where this run's latency table is (``latency.out`` in the run directory)."""
+    return ctx.path(_config(ctx).out)
+
+
 def done(ctx: Context) -> bool:
-    return ctx.path(_config(ctx).out).is_file()
+    return table_path(ctx).is_file()
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -47,7 +53,7 @@ def run(ctx: Context) -> dict[str, Any]:
     table = measure_latency(model, cands, tuple(ctx.data.input_size), cfg.batch, cfg.iters,
                             cfg.warmup, ctx.device,
                             progress=lambda key: log.info("latency: timing %s", key))  # fmt: skip
-    out = write_latency_table(table, ctx.path(cfg.out))
+    out = write_latency_table(table, table_path(ctx))
     plot_latency(table, ctx.path(out.stem + ".png"))
     per_setting = {c.key: 0.0 for c in cands}
     for shape in table["ops"].values():
