@@ -127,3 +127,44 @@ class IntMatMul(nn.Module):
 def residual_add(x: Tensor, y: Tensor, limit: int, relu: bool = False) -> Tensor:
     """``clamp(x + y, -limit, limit)`` (``[0, limit]`` with ReLU): both at the residual scale."""
     return torch.clamp(x.to(torch.int32) + y.to(torch.int32), 0 if relu else -limit, limit)
+
+
+# ---------------------------------------------------------------- whole-model pieces
+
+LOGIT_BITS = 16  # int32 logits clamped to a 16-bit grid covering the calibrated range
+
+
+def residual_format(absmax: float, bits: int) -> tuple[int, float]:
+    """``(limit, s_r)``: the residual stream's code bound ``2^(bits-1) - 1`` and the scale at
+    which ``limit`` codes cover ``absmax``."""
+    limit = 2 ** (bits - 1) - 1
+    return limit, max(absmax, 1e-6) / limit
+
+
+def logit_head(spec: WeightSpec, absmax: float, pack_int4: bool = True) -> tuple[IntLinear, float]:
+    """The classifier: int32 logits on a :data:`LOGIT_BITS` grid covering ``absmax``.
+
+    Returns:
+        The layer and its logit scale.
+    """
+    l_max = 2 ** (LOGIT_BITS - 1) - 1
+    scale = max(absmax, 1e-6) / l_max
+    rq = IntRequant(spec.act.scale * spec.scale / scale, 0, -l_max, l_max, torch.int32)
+    return IntLinear(spec, rq, pack_int4), scale
+
+
+class IntegerModel(nn.Module):
+    """An integer-only classifier: ``quantize_input`` (float -> int8 codes), ``forward_int``
+    (codes -> int32 logits at ``logit_scale``), and :meth:`forward` chaining them."""
+
+    logit_scale: float
+
+    def quantize_input(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_int(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Float images -> float logits (quantize, integer graph, dequantize)."""
+        return self.forward_int(self.quantize_input(images)).to(torch.float32) * self.logit_scale

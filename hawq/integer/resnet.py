@@ -23,10 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq.integer import adapter
-from hawq.integer.layers import WIDE, IntConv2d, IntLinear, IntRequant, residual_add
+from hawq.integer.layers import (
+    WIDE,
+    IntConv2d,
+    IntegerModel,
+    IntRequant,
+    logit_head,
+    residual_add,
+    residual_format,
+)
 
 Tensor = torch.Tensor
-LOGIT_BITS = 16
 
 
 def _bn(module: nn.Module) -> nn.Module | None:
@@ -61,7 +68,7 @@ class IntBasicBlock(nn.Module):
         return residual_add(self.conv2(h), self.shortcut(x), self.limit, relu=True)
 
 
-class IntegerResNet(nn.Module):
+class IntegerResNet(IntegerModel):
     """Integer-only ResNet built from a fake-quant :class:`~hawq.models.resnet.ResNet`.
 
     Args:
@@ -75,8 +82,8 @@ class IntegerResNet(nn.Module):
                  pack_int4: bool = True) -> None:  # fmt: skip
         super().__init__()
         rb = residual_bits
-        self.limit = 2 ** (rb - 1) - 1
-        self.s_r = s_r = max(ranges["residual"], 1e-6) / self.limit
+        self.limit, self.s_r = residual_format(ranges["residual"], rb)
+        s_r = self.s_r
         stem = adapter.conv_spec("conv1", qmodel.conv1, _bn(qmodel.bn1))
         self.in_grid = stem.act
         self.conv1 = IntConv2d(stem, IntRequant(stem.act.scale * stem.scale / s_r, 0, 0,
@@ -88,10 +95,7 @@ class IntegerResNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         fc = adapter.linear_spec("fc", qmodel.fc)
         self.pool_rq = IntRequant.to_grid(s_r, fc.act)
-        l_max = 2 ** (LOGIT_BITS - 1) - 1
-        self.logit_scale = max(ranges["logits"], 1e-6) / l_max
-        self.fc = IntLinear(fc, IntRequant(fc.act.scale * fc.scale / self.logit_scale, 0,
-                                           -l_max, l_max, torch.int32), pack_int4)  # fmt: skip
+        self.fc, self.logit_scale = logit_head(fc, ranges["logits"], pack_int4)
 
     def quantize_input(self, images: Tensor) -> Tensor:
         """(B, C, H, W) float -> int8 on the stem conv's grid."""
@@ -106,9 +110,6 @@ class IntegerResNet(nn.Module):
         pooled = torch.div(x.to(torch.int64).sum(dim=(2, 3)) + hw // 2, hw,
                            rounding_mode="floor")  # (B, C) mean at s_r
         return self.fc(self.pool_rq(pooled))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.forward_int(self.quantize_input(images)).to(torch.float32) * self.logit_scale
 
 
 def calibration_points(model: nn.Module) -> dict[str, tuple[str, str]]:

@@ -30,12 +30,20 @@ from hawq.integer import adapter
 from hawq.integer.adapter import Grid
 from hawq.integer.gelu import IntGELU
 from hawq.integer.layernorm import IntLayerNorm
-from hawq.integer.layers import WIDE, IntLinear, IntMatMul, IntRequant, residual_add
+from hawq.integer.layers import (
+    WIDE,
+    IntegerModel,
+    IntLinear,
+    IntMatMul,
+    IntRequant,
+    logit_head,
+    residual_add,
+    residual_format,
+)
 from hawq.integer.softmax import IntSoftmax
 
 Tensor = torch.Tensor
 GELU_BITS = 16
-LOGIT_BITS = 16
 
 
 def _ln(norm: nn.LayerNorm, s_r: float, rb: int, grid: Grid) -> IntLayerNorm:
@@ -119,7 +127,7 @@ class IntBlock(nn.Module):
         return residual_add(x, self.mlp(self.norm2(x)), self.limit)
 
 
-class IntegerViT(nn.Module):
+class IntegerViT(IntegerModel):
     """Integer-only ViT built from a fake-quant :class:`~hawq.models.vit.ViT`.
 
     Args:
@@ -133,8 +141,8 @@ class IntegerViT(nn.Module):
                  pack_int4: bool = True) -> None:  # fmt: skip
         super().__init__()
         rb = residual_bits
-        self.limit = 2 ** (rb - 1) - 1
-        self.s_r = s_r = max(ranges["residual"], 1e-6) / self.limit
+        self.limit, self.s_r = residual_format(ranges["residual"], rb)
+        s_r = self.s_r
         self.patch_size = qmodel.patch_size
         pe = adapter.linear_spec("patch_embed", qmodel.patch_embed)
         self.in_grid = pe.act
@@ -149,10 +157,7 @@ class IntegerViT(nn.Module):
         )
         head = adapter.linear_spec("head", qmodel.head)
         self.norm = _ln(qmodel.norm, s_r, rb, head.act)
-        l_max = 2 ** (LOGIT_BITS - 1) - 1
-        self.logit_scale = max(ranges["logits"], 1e-6) / l_max
-        self.head = IntLinear(head, IntRequant(head.act.scale * head.scale / self.logit_scale, 0,
-                                               -l_max, l_max, torch.int32), pack_int4)  # fmt: skip
+        self.head, self.logit_scale = logit_head(head, ranges["logits"], pack_int4)
 
     def quantize_input(self, images: Tensor) -> Tensor:
         """(B, C, H, W) float -> (B, N, C p p) int8 patches on the patch_embed grid."""
@@ -169,10 +174,6 @@ class IntegerViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0]))
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Float images -> float logits (quantize, integer graph, dequantize)."""
-        return self.forward_int(self.quantize_input(images)).to(torch.float32) * self.logit_scale
 
 
 def calibration_points(model: nn.Module) -> dict[str, tuple[str, str]]:
