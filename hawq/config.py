@@ -59,7 +59,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # max global grad norm; None = off
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the training model
     log_every: int = 50  # steps between loss read-backs (progress bar, NaN check)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 
 import torch
 from hydra.utils import instantiate
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from hawq.checkpoint import save_model
 from hawq.config import TrainConfig, typed
-from hawq.engine import cosine_scheduler, evaluate, train_epoch
+from hawq.engine import amp_enabled, cosine_scheduler, evaluate, fmt_seconds, train_epoch
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
 from hawq.stages.context import Context
@@ -42,6 +43,25 @@ def _write_csv(ctx: Context, history: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(history)
     write_text(ctx.path(CSV), buf.getvalue())
+
+
+LONG_RUN_S = 3600.0  # a train stage estimated beyond this on a CPU names the CPU recipe
+
+
+def _announcer(ctx: Context, steps: int, epochs: int):
+    """Callback for the first epoch's timed steps: log the train stage's estimated wall time
+    (steps only; evaluation adds a few percent) and, on a CPU past an hour, the CPU recipe."""
+
+    def announce(seconds_per_step: float) -> None:
+        estimate = seconds_per_step * steps * epochs
+        log.info("train: %.3f s/step -> estimated %s for %d epochs on this machine",
+                 seconds_per_step, fmt_seconds(estimate), epochs)  # fmt: skip
+        if estimate > LONG_RUN_S and ctx.device.type == "cpu":
+            log.warning("train: ~%s on this CPU (no CUDA GPU); experiment=vit_cifar_cpu trains "
+                        "the seed topology, narrower, in under an hour on 2 cores",
+                        fmt_seconds(estimate))  # fmt: skip
+
+    return announce
 
 
 def run(ctx: Context) -> dict:
@@ -72,6 +92,12 @@ def run(ctx: Context) -> dict:
         raise HawqError(f"{state_path} is at epoch {start_epoch} > train.epochs={tc.epochs}")
 
     step_model = torch.compile(model) if tc.compile else model
+    precision = "bf16 autocast" if amp_enabled(ctx.device, tc.amp) else "fp32"
+    log.info("train: %d epochs x %d steps of batch %d on %s (%s)%s", tc.epochs, steps,
+             data.batch_size, ctx.device, precision,
+             f", resuming at epoch {start_epoch + 1}" if start_epoch else "")  # fmt: skip
+    announce = _announcer(ctx, steps, tc.epochs - start_epoch)
+    stage_start = time.perf_counter()
     bar = tqdm(range(start_epoch, tc.epochs), desc="epochs", initial=start_epoch,
                total=tc.epochs, disable=None)  # fmt: skip
     for epoch in bar:
@@ -80,7 +106,8 @@ def run(ctx: Context) -> dict:
         try:
             tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device, scheduler,
                              amp=tc.amp, grad_clip=tc.grad_clip, log_every=tc.log_every,
-                             desc=f"epoch {epoch + 1}")  # fmt: skip
+                             desc=f"epoch {epoch + 1}/{tc.epochs}",
+                             on_estimate=announce if epoch == start_epoch else None)  # fmt: skip
         except FloatingPointError as e:
             raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
         ev = evaluate(model, test_loader, ctx.device)
@@ -89,9 +116,11 @@ def run(ctx: Context) -> dict:
                "seconds": tr["seconds"], "img_per_s": tr["img_per_s"]}  # fmt: skip
         history.append(row)
         bar.set_postfix(loss=f"{tr['loss']:.3f}", acc=f"{ev['acc']:.2f}")
-        log.info("epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f | %.0f img/s",
-                 epoch + 1, tc.epochs, tr["loss"], tr["acc"], ev["loss"], ev["acc"],
-                 tr["img_per_s"])  # fmt: skip
+        elapsed = time.perf_counter() - stage_start
+        eta = elapsed / (epoch + 1 - start_epoch) * (tc.epochs - epoch - 1)
+        log.info("epoch %d/%d: train loss %.4f acc %.2f | test loss %.4f acc %.2f | %.0f img/s"
+                 " | elapsed %s, ETA %s", epoch + 1, tc.epochs, tr["loss"], tr["acc"], ev["loss"],
+                 ev["acc"], tr["img_per_s"], fmt_seconds(elapsed), fmt_seconds(eta))  # fmt: skip
         _write_csv(ctx, history)
         save_torch(state_path, {"epoch": epoch + 1, "history": history,
                                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
