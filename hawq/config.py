@@ -62,12 +62,14 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)
     compile: bool = False  # torch.compile the training model
     log_every: int = 50  # steps between loss read-backs (progress bar, NaN check)
+    eval_every: int = 1  # epochs between test evaluations (the last epoch always evaluates)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
                 "0 <= warmup_epochs < epochs")  # fmt: skip
         require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "0..1")
         require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "0..1")
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,

@@ -54,3 +54,14 @@ def test_train_stage_announces_estimate_and_epoch_eta(make_cfg, caplog):
     epochs = [line for line in lines if line.startswith("epoch ") and "test loss" in line]
     assert len(epochs) == 2 and all("ETA" in line and "elapsed" in line for line in epochs)
     assert "epoch 2/2" in epochs[-1] and epochs[-1].endswith("ETA 0.0s")
+
+
+def test_train_eval_every_skips_test_passes_but_not_the_last(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=smoke", "data.train_subset=128", "data.test_subset=64",
+                   "data.batch_size=64", "train.epochs=3", "train.eval_every=2",
+                   "stages=[train]")  # fmt: skip
+    res = run_pipeline(cfg)["stages"]["train"]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    tested = [row.split(",")[4] != "" for row in rows]
+    assert tested == [False, True, True]
+    assert res["test_acc"] is not None and res["best_test_acc"] >= res["test_acc"]
