@@ -30,11 +30,11 @@ _PTRS = {"x_ptr": "*i8", "w_ptr": "*i8", "bias_ptr": "*i32", "m_ptr": "*i64", "e
          "z_ptr": "*i64", "lo_ptr": "*i64", "hi_ptr": "*i64", "out_ptr": "*i8"}  # fmt: skip
 
 
-def _gemm(int4: bool, unit_strides: bool) -> triton.compiler.ASTSource:
+def _gemm(int4: bool, unit_strides: bool, small: bool) -> triton.compiler.ASTSource:
     sig = dict(_PTRS, w_ptr="*u8" if int4 else "*i8")
     sig.update({n: I32 for n in ("M", "N", "K", "stride_xm", "stride_xk", "stride_wn",
                                  "stride_wk", "stride_om", "stride_on")})  # fmt: skip
-    bm, bn, bk, gm, _, _ = triton_gemm.GEMM_CONFIGS[0]
+    bm, bn, bk, gm, _, _ = triton_gemm.GEMM_CONFIGS[0] if not small else (32, 32, 32, 4, 0, 0)
     const = {"HAS_BIAS": True, "REQUANT": True, "W_INT4": int4, "BM": bm, "BN": bn, "BK": bk,
              "GROUP_M": gm}  # fmt: skip
     if unit_strides:  # Triton specializes an integer argument equal to 1 into a constexpr
@@ -45,12 +45,12 @@ def _gemm(int4: bool, unit_strides: bool) -> triton.compiler.ASTSource:
                                      constexprs=const)  # fmt: skip
 
 
-def _bmm(zero_points: bool) -> triton.compiler.ASTSource:
+def _bmm(zero_points: bool, small: bool) -> triton.compiler.ASTSource:
     names = ("B1", "M", "N", "K", "za", "zb", "sa0", "sa1", "sam", "sak", "sb0", "sb1", "sbk",
              "sbn", "so0", "so1", "som", "son")  # fmt: skip
     sig = {"a_ptr": "*i8", "b_ptr": "*i8", "m_ptr": "*i64", "e_ptr": "*i64", "z_ptr": "*i64",
            "lo_ptr": "*i64", "hi_ptr": "*i64", "out_ptr": "*i8", **{n: I32 for n in names}}
-    bm, bn, bk, _, _ = triton_bmm.BMM_CONFIGS[1]
+    bm, bn, bk, _, _ = triton_bmm.BMM_CONFIGS[1] if not small else (32, 32, 32, 0, 0)
     const = {"ZA": zero_points, "ZB": zero_points, "REQUANT": True, "BM": bm, "BN": bn, "BK": bk,
              "son": 1}  # fmt: skip
     for name in const:
@@ -65,23 +65,27 @@ def offset_types(ttir: str) -> list[str]:
 
 
 CASES = {
-    "gemm_int8": lambda: _gemm(False, True),
-    "gemm_int8_strided": lambda: _gemm(False, False),
-    "gemm_int4": lambda: _gemm(True, True),
-    "bmm_zp": lambda: _bmm(True),
+    "gemm_int8": lambda small: _gemm(False, True, small),
+    "gemm_int8_strided": lambda small: _gemm(False, False, small),
+    "gemm_int4": lambda small: _gemm(True, True, small),
+    "bmm_zp": lambda small: _bmm(True, small),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
-    names = ap.parse_args().cases.split(",")
+    ap.add_argument("--small", action="store_true",
+                    help="32x32x32 tiles, 1 stage: the same code paths, compiled in ~1 s each")
+    args = ap.parse_args()
+    names = args.cases.split(",")
+    stages = 1 if args.small else 3
     target = GPUTarget("cuda", 90, 32)
     out = {"triton": triton.__version__}
     for name in names:
-        src = CASES[name]()
+        src = CASES[name](args.small)
         t = time.perf_counter()
-        k = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3})
+        k = triton.compile(src, target=target, options={"num_warps": 4, "num_stages": stages})
         out[name] = {"offsets": offset_types(k.asm["ttir"]), "cubin_bytes": len(k.asm["cubin"]),
                      "seconds": time.perf_counter() - t}  # fmt: skip
     print(json.dumps(out))

@@ -86,28 +86,33 @@ def test_tile_offsets_exact_past_int32(s0, s1):
     assert torch.equal(out.cpu(), expect)
 
 
-def _compile_sm90(cases: str) -> dict:
+ALL = "gemm_int8,gemm_int8_strided,gemm_int4,bmm_zp"
+
+
+def _compile_sm90(cases: str, *extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, str(HERE / "compile_sm90.py"), "--cases", cases],
+    res = subprocess.run([sys.executable, str(HERE / "compile_sm90.py"), "--cases", cases, *extra],
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.splitlines()[-1])
 
 
 def test_kernels_compile_for_sm90_with_int64_offsets():
-    """The whole Triton pipeline down to an sm_90 cubin, on the CPU: the GPU-only compile
-    path has run before any GPU is lent; every load/store tile offset is i64."""
-    out = _compile_sm90("gemm_int4,bmm_zp")
-    for name in ("gemm_int4", "bmm_zp"):
+    """The whole Triton pipeline down to an sm_90 cubin, on the CPU (small tiles: the same
+    code, seconds to compile): GPU-only compile errors (a stride specialized to constexpr 1, an
+    int4 unpack layout) show before any GPU is lent; every load/store tile offset is i64."""
+    out = _compile_sm90(ALL, "--small")
+    for name in ALL.split(","):
         assert out[name]["cubin_bytes"] > 0
         assert out[name]["offsets"] and set(out[name]["offsets"]) == {"i64"}, out[name]
 
 
 @pytest.mark.slow
-def test_all_kernel_variants_compile_for_sm90():
-    out = _compile_sm90("gemm_int8,gemm_int8_strided,gemm_int4,bmm_zp")
-    for name in ("gemm_int8", "gemm_int8_strided", "gemm_int4", "bmm_zp"):
+def test_kernels_compile_for_sm90_at_autotune_tiles():
+    """The first autotune config of each kernel (128x128x64, 3 stages: ~5 s per kernel)."""
+    out = _compile_sm90(ALL)
+    for name in ALL.split(","):
         assert out[name]["cubin_bytes"] > 0 and set(out[name]["offsets"]) == {"i64"}, out[name]
 
 
