@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -174,21 +175,32 @@ def main() -> None:
     out: dict = {"torch": torch.__version__, "python": platform.python_version(),
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "triton": ops.triton_available()}  # fmt: skip
-    out["cpu_reference"] = cpu_reference(args.quick)
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sections: list[tuple[str, Callable[[], object]]] = [
+        ("cpu_reference", lambda: cpu_reference(args.quick))]
     if not torch.cuda.is_available() and args.quick:  # a CPU table: format check, not a target
-        out["latency_us"] = latency_table(8, 3, Path(args.latency_out))
+        sections.append(("latency_us", lambda: latency_table(8, 3, Path(args.latency_out))))
     if torch.cuda.is_available():
-        out["gemm"] = [gemm_gpu(*s, args.iters) for s in GEMM_SHAPES]
-        out["vit_e2e"] = vit_e2e_gpu(1024, args.iters, args.compile_budget_s)
-        out["latency_us"] = latency_table(1024, args.iters, Path(args.latency_out))
-        out["fp8_gemm"] = [fp8_gemm_gpu(*s, args.iters) for s in GEMM_SHAPES[:3]]
-        out["attention"] = attention_gpu(1024, args.iters) if ops.triton_available() else {}
+        sections += [
+            ("gemm", lambda: [gemm_gpu(*s, args.iters) for s in GEMM_SHAPES]),
+            ("vit_e2e", lambda: vit_e2e_gpu(1024, args.iters, args.compile_budget_s)),
+            ("attention", lambda: attention_gpu(1024, args.iters) if ops.triton_available()
+             else {}),
+            ("fp8_gemm", lambda: [fp8_gemm_gpu(*s, args.iters) for s in GEMM_SHAPES[:3]]),
+            ("latency_us", lambda: latency_table(1024, args.iters, Path(args.latency_out))),
+        ]  # fmt: skip
     else:
         msg = "no CUDA GPU: GEMM / end-to-end / latency-table benchmarks skipped"
         print(msg, file=sys.stderr)
         out["skipped"] = msg
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    for name, fn in sections:  # one failing section does not lose the others
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 - recorded in the JSON, the run goes on
+            out.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            print(f"bench_integer: {name} failed: {e}", file=sys.stderr)
+        dest.write_text(json.dumps(out, indent=2) + "\n")  # after each section: a kill keeps it
     print(json.dumps(out, indent=2))
 
 
