@@ -75,7 +75,7 @@ def _write_part(path: Path, blobs: list[bytes], x: np.ndarray, y: np.ndarray, st
 
 
 def pack(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-         out: Path, part_mb: float = 44.0, workers: int | None = None) -> dict:  # fmt: skip
+         out: Path, part_mb: float = 42.0, workers: int | None = None) -> dict:  # fmt: skip
     """Write the test part and training parts of at most ``part_mb`` MB each into ``out``.
 
     Images are uint8 (N, 32, 32, 3) HWC. Returns the part sizes (bytes) and image counts.
@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--src", default=os.environ.get("HAWQ_TEST_CIFAR10", str(
         repo.parent / "shared" / "data" / "cifar10")), help="folder with the npz shards")
     p.add_argument("--out", default=".gpucheck/data")
-    p.add_argument("--part-mb", type=float, default=44.0)
+    p.add_argument("--part-mb", type=float, default=42.0)
     u = sub.add_parser("unpack", help="WebP parts -> npz shards")
     u.add_argument("sources", nargs="+")
     u.add_argument("--dest", required=True)

@@ -20,7 +20,9 @@ store in ``requant.out_dtype`` (int8); without a requantizer the int32 accumulat
 Operands are read through their strides, so ``b`` may be a transposed view of ``k``
 (no copy). Leading dims are folded into two batch dims ``(B0, B1)`` (batch x heads), a view
 for the strided ``q``, ``k``, ``v`` slices of attention; the program grid is
-``(B0 * B1, M tiles x N tiles)``, the batch on axis 0 (no 65535 limit there). Needs
+``(B0 * B1, M tiles x N tiles)``, the batch on axis 0 (no 65535 limit there); offsets are int64
+and on CUDA the tiles are autotuned over :data:`BMM_CONFIGS` (16- to 128-row tiles: 65 tokens
+fit a 16-row grid with 15 rows of padding instead of 63 in a 128-row tile). Needs
 ``triton``; on a CPU it runs under ``TRITON_INTERPRET=1`` (see :mod:`hawq.integer.triton_gemm`).
 """
 

@@ -7,6 +7,10 @@ in int64 registers before the single int8 (or int32) store. The int4 variant rea
 weights packed two per byte (low nibble = even ``k``) and unpacks them in the kernel
 (Hopper has no INT4 tensor cores: the MMA itself is INT8).
 
+Pointer offsets are int64 (:func:`tile_offsets`): an operand may span more than ``2^31``
+elements. On CUDA the tile shape is autotuned per (M, N, K) over :data:`GEMM_CONFIGS`
+(``HAWQ_TRITON_AUTOTUNE=0`` pins the first); ``pip install hawq[gpu]`` brings triton.
+
 Importing this module needs ``triton``; :mod:`hawq.integer.ops` imports it lazily. On a
 CPU the kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``, set before
 ``triton`` is first imported), which the tests use to check it bit-exactly against the
