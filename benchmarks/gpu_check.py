@@ -148,7 +148,8 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Step]:
                  ["--batch", "256", "--reps", "5", "--samples", "20"])]  # fmt: skip
     return [
         Step("gpu_tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                           f"--junitxml={out / 'gpu_tests.xml'}", *gpu_tests],
+                           "--continue-on-collection-errors",  # a module needing a package
+                           f"--junitxml={out / 'gpu_tests.xml'}", *gpu_tests],  # absent there
              cap_s=300, collect=lambda: _junit(out / "gpu_tests.xml"),
              ok_rcs=(0, 5)),  # 5: no test ran (every gpu test deselected or skipped)  # fmt: skip
         Step("data", fn=stage_data, cap_s=300, min_s=5),
