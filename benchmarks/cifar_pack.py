@@ -159,6 +159,7 @@ def main() -> None:
     u = sub.add_parser("unpack", help="WebP parts -> npz shards")
     u.add_argument("sources", nargs="+")
     u.add_argument("--dest", required=True)
+    u.add_argument("--report", default=None, help="also write the JSON summary here")
     args = ap.parse_args()
     if args.cmd == "pack":
         src = Path(args.src)
@@ -171,6 +172,8 @@ def main() -> None:
                    te["x"], te["y"], Path(args.out), args.part_mb)  # fmt: skip
     else:
         res = unpack([Path(s) for s in args.sources], Path(args.dest))
+        if args.report:
+            Path(args.report).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
 
 

@@ -5,7 +5,7 @@ Steps, in priority order (each a subprocess with a timeout cut from what is left
 written, after every step)::
 
     gpu_tests       pytest -m gpu (junit XML -> passed / failed / skipped counts)
-    data            decode the carried CIFAR-10 WebP parts (benchmarks/cifar_pack.py)
+    data            decode the carried CIFAR-10 WebP parts (benchmarks/cifar_pack.py unpack)
     train           experiment=vit_cifar stages=[train,evaluate]: Adam 1e-4, cosine, batch 512,
                     crop + flip, bf16 autocast, train.compile=true, --epochs epochs
     hessian         stages=[hessian] on the trained model (a bounded estimator budget)
@@ -56,10 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import cifar_pack  # noqa: E402
-
 RESERVE_S = 5.0  # kept back for writing the JSON after the last step
 
 
@@ -125,10 +121,11 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Step]:
     model = run / "model.pt"
     gpu_tests = ["tests/integer/test_triton_tiles.py"] if tiny else ["tests"]
 
-    def stage_data(_timeout: float) -> dict:
-        if synthetic:
-            return {"synthetic": True}
-        return cifar_pack.unpack([Path(d) for d in args.data], stage_dir)
+    unpack = [py, "benchmarks/cifar_pack.py", "unpack", *args.data, "--dest", str(stage_dir),
+              "--report", str(work / "data.json")]  # fmt: skip
+    data_step = (Step("data", fn=lambda _t: {"synthetic": True}, min_s=0) if synthetic else
+                 Step("data", unpack, cap_s=300, min_s=5,
+                      collect=lambda: _json(work / "data.json")))  # fmt: skip
 
     hess = ["hessian.max_samples=100", "hessian.max_iter=30", "hessian.density_steps=20"]
     if tiny:
@@ -152,7 +149,7 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Step]:
                            f"--junitxml={out / 'gpu_tests.xml'}", *gpu_tests],  # absent there
              cap_s=300, collect=lambda: _junit(out / "gpu_tests.xml"),
              ok_rcs=(0, 5)),  # 5: no test ran (every gpu test deselected or skipped)  # fmt: skip
-        Step("data", fn=stage_data, cap_s=300, min_s=5),
+        data_step,
         Step("train", hawq + ["stages=[train,evaluate]", f"train.epochs={args.epochs}",
                               f"train.compile={str(not tiny).lower()}"],
              needs=[] if synthetic else [stage_dir / "cifar10_test.npz"], cap_s=3600,

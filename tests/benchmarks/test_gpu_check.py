@@ -16,8 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import cifar_pack  # noqa: E402
 import gpu_check  # noqa: E402
 
 STEPS = ["gpu_tests", "data", "train", "hessian", "ptq_seed_method", "int4_curve", "integer",
@@ -38,10 +41,17 @@ def _dead(pid: int) -> bool:
 
 
 def test_cpu_dry_run_runs_every_step(tmp_path):
+    """Every step's real command at smoke sizes, the data staged from packed WebP parts."""
+    g = np.random.default_rng(0)
+    images = lambda n: g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # noqa: E731
+    labels = lambda n: g.integers(0, 10, n).astype(np.int64)  # noqa: E731
+    cifar_pack.pack(images(300), labels(300), images(150), labels(150), tmp_path / "parts",
+                    part_mb=0.5, workers=2)  # fmt: skip
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out",
-                          str(out), "--device", "cpu", "--tiny", "--budget-s", "1200"],
+                          str(out), "--device", "cpu", "--tiny", "--budget-s", "1200",
+                          "--data", str(tmp_path / "parts")],
                          cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=1500)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -51,6 +61,8 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert not bad, (bad, (out / "gpu_check.log").read_text()[-4000:])
     steps = rep["steps"]
     assert {"tests", "failures", "skipped"} <= set(steps["gpu_tests"]["result"])
+    assert steps["data"]["result"]["train_images"] == 300
+    assert steps["data"]["result"]["test_images"] == 150
     assert steps["train"]["result"]["train"]["epochs"] == 1
     assert 0 <= steps["train"]["result"]["evaluate"]["fp"]["acc"] <= 100
     assert steps["hessian"]["result"]["hessian"]["trace_samples"] >= 3
