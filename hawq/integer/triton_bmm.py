@@ -20,7 +20,9 @@ store in ``requant.out_dtype`` (int8); without a requantizer the int32 accumulat
 Operands are read through their strides, so ``b`` may be a transposed view of ``k``
 (no copy). Leading dims are folded into two batch dims ``(B0, B1)`` (batch x heads), a view
 for the strided ``q``, ``k``, ``v`` slices of attention; the program grid is
-``(B0 * B1, M tiles x N tiles)``, the batch on axis 0 (no 65535 limit there). Needs
+``(B0 * B1, M tiles x N tiles)``, the batch on axis 0 (no 65535 limit there); offsets are int64
+and on CUDA the tiles are autotuned over :data:`BMM_CONFIGS` (16- to 128-row tiles: 65 tokens
+fit a 16-row grid with 15 rows of padding instead of 63 in a 128-row tile). Needs
 ``triton``; on a CPU it runs under ``TRITON_INTERPRET=1`` (see :mod:`hawq.integer.triton_gemm`).
 """
 
@@ -31,7 +33,13 @@ import triton
 import triton.language as tl
 
 from hawq.integer.dyadic import Requant
-from hawq.integer.triton_gemm import requant_tile
+from hawq.integer.triton_gemm import (
+    as_config,
+    autotune_enabled,
+    launch_kwargs,
+    requant_tile,
+    tile_offsets,
+)
 
 Tensor = torch.Tensor
 
@@ -52,20 +60,24 @@ def _bmm_kernel(
     n_n = tl.cdiv(N, BN)
     rm = (tl.program_id(1) // n_n) * BM + tl.arange(0, BM)
     rn = (tl.program_id(1) % n_n) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_ptrs = a_ptr + tile_offsets(rm, rk, sam, sak)  # (BM, BK), int64 offsets
+    b_ptrs = b_ptr + tile_offsets(rk, rn, sbk, sbn)  # (BK, BN)
+    a_step = tl.cast(sak, tl.int64) * BK
+    b_step = tl.cast(sbk, tl.int64) * BK
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     row = tl.zeros((BM,), dtype=tl.int32)  # sum_k a[m, k]
     col = tl.zeros((BN,), dtype=tl.int32)  # sum_k b[k, n]
     for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)  # (BM, BK)
-        b = tl.load(b_ptr + rk[:, None] * sbk + rn[None, :] * sbn,
-                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)  # (BK, BN)
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
+        b = tl.load(b_ptrs, mask=(k0 + rk[:, None] < K) & (rn[None, :] < N), other=0)
         acc += tl.dot(a, b)
         if ZB:
             row += tl.sum(a.to(tl.int32), axis=1)
         if ZA:
             col += tl.sum(b.to(tl.int32), axis=0)
+        a_ptrs += a_step
+        b_ptrs += b_step
     if ZB:
         acc -= zb * row[:, None]
     if ZA:
@@ -78,19 +90,28 @@ def _bmm_kernel(
         res = res.to(out_ptr.dtype.element_ty)
     else:
         res = acc
-    tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, res,
+    tl.store(out_ptr + tile_offsets(rm, rn, som, son), res,
              mask=(rm[:, None] < M) & nmask[None, :])
 
 
-def _blocks(m: int, n: int, cuda: bool) -> dict[str, int]:
-    if not cuda:
-        # interpreter: numpy's per-op overhead dominates, so 64 (4x faster than 32); 65 rows
-        # still spill into a masked second tile
-        return {"BM": 64, "BN": 64, "BK": 64}
-    bm = min(128, max(16, triton.next_power_of_2(m)))  # 65 tokens: one 128 x 128 tile
-    bn = min(128, max(16, triton.next_power_of_2(n)))
-    return {"BM": bm, "BN": bn, "BK": 64, "num_warps": 8 if bm * bn > 64 * 64 else 4,
-            "num_stages": 2}  # fmt: skip
+# (BM, BN, BK, num_warps, num_stages): the autotune set on CUDA, keyed by (M, N, K). Attention
+# has 65 tokens: a 128 tile wastes 63 of 128 rows, 16/32-row tiles waste 15 of 80 / 31 of 96,
+# and the 64-row tiles leave a 1-row tail tile; the tuner picks per shape.
+BMM_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
+    (128, 128, 64, 8, 2),
+    (64, 64, 64, 4, 2),
+    (64, 128, 64, 4, 2),
+    (32, 64, 64, 4, 2),
+    (16, 64, 64, 4, 2),
+    (32, 32, 32, 2, 2),
+)
+_TILES = ("BM", "BN", "BK")
+# interpreter: numpy's per-op overhead dominates, so 64 (4x faster than 32)
+INTERPRET_BLOCKS = {"BM": 64, "BN": 64, "BK": 64}
+
+_bmm_tuned = triton.autotune(
+    configs=[as_config(c, _TILES) for c in BMM_CONFIGS], key=["M", "N", "K"]
+)(_bmm_kernel)
 
 
 def _batch2(t: Tensor) -> Tensor:
@@ -108,7 +129,12 @@ def _channels(requant: Requant, n: int, dev: torch.device) -> Requant:
 
 
 def bmm_requant(
-    a: Tensor, b: Tensor, za: int = 0, zb: int = 0, requant: Requant | None = None
+    a: Tensor,
+    b: Tensor,
+    za: int = 0,
+    zb: int = 0,
+    requant: Requant | None = None,
+    config: dict[str, int] | None = None,
 ) -> Tensor:
     """``requant((a - za) @ (b - zb))`` in one kernel, batched over the leading dims.
 
@@ -117,6 +143,8 @@ def bmm_requant(
         b: (..., K, N) int8 with the same leading dims as ``a`` (no broadcasting).
         za, zb: zero points (int8 range).
         requant: per-tensor or per-column (N,) requantizer; None returns the int32 accumulator.
+        config: explicit tiles (``BM, BN, BK`` [+ ``num_warps, num_stages``]); None autotunes
+            over :data:`BMM_CONFIGS` on CUDA and uses 64-tiles in the interpreter.
 
     Returns:
         (..., M, N) in ``requant.out_dtype``, or int32.
@@ -133,12 +161,19 @@ def bmm_requant(
     a4, b4, o4 = _batch2(a), _batch2(b), _batch2(out)
     rq = _channels(requant, n, dev) if requant is not None else None
     fields = (rq.m, rq.e, rq.z, rq.lo, rq.hi) if rq is not None else (out,) * 5  # unread
-    cfg = _blocks(m, n, a.is_cuda)
-    grid = (a4.shape[0] * a4.shape[1], triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]))
     za, zb = int(za), int(zb)
-    _bmm_kernel[grid](
-        a4, b4, *fields, o4, a4.shape[1], m, n, k, za, zb,
-        *a4.stride(), *b4.stride(), *o4.stride(),
-        ZA=za != 0, ZB=zb != 0, REQUANT=rq is not None, **cfg,
-    )  # fmt: skip
+    args = (a4, b4, *fields, o4, a4.shape[1], m, n, k, za, zb,
+            *a4.stride(), *b4.stride(), *o4.stride())  # fmt: skip
+    flags = {"ZA": za != 0, "ZB": zb != 0, "REQUANT": rq is not None}
+    batch = a4.shape[0] * a4.shape[1]
+    if config is None and a.is_cuda and autotune_enabled():
+        grid = lambda meta: (batch, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]))  # noqa: E731
+        _bmm_tuned[grid](*args, **flags)
+        return out
+    if config is None:
+        config = launch_kwargs(BMM_CONFIGS[0], _TILES) if a.is_cuda else INTERPRET_BLOCKS
+    if not a.is_cuda:  # the interpreter takes tile sizes only
+        config = {key: v for key, v in config.items() if key in _TILES}
+    grid = (batch, triton.cdiv(m, config["BM"]) * triton.cdiv(n, config["BN"]))
+    _bmm_kernel[grid](*args, **flags, **config)
     return out
