@@ -171,7 +171,8 @@ def download_cifar10(
             tmp.replace(archive)
         except OSError as e:  # includes socket timeouts and refused/reset connections
             reason = getattr(e, "reason", None) or e
-            raise HawqError(f"cannot download CIFAR-10 from {url} ({reason}); {OFFLINE_HINT}") from e
+            msg = f"cannot download CIFAR-10 from {url} ({reason}); {OFFLINE_HINT}"
+            raise HawqError(msg) from e
         finally:
             tmp.unlink(missing_ok=True)
     with tarfile.open(archive, "r:gz") as tar:
