@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import inspect
 import pickle
+import pickletools
 import pkgutil
 import re
 from functools import cache
@@ -76,11 +77,12 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         with _allowing(list(allowed_globals())):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise HawqError(f"refusing to load {path}: {_offender(str(e))} is not allowed in a "
+        offender = _offender(str(e)) or _pickled_global(path)
+        if offender is not None:
+            raise HawqError(f"refusing to load {path}: {offender} is not allowed in a "
                             "checkpoint (weights_only=True; only hawq models, tensors and "
                             "plain data are unpickled)") from e  # fmt: skip
-        raise HawqError(f"corrupt checkpoint {path}: {_first_line(e)}") from e
+        raise HawqError(f"corrupt checkpoint {path}: not a torch checkpoint") from e
     except Exception as e:  # noqa: BLE001 - zip/pickle/storage errors vary
         raise HawqError(f"corrupt checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from e
 
@@ -96,15 +98,34 @@ def _allowing(classes: list[type]) -> Any:
     return contextlib.nullcontext()
 
 
-def _offender(message: str) -> str:
-    """The global a refused pickle asked for, from torch's multi-line message."""
-    patterns = (r"Unsupported global: GLOBAL ([\w.]+)", r"GLOBAL ([\w.]+)",
-                r"Trying to call reduce for ([\w.]+)", r"Unsupported operand (\d+)")  # fmt: skip
+def _offender(message: str) -> str | None:
+    """The global a refused pickle asked for (torch's multi-line message), or None when
+    the unpickler stopped on bytes that are no pickle at all (a corrupt file)."""
+    patterns = (r"GLOBAL ([\w.]+)", r"Trying to call reduce for ([\w.]+)",
+                r"[Uu]nsupported class ([\w.]+)")  # fmt: skip
     for pattern in patterns:
         m = re.search(pattern, message)
         if m:
             return m.group(1)
-    return "an object"
+    return None
+
+
+def _pickled_global(path: Path) -> str | None:
+    """First class/function a plain pickle file imports, read with :mod:`pickletools`
+    (which parses opcodes and executes nothing); None when it names none or is no pickle."""
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - not a pickle: corrupt, not refused
+        return None
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -89,6 +89,17 @@ def test_cli_refuses_a_payload_checkpoint(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty"])
+def test_corrupt_files_are_corrupt_not_refused(tmp_path, kind):
+    path = tmp_path / "bad.pt"
+    good = save_torch(tmp_path / "good.pt", {"w": torch.ones(100)}).read_bytes()
+    path.write_bytes({"garbage": b"\x00garbage", "truncated": good[: len(good) // 2],
+                      "empty": b""}[kind])  # fmt: skip
+    with pytest.raises(HawqError, match=f"^corrupt checkpoint {path}: ") as info:
+        load_torch(path)
+    assert "\n" not in str(info.value)
+
+
 def test_hawq_checkpoints_still_load(tmp_path):
     """FP, fake-quant and whole-module checkpoints round-trip bit for bit under the allow-list."""
     torch.manual_seed(0)
