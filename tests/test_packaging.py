@@ -83,6 +83,7 @@ def _source_copy(dst: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the whole smoke pipeline: ~1 min idle, much longer on a busy CPU
 def test_wheel_in_a_fresh_venv_runs_smoke_from_another_directory(tmp_path):
     """pip wheel -> venv (system torch reused, nothing downloaded) -> ``hawq experiment=smoke``."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
