@@ -45,9 +45,9 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     multirun = sweep.in_multirun()
-    if multirun:
-        sweep.use_job_dir(cfg)
     try:
+        if multirun:
+            sweep.use_job_dir(cfg)
         results = run_pipeline(cfg)
     except HawqError as e:
         if os.environ.get("HAWQ_DEBUG"):

@@ -3,10 +3,11 @@
 ``python -m hawq.run -m key=a,b ...`` expands into points (Hydra's sweeper). Hawq
 adds three things:
 
-* **run directories**: unless ``paths.run_dir`` is overridden, a point runs in
-  Hydra's job directory ``${paths.runs}/multirun/${name}/<override dirname>``
-  (e.g. ``runs/multirun/smoke/train.epochs=2``), so points never share files
-  and re-running the same point reuses its artifacts;
+* **run directories**: unless ``paths.run_dir`` or ``name`` is overridden, a
+  point runs in Hydra's job directory ``${paths.runs}/multirun/${name}/<override
+  dirname>`` (e.g. ``runs/multirun/smoke/train.epochs=2``), so points never share
+  files and re-running the same point reuses its artifacts; two points mapped onto
+  one directory (``name=fixed seed=0,1``) fail rather than share it;
 * **unknown group options** (``model=vit_tiny,nope``) are dropped from the sweep
   before it starts, each reported as a failed point, instead of Hydra aborting
   the whole sweep when it reaches them;
@@ -33,6 +34,7 @@ from omegaconf import DictConfig
 from hawq.errors import HawqError, choices
 
 FAILURES_ENV = "HAWQ_SWEEP_FAILURES"
+POINT_FILE = ".hawq_sweep_point"
 
 
 def is_multirun(argv: list[str]) -> bool:
@@ -110,11 +112,30 @@ def point_name() -> str:
 
 
 def use_job_dir(cfg: DictConfig) -> None:
-    """Point ``paths.run_dir`` at this job's own directory unless the user chose one."""
-    task = HydraConfig.get().overrides.task
-    if any(o.split("=", 1)[0].lstrip("+~") == "paths.run_dir" for o in task):
-        return
-    cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+    """Give this point its run directory and claim it.
+
+    Hydra's job directory (``runs/multirun/<name>/<overrides>``) unless the
+    command sets ``paths.run_dir`` or ``name`` (e.g. ``'name=x_${seed}'``, which
+    names each point's folder ``runs/x_0``, ``runs/x_1``). The directory records
+    the point that owns it (its override dirname, ``.hawq_sweep_point``); a
+    different point mapped onto it fails instead of skipping on the other's files.
+
+    Raises:
+        HawqError: the directory belongs to another sweep point.
+    """
+    hc = HydraConfig.get()
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
+    if not keys & {"paths.run_dir", "name"}:
+        cfg.paths.run_dir = hc.runtime.output_dir
+    run_dir = Path(cfg.paths.run_dir).expanduser()
+    claim = run_dir / POINT_FILE
+    point = hc.job.override_dirname or "(no overrides)"
+    if claim.is_file() and (owner := claim.read_text().strip()) != point:
+        raise HawqError(f"run directory {run_dir} already holds sweep point {owner!r}, not "
+                        f"{point!r}: make name depend on the swept keys (e.g. "
+                        "'name=x_${seed}') or drop the name/paths.run_dir override")  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim.write_text(point + "\n")
 
 
 def report_failed_point(err: HawqError) -> None:

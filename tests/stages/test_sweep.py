@@ -98,3 +98,20 @@ def test_cli_reports_a_busy_run_dir_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"hawq: error: run directory {run_dir} is in use")
+
+
+def test_named_points_keep_their_folders_and_a_shared_one_is_refused(tmp_path):
+    """``'name=x_${seed}'`` -> runs/x_0, runs/x_1 (studies rely on it); ``name=fixed`` with
+    two seeds -> the second point fails naming the first instead of skipping on its files."""
+    proc = run_cli("-m", *TINY, "train.epochs=1", "seed=0,1", "name=x_${seed}",
+                   f"paths.runs={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "x_0" / "model.pt").is_file() and (tmp_path / "x_1" / "model.pt").is_file()
+
+    proc = run_cli("-m", *TINY, "train.epochs=1", "seed=0,1", "name=fixed",
+                   f"paths.runs={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("hawq: error:")]
+    assert len(errors) == 2 and "seed=1" in errors[0] and "already holds sweep point" in errors[0]
+    assert "seed=0" in errors[0].split("already holds")[1]
+    assert errors[1].startswith("hawq: error: 1 sweep point(s) failed: #1 (")
