@@ -93,8 +93,10 @@ def plot_2d(
     if cs is not None:
         fig.colorbar(cs, ax=axes.ravel().tolist(), label="loss", format="%.3g")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4), fontsize=8,
-               facecolor="0.85")  # fmt: skip
+    legend = fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
+                        fontsize=8, facecolor="0.85")  # fmt: skip
+    for h in getattr(legend, "legend_handles", getattr(legend, "legendHandles", [])):
+        h.set_markersize(min(h.get_markersize(), 9.0))  # the nesting sizes are for the panels
     fig.suptitle(title)
     return save_figure(fig, path)
 
