@@ -19,7 +19,7 @@ from hawq import sweep
 from hawq.errors import HawqError, choices
 from hawq.pipeline import run_pipeline
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("hawq")
 
 
