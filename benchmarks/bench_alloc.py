@@ -2,7 +2,7 @@
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_alloc.py [--out alloc_bench.json] [--repeats 5]
+    PYTHONPATH=. python benchmarks/bench_alloc.py [--repeats 5] [--out FILE]  # JSON on stdout
 
 Builds the seed ViT (dim 512, depth 6; random weights: timing does not depend on
 them) and a synthetic ``hessian.json`` for it, then measures
@@ -49,7 +49,8 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="alloc_bench.json")
+    ap.add_argument("--out", default=None,
+                    help="also write the JSON here (default: stdout only, nothing in the cwd)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: robust on shared CPUs)")
@@ -104,8 +105,11 @@ def main() -> None:
         "platform": platform.platform(), "torch": torch.__version__,
         "numpy": np.__version__,
     }  # fmt: skip
-    write_json(args.out, result)
-    print(f"wrote {args.out}: max alloc_s {result['max_alloc_s']:.3f} s over {len(rows)} budgets")
+    print(json.dumps(result))
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+    print(f"max alloc_s {result['max_alloc_s']:.3f} s over {len(rows)} budgets")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ def cpu_reference(quick: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/integer.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "integer.json"),
+                    help="JSON output (default: benchmarks/integer.json beside this script)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="small CPU sizes")
     ap.add_argument("--compile-budget-s", type=float, default=180.0,

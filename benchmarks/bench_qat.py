@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--method", default="lsq")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-amp", action="store_true")
-    ap.add_argument("--out", default="bench_qat.json")
+    ap.add_argument("--out", default=None, help="also write the JSON here (default: stdout only)")
     ap.add_argument("--repeat", type=int, default=1, help="alternating FP/QAT timing blocks")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -103,8 +103,9 @@ def main() -> None:
            "qat_step_s": t_q,
            "ratio": t_q / t_fp, "ratios": [b / f for f, b in zip(fps, qs)],
            "target_ratio_gpu": 1.3, "provenance": provenance(dev)}
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2, default=str)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=2, default=str)
     print(json.dumps({k: v for k, v in out.items() if k != "provenance"}, indent=2))
 
 

@@ -6,9 +6,11 @@ never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,68 @@ import yaml
 
 from hawq.errors import HawqError
 
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 3600.0  # a temp file untouched this long belongs to a killed write, not a live one
+
+
+def _umask() -> int:
+    """The process umask: from ``/proc`` on Linux, else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)  # not thread-safe, hence the /proc route first
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (POSIX: fsync the directory entry)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory; the rename is all we can do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temps(directory: str | Path, name: str, max_age_s: float = STALE_TMP_S) -> int:
+    """Delete ``.<name>.*.tmp`` files left in ``directory`` by a write that was killed.
+
+    A temp file is stale when it was last modified more than ``max_age_s`` ago
+    (a live write touches its file continuously). Returns how many were removed.
+    """
+    removed = 0
+    for tmp in Path(directory).glob(f".{glob.escape(name)}.*{TMP_SUFFIX}"):
+        try:
+            if time.time() - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # another process cleaned it first
+    return removed
+
 
 def _atomic(path: Path, write) -> Path:
+    """Write through a temp file in the same directory, then rename over ``path``.
+
+    The file gets mode ``0o666 & ~umask`` like any ``open()``-created file
+    (``mkstemp`` alone would leave 0600); the data and the directory entry are
+    fsynced, and stale temp files of earlier killed writes are removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        if hasattr(os, "fchmod"):  # not on Windows, where mkstemp's mode is moot
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -31,6 +89,7 @@ def _atomic(path: Path, write) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
@@ -76,14 +135,13 @@ def save_torch(path: str | Path, obj: Any) -> Path:
 
 
 def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with a one-line error for missing or corrupt files."""
-    path = Path(path)
-    if not path.is_file():
-        raise HawqError(f"missing checkpoint {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - pickle/zip errors vary
-        raise HawqError(f"corrupt checkpoint {path}: {type(e).__name__}: {e}") from e
+    """Load a checkpoint safely (``weights_only=True``, see :mod:`hawq.safe_load`).
+
+    One-line errors for missing, corrupt or refused (code-carrying) files.
+    """
+    from hawq.safe_load import safe_load  # imports the model packages: keep io light
+
+    return safe_load(path, map_location)
 
 
 def _json_default(o: Any) -> Any:

@@ -19,8 +19,9 @@ from types import ModuleType
 from omegaconf import DictConfig
 
 import hawq.stages
-from hawq.config import DataConfig, TrainConfig, run_config, typed
+from hawq.config import DataConfig, RunConfig, TrainConfig, run_config, typed
 from hawq.errors import HawqError, choices
+from hawq.lock import RunDirLock
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -49,6 +50,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
     stages = [load_stage(name) for name in run.stages]  # fail on a typo before any work
     typed(cfg.data, DataConfig, "data")
     typed(cfg.train, TrainConfig, "train")
+    with RunDirLock(cfg.paths.run_dir):  # one process per run directory at a time
+        return _run_stages(cfg, run, stages)
+
+
+def _run_stages(cfg: DictConfig, run: RunConfig, stages: list[ModuleType]) -> dict:
     ctx = Context(cfg, run)
     log.info("run directory: %s (device %s)", ctx.run_dir, ctx.device)
     for name, stage in zip(run.stages, stages):

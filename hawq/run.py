@@ -15,10 +15,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from hawq import sweep
 from hawq.errors import HawqError, choices
 from hawq.pipeline import run_pipeline
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("hawq")
 
 
@@ -41,13 +42,19 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 raise HawqError(f"unknown {key} {v!r}; available: {choices(options)}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    multirun = sweep.in_multirun()
     try:
+        if multirun:
+            sweep.use_job_dir(cfg)
         results = run_pipeline(cfg)
     except HawqError as e:
         if os.environ.get("HAWQ_DEBUG"):
             raise
+        if multirun:  # this point fails alone; the sweep goes on
+            sweep.report_failed_point(e)
+            return None
         print(f"hawq: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     evaluation = results["stages"].get("evaluate")
@@ -55,12 +62,29 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    failed: list[str] = []
     try:
-        check_group_choices(sys.argv[1:])
+        if sweep.is_multirun(argv):
+            argv, failed = sweep.drop_unknown_options(argv, CONF_DIR)
+            for line in failed:
+                print(f"hawq: error: sweep point {line}", file=sys.stderr)
+        else:
+            check_group_choices(argv)
     except HawqError as e:
         print(f"hawq: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    if not sweep.is_multirun(argv):
+        _hydra_main()
+        return
+    sys.argv[1:] = argv
+    log_path = sweep.start_failure_log()
     _hydra_main()
+    failed += sweep.read_failure_log(log_path)
+    if failed:
+        names = "; ".join(line.split(": ", 1)[0] for line in failed)
+        print(f"hawq: error: {len(failed)} sweep point(s) failed: {names}", file=sys.stderr)
+        sys.exit(HawqError.exit_code)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def make_cfg(tmp_path):
 
     def _make(*overrides: str, run_dir: Path | None = None):
         run_dir = run_dir or tmp_path / "run"
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        from hawq.run import CONF_DIR
+
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=[f"paths.run_dir={run_dir}", *overrides])
 
     return _make

@@ -1,6 +1,5 @@
 """Every experiment composes; every model and data option instantiates."""
 
-from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -13,8 +12,9 @@ from hawq.hessian.config import HessianConfig
 from hawq.integer.config import IntegerConfig, LatencyConfig
 from hawq.models import op_inventory
 from hawq.quant.config import QATConfig, QuantConfig
+from hawq.run import CONF_DIR
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = CONF_DIR
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 #: every group a stage validates, with its schema

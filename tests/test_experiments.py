@@ -8,11 +8,12 @@ import subprocess
 import pytest
 
 from hawq.report import load_rows, results_table
+from hawq.run import CONF_DIR
 
 from .conftest import REPO
 
 STUDIES = sorted(p.parent.name for p in (REPO / "experiments").glob("*/rows.yaml"))
-EXPERIMENTS = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
+EXPERIMENTS = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
 
 
 def test_both_studies_present():
@@ -44,7 +45,7 @@ def test_launcher_configs_compose(launcher):
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "experiment=smoke"],
                       return_hydra_config=True)  # fmt: skip
     target = cfg.hydra.launcher._target_

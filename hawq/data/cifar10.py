@@ -28,6 +28,9 @@ from hawq.data.dataset import ImageSplit, Splits
 from hawq.errors import HawqError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation: a stalled connection fails instead of hanging
+OFFLINE_HINT = ("offline? copy cifar-10-batches-py (or the npz shards) into a folder and set "
+                "HAWQ_DATA=<folder> or data.root=<folder>")  # fmt: skip
 MD5 = "c58f30108f718f92721af3b95e74349a"
 CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -112,7 +115,8 @@ def load_cifar10(root: str | Path, download: bool = False) -> Splits:
                 raise HawqError(
                     f"CIFAR-10 not found in {root} (looked for {_BATCH_DIR}/data_batch_1..5 + "
                     "test_batch, or cifar10_train_part*of3.npz + cifar10_test.npz); set "
-                    "data.download=true to fetch it, or data.root=<folder holding it>"
+                    "data.download=true to fetch it, or HAWQ_DATA=<folder> / "
+                    "data.root=<folder> to the folder holding it"
                 )
             download_cifar10(root)
             batches = root / _BATCH_DIR
@@ -134,8 +138,14 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_cifar10(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
+def download_cifar10(
+    root: str | Path, url: str = URL, md5: str = MD5, timeout: float = DOWNLOAD_TIMEOUT_S
+) -> Path:
     """Download the official archive into ``root``, verify its md5 and extract it.
+
+    ``timeout`` bounds every socket operation (connect and each read), so a
+    dropping network ends in an error instead of hanging; the error names the
+    offline way out (``HAWQ_DATA`` / ``data.root``).
 
     Returns:
         The extracted ``cifar-10-batches-py`` folder.
@@ -147,7 +157,7 @@ def download_cifar10(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
         fd, tmp_name = tempfile.mkstemp(dir=root, suffix=".part")
         tmp = Path(tmp_name)
         try:
-            with urllib.request.urlopen(url) as resp, open(fd, "wb") as out:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(fd, "wb") as out:
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 bar = tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10", disable=None)
                 with bar:
@@ -156,10 +166,13 @@ def download_cifar10(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
                         bar.update(len(chunk))
             got = _md5(tmp)
             if got != md5:
-                raise HawqError(f"download of {url} is corrupt: md5 {got}, expected {md5}")
+                raise HawqError(f"download of {url} is corrupt: md5 {got}, expected {md5}; "
+                                f"{OFFLINE_HINT}")  # fmt: skip
             tmp.replace(archive)
-        except OSError as e:
-            raise HawqError(f"cannot download CIFAR-10 from {url}: {e}") from e
+        except OSError as e:  # includes socket timeouts and refused/reset connections
+            reason = getattr(e, "reason", None) or e
+            msg = f"cannot download CIFAR-10 from {url} ({reason}); {OFFLINE_HINT}"
+            raise HawqError(msg) from e
         finally:
             tmp.unlink(missing_ok=True)
     with tarfile.open(archive, "r:gz") as tar:

@@ -9,7 +9,7 @@ from hawq.config import require
 
 @dataclass
 class HessianConfig:
-    """Schema of ``conf/hessian/*.yaml`` (validated with :func:`hawq.config.typed`)."""
+    """Schema of ``hawq/conf/hessian/*.yaml`` (validated with :func:`hawq.config.typed`)."""
 
     batches: int = 1  # batches averaged; 1 keeps the first-order graph for every product
     batch_size: int = 256  # samples per batch

@@ -30,7 +30,7 @@ from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, save_plan
 from hawq.stages.context import Context
 from hawq.stages.latency import table_path
-from hawq.viz.alloc import plot_allocation, plot_frontier
+from hawq.viz.alloc import budget_title, plot_allocation, plot_frontier
 
 log = logging.getLogger("hawq")
 
@@ -156,7 +156,7 @@ def run(ctx: Context) -> dict:
     plot_allocation({n: c.w_bits for n, c in chosen.items()},
                     {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
                     path=f"{stem}_per_op.png",
-                    title=f"{cfg.method}: {budgets or 'no budget'}")  # fmt: skip
+                    title=budget_title(cfg.method, budgets))  # fmt: skip
     if points:
         plot_frontier(kind, [p.cost for p in points], [p.objective for p in points],
                       (alloc.solution.totals[kind], alloc.solution.objective),

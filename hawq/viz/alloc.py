@@ -33,7 +33,8 @@ def plot_allocation(
     ax1.bar(x + 0.2, ab, 0.4, label="activation bits", color="tab:orange")
     ax1.set_ylabel("bits")
     ax1.set_yticks(sorted(set(wb) | set(ab)))
-    ax1.legend(fontsize=8)
+    ax1.set_ylim(0, max(wb + ab) * 1.08)
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, bars
     ax1.set_title(title)
     low = np.array([max(float(sens_low[n]), 1e-30) for n in names])
     ax2.bar(x, low, color="tab:gray", label="at lowest-bit candidate")
@@ -42,14 +43,28 @@ def plot_allocation(
     if (low > 0).any():
         ax2.set_yscale("log")
     ax2.set_ylabel("predicted sensitivity")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax2.set_xticks(x)
     ax2.set_xticklabels(names, rotation=90, fontsize=7)
+    ax2.set_xlabel("op (network order)")
     for ax in (ax1, ax2):
         ax.grid(axis="y", alpha=0.3)
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def budget_title(method: str, budgets: Mapping[str, float]) -> str:
+    """``hawq_v3 under int4_share >= 0.5, bops <= 10 GBOPs / image`` (not a raw dict)."""
+    if not budgets:
+        return f"{method}: no budget"
+    parts = []
+    for kind, value in budgets.items():
+        rel = ">=" if kind == "int4_share" else "<="  # int4_share is a lower bound
+        unit = f" {UNITS.get(kind, '')}".rstrip()
+        unit = f" ({unit.strip()})" if kind == "int4_share" else unit
+        parts.append(f"{kind} {rel} {value:g}{unit}")
+    return f"{method} under {', '.join(parts)}"
 
 
 def plot_frontier(

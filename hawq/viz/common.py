@@ -7,10 +7,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from hawq.io import write_bytes  # noqa: E402
 
@@ -30,27 +32,47 @@ def bar_per_op(
     path: str | Path | None = None,
     log: bool = True,
     errors: Mapping[str, float] | None = None,
+    xlabel: str = "op (network order)",
 ) -> Figure:
     """Bar chart of one quantity per op, ops in the mapping's (network) order.
 
+    On a log axis every bar stays visible: with only positive values the axis is
+    ``log``; when some are zero or negative (a noisy Hutchinson estimate of a
+    near-zero trace) it is ``symlog`` with the linear band
+    ``linthresh = min |v| over v != 0``, and negative bars are drawn in red with
+    their own legend entry (indefinite curvature or noise) instead of vanishing
+    below the axis.
+
     Args:
         values: op name -> value.
-        title / ylabel: labels.
+        title / ylabel / xlabel: labels.
         path: write a PNG there when given.
-        log: log-scale y axis (non-positive values are drawn at the axis floor).
+        log: log-scale y axis.
         errors: op name -> error bar half-width (e.g. a standard error).
     """
     names = list(values)
-    ys = [float(values[n]) for n in names]
+    ys = np.array([float(values[n]) for n in names])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 4.0))
-    yerr = [float(errors.get(n, 0.0)) for n in names] if errors else None
-    ax.bar(range(len(names)), ys, yerr=yerr, color="tab:blue", capsize=2)
-    ax.set_xticks(range(len(names)))
+    yerr = np.array([float(errors.get(n, 0.0) or 0.0) for n in names]) if errors else None
+    neg = ys < 0
+    colors = np.where(neg, "tab:red", "tab:blue")
+    x = np.arange(len(names))
+    ax.bar(x, ys, yerr=yerr, color=colors, capsize=2)
+    if neg.any():
+        handles = [Patch(color="tab:blue", label=">= 0"), Patch(color="tab:red", label="< 0")]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=90, fontsize=7)
-    if log and any(y > 0 for y in ys):
-        ax.set_yscale("log")
+    nonzero = np.abs(ys[ys != 0])
+    if log and len(nonzero):
+        if (ys > 0).all():
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=float(nonzero.min()))
+            ax.axhline(0.0, color="k", lw=0.6)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
     ax.grid(axis="y", alpha=0.3)
     if path is not None:
         save_figure(fig, path)

@@ -1,6 +1,9 @@
 import hashlib
+import http.server
 import pickle
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -78,3 +81,47 @@ def test_wrong_shape_and_unreadable_data(tmp_path):
     (tmp_path / "cifar10_train_part1of3.npz").write_bytes(b"not an npz")
     with pytest.raises(HawqError, match="cannot read CIFAR-10 npz"):
         load_cifar10(tmp_path)
+
+
+class _StallingHandler(http.server.BaseHTTPRequestHandler):
+    """Sends headers and a few bytes, then stalls: a dropping network."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.write(b"\x1f\x8b" + b"0" * 100)
+        self.wfile.flush()
+        time.sleep(5)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["stall", "refused"])
+def test_download_times_out_and_names_the_offline_way_out(tmp_path, kind):
+    """A stalled or refused download fails within the timeout, naming HAWQ_DATA / data.root."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallingHandler)
+    port = server.server_address[1]
+    if kind == "stall":
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    else:
+        server.server_close()  # nothing listens on the port any more
+    try:
+        start = time.perf_counter()
+        with pytest.raises(HawqError) as info:
+            download_cifar10(tmp_path, url=f"http://127.0.0.1:{port}/c.tar.gz", md5="0" * 32,
+                             timeout=0.5)  # fmt: skip
+        assert time.perf_counter() - start < 4.5, "the download hung past its timeout"
+    finally:
+        if kind == "stall":
+            server.shutdown()
+            server.server_close()
+    msg = str(info.value)
+    assert "\n" not in msg and "HAWQ_DATA" in msg and "data.root" in msg
+    assert not list(tmp_path.glob("*.part")), "no half-written download left behind"
+
+
+def test_missing_data_without_download_names_hawq_data(tmp_path):
+    with pytest.raises(HawqError, match="HAWQ_DATA=<folder> / data.root=<folder>"):
+        load_cifar10(tmp_path, download=False)

@@ -38,6 +38,7 @@ from hawq.distributed import (
 )
 from hawq.errors import HawqError
 from hawq.pipeline import run_pipeline
+from hawq.run import CONF_DIR
 
 from ..conftest import REPO
 
@@ -92,7 +93,7 @@ def fp_ckpt(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     run = tmp_path_factory.mktemp("fp")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.run_dir={run}", *SMOKE, "train.epochs=1",
                                            "stages=[train]"])  # fmt: skip
     run_pipeline(cfg)

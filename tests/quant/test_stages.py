@@ -12,6 +12,7 @@ from hawq.errors import HawqError
 from hawq.pipeline import run_pipeline
 from hawq.quant import OpSetting, Plan, calibrate, load_quantized, quantize_, save_plan
 from hawq.quant.config import QATConfig
+from hawq.run import CONF_DIR
 
 from ..conftest import run_cli
 from .cases import batches, tiny_vit
@@ -26,10 +27,9 @@ def fp_vit(tmp_path_factory):
     """One trained tiny-ViT checkpoint shared by the stage tests (train runs once)."""
     from hydra import compose, initialize_config_dir
 
-    from ..conftest import REPO
 
     run = tmp_path_factory.mktemp("fp")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.run_dir={run}", *SMOKE, "stages=[train]"])
     run_pipeline(cfg)
     return f"paths.checkpoint={run / 'model.pt'}"
