@@ -1,14 +1,23 @@
 """Artifact I/O: atomic writes (temp file + rename) and readers with clear errors.
 
 Every artifact a stage writes goes through these helpers so a run killed midway
-never leaves a half-written file behind.
+never leaves a half-written file behind. A full disk or a read-only directory ends in
+a one-line :class:`HawqError` (and no partial file). :func:`track_writes` lists what a
+stage wrote (its completion record hashes them, :mod:`hawq.stages.record`).
+
+Test hook: ``HAWQ_KILL_AFTER=<file name>`` makes the process SIGKILL itself right
+after an artifact of that name is in place (crash-consistency tests).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +26,70 @@ import yaml
 
 from hawq.errors import HawqError
 
+_TRACKERS: list[list[Path]] = []
+KILL_ENV = "HAWQ_KILL_AFTER"
+
+
+@contextmanager
+def track_writes() -> Iterator[list[Path]]:
+    """Collect the path of every artifact written through this module inside the block."""
+    written: list[Path] = []
+    _TRACKERS.append(written)
+    try:
+        yield written
+    finally:
+        _TRACKERS.remove(written)
+
+
+def _written(path: Path) -> None:
+    for tracker in _TRACKERS:
+        tracker.append(path)
+    if os.environ.get(KILL_ENV) == path.name:  # crash-consistency test hook
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_error(path: Path, e: OSError) -> HawqError:
+    """One line for a failed write: the path, the OS reason and what helps."""
+    hint = {errno.ENOSPC: "free some space or point paths.run_dir elsewhere",
+            errno.EDQUOT: "free some space or point paths.run_dir elsewhere",
+            errno.EROFS: "the file system is read-only; set paths.run_dir to a writable folder",
+            errno.EACCES: "no write permission; set paths.run_dir to a writable folder",
+            errno.EPERM: "no write permission; set paths.run_dir to a writable folder",
+            errno.ENOTDIR: "a parent is a regular file, not a folder"}.get(e.errno, "")  # fmt: skip
+    reason = e.strerror or type(e).__name__
+    return HawqError(f"cannot write {path}: {reason}" + (f"; {hint}" if hint else ""))
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (torch.save reports a full disk as a RuntimeError raised
+    while handling it)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
 
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        os_error = _os_error(e)
+        if os_error is not None:
+            raise write_error(path, os_error) from e
         raise
+    _written(path)
     return path
 
 

@@ -32,6 +32,7 @@ from hawq.hessian.hutchinson import block_traces
 from hawq.hessian.operator import hessian_operator
 from hawq.hessian.report import SCHEMA, _finite_or_none, op_entry, write_hessian_report
 from hawq.models.ops import op_inventory
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.hessian import plot_density, plot_report
 
@@ -40,7 +41,8 @@ REPORT = "hessian.json"
 
 
 def done(ctx: Context) -> bool:
-    return ctx.path(REPORT).is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "hessian")
 
 
 def _progress(desc: str, total: int):

@@ -52,6 +52,7 @@ from hawq.quant import (
 )
 from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
 from hawq.quant.quantizer import Quantizer
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.ptq import bits_histogram, load_fp, op_lines
 
@@ -65,7 +66,8 @@ FIELDS = ["epoch", "floor_bits", "bn_frozen", "train_loss", "train_acc", "test_l
 
 
 def done(ctx: Context) -> bool:
-    return ctx.path(CKPT).is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "qat")
 
 
 def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:

@@ -24,6 +24,7 @@ from hawq.config import TrainConfig, typed
 from hawq.engine import amp_enabled, cosine_scheduler, evaluate, fmt_seconds, train_epoch
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
+from hawq.stages import record
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -34,7 +35,8 @@ CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
 
 
 def done(ctx: Context) -> bool:
-    return ctx.checkpoint.is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "train")
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
