@@ -90,6 +90,7 @@ class DataConfig:
     train_subset: int | None = None  # first N train images (all when null)
     test_subset: int | None = None
     seed: int = 0  # synthetic data seed
+    partial: bool = False  # accept a CIFAR-10 folder with train shards missing (never empty)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -141,7 +142,7 @@ def _schemas() -> dict[str, Any]:
     from hawq.hessian.config import HessianConfig
     from hawq.integer.config import IntegerConfig, LatencyConfig
     from hawq.models.config import validate_model
-    from hawq.quant.config import QATConfig, QuantConfig
+    from hawq.quant.config import QATConfig, QuantConfig, default_setting
 
     groups = {"data": DataConfig, "train": TrainConfig, "hessian": HessianConfig,
               "quant": QuantConfig, "qat": QATConfig, "alloc": AllocConfig,
@@ -149,6 +150,7 @@ def _schemas() -> dict[str, Any]:
               "landscape": LandscapeConfig}  # fmt: skip
     out: dict[str, Any] = {k: (lambda node, s=s, k=k: typed(node, s, k)) for k, s in groups.items()}
     out["model"] = validate_model
+    out["quant"] = lambda node: default_setting(typed(node, QuantConfig, "quant").default)
     return out
 
 

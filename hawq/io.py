@@ -125,8 +125,19 @@ def read_yaml(path: str | Path) -> Any:
         return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError as e:
         raise HawqError(f"missing file {path}") from e
-    except (OSError, yaml.YAMLError) as e:
-        raise HawqError(f"cannot read YAML {path}: {e}") from e
+    except OSError as e:
+        raise HawqError(f"cannot read YAML {path}: {e.strerror or e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise HawqError(f"cannot read YAML {path}: {_yaml_problem(e)}; allowed: a YAML "
+                        "document") from e  # fmt: skip
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line for a YAML parse error: the problem and where (line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:

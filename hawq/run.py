@@ -104,7 +104,8 @@ def precheck(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 def _fail(e: HawqError) -> None:
     if os.environ.get("HAWQ_DEBUG"):
         raise e
-    print(f"hawq: error: {e}", file=sys.stderr)
+    message = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+    print(f"hawq: error: {message}", file=sys.stderr)  # always one line
     sys.exit(e.exit_code)
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from hawq import distributed as dist
+from hawq.checkpoint import restore_state
 from hawq.config import typed
 from hawq.engine import cosine_scheduler, evaluate, train_epoch
 from hawq.errors import HawqError
@@ -225,10 +226,8 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     if state_path.is_file() and ctx.force and main:
         state_path.unlink()
     if resume:
-        state = load_torch(state_path)
-        model.load_state_dict(state["model"])  # includes bit widths and BN-frozen flags
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_torch(state_path)  # model state includes bit widths and BN-frozen flags
+        restore_state(state_path, state, model=model, optimizer=optimizer, scheduler=scheduler)
         start, history, init = state["epoch"], state["history"], state["init"]
         log.info("qat: resuming after epoch %d from %s", start, state_path)
     if start > tc.epochs:

@@ -144,11 +144,25 @@ def config_values(stage: str, ctx: Context) -> dict[str, Any]:
     return out
 
 
+def _key(ctx: Context, p: Path) -> str:
+    """A file's name in a record: relative to the run directory when inside it (a moved
+    or copied run directory keeps its records valid), else absolute."""
+    p = Path(p).resolve()
+    try:
+        return str(p.relative_to(ctx.run_dir))
+    except ValueError:
+        return str(p)
+
+
+def _file(ctx: Context, key: str) -> Path:
+    return ctx.run_dir / key if not Path(key).is_absolute() else Path(key)
+
+
 def input_hashes(stage: str, ctx: Context) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for fn in spec(stage, ctx).inputs:
         for p in fn(ctx):
-            out[str(p.resolve())] = _file_hash(p)
+            out[_key(ctx, p)] = _file_hash(p)
     return out
 
 
@@ -210,7 +224,7 @@ def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
     if rec is None:
         return Status(False, "no completion record")
     for p, digest in rec.get("outputs", {}).items():
-        if _file_hash(Path(p)) != digest:
+        if _file_hash(_file(ctx, p)) != digest:
             return Status(False, f"output {p} is missing or changed since it was written")
     config = config_values(stage, ctx)
     if config_only:
@@ -261,7 +275,7 @@ def commit(ctx: Context, stage: str, before: tuple[dict, dict], written: list[Pa
     for p in written:
         p = Path(p).resolve()
         if p.is_file() and p not in skip and p.parent not in skip:
-            outputs[str(p)] = sha256(p)
+            outputs[_key(ctx, p)] = sha256(p)
     rec = {"stage": stage, "fingerprint": fingerprint(config, inputs), "config": config,
            "inputs": inputs, "outputs": outputs, "metrics": metrics}  # fmt: skip
     return write_json(path(ctx, stage), rec)
