@@ -143,7 +143,8 @@ def load_cifar10(root: str | Path, download: bool = False, partial: bool = False
                 )
             download_cifar10(root)
             batches = root / _BATCH_DIR
-        parts = [_read_pickle(batches / b) for b in _TRAIN_BATCHES]
+        parts = [_read_pickle(batches / b) for b in _TRAIN_BATCHES
+                 if (batches / b).is_file() or not partial]  # fmt: skip
         xtr = np.concatenate([p[0] for p in parts])
         ytr = np.concatenate([p[1] for p in parts])
         xte, yte = _read_pickle(batches / "test_batch")
