@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from hawq.alloc.report import synthetic_report
 from hawq.checkpoint import build_model, save_model
@@ -332,3 +333,33 @@ def test_cli_full_disk_while_writing_model_pt(tmp_path):
     assert (tmp_path / "ls").read_text() == ""  # no model.pt, no temp file left on the tmpfs
     assert not (run_dir / "records" / "train.json").exists()
     assert (run_dir / "train_state.pt").is_file()  # the finished epoch is kept: rerun resumes
+
+
+# --- Hydra conventions and the documented alloc.pins mapping (command line) ---------------
+
+
+def test_cli_alloc_pins_mapping_and_hydra_run_dir(make_cfg, tmp_path):
+    """``alloc.pins={head:{w_bits:8,a_bits:8}}`` as documented works from the command line,
+    and ``hydra.run.dir=DIR`` is honoured: the artifacts (and Hydra's log) go to DIR."""
+    run_dir = tmp_path / "hydra_dir"
+    cfg = make_cfg(*TINY, run_dir=run_dir)
+    save_model(run_dir / "model.pt", build_model(cfg.model), cfg.model)
+    _hessian(run_dir, cfg, lambda ops: None)
+    proc = run_cli(*TINY, "stages=[alloc]", "alloc.int4_share=0.9",
+                   "alloc.pins={head:{w_bits:8,a_bits:8}}", f"hydra.run.dir={run_dir}",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = yaml.safe_load((run_dir / "bits.yaml").read_text())
+    assert plan["plan"]["head"]["w_bits"] == 8 and plan["plan"]["head"]["a_bits"] == 8
+    assert (run_dir / "results.json").is_file() and (run_dir / ".hydra").is_dir()
+    assert not (tmp_path / "runs").exists()  # not the default runs/<name> (cwd is tmp_path)
+
+
+def test_hydra_run_dir_and_paths_run_dir_disagree():
+    from hawq.run import honour_hydra_run_dir
+
+    assert honour_hydra_run_dir(["hydra.run.dir=/a"]) == ["hydra.run.dir=/a", "paths.run_dir=/a"]
+    assert honour_hydra_run_dir(["hydra.run.dir=/a", "paths.run_dir=/a"]) == [
+        "hydra.run.dir=/a", "paths.run_dir=/a"]
+    with pytest.raises(HawqError, match="disagree; set only paths.run_dir"):
+        honour_hydra_run_dir(["hydra.run.dir=/a", "paths.run_dir=/b"])
