@@ -92,6 +92,7 @@ class DataConfig:
     train_subset: int | None = None  # first N train images (all when null)
     test_subset: int | None = None
     seed: int = 0  # synthetic data seed
+    partial: bool = False  # accept a CIFAR-10 folder with train shards missing (never empty)
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -133,3 +134,57 @@ class RunConfig:
 def run_config(cfg: DictConfig) -> RunConfig:
     top = {k: cfg[k] for k in ("name", "seed", "device", "stages", "force") if k in cfg}
     return typed(top, RunConfig, "run")
+
+
+def _schemas() -> dict[str, Any]:
+    """Config group -> validator (imported here: the group modules import this one)."""
+    from hawq.alloc.config import AllocConfig
+    from hawq.alloc.curve import CurveConfig
+    from hawq.analysis.config import LandscapeConfig
+    from hawq.hessian.config import HessianConfig
+    from hawq.integer.config import IntegerConfig, LatencyConfig
+    from hawq.models.config import validate_model
+    from hawq.quant.config import QATConfig, QuantConfig, default_setting
+
+    groups = {"data": DataConfig, "train": TrainConfig, "hessian": HessianConfig,
+              "quant": QuantConfig, "qat": QATConfig, "alloc": AllocConfig,
+              "integer": IntegerConfig, "latency": LatencyConfig, "curve": CurveConfig,
+              "landscape": LandscapeConfig}  # fmt: skip
+    out: dict[str, Any] = {k: (lambda node, s=s, k=k: typed(node, s, k)) for k, s in groups.items()}
+    out["model"] = validate_model
+    out["quant"] = lambda node: default_setting(typed(node, QuantConfig, "quant").default)
+    return out
+
+
+def validate_groups(cfg: DictConfig, groups: set[str] | list[str]) -> None:
+    """Validate each named config group present in ``cfg`` against its schema, before any
+    work (one-line :class:`HawqError` on the first bad value). Also checks the train
+    optimizer's ``_target_`` is importable."""
+    schemas = _schemas()
+    for group in sorted(groups):
+        if group in schemas and group in cfg:
+            schemas[group](cfg[group])
+    if "train" in groups and "train" in cfg:
+        check_target(OmegaConf.select(cfg, "train.optimizer._target_"), "train.optimizer._target_",
+                     "a torch.optim class such as torch.optim.AdamW or torch.optim.SGD")
+
+
+def check_target(target: Any, key: str, allowed: str) -> None:
+    """``key`` names an importable callable (a Hydra ``_target_``)."""
+    import importlib
+
+    parts = str(target or "").split(".")
+    for i in range(len(parts) - 1, 0, -1):  # longest importable module prefix, then attributes
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except Exception:  # noqa: BLE001, S112 - try a shorter prefix
+            continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            break
+        if callable(obj):
+            return
+        break
+    raise HawqError(f"bad config {key}={target!r}: cannot import it; allowed: {allowed}")

@@ -1,16 +1,25 @@
 """Artifact I/O: atomic writes (temp file + rename) and readers with clear errors.
 
 Every artifact a stage writes goes through these helpers so a run killed midway
-never leaves a half-written file behind.
+never leaves a half-written file behind. A full disk or a read-only directory ends in
+a one-line :class:`HawqError` (and no partial file). :func:`track_writes` lists what a
+stage wrote (its completion record hashes them, :mod:`hawq.stages.record`).
+
+Test hook: ``HAWQ_KILL_AFTER=<file name>`` makes the process SIGKILL itself right
+after an artifact of that name is in place (crash-consistency tests).
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +76,51 @@ def clean_stale_temps(directory: str | Path, name: str, max_age_s: float = STALE
     return removed
 
 
+_TRACKERS: list[list[Path]] = []
+KILL_ENV = "HAWQ_KILL_AFTER"
+
+
+@contextmanager
+def track_writes() -> Iterator[list[Path]]:
+    """Collect the path of every artifact written through this module inside the block."""
+    written: list[Path] = []
+    _TRACKERS.append(written)
+    try:
+        yield written
+    finally:
+        _TRACKERS.remove(written)
+
+
+def _written(path: Path) -> None:
+    for tracker in _TRACKERS:
+        tracker.append(path)
+    if os.environ.get(KILL_ENV) == path.name:  # crash-consistency test hook
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_error(path: Path, e: OSError) -> HawqError:
+    """One line for a failed write: the path, the OS reason and what helps."""
+    hint = {errno.ENOSPC: "free some space or point paths.run_dir elsewhere",
+            errno.EDQUOT: "free some space or point paths.run_dir elsewhere",
+            errno.EROFS: "the file system is read-only; set paths.run_dir to a writable folder",
+            errno.EACCES: "no write permission; set paths.run_dir to a writable folder",
+            errno.EPERM: "no write permission; set paths.run_dir to a writable folder",
+            errno.ENOTDIR: "a parent is a regular file, not a folder"}.get(e.errno, "")  # fmt: skip
+    reason = e.strerror or type(e).__name__
+    return HawqError(f"cannot write {path}: {reason}" + (f"; {hint}" if hint else ""))
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (torch.save reports a full disk as a RuntimeError raised
+    while handling it)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def _atomic(path: Path, write) -> Path:
     """Write through a temp file in the same directory, then rename over ``path``.
 
@@ -75,10 +129,11 @@ def _atomic(path: Path, write) -> Path:
     fsynced, and stale temp files of earlier killed writes are removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         if hasattr(os, "fchmod"):  # not on Windows, where mkstemp's mode is moot
             os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -86,10 +141,15 @@ def _atomic(path: Path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        os_error = _os_error(e)
+        if os_error is not None:
+            raise write_error(path, os_error) from e
         raise
     _fsync_dir(path.parent)
+    _written(path)
     return path
 
 
@@ -125,8 +185,19 @@ def read_yaml(path: str | Path) -> Any:
         return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError as e:
         raise HawqError(f"missing file {path}") from e
-    except (OSError, yaml.YAMLError) as e:
-        raise HawqError(f"cannot read YAML {path}: {e}") from e
+    except OSError as e:
+        raise HawqError(f"cannot read YAML {path}: {e.strerror or e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise HawqError(f"cannot read YAML {path}: {_yaml_problem(e)}; allowed: a YAML "
+                        "document") from e  # fmt: skip
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line for a YAML parse error: the problem and where (line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:

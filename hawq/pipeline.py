@@ -2,10 +2,15 @@
 
 A stage is a module ``hawq.stages.<name>`` with two functions:
 
-* ``done(ctx) -> bool``: its outputs already exist (then it is skipped unless
-  ``force=true``);
-* ``run(ctx) -> dict``: do the work, write its artifacts, return metrics, which
-  the pipeline records in ``results.json`` under ``stages.<name>``.
+* ``done(ctx) -> bool``: its completion record says it finished with the current
+  config and inputs and its outputs are intact (:mod:`hawq.stages.record`); then it
+  is skipped unless ``force=true``;
+* ``run(ctx) -> dict``: do the work, write its artifacts, return metrics.
+
+After ``run`` the pipeline writes the stage's completion record (hashes of what it
+wrote, of its inputs and of the config keys it reads) last and atomically, then
+records the metrics in ``results.json`` under ``stages.<name>`` (restored from the
+record when a kill came in between).
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from types import ModuleType
 from omegaconf import DictConfig
 
 import hawq.stages
-from hawq.config import DataConfig, RunConfig, TrainConfig, run_config, typed
+from hawq.config import RunConfig, run_config, validate_groups
+from hawq.distributed import is_main
 from hawq.errors import HawqError, choices
+from hawq.io import track_writes
 from hawq.lock import RunDirLock
-from hawq.stages.context import Context
+from hawq.stages import record
+from hawq.stages.context import Context, check_run_dir
 
 log = logging.getLogger("hawq")
 
@@ -44,12 +52,19 @@ def load_stage(name: str) -> ModuleType:
     return importlib.import_module(f"hawq.stages.{name}")
 
 
-def run_pipeline(cfg: DictConfig) -> dict:
-    """Run ``cfg.stages`` in order; returns the final contents of ``results.json``."""
+def validate(cfg: DictConfig) -> tuple[RunConfig, list[ModuleType]]:
+    """Check the top-level keys, the stage names and every config group the stages read
+    (before any work; the CLI runs this before Hydra writes its log)."""
     run = run_config(cfg)
     stages = [load_stage(name) for name in run.stages]  # fail on a typo before any work
-    typed(cfg.data, DataConfig, "data")
-    typed(cfg.train, TrainConfig, "train")
+    validate_groups(cfg, {k.split(".")[0] for n in run.stages for k in record.spec_keys(n)})
+    check_run_dir(cfg.paths.run_dir)  # before anything is written
+    return run, stages
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    """Run ``cfg.stages`` in order; returns the final contents of ``results.json``."""
+    run, stages = validate(cfg)
     with RunDirLock(cfg.paths.run_dir):  # one process per run directory at a time
         return _run_stages(cfg, run, stages)
 
@@ -57,13 +72,28 @@ def run_pipeline(cfg: DictConfig) -> dict:
 def _run_stages(cfg: DictConfig, run: RunConfig, stages: list[ModuleType]) -> dict:
     ctx = Context(cfg, run)
     log.info("run directory: %s (device %s)", ctx.run_dir, ctx.device)
+    if not run.force:  # trained weights made with other settings: refuse before any work
+        for name in run.stages:
+            status = record.check(ctx, name, config_only=True)
+            if status.changed and name in record.KEEP:
+                record.refuse_or_redo(ctx, name, status)
     for name, stage in zip(run.stages, stages):
-        if not run.force and stage.done(ctx):
-            log.info("%s: outputs exist, skipped (force=true to redo)", name)
-            continue
+        if not run.force:
+            status = record.check(ctx, name)
+            if status.done or record.adopt(ctx, name):
+                rec = record.load(ctx, name) or {}
+                if ctx.stage_result(name) != rec.get("metrics"):  # killed before results.json
+                    ctx.save_results(name, rec.get("metrics"))
+                log.info("%s: up to date, skipped (force=true to redo)", name)
+                continue
+            record.refuse_or_redo(ctx, name, status)
+        before = record.begin(ctx, name)
         start = time.perf_counter()
-        metrics = stage.run(ctx)
+        with track_writes() as written:
+            metrics = stage.run(ctx)
         metrics["wall_s"] = round(time.perf_counter() - start, 3)
+        if is_main():
+            record.commit(ctx, name, before, written, metrics)
         ctx.save_results(name, metrics)
         log.info("%s: done in %.1f s", name, metrics["wall_s"])
     ctx.save_results()  # also when every stage was skipped: config + provenance of this run

@@ -2,22 +2,30 @@
 
 A thin Hydra wrapper over :func:`hawq.pipeline.run_pipeline`. Errors a user can
 cause print one line (``hawq: error: ...``) and exit with status 2; set
-``HAWQ_DEBUG=1`` for the traceback.
+``HAWQ_DEBUG=1`` for the traceback. Before Hydra starts (and writes its log into the
+run directory) the command line is composed once here, so an override Hydra rejects
+(``train.foo=1`` without ``+``) and an unusable ``paths.run_dir`` (empty, under a
+regular file, read-only) also end in one line with nothing written. Ctrl-C prints one
+line and exits 130; the per-epoch state files stay, and the same command resumes.
+
+``hydra.run.dir=DIR`` is honoured: it sets ``paths.run_dir=DIR`` (artifacts, Hydra's
+log and ``.hydra/`` all go there); giving both with different values is an error.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hawq import sweep
 from hawq.errors import HawqError, choices
-from hawq.pipeline import run_pipeline
+from hawq.pipeline import run_pipeline, validate
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("hawq")
@@ -42,6 +50,66 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 raise HawqError(f"unknown {key} {v!r}; available: {choices(options)}")
 
 
+_RUN_DIR_KEYS = ("paths.run_dir", "+paths.run_dir", "++paths.run_dir")
+_HYDRA_DIR_KEYS = ("hydra.run.dir", "+hydra.run.dir", "++hydra.run.dir")
+
+
+def honour_hydra_run_dir(argv: list[str]) -> list[str]:
+    """``hydra.run.dir=DIR`` -> also ``paths.run_dir=DIR``, so artifacts follow it."""
+    given = {k: v for a in argv if "=" in a for k, v in [a.split("=", 1)]}
+    hydra_dir = next((given[k] for k in _HYDRA_DIR_KEYS if k in given), None)
+    if hydra_dir is None:
+        return argv
+    run_dir = next((given[k] for k in _RUN_DIR_KEYS if k in given), None)
+    if run_dir is not None and run_dir != hydra_dir:
+        raise HawqError(f"hydra.run.dir={hydra_dir} and paths.run_dir={run_dir} disagree; "
+                        "set only paths.run_dir (Hydra's log and .hydra/ follow it)")  # fmt: skip
+    return argv if run_dir is not None else [*argv, f"paths.run_dir={hydra_dir}"]
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's multi-line composition error as one line (an unknown key names the ``+``)."""
+    m = re.match(r"Could not override '([^']+)'\.\s*To append to your config use (\S+)", str(e))
+    if m:
+        key = m.group(1)
+        group = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        return (f"unknown config key {key}: not in {group}; allowed: the keys it has "
+                f"(python -m hawq.run --cfg job), or {m.group(2)} to add a new one")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "Set the env"))]
+    return "; ".join(lines) or type(e).__name__
+
+
+def precheck(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Compose the config as Hydra will and check ``paths.run_dir``, before Hydra writes.
+
+    Skipped for ``-m``/``--help``/``--cfg`` style flags (Hydra's own modes)."""
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose("config", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise HawqError(_one_line(e)) from e
+    try:
+        OmegaConf.resolve(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    except OmegaConfBaseException:
+        return  # an interpolation only Hydra's app resolves (${hydra:...}): checked later
+    validate(cfg)
+
+
+def _fail(e: HawqError) -> None:
+    if os.environ.get("HAWQ_DEBUG"):
+        raise e
+    message = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+    print(f"hawq: error: {message}", file=sys.stderr)  # always one line
+    sys.exit(e.exit_code)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     multirun = sweep.in_multirun()
@@ -50,13 +118,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             sweep.use_job_dir(cfg)
         results = run_pipeline(cfg)
     except HawqError as e:
-        if os.environ.get("HAWQ_DEBUG"):
-            raise
-        if multirun:  # this point fails alone; the sweep goes on
+        if multirun and not os.environ.get("HAWQ_DEBUG"):  # this point fails alone
             sweep.report_failed_point(e)
             return None
-        print(f"hawq: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _fail(e)
+    except KeyboardInterrupt:
+        if os.environ.get("HAWQ_DEBUG"):
+            raise
+        print(f"hawq: interrupted (Ctrl-C); finished epochs are kept in {cfg.paths.run_dir}: "
+              "the same command resumes", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
     evaluation = results["stages"].get("evaluate")
     return evaluation["fp"]["acc"] if evaluation else None  # for Hydra sweepers
 
@@ -65,19 +136,22 @@ def main() -> None:
     argv = sys.argv[1:]
     failed: list[str] = []
     try:
+        argv = honour_hydra_run_dir(argv)
         if sweep.is_multirun(argv):
             argv, failed = sweep.drop_unknown_options(argv, CONF_DIR)
             for line in failed:
                 print(f"hawq: error: sweep point {line}", file=sys.stderr)
         else:
             check_group_choices(argv)
+            precheck(argv)
     except HawqError as e:
-        print(f"hawq: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _fail(e)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.argv[1:] = argv
     if not sweep.is_multirun(argv):
         _hydra_main()
         return
-    sys.argv[1:] = argv
     log_path = sweep.start_failure_log()
     _hydra_main()
     failed += sweep.read_failure_log(log_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import tarfile
 import tempfile
 import urllib.request
@@ -77,32 +78,58 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise HawqError(f"cannot read CIFAR-10 npz {path}: {e}") from e
 
 
-def _find_batches(root: Path) -> Path | None:
+def _find_batches(root: Path, partial: bool = False) -> Path | None:
+    """The folder with the python batches: all five train batches + test_batch; with
+    ``partial`` any train batch will do (a folder with only some is an error otherwise)."""
     for cand in (root / _BATCH_DIR, root):
-        if all((cand / b).is_file() for b in [*_TRAIN_BATCHES, "test_batch"]):
-            return cand
+        have = [b for b in _TRAIN_BATCHES if (cand / b).is_file()]
+        if not (cand / "test_batch").is_file() or not have:
+            continue
+        if len(have) < len(_TRAIN_BATCHES) and not partial:
+            missing = sorted(set(_TRAIN_BATCHES) - set(have))
+            raise HawqError(f"CIFAR-10 in {cand} is incomplete: {len(have)} of "
+                            f"{len(_TRAIN_BATCHES)} train batches ({', '.join(missing)} missing); "
+                            "allowed: all of them, or data.partial=true to train on the "
+                            "rest")  # fmt: skip
+        return cand
     return None
 
 
-def _find_npz(root: Path) -> tuple[list[Path], Path] | None:
+_PART = re.compile(r"cifar10_train_part(\d+)of(\d+)\.npz$")
+
+
+def _find_npz(root: Path, partial: bool = False) -> tuple[list[Path], Path] | None:
+    """The npz shards: every ``partKofN`` of the N named (all must be there unless
+    ``partial``) + ``cifar10_test.npz``."""
     train = sorted(root.glob("cifar10_train_part*of*.npz"))
     test = root / "cifar10_test.npz"
-    return (train, test) if train and test.is_file() else None
+    if not train or not test.is_file():
+        return None
+    parts = [m for p in train if (m := _PART.search(p.name))]
+    n = max((int(m.group(2)) for m in parts), default=len(train))
+    missing = sorted(set(range(1, n + 1)) - {int(m.group(1)) for m in parts})
+    if missing and not partial:
+        names = ", ".join(f"cifar10_train_part{k}of{n}.npz" for k in missing)
+        raise HawqError(f"CIFAR-10 in {root} is incomplete: {n - len(missing)} of {n} train "
+                        f"shards ({names} missing); allowed: all of them, or data.partial=true "
+                        "to train on the rest")  # fmt: skip
+    return train, test
 
 
-def load_cifar10(root: str | Path, download: bool = False) -> Splits:
+def load_cifar10(root: str | Path, download: bool = False, partial: bool = False) -> Splits:
     """Load CIFAR-10 train and test splits as uint8 (N, 3, 32, 32) tensors.
 
     Args:
         root: folder with the python batches or the npz shards.
         download: fetch the official archive into ``root`` when nothing is found.
+        partial: accept missing train shards/batches (an empty split is always an error).
 
     Raises:
         HawqError: data missing (and not downloading), unreadable or wrong-shaped.
     """
     root = Path(root).expanduser()
-    batches = _find_batches(root)
-    if batches is None and (npz := _find_npz(root)) is not None:
+    batches = _find_batches(root, partial)
+    if batches is None and (npz := _find_npz(root, partial)) is not None:
         train_files, test_file = npz
         parts = [_read_npz(p) for p in train_files]
         xtr = np.concatenate([p[0] for p in parts])
@@ -120,13 +147,18 @@ def load_cifar10(root: str | Path, download: bool = False) -> Splits:
                 )
             download_cifar10(root)
             batches = root / _BATCH_DIR
-        parts = [_read_pickle(batches / b) for b in _TRAIN_BATCHES]
+        parts = [_read_pickle(batches / b) for b in _TRAIN_BATCHES
+                 if (batches / b).is_file() or not partial]  # fmt: skip
         xtr = np.concatenate([p[0] for p in parts])
         ytr = np.concatenate([p[1] for p in parts])
         xte, yte = _read_pickle(batches / "test_batch")
         source = batches
     train = ImageSplit(*_check(xtr, ytr, source))
     test = ImageSplit(*_check(xte, yte, source))
+    for split, data in (("train", train), ("test", test)):
+        if len(data) == 0:
+            raise HawqError(f"CIFAR-10 in {source}: the {split} split has 0 images; allowed: "
+                            "a data set with images (data.root=<folder holding CIFAR-10>)")
     return Splits(train=train, test=test, classes=CLASSES, mean=MEAN, std=STD)
 
 

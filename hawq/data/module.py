@@ -33,17 +33,19 @@ class ImageData:
         train_subset: int | None = None,
         test_subset: int | None = None,
         seed: int = 0,
+        partial: bool = False,
     ) -> None:
         self.name, self.root, self.download, self.synthetic = name, root, download, synthetic
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.augment, self.padding = augment, padding
         self.train_subset, self.test_subset, self.seed = train_subset, test_subset, seed
+        self.partial = partial
 
     @cached_property
     def splits(self) -> Splits:
         """Loaded once, on first use."""
         if self.root is not None:
-            s = load_cifar10(self.root, download=self.download)
+            s = load_cifar10(self.root, download=self.download, partial=self.partial)
         else:
             s = make_synthetic(n_train=self.train_subset or 1024, n_test=self.test_subset or 512,
                                seed=self.seed)  # fmt: skip

@@ -116,7 +116,32 @@ def validate(report: Any, source: str = "hessian report") -> dict:
             if e[key] and set(e[key]) != set(OPERANDS[e["kind"]]):
                 fail(f"op {name!r} {key} keys {sorted(e[key])}, expected "
                      f"{list(OPERANDS[e['kind']])}")  # fmt: skip
+        for key, value in _numbers(e):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):  # fmt: skip
+                fail(f"op {name!r} {key}={value!r}; allowed: a finite number or null")
     return report
+
+
+def _numbers(e: dict) -> list[tuple[str, Any]]:
+    """``(key, value)`` of every numeric field of an op entry (lists and operand maps
+    flattened): traces, stderrs, eigenvalues, residuals, sizes."""
+    out: list[tuple[str, Any]] = []
+    for key in ("numel", "macs", "trace", "trace_stderr", "trace_samples", "eig_iterations"):
+        out.append((key, e.get(key)))
+    for key in ("eigenvalues", "eig_residuals"):
+        values = e.get(key)
+        if values is not None and not isinstance(values, list):
+            out.append((key, values))
+        for i, v in enumerate(values or []):
+            out.append((f"{key}[{i}]", v))
+    for key in ("act_trace", "act_trace_stderr", "act_numel"):
+        values = e.get(key)
+        if values is not None and not isinstance(values, dict):
+            out.append((key, values))
+        for operand, v in (values or {}).items():
+            out.append((f"{key}.{operand}", v))
+    return out
 
 
 def write_hessian_report(path: str | Path, report: dict) -> Path:

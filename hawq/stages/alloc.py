@@ -24,10 +24,10 @@ from hawq.alloc.costs import LatencyTable
 from hawq.alloc.sensitivity import measured_sensitivity
 from hawq.config import typed
 from hawq.errors import HawqError, choices
-from hawq.io import read_yaml
 from hawq.models.ops import quantizable_ops
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, save_plan
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.latency import table_path
 from hawq.viz.alloc import budget_title, plot_allocation, plot_frontier
@@ -44,12 +44,8 @@ def _config_dict(cfg: AllocConfig) -> dict[str, Any]:
 
 
 def done(ctx: Context) -> bool:
-    cfg = _config(ctx)
-    out = ctx.path(cfg.out)
-    if not out.is_file():
-        return False
-    meta = (read_yaml(out) or {}).get("meta", {})
-    return meta.get("config") == _config_dict(cfg)
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "alloc")
 
 
 def _base(ctx: Context, cfg: AllocConfig) -> OpSetting:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,37 @@ from hawq.config import DataConfig, RunConfig, typed
 from hawq.data.module import ImageData
 from hawq.distributed import is_main
 from hawq.engine import resolve_device
-from hawq.io import read_json, write_json
+from hawq.errors import HawqError
+from hawq.io import read_json, write_error, write_json
 from hawq.provenance import provenance
 
 log = logging.getLogger("hawq")
+
+
+def check_run_dir(value: object) -> Path:
+    """``paths.run_dir`` must name a folder this process can write, or a path that can be
+    created as one; checked before anything is written (Hydra's log included).
+
+    Raises:
+        HawqError: empty (an unset shell variable), a regular file on the path, or not
+            writable (read-only file system, no permission).
+    """
+    if value is None or not str(value).strip():
+        raise HawqError("paths.run_dir is empty (an unset shell variable?); allowed: a folder "
+                        "path, e.g. paths.run_dir=runs/mine, or leave it and set name=<run name>")
+    run_dir = Path(str(value)).expanduser().resolve()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise HawqError(f"paths.run_dir={value}: {existing} is a regular file, not a folder; "
+                        "allowed: a folder path (or one that can be created)")  # fmt: skip
+    try:  # a real probe: access(2) says yes to root on a read-only mount's chmod 555 folder
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".hawq-write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        err = write_error(existing, e)
+        raise HawqError(f"paths.run_dir={value}: {err}") from e
+    return run_dir
 
 
 class Context:

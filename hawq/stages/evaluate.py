@@ -1,19 +1,19 @@
 """Stage ``evaluate``: test accuracy and loss of the FP checkpoint.
 
-Skipped when ``results.json`` already holds an evaluation of the same
-checkpoint file (same modification time).
+Skipped when its completion record matches: the same checkpoint (by content hash)
+and the same ``data`` config.
 """
 
 from __future__ import annotations
 
 from hawq.engine import evaluate
+from hawq.stages import record
 from hawq.stages.context import Context
 
 
 def done(ctx: Context) -> bool:
-    res = ctx.stage_result("evaluate")
-    ckpt = ctx.checkpoint
-    return bool(res) and ckpt.is_file() and res.get("checkpoint_mtime") == ckpt.stat().st_mtime
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "evaluate")
 
 
 def run(ctx: Context) -> dict:
@@ -22,5 +22,4 @@ def run(ctx: Context) -> dict:
     return {
         "fp": metrics,
         "checkpoint": str(ctx.checkpoint),
-        "checkpoint_mtime": ctx.checkpoint.stat().st_mtime,
     }

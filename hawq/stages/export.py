@@ -23,6 +23,7 @@ from hawq.integer.config import IntegerConfig
 from hawq.integer.export import export
 from hawq.integer.standalone import load
 from hawq.io import load_torch
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.integer import OUT, source
 
@@ -37,9 +38,8 @@ def _plan(ctx: Context) -> tuple[bool, bool]:
 
 
 def done(ctx: Context) -> bool:
-    want_int, want_onnx = _plan(ctx)
-    return ((not want_int or (ctx.path(DIR) / "integer.json").is_file())
-            and (not want_onnx or (ctx.path(DIR) / ONNX).is_file()))  # fmt: skip
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "export")
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from hawq.config import typed
 from hawq.distributed import init_from_env
+from hawq.engine import StepTimer
 from hawq.errors import HawqError
 from hawq.hessian import dist
 from hawq.hessian.activation import ActivationHessian, operand_traces
@@ -32,6 +33,7 @@ from hawq.hessian.hutchinson import block_traces
 from hawq.hessian.operator import hessian_operator
 from hawq.hessian.report import SCHEMA, _finite_or_none, op_entry, write_hessian_report
 from hawq.models.ops import op_inventory
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.hessian import plot_density, plot_report
 
@@ -40,15 +42,21 @@ REPORT = "hessian.json"
 
 
 def done(ctx: Context) -> bool:
-    return ctx.path(REPORT).is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "hessian")
 
 
 def _progress(desc: str, total: int):
+    """A tqdm bar (on a TTY) and, without one, a log line a minute with elapsed time and the
+    ETA of ``total`` samples (an upper bound: ``rtol`` may stop it early)."""
     bar = tqdm(total=total, desc=desc, leave=False, disable=None if dist.is_main() else True)
+    timer = StepTimer(total, f"hessian: {desc} (samples; stops early at rtol)")
 
     def update(n: int, worst: float) -> None:
         bar.update(n - bar.n)
         bar.set_postfix(worst_rel_err=f"{worst:.3f}")
+        if dist.is_main() and n >= 1:
+            timer.tick(n - 1, f", worst rel. stderr {worst:.3f}")
 
     return bar, update
 

@@ -39,10 +39,11 @@ from hawq.alloc.report import read_hessian
 from hawq.config import typed
 from hawq.engine import evaluate
 from hawq.errors import HawqError, choices
-from hawq.io import read_json, write_json
+from hawq.io import write_json
 from hawq.models.ops import op_inventory
 from hawq.quant.config import QuantConfig, default_setting
 from hawq.quant.plan import OpSetting, save_plan
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.curve import plot_int4_curve
 
@@ -64,11 +65,8 @@ def _key(cfg: CurveConfig, base: OpSetting) -> dict[str, Any]:
 
 
 def done(ctx: Context) -> bool:
-    cfg = _config(ctx)
-    out = ctx.path(cfg.out)
-    if not out.is_file():
-        return False
-    return read_json(out).get("key") == _key(cfg, _base(ctx))
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "int4_curve")
 
 
 def _quant(ctx: Context) -> QuantConfig:

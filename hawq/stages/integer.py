@@ -27,6 +27,7 @@ from hawq.integer.convert import convert
 from hawq.integer.fp8 import convert_fp8, has_fp8_ops
 from hawq.io import save_torch
 from hawq.quant import load_quantized
+from hawq.stages import record
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -49,7 +50,8 @@ def source(ctx: Context, ic: IntegerConfig) -> Path:
 
 
 def done(ctx: Context) -> bool:
-    return ctx.path(OUT).is_file() and bool(ctx.stage_result("integer"))
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "integer")
 
 
 @torch.no_grad()

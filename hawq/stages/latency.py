@@ -22,6 +22,7 @@ from hawq.integer import ops
 from hawq.integer.config import IntegerConfig, LatencyConfig
 from hawq.integer.latency import measure_latency, write_latency_table
 from hawq.models.ops import quantizable_ops
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.alloc import plot_latency
 
@@ -38,7 +39,8 @@ def table_path(ctx: Context) -> Path:
 
 
 def done(ctx: Context) -> bool:
-    return table_path(ctx).is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "latency")
 
 
 def run(ctx: Context) -> dict[str, Any]:

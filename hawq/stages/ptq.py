@@ -27,6 +27,7 @@ from hawq.quant import (
     summary,
 )
 from hawq.quant.config import QuantConfig, resolve_plan
+from hawq.stages import record
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -35,7 +36,8 @@ PLAN = "ptq_bits.yaml"
 
 
 def done(ctx: Context) -> bool:
-    return ctx.path(CKPT).is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "ptq")
 
 
 def load_fp(ctx: Context) -> tuple[nn.Module, dict]:

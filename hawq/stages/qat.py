@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from hawq import distributed as dist
+from hawq.checkpoint import restore_state
 from hawq.config import typed
 from hawq.engine import cosine_scheduler, evaluate, train_epoch
 from hawq.errors import HawqError
@@ -52,6 +53,7 @@ from hawq.quant import (
 )
 from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
 from hawq.quant.quantizer import Quantizer
+from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.ptq import bits_histogram, load_fp, op_lines
 
@@ -65,7 +67,8 @@ FIELDS = ["epoch", "floor_bits", "bn_frozen", "train_loss", "train_acc", "test_l
 
 
 def done(ctx: Context) -> bool:
-    return ctx.path(CKPT).is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "qat")
 
 
 def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:
@@ -223,10 +226,8 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     if state_path.is_file() and ctx.force and main:
         state_path.unlink()
     if resume:
-        state = load_torch(state_path)
-        model.load_state_dict(state["model"])  # includes bit widths and BN-frozen flags
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_torch(state_path)  # model state includes bit widths and BN-frozen flags
+        restore_state(state_path, state, model=model, optimizer=optimizer, scheduler=scheduler)
         start, history, init = state["epoch"], state["history"], state["init"]
         log.info("qat: resuming after epoch %d from %s", start, state_path)
     if start > tc.epochs:

@@ -19,11 +19,12 @@ from hydra.utils import instantiate
 from torch import nn
 from tqdm import tqdm
 
-from hawq.checkpoint import save_model
+from hawq.checkpoint import restore_state, save_model
 from hawq.config import TrainConfig, typed
 from hawq.engine import amp_enabled, cosine_scheduler, evaluate, fmt_seconds, train_epoch
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
+from hawq.stages import record
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -34,7 +35,8 @@ CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
 
 
 def done(ctx: Context) -> bool:
-    return ctx.checkpoint.is_file()
+    """Its completion record matches (:mod:`hawq.stages.record`)."""
+    return record.done(ctx, "train")
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
@@ -83,10 +85,8 @@ def run(ctx: Context) -> dict:
         state_path.unlink()
     if state_path.is_file():
         state = load_torch(state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state["history"]
+        restore_state(state_path, state, model=model, optimizer=optimizer, scheduler=scheduler)
+        start_epoch, history = state["epoch"], state.get("history", [])
         log.info("train: resuming after epoch %d from %s", start_epoch, state_path)
     if start_epoch > tc.epochs:
         raise HawqError(f"{state_path} is at epoch {start_epoch} > train.epochs={tc.epochs}")

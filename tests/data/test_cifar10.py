@@ -73,12 +73,12 @@ def test_missing_data_says_what_was_looked_for(tmp_path):
 
 
 def test_wrong_shape_and_unreadable_data(tmp_path):
-    np.savez(tmp_path / "cifar10_train_part1of3.npz", x=np.zeros((4, 28, 28), np.uint8),
+    np.savez(tmp_path / "cifar10_train_part1of1.npz", x=np.zeros((4, 28, 28), np.uint8),
              y=np.zeros(4, np.int64))  # fmt: skip
     np.savez(tmp_path / "cifar10_test.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4))
     with pytest.raises(HawqError, match="expected uint8 images of shape"):
         load_cifar10(tmp_path)
-    (tmp_path / "cifar10_train_part1of3.npz").write_bytes(b"not an npz")
+    (tmp_path / "cifar10_train_part1of1.npz").write_bytes(b"not an npz")
     with pytest.raises(HawqError, match="cannot read CIFAR-10 npz"):
         load_cifar10(tmp_path)
 

@@ -46,14 +46,17 @@ def test_train_then_hessian_writes_report_and_plots(make_cfg, tmp_path):
     # alone from the checkpoint, elsewhere; skipped when present
     other = tmp_path / "other"
     given = f"paths.checkpoint={run_dir}/model.pt"
-    run_pipeline(make_cfg(*FAST, "stages=[hessian]", given, "hessian.estimator=hutchpp",
-                          "hessian.sketch=2", "hessian.activation=false", "hessian.top_k=0",
-                          "hessian.density=false", run_dir=other))  # fmt: skip
+    alone_args = (*FAST, "stages=[hessian]", given, "hessian.estimator=hutchpp",
+                  "hessian.sketch=2", "hessian.activation=false", "hessian.top_k=0",
+                  "hessian.density=false")  # fmt: skip
+    run_pipeline(make_cfg(*alone_args, run_dir=other))
     alone = load_hessian_report(other / "hessian.json")
     assert alone["estimator"] == "hutchpp" and alone["ops"]["head"]["eigenvalues"] is None
     mtime = (other / "hessian.json").stat().st_mtime_ns
-    run_pipeline(make_cfg(*FAST, "stages=[hessian]", given, run_dir=other))
+    run_pipeline(make_cfg(*alone_args, run_dir=other))  # same config and checkpoint: skipped
     assert (other / "hessian.json").stat().st_mtime_ns == mtime
+    run_pipeline(make_cfg(*FAST, "stages=[hessian]", given, run_dir=other))  # config changed
+    assert load_hessian_report(other / "hessian.json")["estimator"] == "hutchinson"
 
 
 @pytest.mark.parametrize(("override", "message"), [

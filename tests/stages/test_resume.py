@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from ..conftest import REPO
@@ -28,16 +29,34 @@ def metrics(run_dir):
     return [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows]
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    proc = start(full)
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """An uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("resume") / "full"
+    proc = start(run_dir)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    return run_dir
 
-    proc = start(killed)
-    state = killed / "train_state.pt"
+
+def wait_for_state(proc, run_dir):
+    state = run_dir / "train_state.pt"
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
+    return state
+
+
+def same_model(a_dir, b_dir):
+    a = torch.load(a_dir / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(b_dir / "model.pt", weights_only=False)["state_dict"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_and_resume_equals_uninterrupted(full, tmp_path):
+    killed = tmp_path / "killed"
+
+    proc = start(killed)
+    state = wait_for_state(proc, killed)
     proc.send_signal(signal.SIGKILL)  # in the middle of epoch 2
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert not (killed / "model.pt").exists()
@@ -46,6 +65,26 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     proc = start(killed)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     assert metrics(killed) == metrics(full)
-    a = torch.load(full / "model.pt", weights_only=False)["state_dict"]
-    b = torch.load(killed / "model.pt", weights_only=False)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_model(full, killed)
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(full, tmp_path):
+    """SIGINT in an epoch: one line, exit 130, the last epoch's state intact; rerun resumes
+    to the uninterrupted run's weights."""
+    run_dir = tmp_path / "interrupted"
+    proc = start(run_dir)
+    state = wait_for_state(proc, run_dir)
+    time.sleep(0.3)  # inside a later epoch
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("hawq: interrupted (Ctrl-C)")
+    saved = torch.load(state, weights_only=False)  # intact: loads, a finished epoch
+    assert 1 <= saved["epoch"] < 6 and len(saved["history"]) == saved["epoch"]
+    assert not (run_dir / "model.pt").exists() and not list(run_dir.glob(".*.tmp"))
+
+    proc = start(run_dir)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    assert metrics(run_dir) == metrics(full)
+    assert same_model(full, run_dir)

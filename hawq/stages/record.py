@@ -1,0 +1,308 @@
+"""Stage completion records: a stage is done only when everything it wrote is in place.
+
+A stage first writes its artifacts (each atomically, :mod:`hawq.io`), then the
+pipeline writes one record, atomically and last, ``<run_dir>/records/<stage>.json``::
+
+    {"stage", "fingerprint", "config": {key: value}, "inputs": {path: sha256 | null},
+     "outputs": {path: sha256}, "metrics": {...}}
+
+``fingerprint = sha256(json(config, inputs))`` where ``config`` holds the values of the
+config keys the stage reads (:data:`SPECS`) and ``inputs`` the SHA-256 of each input
+artifact (``null`` when absent: a ``bits.yaml`` appearing later changes the ``ptq``
+fingerprint). :func:`check` says whether the stage is done: its record exists, every
+recorded output still has its hash, and the fingerprint equals the current one. A
+killed run therefore redoes the stage it was in, however late the kill came, and a
+stage's ``results.json`` entry (restored from the record when missing) always
+describes the config that made its artifacts.
+
+When the fingerprint changed while the outputs are intact, cheap stages are redone
+(with one log line naming the changed keys); the stages that train weights
+(:data:`KEEP`: ``train``, ``qat``) refuse instead with one line naming the changed
+keys: ``force=true`` redoes them (overwriting), a new ``name=`` keeps both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from hawq.errors import HawqError
+from hawq.io import read_json, write_json
+from hawq.stages.context import Context
+
+log = logging.getLogger("hawq")
+DIR = "records"
+KEEP = frozenset({"train", "qat"})  # trained weights: refuse to overwrite on a config change
+_MISSING = "<absent>"
+
+
+def _ckpt(ctx: Context) -> list[Path]:
+    return [ctx.checkpoint]
+
+
+def _run_file(*names: str) -> Callable[[Context], list[Path]]:
+    return lambda ctx: [ctx.path(n) for n in names]
+
+
+def _cfg_path(key: str, default: str) -> Callable[[Context], list[Path]]:
+    """The file named by config ``key`` when set, else ``default`` in the run directory."""
+
+    def paths(ctx: Context) -> list[Path]:
+        value = OmegaConf.select(ctx.cfg, key, default=None)
+        return [Path(value).expanduser() if value else ctx.path(default)]
+
+    return paths
+
+
+def _plan(ctx: Context) -> list[Path]:
+    """The plan ``ptq``/``qat`` read (``quant.plan``, else ``bits.yaml``, see
+    :func:`hawq.quant.config.resolve_plan`)."""
+    return _cfg_path("quant.plan", "bits.yaml")(ctx)
+
+
+def _latency(ctx: Context) -> list[Path]:
+    table = OmegaConf.select(ctx.cfg, "alloc.latency_table", default=None)
+    if table:
+        return [Path(table).expanduser()]
+    if OmegaConf.select(ctx.cfg, "alloc.latency_us", default=None) is None:
+        return []
+    return [ctx.path(OmegaConf.select(ctx.cfg, "latency.out", default="latency.json"))]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a stage reads: config keys (dotted) and input artifacts (functions of ctx)."""
+
+    keys: tuple[str, ...]
+    inputs: tuple[Callable[[Context], list[Path]], ...] = ()
+
+
+SPECS: dict[str, Spec] = {
+    "train": Spec(("seed", "model", "data", "train")),
+    "evaluate": Spec(("data",), (_ckpt,)),
+    "hessian": Spec(("data", "hessian"), (_ckpt,)),
+    "latency": Spec(("model", "latency", "alloc.candidates", "alloc.pins", "alloc.pin_first",
+                     "alloc.pin_last", "integer.backend"), (_ckpt,)),  # fmt: skip
+    "alloc": Spec(("seed", "data", "alloc", "quant.default"),
+                  (_ckpt, _cfg_path("alloc.hessian", "hessian.json"), _latency)),  # fmt: skip
+    "ptq": Spec(("seed", "data", "quant"), (_ckpt, _plan)),
+    "qat": Spec(("seed", "data", "quant", "qat"), (_ckpt, _plan)),
+    "integer": Spec(("data", "integer"),
+                    (_cfg_path("integer.source", "qat_model.pt"),
+                     _run_file("qat_model.pt", "ptq_model.pt"))),  # fmt: skip
+    "export": Spec(("integer",), (_run_file("integer_model.pt", "qat_model.pt", "ptq_model.pt"),)),
+    "landscape": Spec(("seed", "data", "quant", "landscape"),
+                      (_ckpt, _run_file("ptq_model.pt", "hessian.json"))),  # fmt: skip
+    "int4_curve": Spec(("seed", "data", "quant", "curve"),
+                       (_ckpt, _cfg_path("curve.hessian", "hessian.json"))),  # fmt: skip
+}
+#: A stage without a spec (added later) depends on every config key but these.
+_NOT_READ = ("stages", "force", "name", "device", "paths", "hydra")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str | None:
+    return sha256(path) if path.is_file() else None
+
+
+def spec_keys(stage: str) -> tuple[str, ...]:
+    """The config keys ``stage`` reads (every group for a stage without a spec)."""
+    if stage in SPECS:
+        return SPECS[stage].keys
+    return ("model", "data", "train", "hessian", "quant", "qat", "alloc", "integer", "latency",
+            "curve", "landscape")  # fmt: skip
+
+
+def spec(stage: str, ctx: Context) -> Spec:
+    if stage in SPECS:
+        return SPECS[stage]
+    return Spec(tuple(k for k in ctx.cfg if k not in _NOT_READ), (_ckpt,))
+
+
+def config_values(stage: str, ctx: Context) -> dict[str, Any]:
+    """``{key: resolved value}`` of the config keys ``stage`` reads (``<absent>`` if unset)."""
+    out = {}
+    for key in spec(stage, ctx).keys:
+        value = OmegaConf.select(ctx.cfg, key, default=_MISSING)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        out[key] = value
+    return out
+
+
+def _key(ctx: Context, p: Path) -> str:
+    """A file's name in a record: relative to the run directory when inside it (a moved
+    or copied run directory keeps its records valid), else absolute."""
+    p = Path(p).resolve()
+    try:
+        return str(p.relative_to(ctx.run_dir))
+    except ValueError:
+        return str(p)
+
+
+def _file(ctx: Context, key: str) -> Path:
+    return ctx.run_dir / key if not Path(key).is_absolute() else Path(key)
+
+
+def input_hashes(stage: str, ctx: Context) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for fn in spec(stage, ctx).inputs:
+        for p in fn(ctx):
+            out[_key(ctx, p)] = _file_hash(p)
+    return out
+
+
+def fingerprint(config: dict[str, Any], inputs: dict[str, str | None]) -> str:
+    blob = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def path(ctx: Context, stage: str) -> Path:
+    return ctx.path(DIR) / f"{stage}.json"
+
+
+def load(ctx: Context, stage: str) -> dict | None:
+    """The record of ``stage`` in this run directory, or None (missing or unreadable)."""
+    p = path(ctx, stage)
+    if not p.is_file():
+        return None
+    try:
+        rec = read_json(p)
+    except HawqError:
+        return None
+    return rec if isinstance(rec, dict) and "fingerprint" in rec else None
+
+
+@dataclass
+class Status:
+    """Outcome of :func:`check`: ``done``, or why not (``reason``) and which keys changed."""
+
+    done: bool
+    reason: str
+    changed: list[str] = field(default_factory=list)
+    outputs_intact: bool = False
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: d}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ, as ``key=old -> new``."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(set(a) | set(b))
+    return [f"{k}={a.get(k, _MISSING)!r} -> {b.get(k, _MISSING)!r}"
+            for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING)]  # fmt: skip
+
+
+def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
+    """Is ``stage`` done in this run directory with the current config and inputs?
+
+    ``config_only``: compare the config keys only (inputs may still be remade by earlier
+    stages of this run); a missing record or changed outputs then give no changed keys.
+    """
+    rec = load(ctx, stage)
+    if rec is None:
+        return Status(False, "no completion record")
+    for p, digest in rec.get("outputs", {}).items():
+        if _file_hash(_file(ctx, p)) != digest:
+            return Status(False, f"output {p} is missing or changed since it was written")
+    config = config_values(stage, ctx)
+    if config_only:
+        changed = changed_keys(rec.get("config", {}), config)
+        return Status(not changed, "config changed" if changed else "config unchanged", changed,
+                      outputs_intact=True)  # fmt: skip
+    inputs = input_hashes(stage, ctx)
+    if fingerprint(config, inputs) == rec["fingerprint"]:
+        return Status(True, "up to date", outputs_intact=True)
+    changed = changed_keys(rec.get("config", {}), config)
+    old_inputs = rec.get("inputs", {})
+    changed += [f"input {Path(p).name} changed" for p in sorted(set(old_inputs) | set(inputs))
+                if old_inputs.get(p, _MISSING) != inputs.get(p, _MISSING)]  # fmt: skip
+    return Status(False, "made with a different config or inputs", changed or ["(unknown)"],
+                  outputs_intact=True)  # fmt: skip
+
+
+def done(ctx: Context, stage: str) -> bool:
+    """What a stage's ``done(ctx)`` returns: :func:`check` ``.done``."""
+    return check(ctx, stage).done
+
+
+def refuse_or_redo(ctx: Context, stage: str, status: Status) -> None:
+    """Log why ``stage`` runs again, or refuse (``KEEP`` stages whose record and outputs are
+    intact but were made with other config/inputs)."""
+    what = ", ".join(status.changed[:6]) + (" ..." if len(status.changed) > 6 else "")
+    if stage in KEEP and status.outputs_intact and status.changed:
+        raise HawqError(f"{stage}: the outputs in {ctx.run_dir} were made with other settings "
+                        f"({what}); force=true redoes {stage} and overwrites them, a new name= "
+                        "(or paths.run_dir=) keeps both")  # fmt: skip
+    if status.changed:
+        log.info("%s: redone, %s: %s", stage, status.reason, what)
+    else:
+        log.info("%s: %s, running it", stage, status.reason)
+
+
+def begin(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """Config values and input hashes before ``stage`` runs (what its outputs derive from)."""
+    return config_values(stage, ctx), input_hashes(stage, ctx)
+
+
+def commit(ctx: Context, stage: str, before: tuple[dict, dict], written: list[Path],
+           metrics: dict[str, Any]) -> Path:
+    """Write the record of a finished stage: last, atomically; hashes of what it wrote."""
+    config, inputs = before
+    skip = {ctx.path(ctx.RESULTS).resolve(), ctx.path(DIR).resolve()}
+    outputs = {}
+    for p in written:
+        p = Path(p).resolve()
+        if p.is_file() and p not in skip and p.parent not in skip:
+            outputs[_key(ctx, p)] = sha256(p)
+    rec = {"stage": stage, "fingerprint": fingerprint(config, inputs), "config": config,
+           "inputs": inputs, "outputs": outputs, "metrics": metrics}  # fmt: skip
+    return write_json(path(ctx, stage), rec)
+
+
+#: KEEP stage -> (its trained outputs, its resumable state file)
+_ADOPT: dict[str, tuple[Callable[[Context], list[Path]], str]] = {
+    "train": (_ckpt, "train_state.pt"),
+    "qat": (_run_file("qat_model.pt"), "qat_state.pt"),
+}
+
+
+def adopt(ctx: Context, stage: str) -> bool:
+    """Keep trained weights made without a record (an older hawq, or a given checkpoint):
+    ``train``/``qat`` whose output exists with no record and no resumable state file get
+    a record of the current config, so they are not retrained. Returns True when adopted.
+    (A run killed after writing them still has its state file: it resumes instead.)"""
+    if stage not in _ADOPT or load(ctx, stage) is not None:
+        return False
+    outputs_fn, state = _ADOPT[stage]
+    outputs = outputs_fn(ctx)
+    if ctx.path(state).is_file():
+        return False
+    if not outputs or not all(p.is_file() for p in outputs):
+        return False
+    metrics = ctx.stage_result(stage) or {"adopted": [str(p) for p in outputs]}
+    commit(ctx, stage, begin(ctx, stage), outputs, metrics)
+    log.warning("%s: %s has no completion record (older hawq or a given file); kept as is "
+                "(force=true retrains)", stage, ", ".join(str(p) for p in outputs))  # fmt: skip
+    return True
