@@ -92,9 +92,11 @@ class IntLinear(nn.Module):
         self.register_buffer("acc_scale", _acc_scale(spec))  # for export / inspection only
         self.rq = out
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, limit: int = 0,
+                lut: Tensor | None = None) -> Tensor:  # fmt: skip
+        """``requant(x W^T + b)``, then ``lut`` and a residual add clamped to ``+-limit``."""
         return ops.int_linear(x, self.weight, self.bias, self.rq.requant if self.rq else None,
-                              k=self.k)  # fmt: skip
+                              k=self.k, lut=lut, residual=residual, limit=limit)  # fmt: skip
 
 
 class IntConv2d(IntLinear):

@@ -35,7 +35,8 @@ import math
 import torch
 from torch import nn
 
-from hawq.integer.dyadic import rshift_round
+from hawq.errors import HawqError
+from hawq.integer.dyadic import Requant, rshift_round
 
 Tensor = torch.Tensor
 
@@ -71,22 +72,49 @@ class IntSoftmax(nn.Module):
     Args:
         scale: input scale ``S``.
         out_bits: ``k``: the output is ``softmax * 2^k`` (scale ``2^-k``), in ``[0, 2^k]``.
+        in_max: largest ``|q|`` of the input (int32 scores by default).
 
     Attributes:
         out_scale: ``2^-k``.
+
+    Raises:
+        HawqError: a scale that is not finite and positive, or so extreme that the shift to
+            the working scale would overflow int64 (``in_max 2^t >= 2^62``) or exceed a
+            62-bit right shift; ``out_bits`` outside ``[1, 30]``.
     """
 
-    def __init__(self, scale: float, out_bits: int = 16) -> None:
+    def __init__(self, scale: float, out_bits: int = 16, in_max: int = 2**31 - 1) -> None:
         super().__init__()
         self.scale, self.out_bits = float(scale), out_bits
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise HawqError(f"IntSoftmax: input scale must be finite and > 0, got {scale!r}")
+        if not 1 <= out_bits <= 30:
+            raise HawqError(f"IntSoftmax: out_bits must lie in [1, 30], got {out_bits}")
         self.shift = softmax_shift(self.scale)
+        if self.shift > 0 and int(in_max) << self.shift >= 2**62:
+            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too small: |q| <= {in_max} "
+                            f"shifted left by {self.shift} overflows int64")  # fmt: skip
+        if self.shift < -62:
+            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too large (shift {self.shift})")
         q_ln2, q_b, q_c, _ = exp_constants(self.scale * 2.0**-self.shift)
         for name, v in (("q_ln2", q_ln2), ("q_b", q_b), ("q_c", q_c)):  # for export
             self.register_buffer(name, torch.tensor(v, dtype=torch.int64))
         self.consts = (q_ln2, q_b, q_c)  # host ints: no device sync or graph break per call
         self.out_scale = 2.0**-out_bits
 
-    def forward(self, q: Tensor) -> Tensor:
+    def forward(self, q: Tensor, rq: Requant | None = None) -> Tensor:
+        """Softmax codes at ``2^-k`` (int64), or ``rq`` of them (a per-tensor requantizer)."""
+        from hawq.integer import ops
+
+        if ops.resolve(q) == "cpu" and (rq is None or rq.out_dtype == torch.int8):
+            from hawq.integer import cpu
+
+            return cpu.softmax(q, self.shift, self.consts, self.out_bits, rq)
+        out = self.reference(q)
+        return out if rq is None else rq(out)
+
+    def reference(self, q: Tensor) -> Tensor:
+        """The defining int64 torch computation (steps 1-5)."""
         q = q.to(torch.int64)
         if self.shift > 0:
             q = torch.bitwise_left_shift(q, self.shift)
