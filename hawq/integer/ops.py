@@ -174,6 +174,15 @@ def weight_int8(w: Tensor, k: int | None = None) -> Tensor:
 # ---------------------------------------------------------------- kernels
 
 
+def requant(acc: Tensor, rq: Requant) -> Tensor:
+    """``rq(acc)`` over the last dim (the fused C++ loop on the ``cpu`` backend)."""
+    if resolve(acc) == "cpu" and acc.dtype in (torch.int32, torch.int64, torch.float32):
+        from hawq.integer import cpu
+
+        return cpu.requant(acc, None, rq)
+    return rq(acc)
+
+
 def _finish(acc: Tensor, requant: Requant | None) -> Tensor:
     return requant(acc) if requant is not None else acc.to(torch.int32)
 

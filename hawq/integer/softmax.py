@@ -92,10 +92,11 @@ class IntSoftmax(nn.Module):
             raise HawqError(f"IntSoftmax: out_bits must lie in [1, 30], got {out_bits}")
         self.shift = softmax_shift(self.scale)
         if self.shift > 0 and int(in_max) << self.shift >= 2**62:
-            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too small: |q| <= {in_max} "
+            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too large: |q| <= {in_max} "
                             f"shifted left by {self.shift} overflows int64")  # fmt: skip
         if self.shift < -62:
-            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too large (shift {self.shift})")
+            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too small (a right shift by "
+                            f"{-self.shift} > 62)")  # fmt: skip
         q_ln2, q_b, q_c, _ = exp_constants(self.scale * 2.0**-self.shift)
         for name, v in (("q_ln2", q_ln2), ("q_b", q_b), ("q_c", q_c)):  # for export
             self.register_buffer(name, torch.tensor(v, dtype=torch.int64))

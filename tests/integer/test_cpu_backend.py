@@ -21,11 +21,12 @@ N_LINEAR, N_MATMUL, N_CONV, N_SOFTMAX, N_LN = 5000, 1500, 500, 2000, 1000
 PER_WEIGHT = 10  # linear cases sharing one weight (prepacking is what costs time)
 
 
-def _both(fn):
+def _both(fn, *args, **kw):
+    """``fn(*args, **kw)`` on the reference and the cpu backend."""
     with ops.backend("reference"):
-        ref = fn()
+        ref = fn(*args, **kw)
     with ops.backend("cpu"):
-        got = fn()
+        got = fn(*args, **kw)
     return ref, got
 
 
@@ -81,7 +82,7 @@ def _one_linear(g: torch.Generator, i: int, w: torch.Tensor, wt: torch.Tensor):
         lut = torch.randint(-128, 128, (span,), generator=g, dtype=torch.int8)
     if i % 13 == 0:
         res = torch.randint(-(2**15), 2**15, (m, n), generator=g, dtype=torch.int32)
-    return _both(lambda: ops.int_linear(x, wt, b, rq, k=k, lut=lut, residual=res, limit=2**15 - 1))
+    return _both(ops.int_linear, x, wt, b, rq, k=k, lut=lut, residual=res, limit=2**15 - 1)
 
 
 def test_int_linear_cpu_equals_reference():
@@ -103,7 +104,7 @@ def test_int_matmul_cpu_equals_reference():
         b = torch.randint(-128, 128, (bsz, 2, k, n), generator=g, dtype=torch.int8)
         za, zb = r(-128, 127), r(-128, 127)
         rq = _requant(g, 1, per_channel=False, wide=False) if i % 2 else None
-        ref, got = _both(lambda: ops.int_matmul(a, b, za, zb, rq))
+        ref, got = _both(ops.int_matmul, a, b, za, zb, rq)
         assert torch.equal(got, ref.to(got.dtype)) and got.dtype == ref.dtype, f"case {i}"
 
 
@@ -118,7 +119,7 @@ def test_int_conv2d_cpu_equals_reference():
         b = torch.randint(-(2**20), 2**20, (n,), generator=g, dtype=torch.int32)
         rq = _requant(g, n, per_channel=i % 2 == 0, wide=i % 3 == 0)
         stride, pad, zp = r(1, 2), r(0, 1), r(-128, 127)
-        ref, got = _both(lambda: ops.int_conv2d(x, w, b, rq, stride, pad, zp))
+        ref, got = _both(ops.int_conv2d, x, w, b, rq, stride, pad, zp)
         assert torch.equal(got, ref), f"case {i}"
 
 
@@ -133,7 +134,7 @@ def test_softmax_cpu_equals_reference():
         q = torch.randint(-span, span, (r(1, 4), r(1, 70)), generator=g, dtype=torch.int64)
         q = q.to(torch.int32)
         rq = Requant.from_scale(2.0 ** -sm.out_bits * 255, -128, -128, 127) if i % 2 else None
-        ref, got = _both(lambda: sm(q, rq))
+        ref, got = _both(sm, q, rq)
         assert torch.equal(got, ref), f"case {i}"
 
 
@@ -152,7 +153,7 @@ def test_layernorm_cpu_equals_reference():
         q = torch.randint(-lim, lim, (r(1, 5), d), generator=g, dtype=torch.int32)
         if i % 9 == 0:
             q[0] = q[0, 0]  # a constant row
-        ref, got = _both(lambda: ln(q))
+        ref, got = _both(ln, q)
         assert torch.equal(got, ref), f"case {i}"
 
 
