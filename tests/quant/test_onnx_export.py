@@ -249,4 +249,5 @@ def test_export_stage_writes_onnx(make_cfg, tmp_path):
     res = run_pipeline(cfg)["stages"]["export"]["onnx"]
     assert res["source"].endswith("ptq_model.pt") and (tmp_path / "run/export/model.onnx").is_file()
     assert res["ort_n"] == 64 and res["ort_argmax_agreement"] >= 95.0
+    assert res["ort_float_argmax_agreement"] >= 95.0 and res["ort_integer_ops"] >= 1
     assert not (tmp_path / "run/export/integer.json").exists()  # no integer model in this run
