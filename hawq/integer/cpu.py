@@ -138,9 +138,9 @@ def requant(acc: Tensor, bias: Tensor | None, rq: Any, lut: Tensor | None = None
     return ext().requant(acc, b, c.m, c.e, c.z, c.lo, c.hi, lut32, res, int(limit), out_dtype)
 
 
-def softmax(q: Tensor, shift: int, consts: tuple[int, int, int], out_bits: int,
+def softmax(q: Tensor, shift: int, q_ln2: int, table: Tensor, out_bits: int,
             rq: Any = None) -> Tensor:  # fmt: skip
     """:class:`~hawq.integer.softmax.IntSoftmax` rows, then the scalar ``rq`` if given."""
     fields = [] if rq is None else [int(t) for t in (rq.m, rq.e, rq.z, rq.lo, rq.hi)]
     dt = torch.int64 if rq is None else rq.out_dtype
-    return ext().softmax(q, shift, *consts, out_bits, fields, dt)
+    return ext().softmax(q, shift, q_ln2, table, out_bits, fields, dt)

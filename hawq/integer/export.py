@@ -42,7 +42,7 @@ def _node(name: str, m: nn.Module) -> dict[str, Any] | None:
         d = {"kind": "matmul", "za": m.za, "zb": m.zb, "acc_scale": m.acc_scale}
     elif isinstance(m, IntSoftmax):
         d = {"kind": "softmax", "in_scale": m.scale, "shift": m.shift, "out_bits": m.out_bits,
-             "q_ln2": int(m.q_ln2), "q_b": int(m.q_b), "q_c": int(m.q_c)}  # fmt: skip
+             "q_ln2": int(m.q_ln2), "exp_table": f"{name}.exp_table"}  # fmt: skip
     elif isinstance(m, IntGELU):
         d = {"kind": "gelu", "in_scale": m.scale, "out_scale": m.out_scale, "t": m.t,
              "q_b": int(m.q_b), "q_1": int(m.q_1)}  # fmt: skip

@@ -72,8 +72,9 @@ torch::Tensor requant(torch::Tensor acc, c10::optional<torch::Tensor> bias, torc
 
 // IntSoftmax (hawq.integer.softmax) over the last dim, optionally followed by a scalar requant.
 template <typename TI, typename TO>
-static void softmax_kernel(const TI* x, TO* out, i64 rows, i64 n, i64 shift, i64 q_ln2, i64 q_b,
-                           i64 q_c, i64 kbits, bool rq, i64 m, i64 e, i64 z, i64 lo, i64 hi) {
+static void softmax_kernel(const TI* x, TO* out, i64 rows, i64 n, i64 shift, i64 q_ln2,
+                           const i64* table, i64 kbits, bool rq, i64 m, i64 e, i64 z, i64 lo,
+                           i64 hi) {
   at::parallel_for(0, rows, 8, [&](i64 r0, i64 r1) {
     std::vector<i64> buf(n);
     for (i64 r = r0; r < r1; ++r) {
@@ -90,10 +91,9 @@ static void softmax_kernel(const TI* x, TO* out, i64 rows, i64 n, i64 shift, i64
         i64 q = buf[j] - mx;
         i64 zz = floordiv(-q, q_ln2);
         zz = zz > 32 ? 32 : zz;
-        i64 qp = q + zz * q_ln2;
-        qp = qp < -q_ln2 ? -q_ln2 : qp;
-        i64 t = qp + q_b;
-        i64 ex = (t * t + q_c) >> zz;
+        i64 r = -q - zz * q_ln2;
+        r = r > q_ln2 - 1 ? q_ln2 - 1 : r;
+        i64 ex = table[r] >> zz;
         buf[j] = ex;
         total += ex;
       }
@@ -107,9 +107,11 @@ static void softmax_kernel(const TI* x, TO* out, i64 rows, i64 n, i64 shift, i64
   });
 }
 
-torch::Tensor softmax(torch::Tensor x, int64_t shift, int64_t q_ln2, int64_t q_b, int64_t q_c,
+torch::Tensor softmax(torch::Tensor x, int64_t shift, int64_t q_ln2, torch::Tensor table,
                       int64_t kbits, std::vector<int64_t> rq, at::ScalarType out_dtype) {
   x = x.contiguous();
+  table = table.contiguous();
+  const i64* tp = table.data_ptr<i64>();
   const i64 n = x.size(-1), rows = n ? x.numel() / n : 0;
   auto out = torch::empty(x.sizes(), x.options().dtype(out_dtype));
   bool has = rq.size() == 5;
@@ -117,9 +119,9 @@ torch::Tensor softmax(torch::Tensor x, int64_t shift, int64_t q_ln2, int64_t q_b
       hi = has ? rq[4] : 0;
   auto go = [&](auto* a) {
     if (out_dtype == at::kChar)
-      softmax_kernel(a, out.data_ptr<int8_t>(), rows, n, shift, q_ln2, q_b, q_c, kbits, has, m, e, z, lo, hi);
+      softmax_kernel(a, out.data_ptr<int8_t>(), rows, n, shift, q_ln2, tp, kbits, has, m, e, z, lo, hi);
     else
-      softmax_kernel(a, out.data_ptr<i64>(), rows, n, shift, q_ln2, q_b, q_c, kbits, has, m, e, z, lo, hi);
+      softmax_kernel(a, out.data_ptr<i64>(), rows, n, shift, q_ln2, tp, kbits, has, m, e, z, lo, hi);
   };
   switch (x.scalar_type()) {
     case at::kFloat: go(x.data_ptr<float>()); break;
