@@ -159,3 +159,11 @@ def test_layernorm_cpu_equals_reference():
 
 def test_property_case_count():
     assert N_LINEAR + N_MATMUL + N_CONV + N_SOFTMAX + N_LN >= 10_000
+
+
+def test_auto_on_cpu_is_the_measured_faster_backend():
+    choice = ops.cpu_choice()
+    t = ops._cpu_choice
+    assert choice == min(("reference", "cpu"), key=lambda n: t[n]) and t["cpu"] > 0
+    with ops.backend("auto"):
+        assert ops.resolve(torch.zeros(1, dtype=torch.int8)) == choice
