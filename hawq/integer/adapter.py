@@ -147,12 +147,53 @@ def weight_codes(wq: nn.Module, w_hat: Tensor, name: str) -> tuple[Tensor, Tenso
     return codes.to(torch.int8), s, bits
 
 
+def fit_bias(codes: Tensor, scale: Tensor, bias: Tensor | None, act: Grid,
+             bits: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Coarsen the weight scale of channels whose bias would overflow the int32 accumulator.
+
+    The kernel adds ``round(b_n / (s_x s_n))`` to an accumulator bounded by ``A = acc_bound(K)``;
+    a dead channel (all-zero weights, scale clamped to ~1e-8) or a BN-folded channel with
+    ``gamma ~ 0`` (scale ~ 0, possibly exactly 0) makes that integer astronomically large.
+    Such a channel's weights contribute at most ``A s_x |s_n|`` -- nothing next to its bias --
+    so it is given the scale ``s'_n = sign(s_n) |b_n| / (s_x B)`` with
+    ``B = (2^31 - 1 - A) / 2`` (the bias now takes at most ``B``) and codes
+    ``round(w_n s_n / s'_n)`` (mostly 0). The channel's real weights change by at most
+    ``s'_n / 2`` each; its output, the bias, is represented to ``|b_n| / B`` relative.
+
+    Returns:
+        ``(codes, scale)``, new tensors only where a channel needed it.
+    """
+    from hawq.integer.dyadic import INT32_MAX, acc_bound
+
+    n = codes.shape[0]
+    k = codes[0].numel()
+    budget = (INT32_MAX - acc_bound(k, act.bits, max(bits, 2))) // 2
+    b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.detach().double().cpu()
+    s = scale.clone()
+    big = b.abs() > budget * act.scale * s.abs()
+    zero = s == 0
+    if not bool((big | zero).any()):
+        return codes, scale
+    sign = torch.where(s < 0, -1.0, 1.0)
+    new = torch.where(b.abs() > 0, b.abs() / (act.scale * budget), torch.ones_like(s)) * sign
+    fix = big | zero
+    s = torch.where(fix, new, s)
+    lim = 2 ** (bits - 1) if bits > 1 else 1
+    shape = (n,) + (1,) * (codes.dim() - 1)
+    ratio = (scale / s).reshape(shape)
+    recoded = torch.clamp(torch.round(codes.double() * ratio), -lim, max(lim - 1, 1))
+    codes = torch.where(fix.reshape(shape), recoded, codes.double()).to(torch.int8)
+    return codes, s
+
+
 def linear_spec(name: str, op: nn.Module) -> WeightSpec:
     """Spec of a :class:`~hawq.quant.QuantLinear`."""
     _expect(op, "QuantLinear", name)
     codes, s, bits = weight_codes(op.w_quant, op.quantized_weight(), name)
     bias = op.bias.detach().double() if op.bias is not None else None
-    return WeightSpec(name, "linear", codes, s, bits, bias, act_grid(op.a_quant, name))
+    act = act_grid(op.a_quant, name)
+    codes, s = fit_bias(codes, s, bias, act, bits)
+    return WeightSpec(name, "linear", codes, s, bits, bias, act)
 
 
 def conv_spec(name: str, op: nn.Module, bn: nn.Module | None = None) -> WeightSpec:
@@ -176,7 +217,9 @@ def conv_spec(name: str, op: nn.Module, bn: nn.Module | None = None) -> WeightSp
         inv = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
         bias = bn.bias.detach().double() + (bias - bn.running_mean.double()) * inv
         s = s * inv
-    return WeightSpec(name, "conv2d", codes, s, bits, bias, act_grid(op.a_quant, name),
+    act = act_grid(op.a_quant, name)
+    codes, s = fit_bias(codes, s, bias, act, bits)
+    return WeightSpec(name, "conv2d", codes, s, bits, bias, act,
                       int(op.stride[0]), int(op.padding[0]))  # fmt: skip
 
 

@@ -42,14 +42,18 @@ def _node(name: str, m: nn.Module) -> dict[str, Any] | None:
         d = {"kind": "matmul", "za": m.za, "zb": m.zb, "acc_scale": m.acc_scale}
     elif isinstance(m, IntSoftmax):
         d = {"kind": "softmax", "in_scale": m.scale, "shift": m.shift, "out_bits": m.out_bits,
-             "q_ln2": int(m.q_ln2), "q_b": int(m.q_b), "q_c": int(m.q_c)}  # fmt: skip
+             "q_ln2": int(m.q_ln2), "exp_table": f"{name}.exp_table"}  # fmt: skip
     elif isinstance(m, IntGELU):
         d = {"kind": "gelu", "in_scale": m.scale, "out_scale": m.out_scale, "t": m.t,
              "q_b": int(m.q_b), "q_1": int(m.q_1)}  # fmt: skip
     elif isinstance(m, IntLayerNorm):
-        d = {"kind": "layernorm", "dim": m.dim, "t": m.t, "k": m.k, "in_scale": m.in_scale,
+        d = {"kind": "layernorm", "dim": m.dim, "f": m.f, "t": m.t, "k": m.k,
+             "in_scale": m.in_scale,
              "out_scale": m.out_scale, "lo": m.out_lo, "hi": m.out_hi, "eps_q": int(m.eps_q),
              "tensors": {k: f"{name}.{k}" for k in ("m", "e", "b", "z")}}  # fmt: skip
+    elif isinstance(getattr(m, "gelu", None), torch.Tensor):  # the ViT MLP's GELU table
+        d = {"kind": "gelu_table", "table": f"{name}.gelu",
+             "index": f"fc1 output code - {name}.fc1.rq.lo"}  # fmt: skip
     elif isinstance(m, IntRequant):
         d = {"kind": "requant", "out_dtype": str(m.out_dtype).replace("torch.", ""),
              "tensors": {k: f"{name}.{k}" for k in ("m", "e", "z", "lo", "hi")}}  # fmt: skip

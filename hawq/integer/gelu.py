@@ -33,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from hawq.errors import HawqError
 from hawq.integer.dyadic import rshift_round
 
 Tensor = torch.Tensor
@@ -73,9 +74,14 @@ class IntGELU(nn.Module):
 
     def __init__(self, scale: float, in_max: int) -> None:
         super().__init__()
+        if not (math.isfinite(float(scale)) and scale > 0):
+            raise HawqError(f"IntGELU: input scale must be finite and > 0, got {scale!r}")
         q_b, q_1, out_scale = gelu_constants(float(scale))
+        if q_b < 2 or q_1 < 2:  # the knee b of the fit below two codes: no resolution left
+            raise HawqError(f"IntGELU: scale {scale:.3g} is too coarse for the polynomial "
+                            f"(q_b={q_b}, q_1={q_1}); use a finer GELU grid")  # fmt: skip
         if in_max * 2 * q_1 >= INT64_SAFE:
-            raise OverflowError(f"IntGELU: scale {scale:.3g} with |q| <= {in_max} overflows int64")
+            raise HawqError(f"IntGELU: scale {scale:.3g} with |q| <= {in_max} overflows int64")
         self.t = max(0, (in_max * 2 * q_1).bit_length() - 31)
         self.register_buffer("q_b", torch.tensor(q_b, dtype=torch.int64))  # for export
         self.register_buffer("q_1", torch.tensor(q_1, dtype=torch.int64))
@@ -87,3 +93,29 @@ class IntGELU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}, out_scale={self.out_scale:.4g}, t={self.t}"
+
+
+MAX_TABLE = 2**20  # entries
+
+
+def gelu_table(scale: float, lo: int, hi: int, out_scale: float, out_zero: int, out_lo: int,
+               out_hi: int) -> Tensor:  # fmt: skip
+    """The exact integer GELU: ``table[q - lo] = clamp(round(GELU(S q) / s_out) + z, lo', hi')``
+    for every input code ``q in [lo, hi]``, GELU in float64 (``x/2 (1 + erf(x / sqrt 2))``),
+    round half to even. At run time GELU and the requantization onto the next grid are one
+    integer lookup (the table is the op's semantics); its only error is the output
+    rounding, ``s_out / 2``, against ~0.02 absolute for the polynomial of :class:`IntGELU`.
+
+    Raises:
+        HawqError: non-finite or non-positive scales, or more than :data:`MAX_TABLE` codes.
+    """
+    for name, v in (("input", scale), ("output", out_scale)):
+        if not (math.isfinite(float(v)) and v > 0):
+            raise HawqError(f"GELU table: {name} scale must be finite and > 0, got {v!r}")
+    if not 0 < hi - lo + 1 <= MAX_TABLE:
+        raise HawqError(f"GELU table: {hi - lo + 1} input codes (at most {MAX_TABLE})")
+    x = torch.arange(lo, hi + 1, dtype=torch.float64) * float(scale)
+    y = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    q = torch.clamp(torch.round(y / float(out_scale)) + out_zero, out_lo, out_hi)
+    dtype = torch.int8 if -128 <= out_lo and out_hi <= 127 else torch.int32
+    return q.to(dtype)

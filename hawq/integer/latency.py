@@ -4,7 +4,9 @@ The allocator's latency budget (``alloc.latency_us``) is ``sum_i T_i(setting_i)`
 ``T_i`` in microseconds per image read from a :class:`~hawq.alloc.costs.LatencyTable`.
 :func:`measure_latency` fills that table on the machine it runs on by timing the kernel
 the integer model would run for the op (:mod:`hawq.integer.ops`, so the backend is the one
-selected there: reference on a CPU, Triton on CUDA):
+selected there: on a CPU ``auto`` is the ``cpu`` backend -- oneDNN INT8 GEMMs/convs with the
+fused C++ epilogue -- whenever it builds and measures faster than the reference, so the table
+times the real kernels, not the float64 reference; Triton on CUDA):
 
 * integer weights of <= 4 bits: packed int4 weights (two per byte, unpacked in the kernel),
   int8 activations; 5-8 bit weights: int8 x int8. Activations below 8 bits still run as
@@ -137,8 +139,9 @@ def _int_kernel(op: OpShape, c: Candidate, batch: int, device: torch.device) -> 
         return lambda: ops.int_linear(a, w, bias, rq, k=k)
     pad = op.padding[0]
 
-    def conv() -> Tensor:  # as IntConv2d: unpack, then the conv kernel
-        w8 = ops.weight_int8(w, k).reshape(op.b)
+    w8 = ops.weight_int8(w, k).reshape(op.b)  # as IntConv2d: unpacked once, then the kernel
+
+    def conv() -> Tensor:
         return ops.int_conv2d(a, w8, bias, rq, op.stride, pad, 0)
 
     return conv

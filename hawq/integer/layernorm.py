@@ -1,11 +1,12 @@
 """Integer-only LayerNorm with an integer square root by Newton iteration (I-BERT Sec. 3.6).
 
 Input: codes ``q`` (last dimension ``D``) of ``x = S q``. Output: codes on the grid of the
-consumer, ``(s_out, z, [lo, hi])``. With a precision shift ``t`` and output fraction ``k``::
+consumer, ``(s_out, z, [lo, hi])``. With ``f`` fractional bits of the mean, a precision
+shift ``t`` and output fraction ``k``::
 
-    mu   = round(sum q / D)                        c = q - mu
-    v    = floor(2^(2t) sum c^2 / D) + round(eps 2^(2t) / S^2)
-    r    = isqrt(v)                                 (r ~= 2^t sigma / S)
+    mu   = round(2^f sum q / D)                    c = 2^f q - mu     (the mean to 2^-f code)
+    v    = 2^(2t) floor(sum c^2 / D) + round(eps 2^(2t+2f) / S^2)
+    r    = isqrt(v)                                 (r ~= 2^(t+f) sigma / S)
     y    = round(c 2^(t+k) / r)                     (y ~= 2^k (x - mean) / sigma)
     out  = clamp(rshift_round(y M_c + B_c, E_c) + z, lo, hi)
 
@@ -14,9 +15,16 @@ with per-channel dyadic ``M_c 2^-E_c ~= gamma_c 2^-k / s_out`` and
 depends on it. ``isqrt`` is Newton's ``r <- floor((r + floor(v / r)) / 2)`` from a start
 above the root, which decreases monotonically to ``floor(sqrt v)``.
 
-Bounds: with ``|c| < 2^C`` (``C`` = input bits + 1) ``sum c^2 < D 2^(2C)``, so ``t`` is chosen
-with ``D 2^(2C + 2t) < 2^62``; ``|y| <= sqrt(D) 2^k``. Error: the mean and ``isqrt`` floor
-contribute relative errors ``~ 1 / r`` (``r >= 2^t``), the output rounding ``s_out / 2``.
+Bounds: with ``|c| < 2^(C+f)`` (``C`` = input bits + 1): ``sum c^2 < D 2^(2(C+f)) < 2^62``,
+``v < 2^(2(C+f+t)) < 2^62`` and ``c 2^(t+k+1) < 2^63`` fix ``f <= 8`` and ``t <= 8``
+(:func:`precision_shift`); ``|y| <= sqrt(D) 2^k``.
+
+Error of ``y`` against ``2^k (q - mean) / sigma`` (``sigma`` in codes, :func:`error_bound`):
+the mean is off by ``delta <= 2^-(f+1)`` code, which shifts every centred value by
+``delta`` and the variance by ``delta^2``; the floors of ``v`` and of ``isqrt`` and the
+rounding of ``eps`` make ``r`` relatively ``<= 2 / r + 1 / v`` low; the final rounding adds
+1/2. (Before ``f`` the mean was rounded to a whole code: an error of up to ``2^k / (2 sigma)``,
+large for a residual stream of 8 bits, where ``sigma`` is a few codes.)
 """
 
 from __future__ import annotations
@@ -68,12 +76,36 @@ def isqrt(v: Tensor, iters: int = NEWTON_STEPS) -> Tensor:
     return torch.where(v == 0, torch.zeros_like(r), r)
 
 
-def precision_shift(dim: int, in_bits: int) -> int:
-    """``t`` with ``dim 2^(2(in_bits+1) + 2t) < 2^62`` (at most 8)."""
-    free = 62 - math.ceil(math.log2(max(dim, 2))) - 2 * (in_bits + 1)
-    if free < 0:
+MAX_F = 8  # fractional bits of the mean
+
+
+def precision_shift(dim: int, in_bits: int) -> tuple[int, int]:
+    """``(f, t)``: mean fraction bits and precision shift within the module docstring's bounds
+    (``D 2^(2(C+f)) < 2^62``, ``2(C+f+t) <= 61``, ``C+f+t+k+1 <= 62``; each at most 8)."""
+    c = in_bits + 1
+    f = min(MAX_F, (61 - math.ceil(math.log2(max(dim, 2)))) // 2 - c)
+    if f < 0:
         raise OverflowError(f"IntLayerNorm: D={dim} at {in_bits} input bits overflows int64")
-    return min(MAX_T, free // 2)
+    t = min(MAX_T, 61 // 2 - c - f, 62 - c - f - FRAC_BITS - 1)
+    if t < 0:
+        raise OverflowError(f"IntLayerNorm: {in_bits} input bits leave no precision bits")
+    return f, t
+
+
+def error_bound(c: Tensor, sigma: Tensor, r: Tensor, v: Tensor, f: int,
+                k: int = FRAC_BITS) -> Tensor:  # fmt: skip
+    """Bound on ``|y - 2^k (q - mean) / sigma|`` (module docstring): with
+    ``delta = 2^-(f+1)``, ``rho = delta^2 / sigma^2 + 2 / r + 1 / v``::
+
+        0.5 + 2^k (delta / sigma + (|c| / sigma) rho / (1 - rho))
+
+    Args:
+        c: exact centred codes ``q - mean`` (float64); sigma: exact std in codes;
+        r, v: the integer root and radicand of the row.
+    """
+    delta = 2.0 ** -(f + 1)
+    rho = delta**2 / sigma**2 + 2.0 / r + 1.0 / v
+    return 0.5 + 2.0**k * (delta / sigma + c.abs() / sigma * rho / (1 - rho))
 
 
 class IntLayerNorm(nn.Module):
@@ -101,9 +133,9 @@ class IntLayerNorm(nn.Module):
     ) -> None:
         super().__init__()
         d = weight.numel()
-        self.t = precision_shift(d, in_bits)
+        self.f, self.t = precision_shift(d, in_bits)
         self.k = FRAC_BITS
-        eps_q = round(eps * 4.0**self.t / (in_scale * in_scale))
+        eps_q = round(eps * 4.0 ** (self.t + self.f) / (in_scale * in_scale))
         m, e = dyadic(weight.detach().double().cpu() * 2.0**-self.k / out_scale, max_shift=MAX_E)
         b = torch.round(bias.detach().double().cpu() * torch.pow(2.0, e.double()) / out_scale)
         if b.abs().max() >= 2**61:
@@ -117,22 +149,36 @@ class IntLayerNorm(nn.Module):
         self.out_dtype = torch.int8 if -128 <= out_lo and out_hi <= 127 else torch.int32
         self.dim, self.in_scale, self.out_scale = d, float(in_scale), float(out_scale)
 
-    def normalize(self, q: Tensor) -> Tensor:
-        """``y ~= 2^k (x - mean) / sigma`` (int64)."""
+    def stats(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c, v, r)`` of the module docstring (int64; ``v, r`` per row)."""
         q = q.to(torch.int64)
         d = self.dim
-        mu = torch.div(q.sum(-1, keepdim=True) * 2 + d, 2 * d, rounding_mode="floor")
-        c = q - mu
-        v = torch.div(torch.bitwise_left_shift((c * c).sum(-1, keepdim=True), 2 * self.t), d,
-                      rounding_mode="floor") + self.eps_q  # fmt: skip
+        s = torch.bitwise_left_shift(q.sum(-1, keepdim=True), self.f + 1)
+        mu = torch.div(s + d, 2 * d, rounding_mode="floor")  # round(2^f sum / D), half up
+        c = torch.bitwise_left_shift(q, self.f) - mu
+        v = torch.bitwise_left_shift(torch.div((c * c).sum(-1, keepdim=True), d,
+                                               rounding_mode="floor"), 2 * self.t) + self.eps_q
         r = torch.clamp(isqrt(v), min=1)  # v = 0 only for a constant row with eps = 0
+        return c, v, r
+
+    def normalize(self, q: Tensor) -> Tensor:
+        """``y ~= 2^k (x - mean) / sigma`` (int64)."""
+        c, _, r = self.stats(q)
         num = torch.bitwise_left_shift(c, self.t + self.k + 1)
         return torch.div(num + r, 2 * r, rounding_mode="floor")  # round(c 2^(t+k) / r)
 
     def forward(self, q: Tensor) -> Tensor:
+        from hawq.integer import ops
+
+        if ops.resolve(q) == "cpu" and q.dtype in (torch.int8, torch.int32, torch.int64):
+            from hawq.integer import cpu
+
+            return cpu.ext().layernorm(q, self.f, self.t, self.k, int(self.eps_q), self.m,
+                                       self.e, self.b, int(self.z), self.out_lo, self.out_hi,
+                                       NEWTON_STEPS, self.out_dtype)  # fmt: skip
         y = self.normalize(q)
         out = rshift_round(y * self.m + self.b, self.e) + self.z
         return torch.clamp(out, self.out_lo, self.out_hi).to(self.out_dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, t={self.t}, k={self.k}, out_scale={self.out_scale:.4g}"
+        return f"dim={self.dim}, f={self.f}, t={self.t}, k={self.k}, out_scale={self.out_scale:.4g}"

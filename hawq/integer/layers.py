@@ -47,7 +47,7 @@ class IntRequant(nn.Module):
         return Requant(self.m, self.e, self.z, self.lo, self.hi, self.out_dtype)
 
     def forward(self, acc: Tensor) -> Tensor:
-        return self.requant(acc)
+        return ops.requant(acc, self.requant)
 
     @classmethod
     def to_grid(cls, scale: float | Tensor, grid: Grid, relu: bool = False) -> IntRequant:
@@ -92,9 +92,11 @@ class IntLinear(nn.Module):
         self.register_buffer("acc_scale", _acc_scale(spec))  # for export / inspection only
         self.rq = out
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, limit: int = 0,
+                lut: Tensor | None = None) -> Tensor:  # fmt: skip
+        """``requant(x W^T + b)``, then ``lut`` and a residual add clamped to ``+-limit``."""
         return ops.int_linear(x, self.weight, self.bias, self.rq.requant if self.rq else None,
-                              k=self.k)  # fmt: skip
+                              k=self.k, lut=lut, residual=residual, limit=limit)  # fmt: skip
 
 
 class IntConv2d(IntLinear):
@@ -105,8 +107,16 @@ class IntConv2d(IntLinear):
         self.shape = tuple(spec.codes.shape)
         self.stride, self.padding, self.pad_value = spec.stride, spec.padding, spec.act.zero
 
+    def weight4(self) -> Tensor:
+        """The int8 (N, C, kh, kw) weight, unpacked once per weight tensor (kernels that
+        prepack weights cache them by tensor identity)."""
+        if getattr(self, "_w4_of", None) is not self.weight:
+            self._w4 = ops.weight_int8(self.weight, self.k).reshape(self.shape)
+            self._w4_of = self.weight
+        return self._w4
+
     def forward(self, x: Tensor) -> Tensor:
-        w = ops.weight_int8(self.weight, self.k).reshape(self.shape)
+        w = self.weight4()
         return ops.int_conv2d(x, w, self.bias, self.rq.requant if self.rq else None,
                               self.stride, self.padding, self.pad_value)  # fmt: skip
 

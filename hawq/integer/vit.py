@@ -9,9 +9,10 @@ Number formats (``R = 2^(rb-1) - 1`` with ``rb`` = ``residual_bits``, default 16
             sc = (q - z_q) @ (k - z_k)^T          int32; softmax scale s_q s_k / sqrt(d_h)
             p  = IntSoftmax(sc)                   int at 2^-16 -> requant -> int8 on the av.a grid
             o  = requant((p - z_p) @ (v - z_v))   -> int8 on the proj input grid
-            x  = clamp(x + requant(proj(o)), +-R) residual add at s_r
-            h  = IntLayerNorm(x) -> fc1 -> requant to the GELU grid (16 bits) -> IntGELU
-               -> requant to the fc2 grid -> fc2 -> requant at s_r -> residual add
+            x  = clamp(x + requant(proj(o)), +-R) residual add at s_r (fused in proj's epilogue)
+            h  = IntLayerNorm(x) -> fc1 -> requant to the GELU grid (16 bits) -> GELU table
+               (exact GELU and requant to the fc2 grid in one lookup, fused in fc1's epilogue)
+               -> fc2 -> requant at s_r -> residual add (fused)
     logits = requant(head(IntLayerNorm(x[:, 0])))  int32 at s_logit (dequantized only for output)
 
 Every GEMM has int8 operands and an int32 accumulator; the residual stream is int32
@@ -28,7 +29,7 @@ from torch import nn
 
 from hawq.integer import adapter
 from hawq.integer.adapter import Grid
-from hawq.integer.gelu import IntGELU
+from hawq.integer.gelu import gelu_table
 from hawq.integer.layernorm import IntLayerNorm
 from hawq.integer.layers import (
     WIDE,
@@ -79,18 +80,19 @@ class IntAttention(nn.Module):
         self.av = IntMatMul(av, IntRequant.to_grid(av.a.scale * av.b.scale, proj.act))
         self.proj = IntLinear(proj, _to_residual(proj, s_r), pack_int4)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, x: Tensor, limit: int) -> Tensor:
+        """``clamp(x + attn(h), +-limit)``: ``h`` the normed int8 input, ``x`` the residual."""
         b, t, _ = h.shape  # (B, T, D) int8
         qkv = self.qkv(h).reshape(b, t, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd) int8
         scores = self.qk(q, k.transpose(-2, -1))  # (B, nh, T, T) int32
-        p = self.p_rq(self.softmax(scores))  # int8 on the av.a grid
+        p = self.softmax(scores, self.p_rq.requant)  # int8 on the av.a grid
         out = self.av(p, v)  # (B, nh, T, hd) int8 on the proj grid
-        return self.proj(out.transpose(1, 2).reshape(b, t, -1))  # int32 at s_r
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1), x, limit)  # int32 at s_r
 
 
 class IntMLP(nn.Module):
-    """fc1 -> integer GELU -> fc2, ending at the residual scale."""
+    """fc1 -> GELU table (onto the fc2 grid) -> fc2, ending at the residual scale."""
 
     def __init__(self, mlp: nn.Module, prefix: str, s_r: float, gelu_max: float,
                  pack_int4: bool) -> None:  # fmt: skip
@@ -102,12 +104,13 @@ class IntMLP(nn.Module):
         s_g = max(gelu_max, 1.0) / g_max  # below |x| = 1 the range would waste bits
         self.fc1 = IntLinear(fc1, IntRequant(fc1.act.scale * fc1.scale / s_g, 0, -g_max, g_max,
                                              torch.int32), pack_int4)  # fmt: skip
-        self.act = IntGELU(s_g, g_max)
-        self.act_rq = IntRequant.to_grid(self.act.out_scale, fc2.act)
+        g = fc2.act
+        self.register_buffer("gelu", gelu_table(s_g, -g_max, g_max, g.scale, g.zero, g.lo, g.hi))
         self.fc2 = IntLinear(fc2, _to_residual(fc2, s_r), pack_int4)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.fc2(self.act_rq(self.act(self.fc1(h))))
+    def forward(self, h: Tensor, x: Tensor, limit: int) -> Tensor:
+        """``clamp(x + mlp(h), +-limit)``."""
+        return self.fc2(self.fc1(h, lut=self.gelu), x, limit)
 
 
 class IntBlock(nn.Module):
@@ -123,8 +126,8 @@ class IntBlock(nn.Module):
         self.norm2 = _ln(block.norm2, s_r, rb, self.mlp.in_grid)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = residual_add(x, self.attn(self.norm1(x)), self.limit)
-        return residual_add(x, self.mlp(self.norm2(x)), self.limit)
+        x = self.attn(self.norm1(x), x, self.limit)
+        return self.mlp(self.norm2(x), x, self.limit)
 
 
 class IntegerViT(IntegerModel):

@@ -365,5 +365,8 @@ def export_onnx(
                           **kwargs)  # fmt: skip
     data = buf.getvalue()
     if onnx is not None:
-        data = quantize_weights(onnx.load_from_string(data)).SerializeToString()
+        from hawq.quant.onnx_int8 import ort_int8_form
+
+        model = ort_int8_form(quantize_weights(onnx.load_from_string(data)))
+        data = model.SerializeToString()
     return write_bytes(Path(path), data)

@@ -7,7 +7,11 @@ only, no training code). With ``integer.onnx: true`` also ``export/model.onnx``:
 checkpoint the integer stage reads (``integer.source``, else ``qat_model.pt``, else
 ``ptq_model.pt``) in QDQ form, weights as int8 initializers (:mod:`hawq.quant.onnx_export`);
 then the integer model is optional, and when onnxruntime is installed the file is run on one
-test batch and compared with PyTorch.
+test batch and compared with PyTorch: with ORT's default optimisations (the deployed form:
+every quantized op on an integer kernel, see :mod:`hawq.quant.onnx_int8`; ``ort_*`` keys, and
+``ort_integer_ops``: how many integer kernels the optimized graph holds), and with its QDQ
+fusion off (all-float, the same function as the fake-quant model to float precision;
+``ort_float_*`` keys).
 """
 
 from __future__ import annotations
@@ -83,12 +87,29 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
         return res
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.disable_quant_qdq", "1")  # keep the float bias
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
     ref = qmodel(x)
-    res.update(ort_max_abs_diff=float((got - ref).abs().max()), ort_n=x.shape[0],
-               ort_argmax_agreement=100.0 * float((got.argmax(-1) == ref.argmax(-1))
-                                                  .float().mean()))  # fmt: skip
+    for prefix, integer in (("ort", True), ("ort_float", False)):
+        so = ort.SessionOptions()
+        if integer:
+            so.optimized_model_filepath = str(ctx.path(DIR) / "model.ort_optimized.onnx")
+        else:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")  # float Q/DQ math
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+        res.update({f"{prefix}_max_abs_diff": float((got - ref).abs().max()),
+                    f"{prefix}_argmax_agreement": 100.0 * agree})  # fmt: skip
+    res["ort_n"] = x.shape[0]
+    res["ort_integer_ops"] = _integer_ops(ctx.path(DIR) / "model.ort_optimized.onnx")
     return res
+
+
+def _integer_ops(path: Any) -> int:
+    """Number of integer-kernel nodes in ORT's optimized graph (0 without ``onnx``)."""
+    if importlib.util.find_spec("onnx") is None:
+        return 0
+    import onnx
+
+    kinds = {"MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger",
+             "ConvInteger"}  # fmt: skip
+    return sum(n.op_type in kinds for n in onnx.load(str(path)).graph.node)

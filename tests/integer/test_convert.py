@@ -54,11 +54,14 @@ def test_integer_graph_is_integer_and_bit_exact_across_backends(pair, request):
     _, im = request.getfixturevalue(pair)
     xq = im.quantize_input(_images(4, 3))
     assert xq.dtype == torch.int8
-    ref = im.forward_int(xq)
+    with ops.backend("reference"):
+        ref = im.forward_int(xq)
     assert ref.dtype == torch.int32
     for t in im.state_dict().values():  # only integers are stored, besides acc_scale records
         assert not t.is_floating_point() or t.dtype == torch.float64
     with ops.backend("int_mm"):
+        assert torch.equal(im.forward_int(xq), ref)
+    with ops.backend("cpu"):
         assert torch.equal(im.forward_int(xq), ref)
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -105,6 +108,11 @@ def test_mixed_plan_int4_weights_are_packed():
     assert im.blocks[0].mlp.fc2.weight.dtype == torch.int8
     assert im.blocks[1].attn.in_grid.bits == 6
     x = _images(16, 2)
+    xq = im.quantize_input(x)
+    with ops.backend("reference"):
+        ref = im.forward_int(xq)
+    with ops.backend("cpu"):
+        assert torch.equal(im.forward_int(xq), ref)
     with torch.no_grad():
         assert (im(x) - q(x)).abs().max() <= 0.15 * q(x).abs().max()
 

@@ -142,11 +142,15 @@ def test_onnxruntime_matches_pytorch(arch, bits, images, tmp_path):
 
 
 def test_sub_8bit_codes_stay_on_their_grid(images, tmp_path):
-    """W4A4: every QuantizeLinear output and weight initializer (int8/uint8) holds 4-bit codes."""
+    """W4A4: every DequantizeLinear input (int8/uint8 codes, after the integer Clip that
+    follows each QuantizeLinear) and weight initializer holds 4-bit codes."""
     qmodel = _fake_quant("resnet", 4)
     graph = onnx.load(str(export_onnx(qmodel, images[:2], tmp_path / "m.onnx")))
-    assert [n.op_type for n in graph.graph.node].count("Clip") == 8  # one per activation
-    q_outs = [n.output[0] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    kinds = [n.op_type for n in graph.graph.node]
+    assert kinds.count("Clip") == 8  # one per activation, on the codes
+    inits = {t.name for t in graph.graph.initializer}
+    q_outs = [n.input[0] for n in graph.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] not in inits]  # fmt: skip
     graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in q_outs)
     onnx.save(graph, str(tmp_path / "codes.onnx"))
     outs = _session(tmp_path / "codes.onnx").run(q_outs, {"input": images[:32].numpy()})
@@ -245,4 +249,5 @@ def test_export_stage_writes_onnx(make_cfg, tmp_path):
     res = run_pipeline(cfg)["stages"]["export"]["onnx"]
     assert res["source"].endswith("ptq_model.pt") and (tmp_path / "run/export/model.onnx").is_file()
     assert res["ort_n"] == 64 and res["ort_argmax_agreement"] >= 95.0
+    assert res["ort_float_argmax_agreement"] >= 95.0 and res["ort_integer_ops"] >= 1
     assert not (tmp_path / "run/export/integer.json").exists()  # no integer model in this run

@@ -1,0 +1,169 @@
+"""The ``cpu`` backend (oneDNN GEMMs + C++ epilogues) equals the ``reference`` backend's
+codes bit for bit: >= 10,000 seeded random cases of every kernel (odd shapes, K = 1, K past
+the oneDNN bound, extreme scales, int32 accumulators near 2^31, per-channel fields, zero
+points, int4 weights, GELU tables, residual adds), then whole models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hawq.integer import cpu, ops
+from hawq.integer.dyadic import INT32_MAX, Requant
+from hawq.integer.layernorm import IntLayerNorm
+from hawq.integer.softmax import IntSoftmax
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="cpu backend did not build")
+
+N_LINEAR, N_MATMUL, N_CONV, N_SOFTMAX, N_LN = 5000, 1500, 500, 2000, 1000
+PER_WEIGHT = 10  # linear cases sharing one weight (prepacking is what costs time)
+
+
+def _both(fn, *args, **kw):
+    """``fn(*args, **kw)`` on the reference and the cpu backend."""
+    with ops.backend("reference"):
+        ref = fn(*args, **kw)
+    with ops.backend("cpu"):
+        got = fn(*args, **kw)
+    return ref, got
+
+
+def _scale(g: torch.Generator, n: int) -> torch.Tensor:
+    """Multipliers from 2^-45 to 2^29 (log-uniform): shifts up to 62, tiny and huge."""
+    return torch.pow(2.0, torch.rand(n, generator=g, dtype=torch.float64) * 74 - 45)
+
+
+def _requant(g: torch.Generator, n: int, per_channel: bool, wide: bool) -> Requant:
+    k = n if per_channel else 1
+    s = _scale(g, k)
+    z = torch.randint(-20, 20, (k,), generator=g)
+    if wide:
+        lo, hi, dt = -(2**30), 2**30, torch.int32
+    else:
+        lo, hi, dt = -128, int(torch.randint(-100, 128, (), generator=g)), torch.int8
+    if not per_channel:
+        s, z = s[0], z[0]
+    return Requant.from_scale(s, z, lo, hi, dt)
+
+
+def _weight(g: torch.Generator, j: int) -> tuple[torch.Tensor, bool]:
+    r = lambda a, b: int(torch.randint(a, b + 1, (), generator=g))  # noqa: E731
+    k = 1 if j % 10 == 0 else (r(1025, 1100) if j % 97 == 0 else r(1, 200))
+    int4 = j % 5 == 1
+    lim = 8 if int4 else 128
+    w = torch.randint(-lim, lim, (r(1, 40), k), generator=g, dtype=torch.int8)
+    if j % 7 == 0:
+        w.fill_(-lim)  # the largest products (with x = -128)
+    return w, int4
+
+
+def _one_linear(g: torch.Generator, i: int, w: torch.Tensor, wt: torch.Tensor):
+    """One case: ``w`` the int8 weight, ``wt`` what the kernel gets (maybe packed int4)."""
+    r = lambda a, b: int(torch.randint(a, b + 1, (), generator=g))  # noqa: E731
+    n, k = w.shape
+    m = (1, 3, 17, 40)[r(0, 3)]  # few distinct M: oneDNN builds a primitive per shape
+    x = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    if i % 7 == 0:
+        x.fill_(-128)
+    room = INT32_MAX - k * 2**14
+    if i % 3 == 0:  # accumulators near 2^31
+        b = torch.randint(room - 1000, room + 1, (n,), generator=g, dtype=torch.int64)
+        b = b * torch.where(torch.rand(n, generator=g) < 0.5, -1, 1)
+        b = b.to(torch.int32)
+    else:
+        b = torch.randint(-(2**20), 2**20, (n,), generator=g, dtype=torch.int32)
+    wide = i % 4 == 0
+    rq = _requant(g, n, per_channel=i % 2 == 0, wide=wide)
+    lut = res = None
+    if i % 11 == 0 and not wide and rq.lo.dim() == 0:  # a table over [lo, hi]
+        span = int(rq.hi) - int(rq.lo) + 1
+        lut = torch.randint(-128, 128, (span,), generator=g, dtype=torch.int8)
+    if i % 13 == 0:
+        res = torch.randint(-(2**15), 2**15, (m, n), generator=g, dtype=torch.int32)
+    return _both(ops.int_linear, x, wt, b, rq, k=k, lut=lut, residual=res, limit=2**15 - 1)
+
+
+def test_int_linear_cpu_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    for j in range(N_LINEAR // PER_WEIGHT):
+        w, int4 = _weight(g, j)
+        wt = ops.pack_int4(w) if int4 else w
+        for i in range(j * PER_WEIGHT, (j + 1) * PER_WEIGHT):
+            ref, got = _one_linear(g, i, w, wt)
+            assert got.dtype == ref.dtype and torch.equal(got, ref), f"case {i}"
+
+
+def test_int_matmul_cpu_equals_reference():
+    g = torch.Generator().manual_seed(1)
+    r = lambda a, b: int(torch.randint(a, b + 1, (), generator=g))  # noqa: E731
+    for i in range(N_MATMUL):
+        bsz, m, k, n = r(1, 3), r(1, 20), (1 if i % 10 == 0 else r(1, 258)), r(1, 20)
+        a = torch.randint(-128, 128, (bsz, 2, m, k), generator=g, dtype=torch.int8)
+        b = torch.randint(-128, 128, (bsz, 2, k, n), generator=g, dtype=torch.int8)
+        za, zb = r(-128, 127), r(-128, 127)
+        rq = _requant(g, 1, per_channel=False, wide=False) if i % 2 else None
+        ref, got = _both(ops.int_matmul, a, b, za, zb, rq)
+        assert torch.equal(got, ref.to(got.dtype)) and got.dtype == ref.dtype, f"case {i}"
+
+
+def test_int_conv2d_cpu_equals_reference():
+    g = torch.Generator().manual_seed(2)
+    r = lambda a, b: int(torch.randint(a, b + 1, (), generator=g))  # noqa: E731
+    for i in range(N_CONV):
+        c, n, ks = r(1, 12), r(1, 12), r(1, 3)
+        h = r(ks, 9)
+        x = torch.randint(-128, 128, (r(1, 3), c, h, h), generator=g, dtype=torch.int8)
+        w = torch.randint(-128, 128, (n, c, ks, ks), generator=g, dtype=torch.int8)
+        b = torch.randint(-(2**20), 2**20, (n,), generator=g, dtype=torch.int32)
+        rq = _requant(g, n, per_channel=i % 2 == 0, wide=i % 3 == 0)
+        stride, pad, zp = r(1, 2), r(0, 1), r(-128, 127)
+        ref, got = _both(ops.int_conv2d, x, w, b, rq, stride, pad, zp)
+        assert torch.equal(got, ref), f"case {i}"
+
+
+def test_softmax_cpu_equals_reference():
+    g = torch.Generator().manual_seed(3)
+    r = lambda a, b: int(torch.randint(a, b + 1, (), generator=g))  # noqa: E731
+    for i in range(N_SOFTMAX):
+        scale = math.exp(float(torch.empty(()).uniform_(math.log(1e-9), math.log(10.0),
+                                                        generator=g)))  # fmt: skip
+        sm = IntSoftmax(scale, out_bits=r(8, 20))
+        span = min(2**31 - 1, max(2, int(30 / scale)))
+        q = torch.randint(-span, span, (r(1, 4), r(1, 70)), generator=g, dtype=torch.int64)
+        q = q.to(torch.int32)
+        rq = Requant.from_scale(2.0 ** -sm.out_bits * 255, -128, -128, 127) if i % 2 else None
+        ref, got = _both(sm, q, rq)
+        assert torch.equal(got, ref), f"case {i}"
+
+
+def test_layernorm_cpu_equals_reference():
+    g = torch.Generator().manual_seed(4)
+    r = lambda a, b: int(torch.randint(a, b + 1, (), generator=g))  # noqa: E731
+    for i in range(N_LN):
+        d, bits = r(1, 80), r(4, 17)
+        wt = torch.randn(d, generator=g, dtype=torch.float64) * 2
+        bs = torch.randn(d, generator=g, dtype=torch.float64)
+        s_in = float(torch.rand((), generator=g)) + 1e-3
+        wide = i % 3 == 0
+        lo, hi = (-(2**20), 2**20) if wide else (-128, 127)
+        ln = IntLayerNorm(wt, bs, 1e-5 if i % 4 else 0.0, s_in, bits, 0.02, r(-10, 10), lo, hi)
+        lim = 2 ** (bits - 1)
+        q = torch.randint(-lim, lim, (r(1, 5), d), generator=g, dtype=torch.int32)
+        if i % 9 == 0:
+            q[0] = q[0, 0]  # a constant row
+        ref, got = _both(ln, q)
+        assert torch.equal(got, ref), f"case {i}"
+
+
+def test_property_case_count():
+    assert N_LINEAR + N_MATMUL + N_CONV + N_SOFTMAX + N_LN >= 10_000
+
+
+def test_auto_on_cpu_is_the_measured_faster_backend():
+    choice = ops.cpu_choice()
+    t = ops._cpu_choice
+    assert choice == min(("reference", "cpu"), key=lambda n: t[n]) and t["cpu"] > 0
+    with ops.backend("auto"):
+        assert ops.resolve(torch.zeros(1, dtype=torch.int8)) == choice
