@@ -11,8 +11,13 @@ Op ``i`` picks exactly one of its candidate settings ``c``; ``x[i,c]`` in {0, 1}
 
 where ``lvl(c)`` is the activation setting (bits, format): ops reading one
 tensor share it. Solved by :func:`scipy.optimize.milp` (HiGHS branch and cut)
-with a zero MIP gap, so the optimum is exact (up to HiGHS' 1e-7 feasibility
-tolerance); :func:`brute_force` enumerates all choices as the test oracle and
+with zero MIP gaps on an objective shifted per op (``s[i,c] - min_c s[i,c]``, an
+exact constant offset) so that the decisive differences stay far above HiGHS'
+tolerances however many decades the sensitivities span. Every answer is then
+re-checked in rational arithmetic (:func:`violation`): an assignment that HiGHS
+accepted within its 1e-7 feasibility tolerance but that misses a budget exactly is
+cut off and the solve repeated, so no plan exceeds any budget and the first exactly
+feasible answer is optimal. :func:`brute_force` enumerates all choices as the test oracle and
 :func:`greedy` is the classic HAWQ-V2-style heuristic kept as a baseline.
 """
 
@@ -21,7 +26,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 from scipy.optimize import LinearConstraint, milp
@@ -161,12 +168,89 @@ def _constraints(problem: Problem, budgets: dict[str, float]) -> list[LinearCons
     return cons
 
 
-def _milp(problem: Problem, objective: np.ndarray, budgets: dict[str, float]):
-    scale = float(np.abs(objective).max()) or 1.0
-    n_var = len(objective)
-    return milp(objective / scale, integrality=np.ones(n_var), bounds=(0, 1),
-                constraints=_constraints(problem, budgets),
-                options={"mip_rel_gap": 0.0, "presolve": True})  # fmt: skip
+def _objective(problem: Problem, objective: np.ndarray) -> np.ndarray:
+    """Per op, shift the coefficients so the smallest is 0 (one-hot rows make this an exact
+    constant offset), then scale so the smallest positive gap is 1.
+
+    Dividing by ``max|s|`` instead puts the differences that decide the optimum under
+    HiGHS' absolute tolerances when sensitivities span many decades (issue 15 item 1).
+    """
+    off = problem.offsets
+    out = np.asarray(objective, dtype=float).copy()
+    for i in range(len(problem.ops)):
+        block = out[off[i]:off[i + 1]]
+        block -= block.min()
+    gaps = out[out > 0]
+    return out / np.median(gaps) if gaps.size else out
+
+
+def _milp(problem: Problem, objective: np.ndarray, budgets: dict[str, float],
+          cuts: list[list[int]] | None = None):  # fmt: skip
+    """HiGHS with a zero MIP gap and tight tolerances; ``cuts`` exclude whole assignments
+    (``sum_{i} x[i, index_i] <= n_ops - 1`` each)."""
+    cons = _constraints(problem, budgets)
+    off, n_ops = problem.offsets, len(problem.ops)
+    if cuts:
+        rows = np.zeros((len(cuts), int(off[-1])))
+        for r, index in enumerate(cuts):
+            rows[r, off[:-1] + np.asarray(index)] = 1.0
+        cons.append(LinearConstraint(rows, -np.inf, n_ops - 1))
+    options = {"mip_rel_gap": 0.0, "presolve": True, "mip_abs_gap": 0.0,
+               "mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9,
+               "dual_feasibility_tolerance": 1e-9}  # fmt: skip
+    with warnings.catch_warnings():  # scipy warns that the tolerances go to HiGHS verbatim
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return milp(_objective(problem, objective), integrality=np.ones(int(off[-1])),
+                    bounds=(0, 1), constraints=cons, options=options)  # fmt: skip
+
+
+def exact_total(problem: Problem, kind: str, index: list[int]) -> Fraction:
+    """:meth:`Problem.total` in exact rational arithmetic (every float is a rational)."""
+    rows = problem.sens if kind == "sens" else problem.costs[kind]
+    return sum((Fraction(float(rows[i][c])) for i, c in enumerate(index)), Fraction(0))
+
+
+def violation(problem: Problem, budgets: dict[str, float], index: list[int]) -> dict[str, Fraction]:
+    """Budget -> exact amount by which ``index`` misses it (only the missed ones)."""
+    out = {}
+    for b, limit in budgets.items():
+        t, lim = exact_total(problem, b, index), Fraction(limit)
+        miss = lim - t if b in LOWER_BOUNDS else t - lim
+        if miss > 0:
+            out[b] = miss
+    return out
+
+
+def _exact_milp(problem: Problem, objective: np.ndarray, budgets: dict[str, float],
+                max_cuts: int = 64) -> tuple[list[int] | None, str]:  # fmt: skip
+    """Optimal assignment that meets every budget and tie *exactly*, or None.
+
+    HiGHS accepts rows violated by up to its feasibility tolerance; such an assignment
+    is cut off (no-good cut) and the solve repeated. HiGHS optimises over a superset
+    of the exactly feasible set, so the first exactly feasible answer is optimal.
+    After ``max_cuts`` cuts the violated budgets are tightened by their violation.
+    """
+    cuts: list[list[int]] = []
+    limits = dict(budgets)
+    for _ in range(4 * max_cuts):
+        res = _milp(problem, objective, limits, cuts)
+        if res.status == 2:
+            return None, "infeasible"
+        if not res.success or res.x is None:
+            raise HawqError(f"the ILP solver failed: {res.message}")
+        index = _index(problem, res.x)
+        miss = violation(problem, budgets, index)
+        if not miss and problem.ties_ok(index):
+            return index, res.message
+        if len(cuts) < max_cuts:
+            cuts.append(index)
+            continue
+        for b, m in miss.items():  # a plateau of near-feasible plans: tighten instead
+            step = float(m) * 2 + 1e-12 * max(1.0, abs(budgets[b]))
+            limits[b] = limits[b] + step if b in LOWER_BOUNDS else limits[b] - step
+        cuts.append(index)
+    raise HawqError("the ILP solver kept returning plans that miss a budget by rounding; "
+                    f"budgets {budgets}")
 
 
 def _index(problem: Problem, x: np.ndarray) -> list[int]:
@@ -187,57 +271,79 @@ def _fmt(v: float, up: bool) -> str:
 def extreme(problem: Problem, kind: str, budgets: dict[str, float | None] | None = None,
             maximize: bool = False) -> float | None:
     """Smallest (largest with ``maximize``) total of cost ``kind`` any allocation meeting
-    ``budgets``, ties and pins can reach; None when none meets them."""
+    ``budgets`` (exactly), ties and pins can reach; None when none meets them."""
     budgets = _check_budgets(problem, budgets or {})
     row = np.concatenate(problem.costs[kind])
-    res = _milp(problem, -row if maximize else row, budgets)
-    return problem.total(kind, _index(problem, res.x)) if res.success else None
+    index, _ = _exact_milp(problem, -row if maximize else row, budgets)
+    return None if index is None else problem.total(kind, index)
 
 
 def _diagnose(problem: Problem, budgets: dict[str, float]) -> InfeasibleBudget:
-    """Explain infeasibility: each budget that cannot be met given the others."""
-    if not _milp(problem, np.zeros(int(problem.offsets[-1])), {}).success:
+    """Explain infeasibility: for each budget that cannot be met, its smallest (largest for
+    a lower bound) feasible value given the other budgets, or on its own when the others
+    cannot be met either."""
+    if _exact_milp(problem, np.zeros(int(problem.offsets[-1])), {})[0] is None:
         return InfeasibleBudget("no allocation satisfies the tie groups and pins alone "
                                 f"(ties: {problem.ties})", {})  # fmt: skip
     parts, bounds = [], {}
     for b, limit in budgets.items():
         others = {k: v for k, v in budgets.items() if k != b}
         lower = b in LOWER_BOUNDS
-        best = extreme(problem, b, others, maximize=lower)
+        best, where = extreme(problem, b, others, maximize=lower), "given the other budgets"
+        if best is None:  # the others are infeasible too: this budget's bound on its own
+            best, where = extreme(problem, b, {}, maximize=lower), "on its own"
         if best is None:
             continue
         if (best < limit) if lower else (best > limit):
             bounds[b] = best
             word = "largest" if lower else "smallest"
-            parts.append(f"alloc.{b}={limit:.6g} is infeasible; the {word} feasible value is "
-                         f"{_fmt(best, up=not lower)}")  # fmt: skip
-    where = " (given the other budgets, ties and pins)" if len(budgets) > 1 or problem.ties else ""
-    msg = "; ".join(parts) + where if parts else f"budgets {budgets} are jointly infeasible"
-    return InfeasibleBudget(msg, bounds)
+            ctx = f" ({where}, ties and pins)" if others or problem.ties else ""
+            parts.append(f"alloc.{b}={limit:.6g} is infeasible; the {word} feasible value "
+                         f"is {_fmt(best, up=not lower)}{ctx}")  # fmt: skip
+    if not parts:  # each budget is met given the others' bounds on their own: name them all
+        for b in budgets:
+            lower = b in LOWER_BOUNDS
+            best = extreme(problem, b, {}, maximize=lower)
+            if best is not None:
+                bounds[b] = best
+                parts.append(f"alloc.{b} {'<=' if lower else '>='} {_fmt(best, up=not lower)}"
+                             " on its own")  # fmt: skip
+        msg = f"budgets {budgets} are jointly infeasible; feasible alone: " + ", ".join(parts)
+        return InfeasibleBudget(msg, bounds)
+    return InfeasibleBudget("; ".join(parts), bounds)
 
 
 def solve(problem: Problem, budgets: dict[str, float | None] | None = None) -> Solution:
     """Minimise total sensitivity under ``budgets`` (kind -> limit; None = off).
 
+    The returned plan meets every budget exactly (checked in rational arithmetic) and
+    is optimal whatever the sensitivities' dynamic range (see :func:`_objective`).
+
     Raises:
         InfeasibleBudget: no allocation meets them; the message names, for each
-            budget that cannot be met given the others, the smallest (largest for
-            ``int4_share``) feasible value.
+            budget that cannot be met, the smallest (largest for ``int4_share``)
+            feasible value.
     """
     budgets = _check_budgets(problem, budgets or {})
     start = time.perf_counter()
-    res = _milp(problem, np.concatenate(problem.sens), budgets)
+    index, status = _exact_milp(problem, np.concatenate(problem.sens), budgets)
     elapsed = time.perf_counter() - start
-    if res.status == 2:
+    if index is None:
         raise _diagnose(problem, budgets)
-    if not res.success:
-        raise HawqError(f"the ILP solver failed: {res.message}")
-    index = _index(problem, res.x)
     totals = {b: problem.total(b, index) for b in problem.costs}
-    return Solution(index, problem.total("sens", index), totals, res.message, elapsed)
+    return Solution(index, problem.total("sens", index), totals, status, elapsed)
 
 
 def _feasible(problem: Problem, budgets: dict[str, float], index: list[int], tol: float) -> bool:
+    if tol == 0:  # exact: floats decide unless the total is within rounding of the limit
+        for b, limit in budgets.items():
+            t = problem.total(b, index)
+            d = (limit - t) if b in LOWER_BOUNDS else (t - limit)
+            if d > 1e-9 * max(1.0, abs(limit)):
+                return False
+            if d > -1e-9 * max(1.0, abs(limit)) and b in violation(problem, {b: limit}, index):
+                return False
+        return True
     for b, limit in budgets.items():
         t = problem.total(b, index)
         slack = tol * max(1.0, abs(limit))
