@@ -60,6 +60,9 @@ def quantize_(
     """
     if method not in METHODS:
         raise HawqError(f"QAT method={method!r} is invalid; allowed: {choices(METHODS[1:])}")
+    if not isinstance(plan, Plan):
+        raise HawqError(f"quantize_: plan is a {type(plan).__name__}, not a Plan; build one "
+                        "with Plan.from_dict({'_default': {...}, '<op>': {...}}) or load_plan")
     ops = quantizable_ops(model)
     done = [n for n, m in ops.items() if isinstance(m, QUANT_TYPES)]
     if done:
