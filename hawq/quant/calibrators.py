@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hawq.errors import HawqError
 from hawq.quant.primitives import (
     choose_qparams,
     fake_quantize_grouped,
@@ -59,6 +60,9 @@ class Calibrator:
     def observe(self, x: Tensor) -> None:
         x = x.detach().float()
         lo, hi = x.min().cpu(), x.max().cpu()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):  # NaN propagates into min/max
+            raise HawqError(f"calibration input has NaN/Inf values (min {float(lo)}, max "
+                            f"{float(hi)}); calibration needs finite values")  # fmt: skip
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         self.n_batches += 1
