@@ -10,7 +10,8 @@ Op ``i`` picks exactly one of its candidate settings ``c``; ``x[i,c]`` in {0, 1}
                                                                for tie group (r, j, ...), level v
 
 where ``lvl(c)`` is the activation setting (bits, format): ops reading one
-tensor share it. Solved by :func:`scipy.optimize.milp` (HiGHS branch and cut)
+tensor share it; with ``tie_level="layer"`` (HAWQ-V3) it is the whole candidate.
+Solved by :func:`scipy.optimize.milp` (HiGHS branch and cut)
 with zero MIP gaps on an objective shifted per op (``s[i,c] - min_c s[i,c]``, an
 exact constant offset) so that the decisive differences stay far above HiGHS'
 tolerances however many decades the sensitivities span. Every answer is then
@@ -50,7 +51,9 @@ class Problem:
         choices: per op, its candidate settings.
         sens: per op, sensitivity of each candidate (shape ``(len(choices[i]),)``).
         costs: budget kind -> per op, that cost of each candidate; totals add over ops.
-        ties: groups of op names whose activation settings must be equal.
+        ties: groups of op names whose settings must be equal.
+        tie_level: what a tie binds: ``activation`` (the activation bits and format:
+            ops reading one tensor) or ``layer`` (the whole candidate, HAWQ-V3's ties).
     """
 
     ops: list[str]
@@ -58,8 +61,11 @@ class Problem:
     sens: list[np.ndarray]
     costs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     ties: list[list[str]] = field(default_factory=list)
+    tie_level: str = "activation"
 
     def __post_init__(self) -> None:
+        if self.tie_level not in ("activation", "layer"):
+            raise HawqError(f"tie_level={self.tie_level!r} is invalid; allowed: activation, layer")
         n = len(self.ops)
         if len(self.choices) != n or len(self.sens) != n:
             raise ValueError("ops, choices and sens must have one entry per op")
@@ -87,10 +93,16 @@ class Problem:
         rows = self.sens if kind == "sens" else self.costs[kind]
         return float(sum(rows[i][c] for i, c in enumerate(index)))
 
+    def level(self, c: Candidate) -> tuple:
+        """What tied ops must agree on (see ``tie_level``)."""
+        if self.tie_level == "layer":
+            return (c.w_bits, c.w_format if c.w_bits is not None else "int", *c.a_level)
+        return c.a_level
+
     def ties_ok(self, index: list[int]) -> bool:
         pos = {name: i for i, name in enumerate(self.ops)}
         for g in self.ties:
-            levels = {self.choices[pos[o]][index[pos[o]]].a_level for o in g}
+            levels = {self.level(self.choices[pos[o]][index[pos[o]]]) for o in g}
             if len(levels) > 1:
                 return False
         return True
@@ -146,13 +158,13 @@ def _constraints(problem: Problem, budgets: dict[str, float]) -> list[LinearCons
     pos = {name: i for i, name in enumerate(problem.ops)}
     for group in problem.ties:
         ref = pos[group[0]]
-        levels = {c.a_level for o in group for c in problem.choices[pos[o]]}
+        levels = {problem.level(c) for o in group for c in problem.choices[pos[o]]}
         for other in group[1:]:
             j = pos[other]
             for level in sorted(levels, key=str):
                 for op, sign in ((j, 1.0), (ref, -1.0)):
                     for c, cand in enumerate(problem.choices[op]):
-                        if cand.a_level == level:
+                        if problem.level(cand) == level:
                             rows.append(r), cols.append(off[op] + c), vals.append(sign)
                 r += 1
     eq = coo_array((vals, (rows, cols)), shape=(r, n_var)).tocsr()
