@@ -134,3 +134,22 @@ def test_unsigned_grid_for_non_negative_inputs_halves_the_step():
     s = float(a.max()) / 15  # unsigned 4-bit: 16 levels on [0, max]
     want = float(((torch.clamp(torch.round(a / s), 0, 15) * s - a) ** 2).sum()) / 32
     assert a_err["fc1"]["x"][(4, "int")] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("base", [OpSetting(), OpSetting(dynamic=True),
+                                  OpSetting(calibrator="mse")])  # fmt: skip
+def test_non_finite_calibration_data_names_op_and_operand(value, base):
+    from hawq.errors import HawqError
+
+    net = _net()
+    x = torch.randn(8, 3, 8, 8)
+    x[3, 1, 2, 2] = value
+    op_cands = {n: (k, CANDS) for n, k in KINDS.items()}
+    with pytest.raises(HawqError, match=r"op conv operand x has \d+ NaN and \d+ Inf") as e:
+        activation_errors(net, [(x, None)], op_cands, base, images=8)
+    assert "\n" not in str(e.value)
+    with torch.no_grad():
+        net.fc2.weight[1, 2] = value
+    with pytest.raises(HawqError, match="op fc2 operand weight"):
+        weight_errors(net.fc2, "linear", CANDS, base, None, "fc2")
