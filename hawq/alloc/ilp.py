@@ -223,13 +223,16 @@ def exact_total(problem: Problem, kind: str, index: list[int]) -> Fraction:
 
 
 def violation(problem: Problem, budgets: dict[str, float], index: list[int]) -> dict[str, Fraction]:
-    """Budget -> exact amount by which ``index`` misses it (only the missed ones)."""
+    """Budget -> exact amount by which ``index`` misses it (only the missed ones); the
+    float total :meth:`Problem.total` reports must not miss it either."""
     out = {}
     for b, limit in budgets.items():
         t, lim = exact_total(problem, b, index), Fraction(limit)
         miss = lim - t if b in LOWER_BOUNDS else t - lim
-        if miss > 0:
-            out[b] = miss
+        f = problem.total(b, index)  # the reported total must be within the budget too
+        f_miss = Fraction(limit - f if b in LOWER_BOUNDS else f - limit)
+        if miss > 0 or f_miss > 0:
+            out[b] = max(miss, f_miss)
     return out
 
 
