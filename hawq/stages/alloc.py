@@ -159,6 +159,7 @@ def run(ctx: Context) -> dict:
     hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
     report = read_hessian(hessian_path)
     model = ctx.load_fp_model()
+    load_s = time.perf_counter() - t_stage
     names = list(quantizable_ops(model))
     if set(names) != set(report.ops):
         raise HawqError(f"{hessian_path} does not match the model's ops: only in the report "
@@ -204,6 +205,7 @@ def run(ctx: Context) -> dict:
     out = ctx.path(cfg.out)
     stem = out.with_suffix("")
     chosen = alloc.chosen
+    t_plots = time.perf_counter()
     low = _at_lowest_bits(alloc.problem, {n: c.kind for n, c in report.ops.items()})
     plot_allocation({n: c.w_bits for n, c in chosen.items()},
                     {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
@@ -214,6 +216,7 @@ def run(ctx: Context) -> dict:
                       (alloc.solution.totals[kind], alloc.solution.objective),
                       path=f"{stem}_frontier.png",
                       title=f"{cfg.method}: exact ILP frontier")  # fmt: skip
+    plots_s = time.perf_counter() - t_plots
     save_plan(out, alloc.plan, meta)  # last: the plan exists only when everything succeeded
     log.info("alloc: %s under %s -> objective %.4g, totals %s (solve %.3f s)", cfg.method,
              budgets, alloc.solution.objective, alloc.solution.totals,
@@ -225,7 +228,8 @@ def run(ctx: Context) -> dict:
         "totals": alloc.solution.totals,
         "ops": len(report.ops),
         "timings": {**{k: round(v, 4) for k, v in alloc.timings.items()},
-                    "frontier_s": round(frontier_s, 4),
+                    "frontier_s": round(frontier_s, 4), "load_s": round(load_s, 4),
+                    "plots_s": round(plots_s, 4),
                     "stage_s": round(time.perf_counter() - t_stage, 4)},  # fmt: skip
         "bits": str(out),
         "hessian": str(hessian_path),
