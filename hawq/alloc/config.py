@@ -52,6 +52,7 @@ class AllocConfig:
     out: str = "bits.yaml"
     frontier_budget: str | None = None  # budget swept for the plot (default: first active)
     frontier_points: int = 12
+    plots: bool = True  # write <out>_per_op.png and <out>_frontier.png (matplotlib: ~0.5 s)
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, "method", self.method, ", ".join(METHODS))

@@ -207,11 +207,12 @@ def run(ctx: Context) -> dict:
     chosen = alloc.chosen
     t_plots = time.perf_counter()
     low = _at_lowest_bits(alloc.problem, {n: c.kind for n, c in report.ops.items()})
-    plot_allocation({n: c.w_bits for n, c in chosen.items()},
-                    {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
-                    path=f"{stem}_per_op.png",
-                    title=f"{cfg.method}: {budgets or 'no budget'}")  # fmt: skip
-    if points:
+    if cfg.plots:
+        plot_allocation({n: c.w_bits for n, c in chosen.items()},
+                        {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
+                        path=f"{stem}_per_op.png",
+                        title=f"{cfg.method}: {budgets or 'no budget'}")  # fmt: skip
+    if points and cfg.plots:
         plot_frontier(kind, [p.cost for p in points], [p.objective for p in points],
                       (alloc.solution.totals[kind], alloc.solution.objective),
                       path=f"{stem}_frontier.png",
