@@ -20,11 +20,10 @@ from hawq.alloc.ilp import (
     InfeasibleBudget,
     Problem,
     Solution,
-    brute_force,
     extreme,
-    greedy,
     solve,
 )
+from hawq.alloc.oracle import brute_force, greedy
 from hawq.alloc.pareto import FrontierPoint, frontier, pareto_filter, sweep
 from hawq.alloc.report import HessianReport, OpCurvature, parse_hessian, read_hessian
 from hawq.alloc.sensitivity import METHODS, SETTINGS
