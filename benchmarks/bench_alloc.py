@@ -4,7 +4,7 @@ exact ILP against a greedy peer.
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_alloc.py [--out benchmarks/results/alloc.json]
-        [--repeats 3] [--threads 2] [--skip-stage] [--skip-solver]
+        [--repeats 3] [--threads 2] [--skip-stage] [--skip-solver] [--override alloc.plots=false]
 
 Builds the seed ViT (dim 512, depth 6; random weights: timing does not depend on
 them), a checkpoint and a synthetic ``hessian.json`` in a temporary run directory, then
