@@ -15,14 +15,17 @@ hardware from the runs' provenance. A row with no finished run reads
 
 :func:`budget_range` gives the HAWQ-V3 budget parametrisation: with per-op
 candidate settings, a budget is :math:`B(f) = B_{min} + f\\,(B_{max} - B_{min})`
-where :math:`B_{min}` / :math:`B_{max}` are the totals with every op at its
-cheapest / dearest candidate (``size_mb`` or ``bops``; costs are separable per
-op, so these are the exact extremes without ties or pins).
+where :math:`B_{min}` / :math:`B_{max}` are the totals with every op the ILP decides
+at its cheapest / dearest candidate and every pinned op at its pin (``size_mb`` or
+``bops``; costs are separable per op, so these are the exact extremes without ties):
+the fraction runs over the decided ops only, as in HAWQ-V3, whose first and last
+layers are fixed at 8 bits.
 
 Notebooks run or load a run with :func:`run_stages`. Command line::
 
     python -m hawq.report table experiments/vit_cifar/rows.yaml --runs runs
-    python -m hawq.report budget runs/resnet20_cifar/hessian.json --kind bops --fraction 0.5
+    python -m hawq.report budget runs/resnet20_cifar/hessian.json --kind bops --fraction 0.5 \
+        --pin-first 8 --pin-last 8
     python -m hawq.report tradeoff "hawq_v3=runs/share_*" "uniform=runs/w*a*" --stage qat \
         --cost bops --out pareto.png
 
@@ -41,6 +44,7 @@ import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -155,33 +159,58 @@ def results_table(rows: Sequence[Row], runs_root: str | Path) -> str:
 
 
 def budget_range(hessian_json: str | Path, candidates: Sequence[Mapping[str, Any]],
-                 kind: str) -> tuple[float, float]:  # fmt: skip
-    """``(B_min, B_max)`` of ``kind`` (``size_mb`` or ``bops``) over per-op candidate choices.
+                 kind: str, pins: Mapping[str, Any] | None = None, pin_first: Any = None,
+                 pin_last: Any = None) -> tuple[float, float]:  # fmt: skip
+    """``(B_min, B_max)`` of ``kind`` (``size_mb`` or ``bops``) over the ops the ILP decides.
 
+    Pinned ops (``pins``, ``pin_first``, ``pin_last``, as in ``cfg.alloc``) have one
+    setting, so they add the same constant to both ends: ``B(f)`` moves only over the
+    decided ops (HAWQ-V3 fixes the first and last layer at 8 bits and takes the range
+    over the others), and ``B(0)`` is the cheapest plan the pins allow, always feasible.
     Units as in :mod:`hawq.alloc.costs`: ``size_mb`` MB, ``bops`` G bit-ops per image.
     """
-    from hawq.alloc import parse_candidates, read_hessian
+    from hawq.alloc import read_hessian
+    from hawq.alloc.allocate import choices_per_op, resolve_pins
     from hawq.alloc.costs import GIGA, OpCost, bops, size_mb
 
     fns = {"size_mb": lambda op, c: size_mb(op, c), "bops": lambda op, c: bops(op, c) / GIGA}
     if kind not in fns:
         raise HawqError(f"budget kind {kind!r} is invalid; allowed: {', '.join(fns)}")
     report = read_hessian(hessian_json)
-    cands = parse_candidates(candidates)
-    lo = hi = 0.0
-    for name, op in report.ops.items():
+    pinned = resolve_pins(list(report.ops), pins, pin_first, pin_last)
+    per_op = choices_per_op(report, candidates, pinned)
+    lo = hi = Fraction(0)  # exact sums, rounded up: B(0) and B(1) are feasible exactly
+    for (name, op), cands in zip(report.ops.items(), per_op, strict=True):
         cost = OpCost(name, op.kind, op.numel, op.macs)
         vals = [fns[kind](cost, c) for c in cands]
-        lo += min(vals)
-        hi += max(vals)
-    return lo, hi
+        lo += Fraction(min(vals))
+        hi += Fraction(max(vals))
+    return _up(lo), _up(hi)
+
+
+def _up(v: Fraction) -> float:
+    """The smallest float >= ``v``."""
+    f = float(v)
+    return math.nextafter(f, math.inf) if Fraction(f) < v else f
+
+
+def _pin(text: str) -> dict[str, int]:
+    """``8`` -> w8a8, ``4,8`` -> w4a8 (the CLI's pin syntax)."""
+    try:
+        bits = [int(v) for v in text.split(",")]
+    except ValueError:
+        bits = []
+    if len(bits) not in (1, 2):
+        raise HawqError(f"pin {text!r} is invalid; allowed: BITS or W_BITS,A_BITS (e.g. 8 or 4,8)")
+    return {"w_bits": bits[0], "a_bits": bits[-1]}
 
 
 def budget_at(lo: float, hi: float, fraction: float) -> float:
-    """:math:`B_{min} + f (B_{max} - B_{min})` for ``0 <= f <= 1``."""
+    """:math:`B_{min} + f (B_{max} - B_{min})` for ``0 <= f <= 1`` (``B(0) = B_min`` and
+    ``B(1) = B_max`` exactly)."""
     if not 0.0 <= fraction <= 1.0:
         raise HawqError(f"fraction={fraction} is invalid; allowed: 0 <= fraction <= 1")
-    return lo + fraction * (hi - lo)
+    return hi if fraction == 1.0 else lo + fraction * (hi - lo)
 
 
 def compose_config(overrides: Sequence[str] = (), run_dir: str | Path | None = None):
@@ -275,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--fraction", type=float, required=True)
     b.add_argument("--bits", type=int, nargs="+", default=[4, 8],
                    help="candidate widths (every w x a combination)")  # fmt: skip
+    b.add_argument("--pin-first", help="first op's fixed bits (8 or W,A): excluded from the range")
+    b.add_argument("--pin-last", help="last op's fixed bits (8 or W,A): excluded from the range")
+    b.add_argument("--pin", action="append", default=[], metavar="OP=BITS",
+                   help="an op's fixed bits (repeatable): excluded from the range")  # fmt: skip
     d = sub.add_parser("tradeoff", help="accuracy vs BOPs/size PNG over finished ptq/qat runs")
     d.add_argument("series", nargs="+", help="LABEL=GLOB of run directories, one per line")
     d.add_argument("--stage", default="ptq", choices=("ptq", "qat"))
@@ -301,8 +334,16 @@ def main(argv: list[str] | None = None) -> int:
                                 title=f"{args.stage} accuracy vs {args.cost}"))  # fmt: skip
         else:
             cands = [{"w_bits": w, "a_bits": a} for w in args.bits for a in args.bits]
-            lo, hi = budget_range(args.hessian, cands, args.kind)
-            print(f"{budget_at(lo, hi, args.fraction):.6g}")
+            pins = {}
+            for item in args.pin:
+                op, sep, bits = item.partition("=")
+                if not sep:
+                    raise HawqError(f"--pin {item!r} is invalid; allowed: OP=BITS or OP=W,A")
+                pins[op] = _pin(bits)
+            lo, hi = budget_range(args.hessian, cands, args.kind, pins,
+                                  _pin(args.pin_first) if args.pin_first else None,
+                                  _pin(args.pin_last) if args.pin_last else None)  # fmt: skip
+            print(repr(budget_at(lo, hi, args.fraction)))  # all digits: B(0) stays feasible
     except HawqError as e:
         print(f"hawq: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -7,6 +7,7 @@ the :class:`~hawq.quant.plan.Plan` with the provenance that goes into ``bits.yam
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,15 +21,19 @@ from hawq.alloc.costs import LatencyTable, OpCost, cost_arrays, op_shapes
 from hawq.alloc.ilp import Problem, Solution, solve
 from hawq.alloc.report import HessianReport
 from hawq.alloc.sensitivity import (
+    ACT_METHODS,
     METHODS,
+    SETTINGS,
     activation_errors,
     hawq_sensitivity,
     random_sensitivity,
+    tie_level,
     uniform_sensitivity,
     weight_errors,
 )
 from hawq.alloc.ties import merge_groups, shared_input_groups
 from hawq.errors import HawqError, choices
+from hawq.quant.bn_fold import find_conv_bn_pairs
 from hawq.quant.plan import OpSetting, Plan
 
 
@@ -95,18 +100,31 @@ def sensitivities(
     max_batches: int = 4,
     base: OpSetting | None = None,
     seed: int = 0,
+    images: int = 32,
+    rel_se: float = 0.05,
+    fold_bn: bool = True,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
-    """Sensitivity arrays per op for ``method`` (not ``measured``: pass those in), + timings."""
+    """Sensitivity arrays per op for ``method`` (not ``measured``: pass those in), + timings.
+
+    Errors come from the deployed quantizer (:mod:`hawq.alloc.quant_error`); activation
+    errors (not for ``hawq_v3``, which is weight-only) from one forward pass over
+    ``images`` images of the first ``max_batches`` batches, more when the estimate is
+    not yet within ``rel_se``. ``fold_bn``: convs followed by a BatchNorm quantize the
+    folded weight (as :func:`hawq.quant.quantize_` with ``fold_bn``).
+    """
     if method not in METHODS or method == "measured":
-        raise HawqError(f"sensitivities: method {method!r}; allowed: hawq_v1, hawq_v2, "
-                        "hawq_v3, random, uniform (measured drops are passed in)")  # fmt: skip
+        raise HawqError(f"sensitivities: method {method!r}; allowed: "
+                        f"{choices(m for m in METHODS if m != 'measured')} "
+                        "(measured drops are passed in)")  # fmt: skip
     kinds = [c.kind for c in report.ops.values()]
     if method == "uniform":
         return uniform_sensitivity(kinds, cands), {}
     if method == "random":
         return random_sensitivity(kinds, cands, seed), {}
-    if model is None or calib_batches is None:
-        raise HawqError(f"{method} needs the model and calibration batches")
+    needs_acts = method in ACT_METHODS
+    if model is None or (needs_acts and calib_batches is None):
+        raise HawqError(f"{method} needs the model" +
+                        (" and calibration batches" if needs_acts else ""))  # fmt: skip
     base = base or OpSetting()
     modules = dict(model.named_modules())
     missing = [n for n in report.ops if n not in modules]
@@ -114,14 +132,23 @@ def sensitivities(
         raise HawqError(f"{report.path} names op(s) not in the model: {choices(missing)}")
     t0 = time.perf_counter()
     op_cands = {n: (c.kind, cs) for (n, c), cs in zip(report.ops.items(), cands, strict=True)}
-    a_err = activation_errors(model, calib_batches, op_cands, base, max_batches)
+    info: dict[str, float] = {}
+    if needs_acts:
+        batches = itertools.islice(iter(calib_batches), max_batches)
+        a_err, info = activation_errors(model, batches, op_cands, base, images=images,
+                                        max_images=10**9, rel_se=rel_se)  # fmt: skip
+    else:
+        a_err = {n: {} for n in report.ops}
     t1 = time.perf_counter()
+    bn_of = find_conv_bn_pairs(model) if fold_bn else {}
     out = []
     for (name, curv), cs in zip(report.ops.items(), cands, strict=True):
         module = None if curv.kind == "matmul" else modules[name]
-        w_err = weight_errors(module, cs, base)
+        bn = modules[bn_of[name]] if name in bn_of else None
+        w_err = weight_errors(module, curv.kind, cs, base, bn, name)
         out.append(hawq_sensitivity(curv, cs, w_err, a_err[name], method))
-    return out, {"calibration_s": t1 - t0, "weight_error_s": time.perf_counter() - t1}
+    timings = {"calibration_s": t1 - t0, "weight_error_s": time.perf_counter() - t1}
+    return out, {**timings, **{f"calibration_{k}": v for k, v in info.items()}}
 
 
 def op_costs(report: HessianReport, model: nn.Module | None, input_size: tuple[int, ...]) -> list:
@@ -138,11 +165,12 @@ def build_problem(
     ties: Iterable[Iterable[str]] = (),
     latency: LatencyTable | None = None,
     avg_bits_by: str = "macs",
+    tie_level: str = "activation",
 ) -> Problem:
-    """The ILP instance (ties merged transitively)."""
+    """The ILP instance (ties merged transitively; ``tie_level`` see :class:`Problem`)."""
     ops = list(report.ops)
     return Problem(ops, cands, sens, cost_arrays(costs, cands, latency, avg_bits_by),
-                   merge_groups(ties, ops))  # fmt: skip
+                   merge_groups(ties, ops), tie_level)  # fmt: skip
 
 
 def to_plan(problem: Problem, solution: Solution, base: OpSetting) -> Plan:
@@ -154,12 +182,15 @@ def to_plan(problem: Problem, solution: Solution, base: OpSetting) -> Plan:
 def allocate(
     report: HessianReport,
     candidates: Iterable[Any],
-    method: str = "hawq_v3",
+    method: str = "hawq_v3_act",
     budgets: Mapping[str, float | None] | None = None,
     *,
     model: nn.Module | None = None,
     calib_batches: Iterable | None = None,
     max_batches: int = 4,
+    calib_images: int = 32,
+    calib_rel_se: float = 0.05,
+    fold_bn: bool = True,
     input_size: tuple[int, ...] = (3, 32, 32),
     base: OpSetting | None = None,
     sens: list[np.ndarray] | None = None,
@@ -181,8 +212,11 @@ def allocate(
             (or any precomputed objective) pass ``sens``.
         budgets: kind -> limit (see :data:`~hawq.alloc.ilp.BUDGET_KINDS`); None = off.
         model: the FP model (weight errors, GEMM shapes, derived ties).
-        calib_batches: ``(x, y)`` batches for activation errors (``hawq_*`` methods).
-        max_batches: calibration batches used.
+        calib_batches: ``(x, y)`` batches for activation errors (:data:`ACT_METHODS`).
+        max_batches: calibration batches available (an upper bound on the images).
+        calib_images: images of the first calibration pass (doubled while any mean's
+            relative standard error exceeds ``calib_rel_se``).
+        fold_bn: quantize convs with their following BatchNorm folded (as PTQ/QAT do).
         input_size: one input's shape, for tracing.
         base: the non-bit fields of every op's setting.
         sens: per-op sensitivity arrays overriding ``method``'s (e.g. measured drops).
@@ -207,12 +241,13 @@ def allocate(
     timings: dict[str, float] = {}
     if sens is None:
         sens, timings = sensitivities(method, report, cands, model, calib_batches, max_batches,
-                                      base, seed)  # fmt: skip
+                                      base, seed, calib_images, calib_rel_se,
+                                      fold_bn)  # fmt: skip
     groups = list(tie_groups)
     if ties and model is not None:
         groups += shared_input_groups(model, input_size)
     problem = build_problem(report, cands, sens, op_costs(report, model, input_size), groups,
-                            latency, avg_bits_by)  # fmt: skip
+                            latency, avg_bits_by, tie_level(method))  # fmt: skip
     solution = solve(problem, budgets)
     plan = to_plan(problem, solution, base)
     total = time.perf_counter() - t_start
@@ -220,6 +255,8 @@ def allocate(
                    alloc_s=total - timings.get("calibration_s", 0.0))  # fmt: skip
     meta = {
         "method": method,
+        "setting": SETTINGS.get(method, method),
+        "tie_level": problem.tie_level,
         "budgets": budgets,
         "objective": solution.objective,
         "totals": solution.totals,

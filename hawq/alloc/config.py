@@ -25,7 +25,7 @@ class AllocConfig:
     this share of MACs at <= 4 bits).
     """
 
-    method: str = "hawq_v3"
+    method: str = "hawq_v3_act"  # hawq_v3: HAWQ-V3 exactly (weight-only, whole-layer ties)
     candidates: list[Any] = field(default_factory=_default_candidates)
     avg_bits: float | None = None
     size_mb: float | None = None
@@ -40,8 +40,11 @@ class AllocConfig:
     ties: bool = True  # derive shared-input tie groups from a traced forward pass
     tie_groups: list[Any] = field(default_factory=list)  # extra groups of op names
     base: Any = None  # OpSetting fields; None = cfg.quant.default (what ptq/qat use)
-    calib_batches: int = 4
+    calib_batches: int = 4  # at most calib_batches x calib_batch_size images
     calib_batch_size: int = 128
+    calib_images: int = 8  # images of the first activation-error pass (one forward)
+    calib_rel_se: float = 0.05  # more images while a mean's relative std. error exceeds this
+    cache: bool = True  # reuse sensitivities computed from the same inputs (alloc_sens.json)
     measured_split: str = "test"
     measured_batch_size: int | None = None
     seed: int = 0
@@ -49,6 +52,7 @@ class AllocConfig:
     out: str = "bits.yaml"
     frontier_budget: str | None = None  # budget swept for the plot (default: first active)
     frontier_points: int = 12
+    plots: bool = True  # write <out>_per_op.png and <out>_frontier.png (matplotlib: ~0.5 s)
 
     def __post_init__(self) -> None:
         require(self.method in METHODS, "method", self.method, ", ".join(METHODS))
@@ -56,6 +60,9 @@ class AllocConfig:
         require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")
         require(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size,
                 "an integer >= 1")  # fmt: skip
+        require(isinstance(self.calib_images, int) and self.calib_images >= 1, "calib_images",
+                self.calib_images, "an integer >= 1")  # fmt: skip
+        require(self.calib_rel_se > 0, "calib_rel_se", self.calib_rel_se, "a number > 0")
         require(self.measured_split in ("train", "test"), "measured_split", self.measured_split,
                 "train, test")  # fmt: skip
         require(self.frontier_budget is None or self.frontier_budget in BUDGET_KINDS,

@@ -49,7 +49,7 @@ from hawq.errors import HawqError
 from hawq.quant.plan import OpSetting, Plan
 
 ORDERS = ("hessian", "measured", "random")
-HESSIAN_METHODS = ("hawq_v1", "hawq_v2", "hawq_v3")
+HESSIAN_METHODS = ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act")
 LOW = Candidate(4, 4)  # the INT4 setting the curve enables op by op
 _SPEC = re.compile(r"^w([1-8])a([1-8])$")
 
@@ -69,7 +69,7 @@ class CurveConfig:
     """Validated view of ``cfg.curve`` (see ``hawq/conf/curve/default.yaml``)."""
 
     orders: list[str] = field(default_factory=lambda: list(ORDERS))
-    method: str = "hawq_v3"  # Hessian sensitivity of the hessian order
+    method: str = "hawq_v3_act"  # Hessian sensitivity of the hessian order
     rest: str = "w8a8"  # setting of the ops not (yet) at INT4: w<b>a<b> with max bits > 4, or fp
     step: int = 1  # evaluate every step-th prefix (the first and last always)
     seed: int = 0  # random order
@@ -115,7 +115,7 @@ def hessian_sensitivity(
     base: OpSetting,
     high: Candidate,
     low: Candidate = LOW,
-    method: str = "hawq_v3",
+    method: str = "hawq_v3_act",
 ) -> dict[str, float]:
     """``Delta_i = Omega_i(low) - Omega_i(high)`` per op, in the report's (network) order.
 
@@ -125,11 +125,13 @@ def hessian_sensitivity(
         calib_batches: ``(x, y)`` batches; all of them are used.
         base: the non-bit fields of both settings (``quant.default``).
         high / low: the two settings compared.
-        method: ``hawq_v1``, ``hawq_v2`` or ``hawq_v3``.
+        method: ``hawq_v1``, ``hawq_v2``, ``hawq_v3`` (weights only) or ``hawq_v3_act``.
     """
     batches = list(calib_batches)
     cands = choices_per_op(report, [low, high], {})  # per op: [low, high] in canonical form
-    sens, _ = sensitivities(method, report, cands, model, batches, len(batches), base)
+    n_images = sum(int((b[0] if isinstance(b, (tuple, list)) else b).shape[0]) for b in batches)
+    sens, _ = sensitivities(method, report, cands, model, batches, len(batches), base,
+                            images=max(n_images, 1), rel_se=float("inf"))  # all images
     return {n: float(s[0] - s[1]) for n, s in zip(report.ops, sens, strict=True)}
 
 

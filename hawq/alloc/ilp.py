@@ -10,18 +10,25 @@ Op ``i`` picks exactly one of its candidate settings ``c``; ``x[i,c]`` in {0, 1}
                                                                for tie group (r, j, ...), level v
 
 where ``lvl(c)`` is the activation setting (bits, format): ops reading one
-tensor share it. Solved by :func:`scipy.optimize.milp` (HiGHS branch and cut)
-with a zero MIP gap, so the optimum is exact (up to HiGHS' 1e-7 feasibility
-tolerance); :func:`brute_force` enumerates all choices as the test oracle and
-:func:`greedy` is the classic HAWQ-V2-style heuristic kept as a baseline.
+tensor share it; with ``tie_level="layer"`` (HAWQ-V3) it is the whole candidate.
+Solved by :func:`scipy.optimize.milp` (HiGHS branch and cut)
+with zero MIP gaps on an objective shifted per op (``s[i,c] - min_c s[i,c]``, an
+exact constant offset) so that the decisive differences stay far above HiGHS'
+tolerances however many decades the sensitivities span. Every answer is then
+re-checked in rational arithmetic (:func:`violation`): an assignment that HiGHS
+accepted within its 1e-7 feasibility tolerance but that misses a budget exactly is
+cut off and the solve repeated, so no plan exceeds any budget and the first exactly
+feasible answer is optimal. :mod:`hawq.alloc.oracle` holds the brute-force test oracle and
+the greedy HAWQ-V2-style baseline.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 from scipy.optimize import LinearConstraint, milp
@@ -43,7 +50,9 @@ class Problem:
         choices: per op, its candidate settings.
         sens: per op, sensitivity of each candidate (shape ``(len(choices[i]),)``).
         costs: budget kind -> per op, that cost of each candidate; totals add over ops.
-        ties: groups of op names whose activation settings must be equal.
+        ties: groups of op names whose settings must be equal.
+        tie_level: what a tie binds: ``activation`` (the activation bits and format:
+            ops reading one tensor) or ``layer`` (the whole candidate, HAWQ-V3's ties).
     """
 
     ops: list[str]
@@ -51,8 +60,11 @@ class Problem:
     sens: list[np.ndarray]
     costs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     ties: list[list[str]] = field(default_factory=list)
+    tie_level: str = "activation"
 
     def __post_init__(self) -> None:
+        if self.tie_level not in ("activation", "layer"):
+            raise HawqError(f"tie_level={self.tie_level!r} is invalid; allowed: activation, layer")
         n = len(self.ops)
         if len(self.choices) != n or len(self.sens) != n:
             raise ValueError("ops, choices and sens must have one entry per op")
@@ -80,10 +92,16 @@ class Problem:
         rows = self.sens if kind == "sens" else self.costs[kind]
         return float(sum(rows[i][c] for i, c in enumerate(index)))
 
+    def level(self, c: Candidate) -> tuple:
+        """What tied ops must agree on (see ``tie_level``)."""
+        if self.tie_level == "layer":
+            return (c.w_bits, c.w_format if c.w_bits is not None else "int", *c.a_level)
+        return c.a_level
+
     def ties_ok(self, index: list[int]) -> bool:
         pos = {name: i for i, name in enumerate(self.ops)}
         for g in self.ties:
-            levels = {self.choices[pos[o]][index[pos[o]]].a_level for o in g}
+            levels = {self.level(self.choices[pos[o]][index[pos[o]]]) for o in g}
             if len(levels) > 1:
                 return False
         return True
@@ -139,13 +157,13 @@ def _constraints(problem: Problem, budgets: dict[str, float]) -> list[LinearCons
     pos = {name: i for i, name in enumerate(problem.ops)}
     for group in problem.ties:
         ref = pos[group[0]]
-        levels = {c.a_level for o in group for c in problem.choices[pos[o]]}
+        levels = {problem.level(c) for o in group for c in problem.choices[pos[o]]}
         for other in group[1:]:
             j = pos[other]
             for level in sorted(levels, key=str):
                 for op, sign in ((j, 1.0), (ref, -1.0)):
                     for c, cand in enumerate(problem.choices[op]):
-                        if cand.a_level == level:
+                        if problem.level(cand) == level:
                             rows.append(r), cols.append(off[op] + c), vals.append(sign)
                 r += 1
     eq = coo_array((vals, (rows, cols)), shape=(r, n_var)).tocsr()
@@ -161,12 +179,92 @@ def _constraints(problem: Problem, budgets: dict[str, float]) -> list[LinearCons
     return cons
 
 
-def _milp(problem: Problem, objective: np.ndarray, budgets: dict[str, float]):
-    scale = float(np.abs(objective).max()) or 1.0
-    n_var = len(objective)
-    return milp(objective / scale, integrality=np.ones(n_var), bounds=(0, 1),
-                constraints=_constraints(problem, budgets),
-                options={"mip_rel_gap": 0.0, "presolve": True})  # fmt: skip
+def _objective(problem: Problem, objective: np.ndarray) -> np.ndarray:
+    """Per op, shift the coefficients so the smallest is 0 (one-hot rows make this an exact
+    constant offset), then scale so the smallest positive gap is 1.
+
+    Dividing by ``max|s|`` instead puts the differences that decide the optimum under
+    HiGHS' absolute tolerances when sensitivities span many decades (issue 15 item 1).
+    """
+    off = problem.offsets
+    out = np.asarray(objective, dtype=float).copy()
+    for i in range(len(problem.ops)):
+        block = out[off[i]:off[i + 1]]
+        block -= block.min()
+    gaps = out[out > 0]
+    return out / np.median(gaps) if gaps.size else out
+
+
+def _milp(problem: Problem, objective: np.ndarray, budgets: dict[str, float],
+          cuts: list[list[int]] | None = None):  # fmt: skip
+    """HiGHS with a zero MIP gap and tight tolerances; ``cuts`` exclude whole assignments
+    (``sum_{i} x[i, index_i] <= n_ops - 1`` each)."""
+    cons = _constraints(problem, budgets)
+    off, n_ops = problem.offsets, len(problem.ops)
+    if cuts:
+        rows = np.zeros((len(cuts), int(off[-1])))
+        for r, index in enumerate(cuts):
+            rows[r, off[:-1] + np.asarray(index)] = 1.0
+        cons.append(LinearConstraint(rows, -np.inf, n_ops - 1))
+    options = {"mip_rel_gap": 0.0, "presolve": True, "mip_abs_gap": 0.0,
+               "mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9,
+               "dual_feasibility_tolerance": 1e-9}  # fmt: skip
+    with warnings.catch_warnings():  # scipy warns that the tolerances go to HiGHS verbatim
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return milp(_objective(problem, objective), integrality=np.ones(int(off[-1])),
+                    bounds=(0, 1), constraints=cons, options=options)  # fmt: skip
+
+
+def exact_total(problem: Problem, kind: str, index: list[int]) -> Fraction:
+    """:meth:`Problem.total` in exact rational arithmetic (every float is a rational)."""
+    rows = problem.sens if kind == "sens" else problem.costs[kind]
+    return sum((Fraction(float(rows[i][c])) for i, c in enumerate(index)), Fraction(0))
+
+
+def violation(problem: Problem, budgets: dict[str, float], index: list[int]) -> dict[str, Fraction]:
+    """Budget -> exact amount by which ``index`` misses it (only the missed ones); the
+    float total :meth:`Problem.total` reports must not miss it either."""
+    out = {}
+    for b, limit in budgets.items():
+        t, lim = exact_total(problem, b, index), Fraction(limit)
+        miss = lim - t if b in LOWER_BOUNDS else t - lim
+        f = problem.total(b, index)  # the reported total must be within the budget too
+        f_miss = Fraction(limit - f if b in LOWER_BOUNDS else f - limit)
+        if miss > 0 or f_miss > 0:
+            out[b] = max(miss, f_miss)
+    return out
+
+
+def _exact_milp(problem: Problem, objective: np.ndarray, budgets: dict[str, float],
+                max_cuts: int = 64) -> tuple[list[int] | None, str]:  # fmt: skip
+    """Optimal assignment that meets every budget and tie *exactly*, or None.
+
+    HiGHS accepts rows violated by up to its feasibility tolerance; such an assignment
+    is cut off (no-good cut) and the solve repeated. HiGHS optimises over a superset
+    of the exactly feasible set, so the first exactly feasible answer is optimal.
+    After ``max_cuts`` cuts the violated budgets are tightened by their violation.
+    """
+    cuts: list[list[int]] = []
+    limits = dict(budgets)
+    for _ in range(4 * max_cuts):
+        res = _milp(problem, objective, limits, cuts)
+        if res.status == 2:
+            return None, "infeasible"
+        if not res.success or res.x is None:
+            raise HawqError(f"the ILP solver failed: {res.message}")
+        index = _index(problem, res.x)
+        miss = violation(problem, budgets, index)
+        if not miss and problem.ties_ok(index):
+            return index, res.message
+        if len(cuts) < max_cuts:
+            cuts.append(index)
+            continue
+        for b, m in miss.items():  # a plateau of near-feasible plans: tighten instead
+            step = float(m) * 2 + 1e-12 * max(1.0, abs(budgets[b]))
+            limits[b] = limits[b] + step if b in LOWER_BOUNDS else limits[b] - step
+        cuts.append(index)
+    raise HawqError("the ILP solver kept returning plans that miss a budget by rounding; "
+                    f"budgets {budgets}")
 
 
 def _index(problem: Problem, x: np.ndarray) -> list[int]:
@@ -187,114 +285,64 @@ def _fmt(v: float, up: bool) -> str:
 def extreme(problem: Problem, kind: str, budgets: dict[str, float | None] | None = None,
             maximize: bool = False) -> float | None:
     """Smallest (largest with ``maximize``) total of cost ``kind`` any allocation meeting
-    ``budgets``, ties and pins can reach; None when none meets them."""
+    ``budgets`` (exactly), ties and pins can reach; None when none meets them."""
     budgets = _check_budgets(problem, budgets or {})
     row = np.concatenate(problem.costs[kind])
-    res = _milp(problem, -row if maximize else row, budgets)
-    return problem.total(kind, _index(problem, res.x)) if res.success else None
+    index, _ = _exact_milp(problem, -row if maximize else row, budgets)
+    return None if index is None else problem.total(kind, index)
 
 
 def _diagnose(problem: Problem, budgets: dict[str, float]) -> InfeasibleBudget:
-    """Explain infeasibility: each budget that cannot be met given the others."""
-    if not _milp(problem, np.zeros(int(problem.offsets[-1])), {}).success:
+    """Explain infeasibility: for each budget that cannot be met, its smallest (largest for
+    a lower bound) feasible value given the other budgets, or on its own when the others
+    cannot be met either."""
+    if _exact_milp(problem, np.zeros(int(problem.offsets[-1])), {})[0] is None:
         return InfeasibleBudget("no allocation satisfies the tie groups and pins alone "
                                 f"(ties: {problem.ties})", {})  # fmt: skip
     parts, bounds = [], {}
     for b, limit in budgets.items():
         others = {k: v for k, v in budgets.items() if k != b}
         lower = b in LOWER_BOUNDS
-        best = extreme(problem, b, others, maximize=lower)
+        best, where = extreme(problem, b, others, maximize=lower), "given the other budgets"
+        if best is None:  # the others are infeasible too: this budget's bound on its own
+            best, where = extreme(problem, b, {}, maximize=lower), "on its own"
         if best is None:
             continue
         if (best < limit) if lower else (best > limit):
             bounds[b] = best
             word = "largest" if lower else "smallest"
-            parts.append(f"alloc.{b}={limit:.6g} is infeasible; the {word} feasible value is "
-                         f"{_fmt(best, up=not lower)}")  # fmt: skip
-    where = " (given the other budgets, ties and pins)" if len(budgets) > 1 or problem.ties else ""
-    msg = "; ".join(parts) + where if parts else f"budgets {budgets} are jointly infeasible"
-    return InfeasibleBudget(msg, bounds)
+            ctx = f" ({where}, ties and pins)" if others or problem.ties else ""
+            parts.append(f"alloc.{b}={limit:.6g} is infeasible; the {word} feasible value "
+                         f"is {_fmt(best, up=not lower)}{ctx}")  # fmt: skip
+    if not parts:  # each budget is met given the others' bounds on their own: name them all
+        for b in budgets:
+            lower = b in LOWER_BOUNDS
+            best = extreme(problem, b, {}, maximize=lower)
+            if best is not None:
+                bounds[b] = best
+                parts.append(f"alloc.{b} {'<=' if lower else '>='} {_fmt(best, up=not lower)}"
+                             " on its own")  # fmt: skip
+        msg = f"budgets {budgets} are jointly infeasible; feasible alone: " + ", ".join(parts)
+        return InfeasibleBudget(msg, bounds)
+    return InfeasibleBudget("; ".join(parts), bounds)
 
 
 def solve(problem: Problem, budgets: dict[str, float | None] | None = None) -> Solution:
     """Minimise total sensitivity under ``budgets`` (kind -> limit; None = off).
 
+    The returned plan meets every budget exactly (checked in rational arithmetic) and
+    is optimal whatever the sensitivities' dynamic range (see :func:`_objective`).
+
     Raises:
         InfeasibleBudget: no allocation meets them; the message names, for each
-            budget that cannot be met given the others, the smallest (largest for
-            ``int4_share``) feasible value.
+            budget that cannot be met, the smallest (largest for ``int4_share``)
+            feasible value.
     """
     budgets = _check_budgets(problem, budgets or {})
     start = time.perf_counter()
-    res = _milp(problem, np.concatenate(problem.sens), budgets)
+    index, status = _exact_milp(problem, np.concatenate(problem.sens), budgets)
     elapsed = time.perf_counter() - start
-    if res.status == 2:
+    if index is None:
         raise _diagnose(problem, budgets)
-    if not res.success:
-        raise HawqError(f"the ILP solver failed: {res.message}")
-    index = _index(problem, res.x)
     totals = {b: problem.total(b, index) for b in problem.costs}
-    return Solution(index, problem.total("sens", index), totals, res.message, elapsed)
-
-
-def _feasible(problem: Problem, budgets: dict[str, float], index: list[int], tol: float) -> bool:
-    for b, limit in budgets.items():
-        t = problem.total(b, index)
-        slack = tol * max(1.0, abs(limit))
-        if (t < limit - slack) if b in LOWER_BOUNDS else (t > limit + slack):
-            return False
-    return True
-
-
-def brute_force(
-    problem: Problem, budgets: dict[str, float | None] | None = None, tol: float = 0.0
-) -> Solution | None:
-    """Enumerate every choice (``prod_i k_i`` of them); None when none is feasible."""
-    budgets = _check_budgets(problem, budgets or {})
-    start = time.perf_counter()
-    best: list[int] | None = None
-    best_obj = math.inf
-    for index in itertools.product(*(range(len(k)) for k in problem.choices)):
-        index = list(index)
-        if not _feasible(problem, budgets, index, tol) or not problem.ties_ok(index):
-            continue
-        obj = problem.total("sens", index)
-        if obj < best_obj:
-            best, best_obj = index, obj
-    if best is None:
-        return None
-    totals = {b: problem.total(b, best) for b in problem.costs}
-    return Solution(best, best_obj, totals, "enumerated", time.perf_counter() - start)
-
-
-def greedy(problem: Problem, budgets: dict[str, float | None] | None = None) -> Solution | None:
-    """Heuristic peer (ignores ties): start at each op's least-sensitive candidate and
-    repeatedly take the move with the smallest ``d_sens / d_violation`` until every
-    budget holds; None when it gets stuck."""
-    budgets = _check_budgets(problem, budgets or {})
-    start = time.perf_counter()
-    index = [int(np.lexsort((sum(problem.costs[b][i] for b in budgets) if budgets
-                             else np.zeros(len(s)), s))[0])  # fmt: skip
-             for i, s in enumerate(problem.sens)]
-    sign = {b: (-1.0 if b in LOWER_BOUNDS else 1.0) for b in budgets}
-    while True:
-        over = {b: sign[b] * (problem.total(b, index) - v) for b, v in budgets.items()}
-        over = {b: o for b, o in over.items() if o > 0}
-        if not over:
-            break
-        best, best_ratio = None, math.inf
-        for i, cur in enumerate(index):
-            for c in range(len(problem.choices[i])):
-                gain = sum(sign[b] * (problem.costs[b][i][cur] - problem.costs[b][i][c])
-                           / max(abs(budgets[b]), 1e-300) for b in over)  # fmt: skip
-                if gain <= 0:
-                    continue
-                ratio = (problem.sens[i][c] - problem.sens[i][cur]) / gain
-                if ratio < best_ratio:
-                    best, best_ratio = (i, c), ratio
-        if best is None:
-            return None
-        index[best[0]] = best[1]
-    totals = {b: problem.total(b, index) for b in problem.costs}
-    return Solution(index, problem.total("sens", index), totals, "greedy",
-                    time.perf_counter() - start)  # fmt: skip
+    return Solution(index, problem.total("sens", index), totals, status, elapsed)

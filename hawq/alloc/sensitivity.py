@@ -1,11 +1,16 @@
 """Sensitivity of each op to each candidate setting: the objective of the allocation ILP.
 
-With ``Q_b`` min/max fake quantization at ``b`` bits (:mod:`hawq.quant.primitives`),
-``H_W`` the loss Hessian w.r.t. an op's parameters (``n_W`` elements) and ``H_a``
-the per-sample loss Hessian w.r.t. an input operand ``a`` (``n_a`` elements):
+With ``Q`` the deployed quantizer of the candidate's setting (:mod:`hawq.alloc.quant_error`:
+the plan's calibrator, MSE clipping, unsigned grid for non-negative inputs, folded BN),
+``H_W`` the loss Hessian w.r.t. an op's parameters (``n_W`` elements) and ``H_a`` the
+per-sample loss Hessian w.r.t. an input operand ``a`` (``n_a`` elements):
 
-* ``hawq_v2`` / ``hawq_v3`` (same second-order estimate; V3 is the name of the
-  ILP recipe)::
+* ``hawq_v3``: **HAWQ-V3 exactly** (Yao et al., ICML 2021, eq. 1): weights only,
+  ``Omega_i(c) = Tr(H_W)/n_W * ||Q_w(W) - W||^2``, and tie groups bind whole layers
+  (the same weight *and* activation setting, as HAWQ-V3 ties the two convs that read a
+  residual block's input). Ops without weights (``a @ b``) cost 0.
+* ``hawq_v3_act`` (ours): HAWQ-V3 plus the activation operands, and ties on the
+  activation setting only (the tensor two ops read is quantized once)::
 
       Omega_i(c) = Tr(H_W)/n_W * ||Q_w(W) - W||^2
                  + sum_a Tr(H_a)/n_a * E_x ||Q_a(a) - a||^2
@@ -13,6 +18,8 @@ the per-sample loss Hessian w.r.t. an input operand ``a`` (``n_a`` elements):
   i.e. ``1/2 dW^T H dW`` with ``H`` replaced by its average eigenvalue (the factor
   1/2 is dropped: it does not change the argmin). ``E_x`` is the mean over
   calibration samples.
+* ``hawq_v2``: the same objective as ``hawq_v3_act`` (V2's trace-weighted
+  sensitivity, with activations).
 * ``hawq_v1``: the top eigenvalue ``lambda_max/n_W`` in place of ``Tr(H_W)/n_W``
   (HAWQ-V1 only ranks ops by it; multiplying by the weight error turns the rank
   into a per-setting cost). The activation term is V2's (no activation eigenvalues).
@@ -25,130 +32,42 @@ the per-sample loss Hessian w.r.t. an input operand ``a`` (``n_a`` elements):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
-import torch
 from torch import nn
 
 from hawq.alloc.candidates import Candidate
+from hawq.alloc.quant_error import ALevel, WLevel, activation_errors, weight_errors
 from hawq.alloc.report import OPERANDS, OpCurvature
 from hawq.errors import HawqError
 from hawq.quant.plan import OpSetting, Plan
 
-METHODS = ("hawq_v1", "hawq_v2", "hawq_v3", "measured", "uniform", "random")
-WLevel = tuple[int | None, str]  # (w_bits, w_format)
-ALevel = tuple[int | None, str]  # (a_bits, a_format)
+__all__ = ["ACT_METHODS", "METHODS", "SETTINGS", "activation_errors", "hawq_sensitivity",
+           "measured_sensitivity", "noise_proxy", "random_sensitivity", "tie_level",
+           "uniform_sensitivity", "weight_errors"]  # fmt: skip
+
+METHODS = ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act", "measured", "uniform", "random")
+#: methods whose objective has activation terms (they need calibration images)
+ACT_METHODS = ("hawq_v1", "hawq_v2", "hawq_v3_act")
+#: one line per method, written into bits.yaml (meta.setting)
+SETTINGS = {
+    "hawq_v3": "HAWQ-V3 exactly: weight-only objective sum_i Tr(H_i)/n_i ||Q(W_i)-W_i||^2, "
+               "whole-layer ties",
+    "hawq_v3_act": "ours: HAWQ-V3 + activation terms sum_a Tr(H_a)/n_a E||Q(a)-a||^2, "
+                   "activation-level ties",
+    "hawq_v2": "HAWQ-V2 traces with activation terms, activation-level ties",
+    "hawq_v1": "HAWQ-V1 top eigenvalue in place of the trace, activation terms, "
+               "activation-level ties",
+    "measured": "measured single-op PTQ accuracy drop, activation-level ties",
+    "uniform": "noise proxy 4^-w + 4^-a (costs decide), activation-level ties",
+    "random": "random op order r_i (4^-w + 4^-a), activation-level ties",
+}  # fmt: skip
 
 
-def _fake_quant(x: torch.Tensor, bits: int, fmt: str, symmetric: bool,
-                granularity: str = "per_tensor", group_size: int = 128) -> torch.Tensor:
-    """Min/max integer grid for ``fmt="int"``, else the float/block format (own scales)."""
-    if fmt == "int":
-        from hawq.quant.primitives import fake_quantize_tensor
-
-        return fake_quantize_tensor(x, bits, symmetric=symmetric, granularity=granularity,
-                                    group_size=group_size)  # fmt: skip
-    from hawq.quant.formats import format_fake_quantize
-
-    return format_fake_quantize(x, fmt, granularity=granularity, group_size=group_size)
-
-
-def weight_errors(module: nn.Module | None, cands: Iterable[Candidate], base: OpSetting) -> dict:
-    """``||Q_w(W) - W||^2`` per distinct (w_bits, w_format) of ``cands`` (FP: 0).
-
-    ``Q_w`` uses ``base``'s granularity, group size and symmetry, channel axis 0;
-    float formats use their own scales (:func:`hawq.quant.formats.format_fake_quantize`).
-    """
-    out: dict[WLevel, float] = {}
-    for c in cands:
-        level = (c.w_bits, c.w_format)
-        if level in out:
-            continue
-        if c.w_bits is None or module is None:
-            out[level] = 0.0
-            continue
-        w = module.weight.detach()
-        q = _fake_quant(w, c.w_bits, c.w_format, base.symmetric, base.granularity,
-                        base.group_size)  # fmt: skip
-        out[level] = float((q.double() - w.double()).pow(2).sum())
-    return out
-
-
-def _operands(kind: str, inputs: tuple) -> dict[str, torch.Tensor]:
-    return dict(zip(OPERANDS[kind], inputs[: len(OPERANDS[kind])], strict=True))
-
-
-@torch.no_grad()
-def activation_errors(
-    model: nn.Module,
-    batches: Iterable,
-    op_cands: Mapping[str, tuple[str, list[Candidate]]],
-    base: OpSetting,
-    max_batches: int,
-) -> dict[str, dict[str, dict[ALevel, float]]]:
-    """``E_x ||Q_a(a) - a||^2`` per op, operand and activation level (per sample).
-
-    Args:
-        model: the FP model (eval mode is set here).
-        batches: yields ``(x, y)``; the first ``max_batches`` are used.
-        op_cands: op name -> (kind, candidates).
-        base: ``a_symmetric`` picks the grid; ``dynamic=True`` takes each batch's
-            min/max, else one static min/max over all batches (the ``minmax``
-            calibrator) and a second pass measures the error.
-        max_batches: calibration batches.
-    """
-    from hawq.quant.primitives import choose_qparams, fake_quantize, qrange
-
-    modules = dict(model.named_modules())
-    levels = {n: sorted({c.a_level for c in cs if c.a_bits is not None}, key=str)
-              for n, (_, cs) in op_cands.items()}  # fmt: skip
-    ranges: dict[tuple[str, str], list[float]] = {}
-    sums: dict[str, dict[str, dict[ALevel, float]]] = {
-        n: {k: {lv: 0.0 for lv in levels[n]} for k in OPERANDS[kind]}
-        for n, (kind, _) in op_cands.items()
-    }
-    def observe(name: str, kind: str):
-        def hook(_m, inputs, _out):
-            for k, a in _operands(kind, inputs).items():
-                r = ranges.setdefault((name, k), [np.inf, -np.inf])
-                r[0], r[1] = min(r[0], float(a.min())), max(r[1], float(a.max()))
-        return hook
-
-    def measure(name: str, kind: str):
-        def hook(_m, inputs, _out):
-            for k, a in _operands(kind, inputs).items():
-                for bits, fmt in levels[name]:
-                    if base.dynamic or fmt != "int":
-                        q = _fake_quant(a, bits, fmt, base.a_symmetric)
-                    else:
-                        lo, hi = (torch.tensor(v, dtype=a.dtype, device=a.device)
-                                  for v in ranges[(name, k)])  # fmt: skip
-                        s, z = choose_qparams(lo, hi, bits, base.a_symmetric)
-                        q = fake_quantize(a, s, z, *qrange(bits, base.a_symmetric))
-                    sums[name][k][(bits, fmt)] += float((q.double() - a.double()).pow(2).sum())
-        return hook
-
-    xs = [x for _, (x, *_rest) in zip(range(max_batches), batches, strict=False)]  # inputs only
-    n_samples = sum(x.shape[0] for x in xs)
-    if n_samples == 0:
-        raise HawqError("no calibration batches for the activation errors")
-    was_training = model.training
-    model.eval()
-    try:
-        for make in [measure] if base.dynamic else [observe, measure]:
-            handles = [modules[n].register_forward_hook(make(n, kind))
-                       for n, (kind, _) in op_cands.items()]  # fmt: skip
-            try:
-                for x in xs:
-                    model(x)
-            finally:
-                for h in handles:
-                    h.remove()
-    finally:
-        model.train(was_training)
-    return {n: {k: {lv: v / n_samples for lv, v in d.items()} for k, d in ops.items()}
-            for n, ops in sums.items()}  # fmt: skip
+def tie_level(method: str) -> str:
+    """``layer`` (whole candidate equal in a tie group) for HAWQ-V3, else ``activation``."""
+    return "layer" if method == "hawq_v3" else "activation"
 
 
 def hawq_sensitivity(
@@ -156,7 +75,7 @@ def hawq_sensitivity(
     cands: list[Candidate],
     w_err: Mapping[WLevel, float],
     a_err: Mapping[str, Mapping[ALevel, float]],
-    method: str = "hawq_v3",
+    method: str = "hawq_v3_act",
 ) -> np.ndarray:
     """``Omega_i(c)`` of the module docstring for each candidate of one op.
 
@@ -166,6 +85,9 @@ def hawq_sensitivity(
     operand (fewer bits = lower predicted loss), which the second-order model
     cannot justify. A clamped op costs nothing to quantize, as a flat one would.
     """
+    if method not in ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act"):
+        raise HawqError(f"hawq_sensitivity: method {method!r}; allowed: hawq_v1, hawq_v2, "
+                        "hawq_v3, hawq_v3_act")  # fmt: skip
     if curv.kind == "matmul":
         w_curv = 0.0
     elif method == "hawq_v1":
@@ -180,7 +102,7 @@ def hawq_sensitivity(
     for j, c in enumerate(cands):
         if curv.kind != "matmul":
             out[j] += w_curv * w_err[(c.w_bits, c.w_format)]
-        if c.a_bits is not None:
+        if c.a_bits is not None and method != "hawq_v3":  # HAWQ-V3: weights only
             for k in OPERANDS[curv.kind]:
                 a_curv = max(curv.act_trace[k], 0.0) / max(curv.act_numel[k], 1)
                 out[j] += a_curv * a_err[k][c.a_level]

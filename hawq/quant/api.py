@@ -60,6 +60,9 @@ def quantize_(
     """
     if method not in METHODS:
         raise HawqError(f"QAT method={method!r} is invalid; allowed: {choices(METHODS[1:])}")
+    if not isinstance(plan, Plan):
+        raise HawqError(f"quantize_: plan is a {type(plan).__name__}, not a Plan; build one "
+                        "with Plan.from_dict({'_default': {...}, '<op>': {...}}) or load_plan")
     ops = quantizable_ops(model)
     done = [n for n, m in ops.items() if isinstance(m, QUANT_TYPES)]
     if done:
@@ -97,14 +100,46 @@ def quantizers(model: nn.Module) -> dict[str, Quantizer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
 
 
+#: quantizer attribute -> operand name in messages, per wrapper kind
+OPERAND_NAMES = {"w_quant": "weight", "a_quant": "input", "b_quant": "b"}
+
+
+def operand_name(op: nn.Module, qname: str) -> str:
+    """``weight`` / ``input`` for Linear and Conv; ``a`` / ``b`` for ``a @ b``."""
+    if isinstance(op, QuantMatMul):
+        return {"a_quant": "a", "b_quant": "b"}[qname]
+    return OPERAND_NAMES[qname]
+
+
+def nonfinite_message(x: torch.Tensor, what: str) -> str | None:
+    """None when ``x`` is finite, else one line counting its NaN and Inf values."""
+    if bool(torch.isfinite(x).all()):
+        return None
+    n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    return (f"{what} has {n_nan} NaN and {n_inf} Inf value(s) of {x.numel()}; calibration "
+            "needs finite values (check the data and the layers upstream)")
+
+
 @torch.no_grad()
 def init_weight_qparams(model: nn.Module) -> None:
-    """Static weight qparams from the current (folded) weights."""
-    for op in quant_ops(model).values():
+    """Static weight qparams from the current (folded) weights (finite, or one error line)."""
+    for name, op in quant_ops(model).items():
         wq = getattr(op, "w_quant", None)
         if wq is not None and not wq.dynamic:
             w = op.folded()[0] if isinstance(op, QuantConv2d) else op.weight
+            msg = nonfinite_message(w.detach(), f"op {name} operand weight")
+            if msg:
+                raise HawqError(msg)
             wq.init_from_weight(w.detach())
+
+
+def _finite_input_hook(op_name: str, operand: str, counter: list[int]):
+    def hook(_m: nn.Module, args: tuple) -> None:
+        msg = nonfinite_message(args[0], f"calibration batch {counter[0]}: op {op_name} "
+                                f"operand {operand}")  # fmt: skip
+        if msg:
+            raise HawqError(msg)
+    return hook
 
 
 @torch.no_grad()
@@ -120,15 +155,33 @@ def calibrate(
     quantized) with the calibrator of their setting. Returns the batches used.
     """
     init_weight_qparams(model)
-    acts = [q for q in quantizers(model).values()
+    acts = {n: q for n, q in quantizers(model).items()
             if not q.is_weight and not q.dynamic and not bool(q.ready) or
-            (not q.is_weight and q.fmt.startswith("fp8") and not q.dynamic)]  # fmt: skip
-    for q in acts:
+            (not q.is_weight and q.fmt.startswith("fp8") and not q.dynamic)}  # fmt: skip
+    ops = quant_ops(model)
+    counter = [0]  # the batch being observed, for messages
+    handles = []
+    for n, q in acts.items():
+        op_name, _, qname = n.rpartition(".")
+        handles.append(q.register_forward_pre_hook(
+            _finite_input_hook(op_name, operand_name(ops[op_name], qname), counter)))
         q.start_observe()
+
+    def counted(it: Iterable):
+        for batch in it:
+            yield batch
+            counter[0] += 1
+
     try:
-        return forward_batches(model, batches, max_batches, device)
+        return forward_batches(model, counted(batches), max_batches, device)
+    except BaseException:
+        for q in acts.values():  # no qparams from a failed pass
+            q.calib = None
+        raise
     finally:
-        for q in acts:
+        for h in handles:
+            h.remove()
+        for q in acts.values():
             q.finish_observe()
 
 

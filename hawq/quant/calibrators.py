@@ -9,7 +9,9 @@ turns it into a scale and zero point.
 * ``percentile``: the ``p`` and ``1 - p`` quantiles (``|x|`` quantile for symmetric).
 * ``mse``: the clipping ``alpha * [lo, hi]``, ``alpha`` on a grid in (0, 1], minimising
   ``sum (Q(x) - x)^2`` at the target bits.
-* ``entropy``: TensorRT-style KL search: histogram ``|x|`` into 2048 bins; for each
+* ``entropy``: TensorRT-style KL search: histogram ``|x|`` into 2048 bins, the zero bin
+  set to its neighbour's count (exact zeros, e.g. half of a ReLU output, are kept exactly
+  by any grid and would otherwise dominate ``P``); for each
   candidate threshold bin ``i`` let ``P`` = the first ``i`` bins with the tail folded into
   bin ``i``, ``Q`` = ``P`` merged into ``n_levels`` buckets and spread back over each
   bucket's non-empty bins; pick the ``i`` minimising ``KL(P || Q)``.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hawq.errors import HawqError
 from hawq.quant.primitives import (
     choose_qparams,
     fake_quantize_grouped,
@@ -57,6 +60,9 @@ class Calibrator:
     def observe(self, x: Tensor) -> None:
         x = x.detach().float()
         lo, hi = x.min().cpu(), x.max().cpu()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):  # NaN propagates into min/max
+            raise HawqError(f"calibration input has NaN/Inf values (min {float(lo)}, max "
+                            f"{float(hi)}); calibration needs finite values")  # fmt: skip
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         self.n_batches += 1
@@ -188,6 +194,8 @@ def kl_threshold(abs_values: np.ndarray, n_levels: int, bins: int = 2048) -> flo
         return 0.0
     hist, edges = np.histogram(abs_values, bins=bins, range=(0.0, amax))
     hist = hist.astype(np.float64)
+    if bins > 1:  # exact zeros (post-ReLU) pile into bin 0: a spike the grid keeps exactly;
+        hist[0] = hist[1]  # left in, it dominates P and drags the threshold down (TensorRT)
     best_kl, best_i = np.inf, bins
     for i in range(n_levels, bins + 1):
         p = hist[:i].copy()
@@ -205,7 +213,7 @@ def kl_threshold(abs_values: np.ndarray, n_levels: int, bins: int = 2048) -> flo
         mask = p > 0
         with np.errstate(divide="ignore"):
             kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
-        if kl < best_kl:
+        if kl <= best_kl:  # ties: the widest range (TensorRT's last argmin)
             best_kl, best_i = kl, i
     return float(edges[best_i])
 

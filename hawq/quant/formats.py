@@ -14,7 +14,8 @@ representable range.
   ``x_hat = s * Q(x / s)``.
 * **NF4** (QLoRA): 16 levels at normal quantiles normalised to ``[-1, 1]`` (with an
   exact 0), one absmax scale per group: ``x_hat = absmax * L[argmin_i |x/absmax - L_i|]``.
-* **MX** (OCP Microscaling spec v1.0): blocks of 32 elements share a power-of-two scale
+* **MX** (OCP Microscaling spec v1.0): blocks of 32 elements consecutive along the
+  reduction dim (the last one zero-padded) share a power-of-two scale
   ``X = 2^(floor(log2 amax) - e_max_elem)`` (E8M0, exponent clamped to [-127, 127]);
   elements are FP4 E2M1 (``e_max_elem = 2``) for MXFP4 or 8-bit two's complement with an
   implicit ``2^-6`` (values ``k/64``, ``|k| <= 127``, ``e_max_elem = 0``) for MXINT8.
@@ -123,13 +124,37 @@ def nf4_fake_quantize(x: Tensor, group_size: int = 64) -> Tensor:
     return _ste(x, x_hat, -math.inf, math.inf)
 
 
-def mx_fake_quantize(x: Tensor, fmt: str = "mxfp4", block: int = MX_BLOCK) -> Tensor:
+def mx_blocks(x: Tensor, axis: int = -1, block: int = MX_BLOCK) -> tuple[Tensor, tuple]:
+    """``x`` as ``(rows, n_blocks, block)`` with blocks of consecutive elements along
+    ``axis`` (the reduction dim); the last block of each row is zero-padded (zeros leave
+    a block's ``amax`` unchanged). Returns the blocks and what :func:`mx_unblock` needs."""
+    moved = x.movedim(axis, -1)
+    n = moved.shape[-1]
+    rows = moved.reshape(-1, n)
+    pad = (-n) % block
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(rows.shape[0], -1, block), (moved.shape, n, axis)
+
+
+def mx_unblock(xb: Tensor, info: tuple) -> Tensor:
+    """Inverse of :func:`mx_blocks`."""
+    moved_shape, n, axis = info
+    return xb.reshape(xb.shape[0], -1)[:, :n].reshape(moved_shape).movedim(-1, axis)
+
+
+def mx_fake_quantize(x: Tensor, fmt: str = "mxfp4", block: int = MX_BLOCK,
+                     axis: int = -1) -> Tensor:  # fmt: skip
     """MXFP4 / MXINT8: shared power-of-two scale per ``block`` elements, OCP MX v1.0.
 
-    Blocks are consecutive elements of each row of ``x.reshape(x.shape[0], -1)``
-    (the reduction dim of a Linear weight or of a token's features).
+    Blocks run along ``axis``, the dimension a dot product reduces over (spec section
+    6.3: the 32 elements of a block are consecutive in the reduction dim): ``-1`` for a
+    Linear weight ``(out, in)``, a Linear input ``(..., in)`` and the left operand of
+    ``a @ b``; ``-2`` for the right operand ``b`` (``k^T`` in ``q @ k^T``, ``v`` in
+    ``p @ v``); ``1`` for a conv weight ``(out, in, kh, kw)`` and its input ``(N, C, H, W)``.
+    A reduction length that is not a multiple of 32 ends in a shorter (zero-padded) block.
     """
-    xg = group_view(x.detach(), block)  # (rows, n_blocks, block)
+    xg, info = mx_blocks(x.detach(), axis, block)  # (rows, n_blocks, block)
     amax = xg.abs().amax(dim=-1, keepdim=True)
     e_max_elem = 2 if fmt == "mxfp4" else 0
     shared = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - e_max_elem
@@ -143,8 +168,8 @@ def mx_fake_quantize(x: Tensor, fmt: str = "mxfp4", block: int = MX_BLOCK) -> Te
         bound = 127 / 64
     else:
         raise ValueError(f"unknown MX format {fmt!r}")
-    x_hat = ungroup(p_hat * scale, x.shape)
-    lim = ungroup((bound * scale).expand_as(xg), x.shape)
+    x_hat = mx_unblock(p_hat * scale, info)
+    lim = mx_unblock((bound * scale).expand_as(xg), info)
     return _ste(x, x_hat, -lim, lim)
 
 
@@ -155,11 +180,12 @@ def format_fake_quantize(
     granularity: str = "per_tensor",
     axis: int = 0,
     group_size: int = 64,
+    block_axis: int = -1,
 ) -> Tensor:
     """Dispatch a float format by name (``fp8_e4m3``, ``fp8_e5m2``, ``nf4``, ``mxfp4``, ``mxint8``).
 
     ``scale`` and ``granularity`` apply to FP8 only; NF4 uses ``group_size`` groups, MX its
-    fixed 32-element blocks.
+    fixed 32-element blocks along ``block_axis`` (the operand's reduction dim).
     """
     if fmt.startswith("fp8"):
         gran = "per_tensor" if granularity == "per_group" else granularity
@@ -167,5 +193,5 @@ def format_fake_quantize(
     if fmt == "nf4":
         return nf4_fake_quantize(x, group_size)
     if fmt in ("mxfp4", "mxint8"):
-        return mx_fake_quantize(x, fmt)
+        return mx_fake_quantize(x, fmt, axis=block_axis)
     raise ValueError(f"unknown float format {fmt!r}")

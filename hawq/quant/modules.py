@@ -20,23 +20,27 @@ from hawq.quant.quantizer import Quantizer
 Tensor = torch.Tensor
 
 
-def weight_quantizer(setting: OpSetting, weight: Tensor, learn: str | None) -> Quantizer | None:
-    """The weight quantizer of a setting (per its granularity, output channel = axis 0)."""
+def weight_quantizer(setting: OpSetting, weight: Tensor, learn: str | None,
+                     block_axis: int = -1) -> Quantizer | None:  # fmt: skip
+    """The weight quantizer of a setting (per its granularity, output channel = axis 0;
+    MX blocks along ``block_axis``, the reduction dim)."""
     if setting.w_bits is None:
         return None
     return Quantizer(setting.w_bits, setting.w_format, setting.symmetric, setting.granularity,
                      0, setting.group_size, dynamic=learn == "ste",
                      calibrator=setting.calibrator, learn=_learn(learn),
-                     weight=weight)  # fmt: skip
+                     weight=weight, block_axis=block_axis)  # fmt: skip
 
 
-def act_quantizer(setting: OpSetting, learn: str | None) -> Quantizer | None:
-    """A per-tensor activation quantizer (dynamic or calibrated, per the setting)."""
+def act_quantizer(setting: OpSetting, learn: str | None, block_axis: int = -1) -> Quantizer | None:
+    """A per-tensor activation quantizer (dynamic or calibrated, per the setting); MX
+    blocks along ``block_axis``, the dim the consuming op reduces over."""
     if setting.a_bits is None:
         return None
     return Quantizer(setting.a_bits, setting.a_format, setting.a_symmetric, "per_tensor",
                      dynamic=setting.dynamic, calibrator=setting.calibrator,
-                     learn=_learn(learn), group_size=setting.group_size)  # fmt: skip
+                     learn=_learn(learn), group_size=setting.group_size,
+                     block_axis=block_axis)  # fmt: skip
 
 
 def _learn(method: str | None) -> str | None:
@@ -104,8 +108,8 @@ class QuantConv2d(nn.Module):
         self.register_load_state_dict_post_hook(QuantConv2d._refresh_frozen)
         self.setting = setting
         w0 = self.folded()[0].detach() if bn is not None else self.weight.detach()
-        self.w_quant = weight_quantizer(setting, w0, method)
-        self.a_quant = act_quantizer(setting, method)
+        self.w_quant = weight_quantizer(setting, w0, method, block_axis=1)  # (out, in, kh, kw)
+        self.a_quant = act_quantizer(setting, method, block_axis=1)  # (N, C, H, W)
 
     @staticmethod
     def _refresh_frozen(module: QuantConv2d, _keys=None) -> None:
@@ -174,8 +178,8 @@ class QuantMatMul(nn.Module):
     def __init__(self, setting: OpSetting, method: str | None = None) -> None:
         super().__init__()
         self.setting = setting
-        self.a_quant = act_quantizer(setting, method)
-        self.b_quant = act_quantizer(setting, method)
+        self.a_quant = act_quantizer(setting, method, block_axis=-1)  # a (..., M, K)
+        self.b_quant = act_quantizer(setting, method, block_axis=-2)  # b (..., K, N)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(_q(self.a_quant, a), _q(self.b_quant, b))

@@ -16,6 +16,7 @@ whose effective ``w_bits`` and ``a_bits`` are both null stays floating point.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,15 @@ class OpSetting:
             v = getattr(self, key)
             if v not in allowed:
                 raise HawqError(f"{key}={v!r} is invalid; allowed: {choices(allowed)}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        for key in ("symmetric", "a_symmetric", "dynamic"):
+            v = getattr(self, key)
+            if not isinstance(v, bool):  # 'false' would read as True
+                raise HawqError(f"{key}={v!r} is invalid; allowed: true or false (a boolean)")
+        for key in ("w_format", "a_format", "granularity", "calibrator"):
+            if not isinstance(getattr(self, key), str):
+                raise HawqError(f"{key}={getattr(self, key)!r} is invalid; allowed: a string")
+        if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                or self.group_size < 1):  # fmt: skip
             raise HawqError(f"group_size={self.group_size!r} is invalid; allowed: an integer >= 1")
 
     @property
@@ -82,8 +91,18 @@ class OpSetting:
 _KEYS = {f.name for f in fields(OpSetting)}
 
 
-def _setting(base: OpSetting, entry: dict[str, Any] | None, where: str) -> OpSetting:
-    entry = dict(entry or {})
+def _setting(base: OpSetting, entry: Any, where: str) -> OpSetting:
+    if entry is None:
+        entry = {}
+    if isinstance(entry, OpSetting):
+        return entry
+    if not isinstance(entry, Mapping):
+        raise HawqError(f"{where}={entry!r} is invalid; allowed: a mapping of setting keys "
+                        f"({choices(_KEYS)}), e.g. {{w_bits: 4, a_bits: 8}}")  # fmt: skip
+    entry = dict(entry)
+    bad = [k for k in entry if not isinstance(k, str)]
+    if bad:
+        raise HawqError(f"{where}: key {bad[0]!r} is not a string; allowed: {choices(_KEYS)}")
     unknown = set(entry) - _KEYS
     if unknown:
         raise HawqError(f"{where}: unknown key(s) {choices(unknown)}; allowed: {choices(_KEYS)}")
@@ -100,11 +119,27 @@ class Plan:
     default: OpSetting = field(default_factory=OpSetting)
     ops: dict[str, OpSetting] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.default, OpSetting):
+            raise HawqError(f"plan.{DEFAULT_KEY}={self.default!r} is invalid; allowed: an "
+                            "OpSetting (build plans from mappings with Plan.from_dict)")
+        if not isinstance(self.ops, Mapping):
+            raise HawqError(f"plan ops={self.ops!r} is invalid; allowed: a mapping of op name "
+                            "-> OpSetting")  # fmt: skip
+        for name, s in self.ops.items():
+            if not isinstance(name, str) or not isinstance(s, OpSetting):
+                raise HawqError(f"plan.{name}={s!r} is invalid; allowed: an OpSetting (build "
+                                "plans from mappings with Plan.from_dict)")  # fmt: skip
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "plan") -> Plan:
         """Build from ``{"_default": {...}, "<op>": {...}}`` (op entries may be partial)."""
-        if not isinstance(d, dict):
-            raise HawqError(f"{where}: expected a mapping of op name -> settings")
+        if not isinstance(d, Mapping):
+            raise HawqError(f"{where}: expected a mapping of op name -> settings, got "
+                            f"{type(d).__name__}")  # fmt: skip
+        bad = [k for k in d if not isinstance(k, str)]
+        if bad:
+            raise HawqError(f"{where}: op name {bad[0]!r} is not a string")
         default = _setting(OpSetting(), d.get(DEFAULT_KEY), f"{where}.{DEFAULT_KEY}")
         ops = {name: _setting(default, entry, f"{where}.{name}")
                for name, entry in d.items() if name != DEFAULT_KEY}  # fmt: skip

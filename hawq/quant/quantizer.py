@@ -64,6 +64,7 @@ class Quantizer(nn.Module):
         learn: None (fixed qparams) or ``lsq`` / ``lsqplus`` / ``pact`` (learned).
         weight: the weight this quantizer will see (fixes the qparam shape); None for
             activations.
+        block_axis: the operand's reduction dim, along which MX blocks run.
     """
 
     def __init__(
@@ -78,8 +79,10 @@ class Quantizer(nn.Module):
         calibrator: str = "minmax",
         learn: str | None = None,
         weight: Tensor | None = None,
+        block_axis: int = -1,
     ) -> None:
         super().__init__()
+        self.block_axis = block_axis
         if learn is not None and learn not in LEARN_METHODS:
             raise ValueError(f"learn={learn!r}; allowed: {LEARN_METHODS}")
         self.is_weight = weight is not None
@@ -232,7 +235,7 @@ class Quantizer(nn.Module):
         if self.fmt != "int":
             scale = None if (self.dynamic or not self.fmt.startswith("fp8")) else self.scale
             return format_fake_quantize(x, self.fmt, scale, self.granularity, self.axis,
-                                        self.group_size)  # fmt: skip
+                                        self.group_size, self.block_axis)  # fmt: skip
         if self.learn == "pact":
             return pact_fake_quantize(x, self.alpha, self.bits, self.signed)
         grouped = self.granularity == "per_group" and self.is_weight

@@ -12,18 +12,23 @@ Skipped when the output exists and was made with the same ``alloc`` config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hawq.alloc import allocate, frontier, read_hessian
 from hawq.alloc.allocate import choices_per_op, resolve_pins
 from hawq.alloc.config import AllocConfig
 from hawq.alloc.costs import LatencyTable
-from hawq.alloc.sensitivity import measured_sensitivity
+from hawq.alloc.sensitivity import ACT_METHODS, measured_sensitivity
 from hawq.config import typed
 from hawq.errors import HawqError, choices
+from hawq.io import read_json, write_json
 from hawq.models.ops import quantizable_ops
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, save_plan
@@ -110,32 +115,81 @@ def _at_lowest_bits(problem, kinds: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def _cache_key(ctx: Context, cfg: AllocConfig, base: OpSetting, fold_bn: bool,
+               hessian_path: Path) -> str:  # fmt: skip
+    """Hash of everything the sensitivities depend on (inputs' contents, not budgets)."""
+    ckpt = Path(str(ctx.cfg.paths.checkpoint)).expanduser()
+    st = ckpt.stat() if ckpt.is_file() else None
+    data = ctx.cfg.get("data")
+    d = {"method": cfg.method, "candidates": _plain(cfg.candidates), "pins": _plain(cfg.pins),
+         "pin_first": _plain(cfg.pin_first), "pin_last": _plain(cfg.pin_last),
+         "base": base.as_dict(), "fold_bn": fold_bn, "seed": cfg.seed,
+         "calib": [cfg.calib_batches, cfg.calib_batch_size, cfg.calib_images, cfg.calib_rel_se],
+         "hessian": hashlib.sha256(hessian_path.read_bytes()).hexdigest(),
+         "checkpoint": [str(ckpt.resolve()), st.st_size, st.st_mtime_ns] if st else None,
+         "data": _plain(data) if data is not None else None}  # fmt: skip
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plain(v: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+
+
+def _cached_sens(path: Path, key: str, ops: list[str]):
+    """Sensitivity arrays from ``path`` when its key matches, else None."""
+    if not path.is_file():
+        return None
+    try:
+        d = read_json(path)
+        if d.get("key") != key or list(d["sens"]) != ops:
+            return None
+        return [np.asarray(d["sens"][n], dtype=float) for n in ops]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run(ctx: Context) -> dict:
+    t_stage = time.perf_counter()
     cfg = _config(ctx)
     hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
     report = read_hessian(hessian_path)
     model = ctx.load_fp_model()
+    load_s = time.perf_counter() - t_stage
     names = list(quantizable_ops(model))
     if set(names) != set(report.ops):
         raise HawqError(f"{hessian_path} does not match the model's ops: only in the report "
                         f"{choices(set(report.ops) - set(names)) or '-'}; only in the model "
                         f"{choices(set(names) - set(report.ops)) or '-'}")  # fmt: skip
     base = _base(ctx, cfg)
+    quant = ctx.cfg.get("quant")
+    fold_bn = bool(quant.get("fold_bn", True)) if quant is not None else True
     latency = _latency_table(ctx, cfg)
     sens, extra = None, {}
     start = time.perf_counter()
+    cache_path, key = ctx.path("alloc_sens.json"), None
     if cfg.method == "measured":
         sens, fp_acc = _measured(ctx, cfg, report, model, base)
         extra["measured_fp_acc"] = fp_acc
         extra["measured_s"] = time.perf_counter() - start
+    elif cfg.cache and cfg.method.startswith("hawq"):
+        key = _cache_key(ctx, cfg, base, fold_bn, hessian_path)
+        sens = _cached_sens(cache_path, key, list(report.ops))
+        extra["sensitivity_cache"] = "hit" if sens is not None else "miss"
     calib = (ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
-             if cfg.method.startswith("hawq") else None)  # fmt: skip
+             if cfg.method in ACT_METHODS and sens is None else None)  # fmt: skip
     alloc = allocate(report, cfg.candidates, cfg.method, cfg.budgets, model=model,
                      calib_batches=calib, max_batches=cfg.calib_batches,
-                     input_size=tuple(ctx.data.input_size), base=base, sens=sens, ties=cfg.ties,
-                     tie_groups=cfg.tie_groups, pins=cfg.pins, pin_first=cfg.pin_first,
-                     pin_last=cfg.pin_last, latency=latency, avg_bits_by=cfg.avg_bits_by,
-                     seed=cfg.seed)  # fmt: skip
+                     calib_images=cfg.calib_images, calib_rel_se=cfg.calib_rel_se,
+                     fold_bn=fold_bn, input_size=tuple(ctx.data.input_size), base=base,
+                     sens=sens, ties=cfg.ties, tie_groups=cfg.tie_groups, pins=cfg.pins,
+                     pin_first=cfg.pin_first, pin_last=cfg.pin_last, latency=latency,
+                     avg_bits_by=cfg.avg_bits_by, seed=cfg.seed)  # fmt: skip
+    if key is not None and sens is None:
+        write_json(cache_path, {"key": key, "method": cfg.method,
+                                "sens": {n: [float(v) for v in alloc.problem.sens[i]]
+                                         for i, n in enumerate(alloc.problem.ops)}})  # fmt: skip
     budgets = cfg.budgets
     kind = cfg.frontier_budget or next(iter(budgets), "bops")
     t0 = time.perf_counter()
@@ -148,16 +202,19 @@ def run(ctx: Context) -> dict:
     out = ctx.path(cfg.out)
     stem = out.with_suffix("")
     chosen = alloc.chosen
+    t_plots = time.perf_counter()
     low = _at_lowest_bits(alloc.problem, {n: c.kind for n, c in report.ops.items()})
-    plot_allocation({n: c.w_bits for n, c in chosen.items()},
-                    {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
-                    path=f"{stem}_per_op.png",
-                    title=budget_title(cfg.method, budgets))  # fmt: skip
-    if points:
+    if cfg.plots:
+        plot_allocation({n: c.w_bits for n, c in chosen.items()},
+                        {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
+                        path=f"{stem}_per_op.png",
+                        title=budget_title(cfg.method, budgets))  # fmt: skip
+    if points and cfg.plots:
         plot_frontier(kind, [p.cost for p in points], [p.objective for p in points],
                       (alloc.solution.totals[kind], alloc.solution.objective),
                       path=f"{stem}_frontier.png",
                       title=f"{cfg.method}: exact ILP frontier")  # fmt: skip
+    plots_s = time.perf_counter() - t_plots
     save_plan(out, alloc.plan, meta)  # last: the plan exists only when everything succeeded
     log.info("alloc: %s under %s -> objective %.4g, totals %s (solve %.3f s)", cfg.method,
              budgets, alloc.solution.objective, alloc.solution.totals,
@@ -169,7 +226,9 @@ def run(ctx: Context) -> dict:
         "totals": alloc.solution.totals,
         "ops": len(report.ops),
         "timings": {**{k: round(v, 4) for k, v in alloc.timings.items()},
-                    "frontier_s": round(frontier_s, 4)},  # fmt: skip
+                    "frontier_s": round(frontier_s, 4), "load_s": round(load_s, 4),
+                    "plots_s": round(plots_s, 4),
+                    "stage_s": round(time.perf_counter() - t_stage, 4)},  # fmt: skip
         "bits": str(out),
         "hessian": str(hessian_path),
         **extra,

@@ -49,7 +49,8 @@ def _linear() -> nn.Linear:
 
 def test_weight_error_by_hand():
     cands = [Candidate(4, 8), Candidate(3, 8), Candidate(None, 8), Candidate(4, 4)]
-    err = weight_errors(_linear(), cands, OpSetting(granularity="per_channel", symmetric=True))
+    err = weight_errors(_linear(), "linear", cands,
+                        OpSetting(granularity="per_channel", symmetric=True))  # fmt: skip
     for bits in (4, 3):
         assert err[(bits, "int")] == pytest.approx(((_sym_per_channel(W, bits) - W) ** 2).sum(),
                                                   rel=1e-5)  # fmt: skip
@@ -62,19 +63,16 @@ def test_activation_error_static_minmax_by_hand():
     xs = [torch.randn(5, 3) * 2 + 0.3, torch.randn(7, 3)]
     batches = [(x, None) for x in xs]
     op = {"0": ("linear", [Candidate(8, 4), Candidate(8, 8)])}
-    got = activation_errors(model, batches, op, OpSetting(a_symmetric=False), max_batches=5)
+    got, info = activation_errors(model, batches, op, OpSetting(a_symmetric=False), images=12)
+    assert info["images"] == 12
     allx = torch.cat(xs).numpy().astype(np.float64)
-    lo, hi = float(allx.min()), float(allx.max())  # one static range over all batches
+    lo, hi = float(allx.min()), float(allx.max())  # one static range over all images
     for bits in (4, 8):
         want = ((_affine(allx, lo, hi, bits) - allx) ** 2).sum() / len(allx)  # per sample
         assert got["0"]["x"][(bits, "int")] == pytest.approx(want, rel=1e-4)
-    # dynamic: each batch its own range
-    dyn = activation_errors(model, batches, op, OpSetting(dynamic=True), max_batches=5)
-    want = sum(((_affine(x.double().numpy(), float(x.min()), float(x.max()), 4)
-                 - x.double().numpy()) ** 2).sum() for x in xs) / 12  # fmt: skip
-    assert dyn["0"]["x"][(4, "int")] == pytest.approx(want, rel=1e-4)
-    # max_batches=1 uses the first batch only
-    one = activation_errors(model, batches, op, OpSetting(dynamic=True), max_batches=1)
+    # images=5 uses the first 5 images only (one pass, its own range)
+    one, _ = activation_errors(model, batches, op, OpSetting(dynamic=True), images=5,
+                               max_images=5)  # fmt: skip
     x0 = xs[0].double().numpy()
     want = ((_affine(x0, float(x0.min()), float(x0.max()), 8) - x0) ** 2).sum() / 5
     assert one["0"]["x"][(8, "int")] == pytest.approx(want, rel=1e-4)
@@ -91,8 +89,8 @@ class QK(nn.Module):
 
 def test_matmul_has_one_error_per_operand():
     x = torch.randn(4, 5, 6)
-    got = activation_errors(QK(), [(x, None)], {"mm": ("matmul", [Candidate(4, 4)])},
-                            OpSetting(dynamic=True), 1)  # fmt: skip
+    got, _ = activation_errors(QK(), [(x, None)], {"mm": ("matmul", [Candidate(4, 4)])},
+                               OpSetting(dynamic=True), images=4)  # fmt: skip
     a = x.double().numpy()
     b = np.swapaxes(a, -2, -1) * 3
     for k, t in (("a", a), ("b", b)):
@@ -111,7 +109,7 @@ def test_hawq_formulas():
     cands = [Candidate(4, 4), Candidate(4, 8), Candidate(None, None)]
     w_err = {(4, "int"): 0.5, (None, "int"): 0.0}
     a_err = {"x": {(4, "int"): 3.0, (8, "int"): 0.1}}
-    v3 = hawq_sensitivity(_curv(), cands, w_err, a_err, "hawq_v3")
+    v3 = hawq_sensitivity(_curv(), cands, w_err, a_err, "hawq_v3_act")
     # trace/numel * ||dW||^2 + act_trace/act_numel * E||da||^2
     assert v3 == pytest.approx([4 / 8 * 0.5 + 2 / 30 * 3.0, 4 / 8 * 0.5 + 2 / 30 * 0.1, 0.0])
     assert hawq_sensitivity(_curv(), cands, w_err, a_err, "hawq_v2") == pytest.approx(v3)
