@@ -34,7 +34,8 @@ from torch import nn
 
 from hawq.hessian import dist
 from hawq.hessian.hutchinson import RunningStats, TraceEstimate, rademacher
-from hawq.hessian.hvp import Batch, LossFn
+from hawq.errors import HawqError
+from hawq.hessian.hvp import Batch, LossFn, evaluating, note_train_mode, reiterable
 from hawq.models.ops import op_kind, quantizable_ops
 
 Key = tuple[str, str]  # (op name, operand name)
@@ -85,7 +86,7 @@ class ActivationGraph:
         x, y = batch
         self.n = len(y)
         taps: dict[Key, list[torch.Tensor]] = {}
-        with torch.enable_grad(), tap_operands(ops, taps):
+        with torch.enable_grad(), tap_operands(ops, taps), evaluating(model):
             loss = loss_fn(model(x), y)
         self.keys = list(taps)
         self.taps = taps
@@ -134,10 +135,14 @@ class ActivationHessian:
         batches: Iterable[Batch],
         ops: Mapping[str, nn.Module] | None = None,
     ) -> None:
+        batches = reiterable(batches, "activation traces")
+        note_train_mode(model, "activation traces")
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
         self.ops = dict(quantizable_ops(model) if ops is None else ops)
         rank, size = dist.world()
         self.local = [(i, b) for i, b in enumerate(batches) if i % size == rank]
+        if not self.local and size == 1:
+            raise HawqError("no batches to take the activation Hessian over")
         self._cached: ActivationGraph | None = None
         probe = self._graph(*self.local[0]) if self.local else None
         keys = probe.keys if probe else []

@@ -5,7 +5,7 @@
 .. math::  \\bar H = \\frac{\\sum_b n_b \\, \\nabla^2_\\theta L_b(\\theta)}{\\sum_b n_b}
 
 over a set of parameters grouped into named blocks (one block per quantizable
-op: its weight and bias). Vectors are flat, blocks concatenated in order;
+op: its weight; see :func:`op_blocks`). Vectors are flat, blocks concatenated in order;
 ``op.blocks[name]`` is the slice of a block. ``op @ v`` works for ``v`` of shape
 ``(n,)`` or ``(n, k)``; ``op.block(name)`` is the diagonal block
 :math:`\\bar H_{ll}` as an operator of its own.
@@ -27,19 +27,32 @@ import torch
 from torch import nn
 
 from hawq.hessian import dist
-from hawq.hessian.hvp import BACKENDS, Batch, BatchHVP, LossFn, make_batch_hvp
+from hawq.errors import HawqError
+from hawq.hessian.hvp import (
+    BACKENDS,
+    Batch,
+    BatchHVP,
+    LossFn,
+    make_batch_hvp,
+    note_train_mode,
+    reiterable,
+)
 from hawq.models.ops import quantizable_ops
 
 
-def op_params(module: nn.Module) -> list[nn.Parameter]:
-    """The weight and bias of a quantizable op (what its block Hessian spans)."""
-    return [p for n, p in module.named_parameters() if n.endswith(("weight", "bias"))
+def op_params(module: nn.Module, include_bias: bool = False) -> list[nn.Parameter]:
+    """The parameters of a quantizable op that its block Hessian spans: the weight only
+    (default: what quantization perturbs and the allocator multiplies by
+    :math:`\\lVert \\Delta W \\rVert^2`), or weight and bias."""
+    ends = ("weight", "bias") if include_bias else ("weight",)
+    return [p for n, p in module.named_parameters() if n.endswith(ends)
             and p.requires_grad]  # fmt: skip
 
 
-def op_blocks(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Op name -> its parameters, network order; parameter-free ops (MatMul) are omitted."""
-    blocks = {name: op_params(m) for name, m in quantizable_ops(model).items()}
+def op_blocks(model: nn.Module, include_bias: bool = False) -> dict[str, list[nn.Parameter]]:
+    """Op name -> its parameters (:func:`op_params`), network order; parameter-free ops
+    (MatMul) are omitted."""
+    blocks = {name: op_params(m, include_bias) for name, m in quantizable_ops(model).items()}
     return {name: ps for name, ps in blocks.items() if ps}
 
 
@@ -50,7 +63,8 @@ class HessianOperator:
         model: the network, in eval mode; never ``torch.compile``-d.
         loss_fn: ``loss_fn(output, target)``, a mean over the batch.
         batches: an iterable of ``(x, y)`` that can be iterated again for every product.
-        blocks: name -> parameters; default: every quantizable op's weight and bias.
+        blocks: name -> parameters; default: every quantizable op's weight
+            (:func:`op_blocks`; the bias is held fixed).
         backend: ``double_backward`` or ``func`` (see :mod:`hawq.hessian.hvp`).
 
     Attributes:
@@ -69,6 +83,8 @@ class HessianOperator:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown HVP backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        batches = reiterable(batches, "Hessian operator")
+        note_train_mode(model, "Hessian operator")
         self.model, self.loss_fn, self.batches, self.backend = model, loss_fn, batches, backend
         blocks = op_blocks(model) if blocks is None else blocks
         if not blocks:
@@ -89,6 +105,8 @@ class HessianOperator:
         self.dtype, self.device = first.dtype, first.device
         self.n_hvp = 0
         local = list(dist.shard(batches))
+        if not local and dist.world()[1] == 1:
+            raise HawqError("no batches to take the Hessian over")
         # one local batch: keep it (and, for double backward, its first-order graph)
         self._fixed: Batch | None = local[0] if len(local) == 1 else None
         self._cache: BatchHVP | None = None
