@@ -32,9 +32,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from hawq.errors import HawqError
 from hawq.hessian import dist
 from hawq.hessian.hutchinson import RunningStats, TraceEstimate, rademacher
-from hawq.errors import HawqError
 from hawq.hessian.hvp import Batch, LossFn, evaluating, note_train_mode, reiterable
 from hawq.models.ops import op_kind, quantizable_ops
 

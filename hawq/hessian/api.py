@@ -59,7 +59,8 @@ def layer_traces(
     """
     op, _ = hessian_operator(model, loss_fn, batches, backend=backend)
     res = block_traces(op, rtol=rtol, max_samples=max_samples, min_samples=min_samples,
-                       seed=seed, estimator=estimator, sketch=sketch, callback=callback)  # fmt: skip
+                       seed=seed, estimator=estimator, sketch=sketch,
+                       callback=callback)  # fmt: skip
     return res.blocks
 
 
@@ -73,8 +74,8 @@ def layer_eigenpairs(
     which: str = "LA",
 ) -> dict[str, EigenResult]:
     """Top-``top_k`` eigenpairs of every diagonal block of ``op``, largest algebraic first
-    (``which="LA"``: :math:`\lambda_{\max}`, the bound on
-    :math:`\Delta^\top H \Delta / \lVert\Delta\rVert^2` HAWQ-V1 needs) or largest magnitude
+    (``which="LA"``: :math:`\\lambda_{\\max}`, the bound on
+    :math:`\\Delta^\top H \\Delta / \\lVert\\Delta\rVert^2` HAWQ-V1 needs) or largest magnitude
     first (``"LM"``). Logs a warning for every op with an unconverged pair."""
     if method not in EIG_METHODS:
         raise ValueError(f"unknown eigen method {method!r}; allowed: {', '.join(EIG_METHODS)}")
@@ -109,7 +110,7 @@ def layer_eigenvalues(
         seed: seeds the start vectors.
         method: ``lanczos`` (block Lanczos) or ``power`` (power iteration with deflation).
         backend: ``double_backward``, ``func`` or ``auto``.
-        which: ``LA`` (default: largest algebraic first, :math:`\lambda_{\max}` first) or
+        which: ``LA`` (default: largest algebraic first, :math:`\\lambda_{\\max}` first) or
             ``LM`` (largest magnitude first).
 
     Returns:

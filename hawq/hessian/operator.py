@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from hawq.hessian import dist
 from hawq.errors import HawqError
+from hawq.hessian import dist
 from hawq.hessian.hvp import (
     BACKENDS,
     Batch,

@@ -97,7 +97,7 @@ def _project(v: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
 def _power(
     op: Any, found: list[torch.Tensor], v: torch.Tensor, shift: float, tol: float, max_iter: int
 ) -> tuple[float, torch.Tensor, float, int]:
-    """Power iteration on :math:`P(A - \\sigma I)P`; returns ``(lam, v, true residual, products)``."""
+    """Power iteration on :math:`P(A - \\sigma I)P`: ``(lam, v, true residual, products)``."""
     lam, r, it = 0.0, float("inf"), 0
     for it in range(1, max_iter + 1):
         av = op @ v

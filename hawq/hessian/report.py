@@ -16,8 +16,9 @@ Schema 1 (ops in network order)::
 Written since curvature engine v2 (optional for readers, absent in older files):
 top-level ``"trace_block": "weight"|"weight+bias"`` (what ``trace`` and
 ``eigenvalues`` span; per op ``"trace_numel"`` counts those elements, while
-``numel`` stays weight + bias, the size the cost models use), ``"eig_which": "LA"|"LM"`` (``eigenvalues`` largest algebraic
-first, i.e. ``eigenvalues[0]`` is lambda_max, or largest magnitude first),
+``numel`` stays weight + bias, the size the cost models use),
+``"eig_which": "LA"|"LM"`` (``eigenvalues`` largest algebraic first, i.e.
+``eigenvalues[0]`` is lambda_max, or largest magnitude first),
 ``"sketch"``, ``"trace_rel_stderr"`` (aggregate, the stop statistic); per op
 ``"lambda_max"`` (with ``eig_which`` LA), ``"eig_converged": [bool]`` (true
 residual ``||Hv - lambda v|| / |lambda|`` <= ``tol``) and ``"trace_undetermined"``
