@@ -40,6 +40,7 @@ def layer_traces(
     backend: str = "auto",
     callback: Callable[[int, float], None] | None = None,
     sketch: int = 40,
+    chunk: int = 1,
 ) -> dict[str, TraceEstimate]:
     """:math:`\\mathrm{tr}(\\bar H_{ll})` of every weight op's own block (weight only), all ops
     from one full product per sample (:func:`~hawq.hessian.hutchinson.block_traces`).
@@ -53,14 +54,15 @@ def layer_traces(
         backend: ``auto``, ``double_backward`` or ``func``.
         callback: ``callback(samples, aggregate_rel_stderr)`` after every sample.
         sketch: sketch columns of ``sandwich`` / ``hutchpp`` (``2 * sketch`` products).
+        chunk: probes per vmapped product (the stop rule is checked per chunk).
 
     Returns:
         op name -> :class:`TraceEstimate` (mean, stderr, n_samples, numel).
     """
     op, _ = hessian_operator(model, loss_fn, batches, backend=backend)
     res = block_traces(op, rtol=rtol, max_samples=max_samples, min_samples=min_samples,
-                       seed=seed, estimator=estimator, sketch=sketch,
-                       callback=callback)  # fmt: skip
+                       seed=seed, estimator=estimator, sketch=sketch, callback=callback,
+                       chunk=chunk)  # fmt: skip
     return res.blocks
 
 

@@ -19,6 +19,7 @@ class HessianConfig:
     max_samples: int = 500  # Rademacher samples at most
     estimator: str = "sandwich"  # sandwich | hutchpp | hutchinson
     sketch: int = 40  # sandwich / Hutch++ sketch columns (2x that many extra products)
+    chunk: int = 8  # probes per vmapped product; the stop rule is checked per chunk
     top_k: int = 1  # eigenvalues per op (0: skip eigenvalues)
     eig_which: str = "LA"  # LA: largest algebraic first (lambda_max) | LM: largest magnitude
     eig_method: str = "lanczos"  # lanczos | power
@@ -45,6 +46,7 @@ class HessianConfig:
                 self.estimator, "sandwich, hutchpp, hutchinson")  # fmt: skip
         require(self.eig_which in ("LA", "LM"), "eig_which", self.eig_which, "LA, LM")
         require(self.sketch >= 1, "sketch", self.sketch, "an integer >= 1")
+        require(self.chunk >= 1, "chunk", self.chunk, "an integer >= 1")
         require(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0")
         require(self.eig_method in ("lanczos", "power"), "eig_method", self.eig_method,
                 "lanczos, power")  # fmt: skip

@@ -175,6 +175,7 @@ def block_traces(
     estimator: str = "sandwich",
     sketch: int = 40,
     callback: Callable[[int, float], None] | None = None,
+    chunk: int = 1,
 ) -> BlockTraces:
     """Estimate every block trace of symmetric ``op`` with one product per sample.
 
@@ -189,6 +190,10 @@ def block_traces(
         estimator: ``sandwich`` (default), ``hutchpp`` or ``hutchinson``.
         sketch: sketch columns (``2 * sketch`` products; capped at the dimension).
         callback: ``callback(samples, aggregate_rel_stderr)`` after every sample.
+        chunk: probe vectors multiplied together (``op @ V`` with ``V`` of ``chunk``
+            columns: one vmapped double backward on a :class:`HessianOperator`); the stop
+            rule is checked after each chunk. The vectors, hence the estimates for a given
+            number of samples, do not depend on it.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(ESTIMATORS)}")
@@ -215,8 +220,9 @@ def block_traces(
         del y
     stats, total = RunningStats(nb), RunningStats(1)
     rel = math.inf
-    for _ in range(max_samples):
-        v = rademacher(n, gen, op.dtype, op.device)
+    while stats.n < max_samples:
+        k = min(max(chunk, 1), max_samples - stats.n)
+        v = torch.stack([rademacher(n, gen, op.dtype, op.device) for _ in range(k)], dim=1)
         if estimator == "sandwich":
             av = op @ (v - q @ (q.T @ v))
             av = av - q @ (q.T @ av)  # (I-P) A (I-P) v
@@ -224,13 +230,14 @@ def block_traces(
             av = op @ v - q @ (c @ (q.T @ v))  # (A - Q C Q^T) v
         else:
             av = op @ v
-        products += 1
-        prod = v * av
-        stats.add(_block_sum(prod, ids, nb))
-        total.add(prod.sum().reshape(1))
-        rel = aggregate_rel_stderr(stats.mean + exact, stats.stderr) if stats.n >= 2 else math.inf
-        if callback is not None:
-            callback(stats.n, rel)
+        products += k
+        for prod in (v * av).unbind(1):  # (n,) per probe
+            stats.add(_block_sum(prod, ids, nb))
+            total.add(prod.sum().reshape(1))
+            rel = (aggregate_rel_stderr(stats.mean + exact, stats.stderr) if stats.n >= 2
+                   else math.inf)  # fmt: skip
+            if callback is not None:
+                callback(stats.n, rel)
         if stats.n >= max(min_samples, 2) and rel <= rtol:
             break
     mean, se = stats.mean + exact, stats.stderr

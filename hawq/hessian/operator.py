@@ -20,6 +20,7 @@ all-reduced.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -38,6 +39,8 @@ from hawq.hessian.hvp import (
     reiterable,
 )
 from hawq.models.ops import quantizable_ops
+
+log = logging.getLogger("hawq")
 
 
 def op_params(module: nn.Module, include_bias: bool = False) -> list[nn.Parameter]:
@@ -104,6 +107,7 @@ class HessianOperator:
         first = self.params[0]
         self.dtype, self.device = first.dtype, first.device
         self.n_hvp = 0
+        self.vmap_columns = 16  # columns of op @ V per vmapped double backward (1: loop)
         local = list(dist.shard(batches))
         if not local and dist.world()[1] == 1:
             raise HawqError("no batches to take the Hessian over")
@@ -126,6 +130,9 @@ class HessianOperator:
 
     # -- internals ---------------------------------------------------------------------------
     def _apply(self, v: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        if v.ndim == 2 and v.shape[1] > 1 and self._batchable():
+            return torch.cat([self._apply_batched(c, idx) for c in v.split(self.vmap_columns, 1)],
+                             dim=1)  # fmt: skip
         if v.ndim == 2:
             return torch.stack([self._apply(c, idx) for c in v.unbind(1)], dim=1)
         shapes = [self.params[i].shape for i in idx]
@@ -136,6 +143,29 @@ class HessianOperator:
         vs = [c.reshape(s) for c, s in zip(vs, shapes)]
         out = self.apply_list(vs, idx)
         return torch.cat([o.reshape(-1) for o in out])
+
+    def _batchable(self) -> bool:
+        return (self.vmap_columns > 1 and self._fixed is not None and dist.world()[1] == 1
+                and self.backend == "double_backward")  # fmt: skip
+
+    def _apply_batched(self, v: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """Columns of ``v`` (n, k) in one vmapped double backward (one batch, no ranks)."""
+        shapes = [self.params[i].shape for i in idx]
+        k = v.shape[1]
+        vs = [c.T.reshape(k, *s) for c, s in
+              zip(v.to(self.dtype).split([s.numel() for s in shapes]), shapes)]  # fmt: skip
+        if self._cache is None:
+            self._cache = make_batch_hvp(self.backend, self.model, self.loss_fn, self.params,
+                                         self._fixed)  # fmt: skip
+        try:
+            out = self._cache.batched(vs, idx)
+        except RuntimeError as e:  # an op without a batching rule for its double backward
+            log.info("hessian: vmapped products unavailable (%s); one product per column",
+                     str(e).splitlines()[0][:120])  # fmt: skip
+            self.vmap_columns = 1
+            return torch.stack([self._apply(c, idx) for c in v.unbind(1)], dim=1)
+        self.n_hvp += k
+        return torch.cat([o.reshape(k, -1) for o in out], dim=1).T  # (n, k)
 
     def apply_list(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
         """:math:`\\bar H_{SS} v_S` with tensors shaped like ``params[idx]``."""

@@ -86,7 +86,7 @@ def _run(ctx: Context) -> dict:
     bar, update = _progress("hessian traces", hc.max_samples)
     traces = block_traces(op, rtol=hc.rtol, max_samples=hc.max_samples,
                           min_samples=hc.min_samples, seed=hc.seed, estimator=hc.estimator,
-                          sketch=hc.sketch, callback=update)  # fmt: skip
+                          sketch=hc.sketch, callback=update, chunk=hc.chunk)  # fmt: skip
     bar.close()
     t_traces = time.perf_counter() - start
 
