@@ -34,7 +34,12 @@ from torch import nn
 
 from hawq.errors import HawqError
 from hawq.hessian import dist
-from hawq.hessian.hutchinson import RunningStats, TraceEstimate, rademacher
+from hawq.hessian.hutchinson import (
+    RunningStats,
+    TraceEstimate,
+    aggregate_rel_stderr,
+    rademacher,
+)
 from hawq.hessian.hvp import Batch, LossFn, evaluating, note_train_mode, reiterable
 from hawq.models.ops import op_kind, quantizable_ops
 
@@ -197,11 +202,12 @@ def operand_traces(
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> dict[str, dict[str, TraceEstimate]]:
-    """Per-sample-average Hessian traces of every operand; stop rule as for weight traces."""
+    """Per-sample-average Hessian traces of every operand; stop rule as for weight traces
+    (:math:`\\sqrt{\\sum_k s_k^2}/\\sum_k|\\hat t_k| \\le` rtol, or ``max_samples``)."""
     stats = RunningStats(len(act.keys))
     for index in range(max_samples):
         stats.add(act.sample(seed, index))
-        worst = float(stats.rel_stderr().max()) if stats.n >= 2 else math.inf
+        worst = aggregate_rel_stderr(stats.mean, stats.stderr) if stats.n >= 2 else math.inf
         if callback is not None:
             callback(stats.n, worst)
         if stats.n >= max(min_samples, 2) and worst <= rtol:

@@ -33,6 +33,7 @@ def test_train_then_hessian_writes_report_and_plots(make_cfg, tmp_path):
     assert list(rep["ops"]) == [i.name for i in inv]  # network order, all 14 ops
     assert rep["backend"] == "double_backward" and rep["estimator"] == "sandwich"
     assert rep["trace_block"] == "weight" and rep["eig_which"] == "LA"
+    assert rep["sketch"] == 8 and rep["hvp_products"] >= 16 + 6  # smoke: hessian.sketch=8
     assert rep["batch_size"] == 16 and rep["model"] == "hawq.models.vit.ViT"
     for info in inv:
         e = rep["ops"][info.name]
