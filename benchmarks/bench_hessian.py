@@ -1,61 +1,162 @@
-"""Hessian engine speed, with named peers measured in the same run (JSON out).
+"""Curvature engine benchmark, named peers in the same run (JSON out).
 
-1. HVP time / (forward + backward) time, same model and batch, eval mode: our
-   double backward reusing the first-order graph, double backward rebuilding it
-   per product (what a loader-average pays, and pyhessian's dataloader mode),
-   ``torch.func`` forward-over-reverse, and pyhessian's single-batch HVP.
-2. Per-op traces to the same number of samples: all ops from ONE full HVP per
-   sample (ours) vs one HVP per op per sample (MQBench's way) vs pyhessian's
-   whole-model ``trace()`` (one full HVP per sample, no per-op split): seconds,
-   products and the worst relative standard error reached.
+1. Trace accuracy per product: all-op traces of a TRAINED micro ViT (the seed ViT's op
+   layout: patch embedding, qkv/proj/fc1/fc2 per block, head; trained here for
+   ``--train-steps`` steps on CIFAR-10, cached) against EXACT per-op traces (``e_i``
+   columns of every weight block), as the aggregate relative error
+   ``sum_l |t_l - t*_l| / sum_l |t*_l|`` (mean over ``--seeds``) at ``--budgets`` Hessian-
+   vector products: our old default (Hutchinson, all ops from one product per sample),
+   Hutch++ and the new default ``sandwich`` (sketch ``min(40, B/3)``), and curvlinops'
+   ``hutchpp_trace`` / ``xtrace`` run on every op's block operator with ``B / #ops``
+   products each (curvlinops estimates one trace per operator).
+2. HVP time / (forward + backward) time (eval, float32, one batch) on the tiny and a wider
+   ViT: ours reusing the first-order graph (one column, and vmapped over 8/16 columns per
+   call, per column), ``torch.func`` jvp-of-grad, PyHessian's HVP, curvlinops'
+   ``HessianLinearOperator`` (one column and 16), plus where the time of one double
+   backward goes (profiler, top ops).
+
+Peers: ``pip install --no-deps curvlinops-for-pytorch einops einconv backpack-for-pytorch
+unfoldNd opt-einsum linear_operator`` (``--no-deps``: backpack requires torchvision, which
+would replace the installed torch) and ``pip install --no-deps pyhessian``.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_hessian.py --out bench.json    # tiny ViT on CPU
-    PYTHONPATH=. python benchmarks/bench_hessian.py --model seed --batch 256 --device cuda
+    PYTHONPATH=. python benchmarks/bench_hessian.py --out benchmarks/results/hessian_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from hawq.hessian.hutchinson import RunningStats, block_traces, rademacher
-from hawq.hessian.hvp import DoubleBackwardHVP
+from hawq.hessian.hutchinson import block_traces
 from hawq.hessian.operator import HessianOperator
 from hawq.models import ViT
 
 MODELS = {
+    "micro": dict(image_size=32, patch_size=8, dim=16, depth=2, heads=2, mlp_dim=32, dropout=0.0),
     "tiny": dict(dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0),
-    "seed": dict(dim=512, depth=6, heads=8, mlp_dim=512, dropout=0.0),
+    "wide": dict(dim=192, depth=2, heads=4, mlp_dim=384, dropout=0.0),
 }
+CIFAR = Path("/work/shared/data/cifar10")
 
 
-def timeit(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> float:
-    """Median seconds of ``reps`` calls after ``warmup`` calls (the first products of a new
-    graph are several times slower on CPU: allocator warm-up)."""
+def cifar(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training images (normalised float32) and labels; synthetic when absent."""
+    g = torch.Generator().manual_seed(seed)
+    parts = sorted(CIFAR.glob("cifar10_train_part*.npz"))
+    if not parts:
+        return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    d = np.load(parts[0])
+    idx = torch.randperm(len(d["y"]), generator=g)[:n].numpy()
+    x = torch.from_numpy(d["x"][idx]).permute(0, 3, 1, 2).float() / 255
+    x = (x - 0.5) / 0.25
+    return x, torch.from_numpy(d["y"][idx]).long()
+
+
+def trained_micro(steps: int, cache: Path) -> tuple[nn.Module, dict]:
+    """The micro ViT after ``steps`` Adam steps (batch 128) on CIFAR-10; cached."""
+    torch.manual_seed(0)
+    model = ViT(**MODELS["micro"])
+    if cache.is_file():
+        model.load_state_dict(torch.load(cache))
+        return model.eval(), {"cached": str(cache)}
+    x, y = cifar(steps * 128 if steps * 128 <= 16000 else 16000, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loss_fn, losses = nn.CrossEntropyLoss(), []
+    start = time.perf_counter()
+    for _ in range(steps):
+        i = torch.randint(0, len(y), (128,))
+        loss = loss_fn(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), cache)
+    return model.eval(), {"steps": steps, "train_s": time.perf_counter() - start,
+                          "loss_first_last": [losses[0], float(np.mean(losses[-20:]))]}
+
+
+def exact_traces(op: HessianOperator) -> dict[str, float]:
+    """Per-op trace from identity columns of each block (vmapped, ``numel`` products)."""
+    out = {}
+    for name, s in op.blocks.items():
+        blk, n, tr = op.block(name), s.stop - s.start, 0.0
+        for start in range(0, n, 64):
+            cols = torch.arange(start, min(start + 64, n))
+            e = torch.zeros(n, len(cols), dtype=op.dtype)
+            e[cols, torch.arange(len(cols))] = 1.0
+            tr += float((blk @ e)[cols, torch.arange(len(cols))].double().sum())
+        out[name] = tr
+    return out
+
+
+def agg_err(est: dict[str, float], ref: dict[str, float]) -> float:
+    return sum(abs(est[k] - ref[k]) for k in ref) / sum(abs(v) for v in ref.values())
+
+
+def bench_accuracy(op: HessianOperator, ref: dict, budgets: list[int], seeds: int) -> dict:
+    out: dict[str, dict] = {}
+    try:
+        from curvlinops import hutchpp_trace, xtrace
+    except ImportError as e:
+        hutchpp_trace = xtrace = None
+        out["curvlinops_error"] = f"{type(e).__name__}: {e}"
+    n_ops = len(op.blocks)
+    for b in budgets:
+        row: dict[str, float] = {}
+        sk = min(40, b // 3)
+        ours = {"hutchinson_old_default": ("hutchinson", 0), "hutchpp": ("hutchpp", sk),
+                "sandwich_new_default": ("sandwich", sk)}  # fmt: skip
+        for label, (est, m) in ours.items():
+            errs = []
+            for seed in range(seeds):
+                res = block_traces(op, rtol=1e-12, max_samples=b - 2 * m, min_samples=b - 2 * m,
+                                   seed=seed, estimator=est, sketch=max(m, 1), chunk=16)
+                assert res.n_products == b
+                errs.append(agg_err({k: e.mean for k, e in res.blocks.items()}, ref))
+            row[label] = statistics.mean(errs)
+        if hutchpp_trace is not None:
+            per_op = b // n_ops
+            for label, fn, mult in (("curvlinops_hutchpp_per_op", hutchpp_trace, 3),
+                                    ("curvlinops_xtrace_per_op", xtrace, 2)):
+                mv = per_op - per_op % mult
+                errs = []
+                for seed in range(seeds):
+                    torch.manual_seed(seed)
+                    est = {k: float(fn(op.block(k), num_matvecs=mv)) for k in op.blocks}
+                    errs.append(agg_err(est, ref))
+                row[label] = statistics.mean(errs)
+                row[label + "_products"] = mv * n_ops
+        out[str(b)] = row
+        print(f"budget {b}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+    return out
+
+
+def timeit(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    """Median seconds of ``reps`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench_hvp(model: nn.Module, batch, device: torch.device, reps: int) -> dict:
+def bench_hvp(model: nn.Module, batch, reps: int) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     x, y = batch
 
@@ -63,130 +164,113 @@ def bench_hvp(model: nn.Module, batch, device: torch.device, reps: int) -> dict:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
-    base = timeit(fwd_bwd, device, reps)
+    base = timeit(fwd_bwd, reps)
     model.zero_grad(set_to_none=True)
     ops = {b: HessianOperator(model, loss_fn, [batch], backend=b)
            for b in ("double_backward", "func")}  # fmt: skip
-    v = torch.randn(ops["func"].size, device=device)
-    out = {"fwd_bwd_s": base}
-    out["hvp_double_backward_reuse_s"] = timeit(lambda: ops["double_backward"] @ v, device, reps)
-    params = ops["func"].params
-    vs = list(v.split([p.numel() for p in params]))
-    vs = [c.view_as(p) for c, p in zip(vs, params)]
-    idx = list(range(len(params)))
-    out["hvp_double_backward_rebuild_s"] = timeit(
-        lambda: DoubleBackwardHVP(model, loss_fn, params, batch)(vs, idx), device, reps
-    )
-    out["hvp_func_s"] = timeit(lambda: ops["func"] @ v, device, reps)
+    db = ops["double_backward"]
+    v = torch.randn(db.size)
+    out = {"params": db.size, "fwd_bwd_s": base}
+    out["ours_reuse_graph_s"] = timeit(lambda: db @ v, reps)
+    for k in (8, 16):
+        vk = torch.randn(db.size, k)
+        out[f"ours_vmapped_{k}_per_vector_s"] = timeit(lambda vk=vk: db @ vk, reps) / k
+    out["ours_func_s"] = timeit(lambda: ops["func"] @ v, max(1, reps // 2))
+    out["profile_double_backward_top_ops"] = profile_hvp(db, v)
+    db.release()
+    params = db.params
     try:
         from pyhessian import hessian as PyHessian
         from pyhessian.utils import hessian_vector_product
 
         model.zero_grad(set_to_none=True)
-        ph = PyHessian(model, loss_fn, data=batch, cuda=device.type == "cuda")
+        ph = PyHessian(model, loss_fn, data=batch, cuda=False)
         pv = [torch.randn_like(p) for p in ph.params]
-        out["hvp_pyhessian_s"] = timeit(lambda: hessian_vector_product(ph.gradsH, ph.params, pv),
-                                        device, reps)  # fmt: skip
+        out["pyhessian_s"] = timeit(lambda: hessian_vector_product(ph.gradsH, ph.params, pv), reps)
+        ph = None  # frees its graph
         model.zero_grad(set_to_none=True)
     except Exception as e:  # noqa: BLE001 - a peer's failure is a result, not a crash
         out["pyhessian_error"] = f"{type(e).__name__}: {e}"
-    for k in list(out):
-        if k.startswith("hvp_") and k.endswith("_s"):
-            out[k.replace("_s", "_over_fwd_bwd")] = out[k] / base
-    return out
-
-
-def bench_traces(model: nn.Module, batch, device: torch.device, samples: int) -> dict:
-    loss_fn = nn.CrossEntropyLoss()
-    op = HessianOperator(model, loss_fn, [batch], backend="double_backward")
-    for _ in range(3):  # build the cached graph and warm up outside the timings
-        op @ torch.zeros(op.size, device=device)
-    out = {"samples": samples, "ops": len(op.blocks), "params": op.size}
-
-    start = time.perf_counter()
-    n0 = op.n_hvp
-    res = block_traces(op, rtol=1e-12, max_samples=samples, min_samples=samples, seed=0)
-    out["all_layers"] = {
-        "s": time.perf_counter() - start,
-        "hvps": op.n_hvp - n0,
-        "worst_rel_stderr": max(e.rel_stderr for e in res.blocks.values()),
-    }
-
-    start = time.perf_counter()
-    n0 = op.n_hvp
-    gen = torch.Generator().manual_seed(0)
-    stats = {name: RunningStats(1) for name in op.blocks}
-    for _ in range(samples):
-        for name in op.blocks:
-            blk = op.block(name)
-            v = rademacher(blk.shape[0], gen, op.dtype, device)
-            stats[name].add(torch.dot(v, blk @ v).reshape(1))
-    out["per_layer"] = {
-        "s": time.perf_counter() - start,
-        "hvps": op.n_hvp - n0,
-        "worst_rel_stderr": max(float(s.rel_stderr()[0]) for s in stats.values()),
-    }
     try:
-        from pyhessian import hessian as PyHessian
+        from curvlinops import HessianLinearOperator
 
-        model.zero_grad(set_to_none=True)
-        ph = PyHessian(model, loss_fn, data=batch, cuda=device.type == "cuda")
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        # one sample per call: trace() stops early on a negative running mean
-        vals = [s for _ in range(samples) for s in ph.trace(maxIter=1)]
-        t = torch.tensor(vals, dtype=torch.float64)
-        out["pyhessian_whole_model"] = {"s": time.perf_counter() - start, "hvps": samples,
-                                        "rel_stderr": float(t.std() / len(t) ** 0.5 /
-                                                            t.mean().abs())}  # fmt: skip
-        model.zero_grad(set_to_none=True)
+        cl = HessianLinearOperator(model, loss_fn, params, [batch], progressbar=False,
+                                   check_deterministic=False)  # fmt: skip
+        out["curvlinops_s"] = timeit(lambda: cl @ v, max(1, reps // 2))
+        v16 = torch.randn(db.size, 16)
+        out["curvlinops_16_per_vector_s"] = timeit(lambda: cl @ v16, 1, warmup=1) / 16
     except Exception as e:  # noqa: BLE001
-        out["pyhessian_error"] = f"{type(e).__name__}: {e}"
-    out["per_layer_over_all_layers_time"] = out["per_layer"]["s"] / out["all_layers"]["s"]
+        out["curvlinops_error"] = f"{type(e).__name__}: {e}"
+    for k in list(out):
+        if k.endswith("_s") and k != "fwd_bwd_s":
+            out[k[:-2] + "_over_fwd_bwd"] = round(out[k] / base, 3)
     return out
+
+
+def profile_hvp(op: HessianOperator, v: torch.Tensor, top: int = 8) -> list:
+    """Self CPU time of the top ops of one reuse-graph product (share of the total)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    op @ v
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        op @ v
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    return [[e.key, round(e.self_cpu_time_total / total, 3)] for e in rows[:top]]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=list(MODELS), default="tiny")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--samples", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    ap.add_argument("--checkpoint", default=None, help="a hawq ViT checkpoint (trained weights)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--budgets", default="60,150,300")
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--timing-models", default="tiny,wide")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: default)")
+    ap.add_argument("--cache", default="/tmp/hawq_bench/micro_vit.pt")
     ap.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    if args.checkpoint:
-        from hawq.checkpoint import load_model
-
-        model = load_model(args.checkpoint, device)[0]
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-        model.eval()
-    else:
-        model = ViT(**MODELS[args.model]).to(device).eval()
-    g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(args.batch, 3, 32, 32, generator=g).to(device),
-             torch.randint(0, 10, (args.batch,), generator=g).to(device))  # fmt: skip
-    result = {
-        "model": args.checkpoint or args.model, "batch": args.batch, "device": str(device),
+    wall = time.perf_counter()
+    result: dict = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "hvp": bench_hvp(model, batch, device, args.reps),
-        "traces": bench_traces(model, batch, device, args.samples),
+        "machine": platform.processor() or platform.machine(), "batch": args.batch,
+        "note": "2-core CPU shared with other jobs (load average ~15-20): absolute times are "
+                "noisy; ratios are from the same run",
     }  # fmt: skip
-    text = json.dumps(result, indent=2)
+    model, train_info = trained_micro(args.train_steps, Path(args.cache))
+    batch = cifar(args.batch, seed=7)
+    op = HessianOperator(model, nn.CrossEntropyLoss(), [batch])
+    start = time.perf_counter()
+    ref = exact_traces(op)
+    result["accuracy"] = {
+        "model": {"vit": MODELS["micro"], **train_info, "weights": op.size,
+                  "ops": len(op.blocks)},
+        "exact_reference_s": time.perf_counter() - start,
+        "exact_traces": ref,
+        "metric": "mean over seeds of sum_l |t_l - t*_l| / sum_l |t*_l|",
+        "by_budget": bench_accuracy(op, ref, [int(b) for b in args.budgets.split(",")],
+                                    args.seeds),
+    }  # fmt: skip
+    op.release()
+    result["hvp"] = {}
+    g = torch.Generator().manual_seed(0)
+    for name in args.timing_models.split(","):
+        torch.manual_seed(0)
+        m = ViT(**MODELS[name]).eval()
+        b = (torch.randn(args.batch, 3, 32, 32, generator=g),
+             torch.randint(0, 10, (args.batch,), generator=g))  # fmt: skip
+        result["hvp"][name] = {"vit": MODELS[name], **bench_hvp(m, b, args.reps)}
+        print(name, {k: v for k, v in result["hvp"][name].items() if "over" in k}, flush=True)
+    result["wall_s"] = time.perf_counter() - wall
+    text = json.dumps(result, indent=2, default=lambda o: None if isinstance(o, float) and
+                      math.isnan(o) else str(o))  # fmt: skip
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

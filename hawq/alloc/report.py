@@ -8,7 +8,8 @@ matmul). A missing key is a one-line :class:`HawqError` naming file, op and key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from hawq.errors import HawqError
 
+log = logging.getLogger("hawq")
 KINDS = ("linear", "conv2d", "matmul")
 OPERANDS = {"linear": ("x",), "conv2d": ("x",), "matmul": ("a", "b")}
 
@@ -27,12 +29,15 @@ class OpCurvature:
 
     name: str
     kind: str
-    numel: int  # weight + bias elements (0 for matmul)
+    numel: int  # weight + bias elements (0 for matmul): the size costs
     macs: int  # per image
-    trace: float | None  # Tr(H_W) over weight + bias
-    top_eig: float | None  # largest Hessian eigenvalue of the op's parameters
+    trace: float | None  # Tr(H_W) over the op's weight (weight + bias before v2)
+    top_eig: float | None  # lambda_max: largest algebraic eigenvalue of that block
     act_trace: dict[str, float]  # operand -> per-sample Tr(H_a)
     act_numel: dict[str, int]  # operand -> elements per sample
+    trace_numel: int | None = None  # elements the trace spans (None: numel)
+    trace_stderr: float | None = None  # standard error of trace (None: unknown)
+    act_trace_stderr: dict[str, float] = field(default_factory=dict)  # operand -> stderr
 
 
 @dataclass
@@ -55,6 +60,14 @@ def parse_hessian(d: dict[str, Any], where: str = "hessian.json") -> HessianRepo
     schema = _need(d, "schema", where)
     if schema != 1:
         raise HawqError(f"{where}: schema {schema!r} is not supported; allowed: 1")
+    which = d.get("eig_which")
+    if which not in (None, "LA", "LM"):
+        raise HawqError(f"{where}: eig_which {which!r} is invalid; allowed: LA, LM")
+    if which != "LA" and any((e or {}).get("eigenvalues") for e in (d.get("ops") or {}).values()
+                             if isinstance(e, dict)):  # fmt: skip
+        log.warning("%s: eigenvalues are ordered by magnitude (eig_which %s): lambda_max is "
+                    "taken as the largest listed value, which misses it when every listed "
+                    "value is negative; rerun the hessian stage (eig_which=LA)", where, which)
     ops_d = _need(d, "ops", where)
     if not isinstance(ops_d, dict) or not ops_d:
         raise HawqError(f"{where}: 'ops' must be a non-empty mapping of op name -> entry")
@@ -80,6 +93,10 @@ def parse_hessian(d: dict[str, Any], where: str = "hessian.json") -> HessianRepo
             top_eig=float(max(eig)) if eig else None,
             act_trace={k: float(act_trace[k]) for k in OPERANDS[kind]},
             act_numel={k: int(act_numel[k]) for k in OPERANDS[kind]},
+            trace_numel=None if e.get("trace_numel") is None else int(e["trace_numel"]),
+            trace_stderr=None if e.get("trace_stderr") is None else float(e["trace_stderr"]),
+            act_trace_stderr={k: float(v) for k, v in (e.get("act_trace_stderr") or {}).items()
+                              if v is not None},
         )  # fmt: skip
     meta = {k: v for k, v in d.items() if k != "ops"}
     return HessianReport(where, meta, ops)
@@ -128,4 +145,4 @@ def synthetic_report(
     return {"schema": 1, "model": type(model).__name__, "checkpoint": None,
             "estimator": "hutchinson", "backend": "func", "synthetic": True, "seed": seed,
             "dtype": "float32", "batches": 0, "batch_size": 0, "wall_s": 0.0,
-            "ops": ops}  # fmt: skip
+            "eig_which": "LA", "ops": ops}  # fmt: skip

@@ -20,9 +20,26 @@ per-sample loss Hessian w.r.t. an input operand ``a`` (``n_a`` elements):
   calibration samples.
 * ``hawq_v2``: the same objective as ``hawq_v3_act`` (V2's trace-weighted
   sensitivity, with activations).
-* ``hawq_v1``: the top eigenvalue ``lambda_max/n_W`` in place of ``Tr(H_W)/n_W``
-  (HAWQ-V1 only ranks ops by it; multiplying by the weight error turns the rank
-  into a per-setting cost). The activation term is V2's (no activation eigenvalues).
+* ``hawq_v1``: the largest *algebraic* eigenvalue ``lambda_max/n_W`` in place of
+  ``Tr(H_W)/n_W`` (``lambda_max`` bounds ``dW^T H dW / |dW|^2``; the largest-magnitude
+  eigenvalue does not when it is negative. HAWQ-V1 only ranks ops by it;
+  multiplying by the weight error turns the rank into a per-setting cost). The
+  activation term is V2's (no activation eigenvalues).
+
+``H_W`` is the op's *weight* block (``trace_numel`` elements; ``numel`` before v2,
+whose traces also spanned the bias): the same elements ``||Q_w(W) - W||^2`` sums over.
+
+Curvature rule (:func:`curvature`), for a trace ``t`` with standard error ``s``:
+
+* sign determined, ``|t| >= 2 s``: ``t`` if positive; a *determined negative*
+  curvature counts as 0 (a negative value would make the solver prefer
+  quantization noise on that operand, which a second-order model cannot
+  justify; a clamped op costs nothing to quantize, as a flat one would);
+* sign undetermined, ``|t| < 2 s``: the upper 2-stderr bound ``t + 2 s`` (> 0): an
+  op whose curvature the estimate could not resolve is not treated as flat;
+* no standard error (eigenvalues, files without one): ``max(t, 0)``.
+
+Ops whose value came from the second or third rule are logged.
 * ``uniform``: ``4^-w + 4^-a`` for every op (quantization noise power of each
   operand; FP operands add 0): allocation driven by the costs alone.
 * ``random``: ``r_i (4^-w + 4^-a)`` with ``r_i ~ U(0, 1)`` from a seed: a random order.
@@ -32,6 +49,7 @@ per-sample loss Hessian w.r.t. an input operand ``a`` (``n_a`` elements):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -43,9 +61,10 @@ from hawq.alloc.report import OPERANDS, OpCurvature
 from hawq.errors import HawqError
 from hawq.quant.plan import OpSetting, Plan
 
-__all__ = ["ACT_METHODS", "METHODS", "SETTINGS", "activation_errors", "hawq_sensitivity",
-           "measured_sensitivity", "noise_proxy", "random_sensitivity", "tie_level",
-           "uniform_sensitivity", "weight_errors"]  # fmt: skip
+log = logging.getLogger("hawq")
+__all__ = ["ACT_METHODS", "METHODS", "SETTINGS", "activation_errors", "curvature",
+           "hawq_sensitivity", "measured_sensitivity", "noise_proxy", "random_sensitivity",
+           "tie_level", "uniform_sensitivity", "weight_errors"]  # fmt: skip
 
 METHODS = ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act", "measured", "uniform", "random")
 #: methods whose objective has activation terms (they need calibration images)
@@ -70,6 +89,22 @@ def tie_level(method: str) -> str:
     return "layer" if method == "hawq_v3" else "activation"
 
 
+def curvature(mean: float, stderr: float | None, what: str = "") -> float:
+    """The curvature allocation uses for an estimate ``mean +- stderr`` (module docstring):
+    ``mean`` when its sign is determined positive, 0 when determined negative,
+    ``mean + 2 stderr`` when undetermined, ``max(mean, 0)`` without a standard error."""
+    if stderr is None or stderr != stderr:
+        return max(mean, 0.0)
+    if abs(mean) < 2 * stderr:
+        log.info("alloc: %s: curvature sign undetermined (%.3g +- %.3g); using the upper "
+                 "2-stderr bound %.3g", what, mean, stderr, mean + 2 * stderr)  # fmt: skip
+        return mean + 2 * stderr
+    if mean < 0:
+        log.info("alloc: %s: negative curvature %.3g +- %.3g counts as 0", what, mean, stderr)
+        return 0.0
+    return mean
+
+
 def hawq_sensitivity(
     curv: OpCurvature,
     cands: list[Candidate],
@@ -79,33 +114,33 @@ def hawq_sensitivity(
 ) -> np.ndarray:
     """``Omega_i(c)`` of the module docstring for each candidate of one op.
 
-    Curvatures are clamped at zero: the loss Hessian is indefinite away from a
-    minimum and Hutchinson estimates of small traces can be negative, and a
-    negative curvature would make the solver *prefer* quantization noise on that
-    operand (fewer bits = lower predicted loss), which the second-order model
-    cannot justify. A clamped op costs nothing to quantize, as a flat one would.
+    Curvatures follow :func:`curvature` (the module docstring's rule: determined
+    negative -> 0, undetermined sign -> the upper 2-stderr bound).
     """
     if method not in ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act"):
         raise HawqError(f"hawq_sensitivity: method {method!r}; allowed: hawq_v1, hawq_v2, "
                         "hawq_v3, hawq_v3_act")  # fmt: skip
+    n_w = curv.numel if curv.trace_numel is None else curv.trace_numel
     if curv.kind == "matmul":
         w_curv = 0.0
     elif method == "hawq_v1":
         if curv.top_eig is None:
             raise HawqError(f"hawq_v1 needs eigenvalues of op {curv.name} in hessian.json")
-        w_curv = max(curv.top_eig, 0.0) / max(curv.numel, 1)
+        w_curv = max(curv.top_eig, 0.0) / max(n_w, 1)
     else:
         if curv.trace is None:
             raise HawqError(f"{method} needs the trace of op {curv.name} in hessian.json")
-        w_curv = max(curv.trace, 0.0) / max(curv.numel, 1)
+        w_curv = curvature(curv.trace, curv.trace_stderr, f"op {curv.name} weight") / max(n_w, 1)
+    a_curv = {k: curvature(curv.act_trace[k], curv.act_trace_stderr.get(k),
+                           f"op {curv.name} operand {k}") / max(curv.act_numel[k], 1)
+              for k in OPERANDS[curv.kind]}  # fmt: skip
     out = np.zeros(len(cands))
     for j, c in enumerate(cands):
         if curv.kind != "matmul":
             out[j] += w_curv * w_err[(c.w_bits, c.w_format)]
         if c.a_bits is not None and method != "hawq_v3":  # HAWQ-V3: weights only
             for k in OPERANDS[curv.kind]:
-                a_curv = max(curv.act_trace[k], 0.0) / max(curv.act_numel[k], 1)
-                out[j] += a_curv * a_err[k][c.a_level]
+                out[j] += a_curv[k] * a_err[k][c.a_level]
     return out
 
 

@@ -32,9 +32,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from hawq.errors import HawqError
 from hawq.hessian import dist
-from hawq.hessian.hutchinson import RunningStats, TraceEstimate, rademacher
-from hawq.hessian.hvp import Batch, LossFn
+from hawq.hessian.hutchinson import (
+    RunningStats,
+    TraceEstimate,
+    aggregate_rel_stderr,
+    rademacher,
+)
+from hawq.hessian.hvp import Batch, LossFn, evaluating, note_train_mode, reiterable
 from hawq.models.ops import op_kind, quantizable_ops
 
 Key = tuple[str, str]  # (op name, operand name)
@@ -85,7 +91,7 @@ class ActivationGraph:
         x, y = batch
         self.n = len(y)
         taps: dict[Key, list[torch.Tensor]] = {}
-        with torch.enable_grad(), tap_operands(ops, taps):
+        with torch.enable_grad(), tap_operands(ops, taps), evaluating(model):
             loss = loss_fn(model(x), y)
         self.keys = list(taps)
         self.taps = taps
@@ -134,10 +140,14 @@ class ActivationHessian:
         batches: Iterable[Batch],
         ops: Mapping[str, nn.Module] | None = None,
     ) -> None:
+        batches = reiterable(batches, "activation traces")
+        note_train_mode(model, "activation traces")
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
         self.ops = dict(quantizable_ops(model) if ops is None else ops)
         rank, size = dist.world()
         self.local = [(i, b) for i, b in enumerate(batches) if i % size == rank]
+        if not self.local and size == 1:
+            raise HawqError("no batches to take the activation Hessian over")
         self._cached: ActivationGraph | None = None
         probe = self._graph(*self.local[0]) if self.local else None
         keys = probe.keys if probe else []
@@ -192,11 +202,12 @@ def operand_traces(
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> dict[str, dict[str, TraceEstimate]]:
-    """Per-sample-average Hessian traces of every operand; stop rule as for weight traces."""
+    """Per-sample-average Hessian traces of every operand; stop rule as for weight traces
+    (:math:`\\sqrt{\\sum_k s_k^2}/\\sum_k|\\hat t_k| \\le` rtol, or ``max_samples``)."""
     stats = RunningStats(len(act.keys))
     for index in range(max_samples):
         stats.add(act.sample(seed, index))
-        worst = float(stats.rel_stderr().max()) if stats.n >= 2 else math.inf
+        worst = aggregate_rel_stderr(stats.mean, stats.stderr) if stats.n >= 2 else math.inf
         if callback is not None:
             callback(stats.n, worst)
         if stats.n >= max(min_samples, 2) and worst <= rtol:

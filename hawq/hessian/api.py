@@ -4,9 +4,11 @@ Op names are the module names of the model's quantizable ops
 (:func:`hawq.models.ops.quantizable_ops`: every ``nn.Linear``, ``nn.Conv2d`` and
 :class:`~hawq.models.ops.MatMul`). A weight op's block spans its weight and
 bias; parameter-free ops (MatMul) have no weight block and are absent from the
-weight results. ``batches`` is any re-iterable of ``(x, y)``; the Hessian is
-the sample-weighted average over it (see :class:`HessianOperator`). The model
-should be in eval mode; these functions do not change its mode.
+weight results. ``batches`` is any iterable of ``(x, y)`` (a one-shot generator
+is materialised); the Hessian is the sample-weighted average over it (see
+:class:`HessianOperator`). Curvature is taken in eval mode: a model in train
+mode is analysed under ``model.eval()`` (logged), its mode restored and its
+buffers untouched.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hawq.hessian.hutchinson import TraceEstimate, block_traces
 from hawq.hessian.hvp import Batch, LossFn
 from hawq.hessian.lanczos import lanczos
 from hawq.hessian.operator import HessianOperator, hessian_operator
-from hawq.hessian.power import EigenResult, power_iteration
+from hawq.hessian.power import EigenResult, power_iteration, warn_unconverged
 
 EIG_METHODS = {"lanczos": lanczos, "power": power_iteration}
 
@@ -30,31 +32,37 @@ def layer_traces(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Iterable[Batch],
-    rtol: float = 0.05,
+    rtol: float = 0.01,
     max_samples: int = 500,
     seed: int = 0,
     min_samples: int = 10,
-    estimator: str = "hutchinson",
+    estimator: str = "sandwich",
     backend: str = "auto",
     callback: Callable[[int, float], None] | None = None,
+    sketch: int = 40,
+    chunk: int = 1,
 ) -> dict[str, TraceEstimate]:
-    """:math:`\\mathrm{tr}(\\bar H_{ll})` for every weight op, one full product per sample.
+    """:math:`\\mathrm{tr}(\\bar H_{ll})` of every weight op's own block (weight only), all ops
+    from one full product per sample (:func:`~hawq.hessian.hutchinson.block_traces`).
 
     Args:
         model, loss_fn, batches: see the module docstring.
-        rtol: stop when every op's relative standard error is at most this.
-        max_samples / min_samples: bounds on Rademacher samples.
-        seed: seeds the probe vectors.
-        estimator: ``hutchinson`` or ``hutchpp``.
+        rtol: stop when :math:`\\sqrt{\\sum_l s_l^2}/\\sum_l|\\hat t_l|` is at most this.
+        max_samples / min_samples: bounds on Rademacher samples (after the sketch).
+        seed: seeds the sketch and the probe vectors.
+        estimator: ``sandwich`` (default), ``hutchpp`` or ``hutchinson``.
         backend: ``auto``, ``double_backward`` or ``func``.
-        callback: ``callback(samples, worst_rel_stderr)`` after every sample.
+        callback: ``callback(samples, aggregate_rel_stderr)`` after every sample.
+        sketch: sketch columns of ``sandwich`` / ``hutchpp`` (``2 * sketch`` products).
+        chunk: probes per vmapped product (the stop rule is checked per chunk).
 
     Returns:
         op name -> :class:`TraceEstimate` (mean, stderr, n_samples, numel).
     """
     op, _ = hessian_operator(model, loss_fn, batches, backend=backend)
     res = block_traces(op, rtol=rtol, max_samples=max_samples, min_samples=min_samples,
-                       seed=seed, estimator=estimator, callback=callback)  # fmt: skip
+                       seed=seed, estimator=estimator, sketch=sketch, callback=callback,
+                       chunk=chunk)  # fmt: skip
     return res.blocks
 
 
@@ -65,13 +73,21 @@ def layer_eigenpairs(
     max_iter: int = 200,
     seed: int = 0,
     method: str = "lanczos",
+    which: str = "LA",
 ) -> dict[str, EigenResult]:
-    """Top-``top_k`` eigenpairs (largest magnitude) of every diagonal block of ``op``."""
+    """Top-``top_k`` eigenpairs of every diagonal block of ``op``, largest algebraic first
+    (``which="LA"``: :math:`\\lambda_{\\max}`, the bound on
+    :math:`\\Delta^\top H \\Delta / \\lVert\\Delta\rVert^2` HAWQ-V1 needs) or largest magnitude
+    first (``"LM"``). Logs a warning for every op with an unconverged pair."""
     if method not in EIG_METHODS:
         raise ValueError(f"unknown eigen method {method!r}; allowed: {', '.join(EIG_METHODS)}")
     solve = EIG_METHODS[method]
-    return {name: solve(op.block(name), top_k=top_k, tol=tol, max_iter=max_iter, seed=seed)
-            for name in op.blocks}  # fmt: skip
+    out = {}
+    for name in op.blocks:
+        out[name] = solve(op.block(name), top_k=top_k, tol=tol, max_iter=max_iter, seed=seed,
+                          which=which)  # fmt: skip
+        warn_unconverged(name, out[name], tol)
+    return out
 
 
 def layer_eigenvalues(
@@ -84,8 +100,9 @@ def layer_eigenvalues(
     seed: int = 0,
     method: str = "lanczos",
     backend: str = "double_backward",
+    which: str = "LA",
 ) -> dict[str, list[float]]:
-    """Top-``top_k`` eigenvalues (by magnitude, largest first) of every weight op's block.
+    """Top-``top_k`` eigenvalues (with multiplicity) of every weight op's block.
 
     Args:
         model, loss_fn, batches: see the module docstring.
@@ -93,15 +110,17 @@ def layer_eigenvalues(
         tol: relative residual :math:`\\lVert Hv - \\lambda v\\rVert/|\\lambda|` to stop at.
         max_iter: products per op (Lanczos) or per eigenpair (power iteration).
         seed: seeds the start vectors.
-        method: ``lanczos`` or ``power`` (power iteration with deflation).
+        method: ``lanczos`` (block Lanczos) or ``power`` (power iteration with deflation).
         backend: ``double_backward``, ``func`` or ``auto``.
+        which: ``LA`` (default: largest algebraic first, :math:`\\lambda_{\\max}` first) or
+            ``LM`` (largest magnitude first).
 
     Returns:
         op name -> eigenvalues. :func:`layer_eigenpairs` also gives vectors,
         residuals and iteration counts.
     """
     op, _ = hessian_operator(model, loss_fn, batches, backend=backend)
-    pairs = layer_eigenpairs(op, top_k, tol, max_iter, seed, method)
+    pairs = layer_eigenpairs(op, top_k, tol, max_iter, seed, method, which)
     return {name: r.values for name, r in pairs.items()}
 
 

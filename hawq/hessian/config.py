@@ -14,12 +14,14 @@ class HessianConfig:
     batches: int = 1  # batches averaged; 1 keeps the first-order graph for every product
     batch_size: int = 256  # samples per batch
     split: str = "train"  # curvature of the training loss
-    rtol: float = 0.05  # stop traces when every op's relative standard error is below this
+    rtol: float = 0.01  # stop traces when sqrt(sum stderr^2) / sum |trace| is below this
     min_samples: int = 10  # standard errors of fewer samples are unreliable
     max_samples: int = 500  # Rademacher samples at most
-    estimator: str = "hutchinson"  # hutchinson | hutchpp
-    sketch: int = 10  # Hutch++ sketch columns (2x that many extra products)
+    estimator: str = "sandwich"  # sandwich | hutchpp | hutchinson
+    sketch: int = 40  # sandwich / Hutch++ sketch columns (2x that many extra products)
+    chunk: int = 1  # probes per vmapped product, stop rule checked per chunk (CPU gain varies)
     top_k: int = 1  # eigenvalues per op (0: skip eigenvalues)
+    eig_which: str = "LA"  # LA: largest algebraic first (lambda_max) | LM: largest magnitude
     eig_method: str = "lanczos"  # lanczos | power
     tol: float = 1e-4  # relative eigen-residual to stop at
     max_iter: int = 100  # products per op for eigenvalues
@@ -40,9 +42,11 @@ class HessianConfig:
         require(self.min_samples >= 2, "min_samples", self.min_samples, "an integer >= 2")
         require(self.max_samples >= self.min_samples, "max_samples", self.max_samples,
                 "an integer >= min_samples")  # fmt: skip
-        require(self.estimator in ("hutchinson", "hutchpp"), "estimator", self.estimator,
-                "hutchinson, hutchpp")  # fmt: skip
+        require(self.estimator in ("sandwich", "hutchpp", "hutchinson"), "estimator",
+                self.estimator, "sandwich, hutchpp, hutchinson")  # fmt: skip
+        require(self.eig_which in ("LA", "LM"), "eig_which", self.eig_which, "LA, LM")
         require(self.sketch >= 1, "sketch", self.sketch, "an integer >= 1")
+        require(self.chunk >= 1, "chunk", self.chunk, "an integer >= 1")
         require(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0")
         require(self.eig_method in ("lanczos", "power"), "eig_method", self.eig_method,
                 "lanczos, power")  # fmt: skip

@@ -18,13 +18,19 @@ one op's weight and bias gives that op's diagonal block. Two backends:
 * :class:`FuncHVP` (forward-over-reverse): ``torch.func.jvp`` of
   ``torch.func.grad``; nothing is cached, each product redoes the forward.
 
-Models must be in eval mode (BatchNorm running statistics, no dropout) and
-must not use fused SDPA attention (no double backward or forward-mode AD).
+Curvature is always taken in eval mode (BatchNorm running statistics, no
+dropout): every forward here runs under :func:`evaluating`, which switches the
+model to eval and restores each module's mode afterwards, so a model passed in
+train mode is analysed in eval mode and its BatchNorm buffers are never
+updated (:func:`note_train_mode` says so in the log). Models must not use fused
+SDPA attention (no double backward or forward-mode AD).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -34,6 +40,37 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 BACKENDS = ("double_backward", "func")
+log = logging.getLogger("hawq")
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with ``model.eval()``; restore every module's ``training`` flag after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def note_train_mode(model: nn.Module, who: str) -> None:
+    """Log (warning) that a train-mode model is analysed in eval mode."""
+    if any(m.training for m in model.modules()):
+        log.warning("hessian: %s: the model is in train mode; its curvature is taken in eval "
+                    "mode (BatchNorm running statistics, no dropout): each forward runs under "
+                    "model.eval(), the mode is restored and no buffer is changed", who)  # fmt: skip
+
+
+def reiterable(batches: Iterable[Batch], who: str) -> Iterable[Batch]:
+    """``batches`` itself if it can be iterated again, else (a one-shot iterator or
+    generator, which would be exhausted after one pass) its items as a list."""
+    if iter(batches) is batches:
+        batches = list(batches)
+        log.info("hessian: %s: batches is a one-shot iterator; materialised its %d batches "
+                 "(every product iterates them again)", who, len(batches))  # fmt: skip
+    return batches
 
 
 class BatchHVP:
@@ -75,7 +112,7 @@ class DoubleBackwardHVP(BatchHVP):
         self, model: nn.Module, loss_fn: LossFn, params: Sequence[torch.Tensor], batch: Batch
     ) -> None:
         super().__init__(model, loss_fn, params, batch)
-        with torch.enable_grad():
+        with torch.enable_grad(), evaluating(model):
             loss = loss_fn(model(self.x), self.y)
             self.grads = torch.autograd.grad(loss, self.params, create_graph=True,
                                              allow_unused=True)  # fmt: skip
@@ -92,6 +129,29 @@ class DoubleBackwardHVP(BatchHVP):
             grad_outputs=[vs[k] for k in live],
             retain_graph=True,
             allow_unused=True,
+        )
+        for k, h in zip(live, hv):
+            if h is not None:
+                out[k] = h.detach()
+        return out
+
+    def batched(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
+        """:math:`H_{SS} [v^{(1)} \\dots v^{(k)}]` in ONE vmapped double backward
+        (``is_grads_batched``): ``vs[i]`` has shape ``(k, *params[idx[i]].shape)``. Per
+        vector this costs far less than ``k`` separate products (the graph is walked once;
+        every node's backward-of-backward runs on a batch of ``k``)."""
+        live = [k for k, i in enumerate(idx) if self.grads[i] is not None and
+                self.grads[i].requires_grad]  # fmt: skip
+        out = [torch.zeros_like(v) for v in vs]
+        if not live:
+            return out
+        hv = torch.autograd.grad(
+            [self.grads[idx[k]] for k in live],
+            [self.params[idx[k]] for k in live],
+            grad_outputs=[vs[k] for k in live],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
         )
         for k, h in zip(live, hv):
             if h is not None:
@@ -131,7 +191,8 @@ class FuncHVP(BatchHVP):
             return self.loss_fn(functional_call(self.model, state, (self.x,)), self.y)
 
         primals = tuple(self.params[i].detach() for i in idx)
-        _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))
+        with evaluating(self.model):
+            _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))
         return [h.detach() for h in hv]
 
 

@@ -5,7 +5,7 @@
 .. math::  \\bar H = \\frac{\\sum_b n_b \\, \\nabla^2_\\theta L_b(\\theta)}{\\sum_b n_b}
 
 over a set of parameters grouped into named blocks (one block per quantizable
-op: its weight and bias). Vectors are flat, blocks concatenated in order;
+op: its weight; see :func:`op_blocks`). Vectors are flat, blocks concatenated in order;
 ``op.blocks[name]`` is the slice of a block. ``op @ v`` works for ``v`` of shape
 ``(n,)`` or ``(n, k)``; ``op.block(name)`` is the diagonal block
 :math:`\\bar H_{ll}` as an operator of its own.
@@ -20,26 +20,42 @@ all-reduced.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from hawq.errors import HawqError
 from hawq.hessian import dist
-from hawq.hessian.hvp import BACKENDS, Batch, BatchHVP, LossFn, make_batch_hvp
+from hawq.hessian.hvp import (
+    BACKENDS,
+    Batch,
+    BatchHVP,
+    LossFn,
+    make_batch_hvp,
+    note_train_mode,
+    reiterable,
+)
 from hawq.models.ops import quantizable_ops
 
+log = logging.getLogger("hawq")
 
-def op_params(module: nn.Module) -> list[nn.Parameter]:
-    """The weight and bias of a quantizable op (what its block Hessian spans)."""
-    return [p for n, p in module.named_parameters() if n.endswith(("weight", "bias"))
+
+def op_params(module: nn.Module, include_bias: bool = False) -> list[nn.Parameter]:
+    """The parameters of a quantizable op that its block Hessian spans: the weight only
+    (default: what quantization perturbs and the allocator multiplies by
+    :math:`\\lVert \\Delta W \\rVert^2`), or weight and bias."""
+    ends = ("weight", "bias") if include_bias else ("weight",)
+    return [p for n, p in module.named_parameters() if n.endswith(ends)
             and p.requires_grad]  # fmt: skip
 
 
-def op_blocks(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Op name -> its parameters, network order; parameter-free ops (MatMul) are omitted."""
-    blocks = {name: op_params(m) for name, m in quantizable_ops(model).items()}
+def op_blocks(model: nn.Module, include_bias: bool = False) -> dict[str, list[nn.Parameter]]:
+    """Op name -> its parameters (:func:`op_params`), network order; parameter-free ops
+    (MatMul) are omitted."""
+    blocks = {name: op_params(m, include_bias) for name, m in quantizable_ops(model).items()}
     return {name: ps for name, ps in blocks.items() if ps}
 
 
@@ -50,7 +66,8 @@ class HessianOperator:
         model: the network, in eval mode; never ``torch.compile``-d.
         loss_fn: ``loss_fn(output, target)``, a mean over the batch.
         batches: an iterable of ``(x, y)`` that can be iterated again for every product.
-        blocks: name -> parameters; default: every quantizable op's weight and bias.
+        blocks: name -> parameters; default: every quantizable op's weight
+            (:func:`op_blocks`; the bias is held fixed).
         backend: ``double_backward`` or ``func`` (see :mod:`hawq.hessian.hvp`).
 
     Attributes:
@@ -69,6 +86,8 @@ class HessianOperator:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown HVP backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        batches = reiterable(batches, "Hessian operator")
+        note_train_mode(model, "Hessian operator")
         self.model, self.loss_fn, self.batches, self.backend = model, loss_fn, batches, backend
         blocks = op_blocks(model) if blocks is None else blocks
         if not blocks:
@@ -88,7 +107,10 @@ class HessianOperator:
         first = self.params[0]
         self.dtype, self.device = first.dtype, first.device
         self.n_hvp = 0
+        self.vmap_columns = 16  # columns of op @ V per vmapped double backward (1: loop)
         local = list(dist.shard(batches))
+        if not local and dist.world()[1] == 1:
+            raise HawqError("no batches to take the Hessian over")
         # one local batch: keep it (and, for double backward, its first-order graph)
         self._fixed: Batch | None = local[0] if len(local) == 1 else None
         self._cache: BatchHVP | None = None
@@ -108,6 +130,9 @@ class HessianOperator:
 
     # -- internals ---------------------------------------------------------------------------
     def _apply(self, v: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        if v.ndim == 2 and v.shape[1] > 1 and self._batchable():
+            return torch.cat([self._apply_batched(c, idx) for c in v.split(self.vmap_columns, 1)],
+                             dim=1)  # fmt: skip
         if v.ndim == 2:
             return torch.stack([self._apply(c, idx) for c in v.unbind(1)], dim=1)
         shapes = [self.params[i].shape for i in idx]
@@ -118,6 +143,29 @@ class HessianOperator:
         vs = [c.reshape(s) for c, s in zip(vs, shapes)]
         out = self.apply_list(vs, idx)
         return torch.cat([o.reshape(-1) for o in out])
+
+    def _batchable(self) -> bool:
+        return (self.vmap_columns > 1 and self._fixed is not None and dist.world()[1] == 1
+                and self.backend == "double_backward")  # fmt: skip
+
+    def _apply_batched(self, v: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """Columns of ``v`` (n, k) in one vmapped double backward (one batch, no ranks)."""
+        shapes = [self.params[i].shape for i in idx]
+        k = v.shape[1]
+        vs = [c.T.reshape(k, *s) for c, s in
+              zip(v.to(self.dtype).split([s.numel() for s in shapes]), shapes)]  # fmt: skip
+        if self._cache is None:
+            self._cache = make_batch_hvp(self.backend, self.model, self.loss_fn, self.params,
+                                         self._fixed)  # fmt: skip
+        try:
+            out = self._cache.batched(vs, idx)
+        except RuntimeError as e:  # an op without a batching rule for its double backward
+            log.info("hessian: vmapped products unavailable (%s); one product per column",
+                     str(e).splitlines()[0][:120])  # fmt: skip
+            self.vmap_columns = 1
+            return torch.stack([self._apply(c, idx) for c in v.unbind(1)], dim=1)
+        self.n_hvp += k
+        return torch.cat([o.reshape(k, -1) for o in out], dim=1).T  # (n, k)
 
     def apply_list(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
         """:math:`\\bar H_{SS} v_S` with tensors shaped like ``params[idx]``."""

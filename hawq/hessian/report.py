@@ -2,7 +2,8 @@
 
 Schema 1 (ops in network order)::
 
-    {"schema": 1, "model": str, "checkpoint": str, "estimator": "hutchinson"|"hutchpp",
+    {"schema": 1, "model": str, "checkpoint": str,
+     "estimator": "sandwich"|"hutchpp"|"hutchinson",
      "backend": "double_backward"|"func", "seed": int, "dtype": str, "batches": int,
      "batch_size": int, "wall_s": float,
      "ops": {name: {"kind": "linear"|"conv2d"|"matmul", "numel": int, "macs": int,
@@ -12,10 +13,23 @@ Schema 1 (ops in network order)::
                     "act_trace": {operand: float}, "act_trace_stderr": {operand: float},
                     "act_numel": {operand: int}}}}
 
-``numel`` counts weight + bias elements (0 for a MatMul); ``macs`` are per
-image; ``act_*`` are keyed ``x`` (Linear/Conv2d) or ``a``/``b`` (MatMul) and
-are per-sample averages. Further top-level keys (timings, density summaries)
-may be present; readers ignore them.
+Written since curvature engine v2 (optional for readers, absent in older files):
+top-level ``"trace_block": "weight"|"weight+bias"`` (what ``trace`` and
+``eigenvalues`` span; per op ``"trace_numel"`` counts those elements, while
+``numel`` stays weight + bias, the size the cost models use),
+``"eig_which": "LA"|"LM"`` (``eigenvalues`` largest algebraic first, i.e.
+``eigenvalues[0]`` is lambda_max, or largest magnitude first),
+``"sketch"``, ``"trace_rel_stderr"`` (aggregate, the stop statistic); per op
+``"lambda_max"`` (with ``eig_which`` LA), ``"eig_converged": [bool]`` (true
+residual ``||Hv - lambda v|| / |lambda|`` <= ``tol``) and ``"trace_undetermined"``
+(``|trace| < 2 trace_stderr``: the sign is not resolved;
+:mod:`hawq.alloc.sensitivity` says what allocation does with it). Files older
+than v2 span weight + bias (``trace_numel`` = ``numel``) and list eigenvalues by
+magnitude.
+
+``macs`` are per image; ``numel`` is 0 for a MatMul; ``act_*`` are keyed ``x``
+(Linear/Conv2d) or ``a``/``b`` (MatMul) and are per-sample averages. Further
+top-level keys (timings, density summaries) may be present; readers ignore them.
 """
 
 from __future__ import annotations
@@ -62,10 +76,20 @@ def op_entry(
     trace: Any = None,
     eig: Any = None,
     act: dict[str, Any] | None = None,
+    trace_numel: int | None = None,
 ) -> dict:
     """One op's record from a :class:`TraceEstimate`, an :class:`EigenResult` and operand
     estimates (any of them may be ``None``)."""
     act = act or {}
+    extra: dict[str, Any] = {}
+    if trace_numel is not None:
+        extra["trace_numel"] = int(trace_numel)
+    if eig:
+        extra["eig_converged"] = [bool(c) for c in eig.converged]
+        if eig.which == "LA":
+            extra["lambda_max"] = float(eig.values[0])
+    if trace:
+        extra["trace_undetermined"] = bool(trace.sign_undetermined)
     return {
         "kind": kind,
         "numel": int(numel),
@@ -79,6 +103,7 @@ def op_entry(
         "act_trace": {k: _finite_or_none(e.mean) for k, e in act.items()},
         "act_trace_stderr": {k: _finite_or_none(e.stderr) for k, e in act.items()},
         "act_numel": {k: int(e.numel) for k, e in act.items()},
+        **extra,
     }
 
 
@@ -95,7 +120,7 @@ def validate(report: Any, source: str = "hessian report") -> dict:
     for key in TOP_KEYS:
         if key not in report:
             fail(f"missing key {key!r}")
-    if report["estimator"] not in ("hutchinson", "hutchpp"):
+    if report["estimator"] not in ("sandwich", "hutchinson", "hutchpp"):
         fail(f"estimator {report['estimator']!r}")
     if report["backend"] not in ("double_backward", "func"):
         fail(f"backend {report['backend']!r}")

@@ -2,8 +2,11 @@
 
 From ``hessian.batches`` batches of ``hessian.batch_size`` images of the
 ``hessian.split`` split (eval mode, cross-entropy): per-op Hessian traces
-(Hutchinson or Hutch++, all ops from one product per sample), top eigenvalues
-of each op's diagonal block (Lanczos or power iteration), per-sample activation
+of each op's weight (sandwich / Hutch++ / Hutchinson, all ops from one product
+per sample, stopped on the aggregate relative standard error), the top
+eigenvalues of each op's weight block with multiplicity, largest algebraic
+first by default (block Lanczos or power iteration; unconverged pairs are
+flagged and logged), per-sample activation
 traces of every op operand, and the SLQ spectral density. Writes
 ``hessian.json`` (schema in :mod:`hawq.hessian.report`), ``hessian_*.png`` bar
 charts and ``hessian_density.png``. Runs alone from ``paths.checkpoint``. Under
@@ -54,9 +57,9 @@ def _progress(desc: str, total: int):
 
     def update(n: int, worst: float) -> None:
         bar.update(n - bar.n)
-        bar.set_postfix(worst_rel_err=f"{worst:.3f}")
+        bar.set_postfix(rel_err=f"{worst:.3f}")
         if dist.is_main() and n >= 1:
-            timer.tick(n - 1, f", worst rel. stderr {worst:.3f}")
+            timer.tick(n - 1, f", rel. error {worst:.3f}")
 
     return bar, update
 
@@ -91,13 +94,14 @@ def _run(ctx: Context) -> dict:
     bar, update = _progress("hessian traces", hc.max_samples)
     traces = block_traces(op, rtol=hc.rtol, max_samples=hc.max_samples,
                           min_samples=hc.min_samples, seed=hc.seed, estimator=hc.estimator,
-                          sketch=hc.sketch, callback=update)  # fmt: skip
+                          sketch=hc.sketch, callback=update, chunk=hc.chunk)  # fmt: skip
     bar.close()
     t_traces = time.perf_counter() - start
 
     eigs = {}
     if hc.top_k:
-        eigs = layer_eigenpairs(op, hc.top_k, hc.tol, hc.max_iter, hc.seed, hc.eig_method)
+        eigs = layer_eigenpairs(op, hc.top_k, hc.tol, hc.max_iter, hc.seed, hc.eig_method,
+                                hc.eig_which)  # fmt: skip
     densities = {}
     if hc.density:
         densities[""] = slq(op, hc.density_vectors, hc.density_steps, hc.seed)
@@ -126,6 +130,10 @@ def _run(ctx: Context) -> dict:
         "batches": hc.batches,
         "batch_size": hc.batch_size,
         "wall_s": round(wall, 3),
+        "trace_block": "weight",
+        "eig_which": hc.eig_which,
+        "sketch": traces.sketch,
+        "trace_rel_stderr": _finite_or_none(traces.rel_stderr),
         "split": hc.split,
         "world_size": dist.world()[1],
         "backend_timings_s": timings,
@@ -134,11 +142,12 @@ def _run(ctx: Context) -> dict:
         "ops": {
             info.name: op_entry(
                 info.kind,
-                op.numel.get(info.name, 0),
+                0 if info.kind == "matmul" else info.params,  # weight + bias: the size costs
                 info.macs,
                 traces.blocks.get(info.name),
                 eigs.get(info.name),
                 acts.get(info.name),
+                trace_numel=op.numel.get(info.name, 0),  # weight only: what the trace spans
             )  # fmt: skip
             for info in inventory
         },
@@ -150,11 +159,17 @@ def _run(ctx: Context) -> dict:
             plots.append(plot_density(densities, ctx.path("hessian_density.png")))
         log.info("hessian: wrote %s and %d plots", ctx.path(REPORT), len(plots))
     rel = [e.rel_stderr for e in traces.blocks.values()]
+    undetermined = [k for k, e in traces.blocks.items() if e.sign_undetermined]
+    if undetermined:
+        log.warning("hessian: trace sign undetermined (|trace| < 2 stderr) for %d op(s): %s",
+                    len(undetermined), ", ".join(undetermined))  # fmt: skip
     return {
         "report": str(ctx.path(REPORT)),
         "backend": op.backend,
         "trace_samples": traces.total.n_samples,
         "worst_rel_stderr": _finite_or_none(max(rel)) if rel else None,
+        "trace_rel_stderr": _finite_or_none(traces.rel_stderr),
+        "trace_undetermined": len(undetermined),
         "whole_trace": traces.total.mean,
         "hvp_products": op.n_hvp,
         "traces_s": round(t_traces, 3),

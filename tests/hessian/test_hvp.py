@@ -70,7 +70,8 @@ def test_linear_mse_closed_form():
     :math:`\\frac2N X^\\top X \\otimes I`."""
     case = linear_mse(n=7, d_in=4, d_out=3)
     (x, _), n, d_out = case.batches[0], 7, 3
-    op = HessianOperator(case.model, case.loss_fn, case.batches)
+    op = HessianOperator(case.model, case.loss_fn, case.batches,
+                         blocks=op_blocks(case.model, include_bias=True))  # fmt: skip
     got = op @ torch.eye(op.size, dtype=torch.float64)
     eye = torch.eye(d_out, dtype=torch.float64)
     ww = torch.kron(eye, 2 / n * x.T @ x)  # (out*in, out*in), row-major W

@@ -44,8 +44,11 @@ def test_top_eigenvalue_agrees(setup):
 def test_whole_model_trace_agrees(setup):
     _, op, ph = setup
     exact = float(torch.diag(op @ torch.eye(op.size, dtype=torch.float64)).sum())
-    ours = block_traces(op, rtol=1e-9, max_samples=2000, seed=0)
+    ours = block_traces(op, rtol=1e-9, max_samples=2000, seed=0, estimator="hutchinson")
     assert abs(ours.total.mean - exact) <= 3 * ours.total.stderr
+    # the default sandwich with a sketch as wide as the matrix is exact
+    sandwich = block_traces(op, max_samples=3, min_samples=2, seed=0, sketch=op.size)
+    assert sandwich.total.mean == pytest.approx(exact, rel=1e-10)
     torch.manual_seed(0)
     # one call of 2000 stops at the first negative running mean (its missing abs):
     assert len(ph.trace(maxIter=2000, tol=0.0)) < 2000

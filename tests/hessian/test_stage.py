@@ -27,9 +27,13 @@ def test_train_then_hessian_writes_report_and_plots(make_cfg, tmp_path):
     res = run_pipeline(make_cfg(*FAST, "stages=[train,hessian]"))
     run_dir = tmp_path / "run"
     rep = load_hessian_report(run_dir / "hessian.json")
-    inv = op_inventory(ViT(dim=64, depth=2, heads=4, mlp_dim=128), (3, 32, 32))
+    vit = ViT(dim=64, depth=2, heads=4, mlp_dim=128)
+    inv = op_inventory(vit, (3, 32, 32))
+    model_ops = list(vit.named_modules())
     assert list(rep["ops"]) == [i.name for i in inv]  # network order, all 14 ops
-    assert rep["backend"] == "double_backward" and rep["estimator"] == "hutchinson"
+    assert rep["backend"] == "double_backward" and rep["estimator"] == "sandwich"
+    assert rep["trace_block"] == "weight" and rep["eig_which"] == "LA"
+    assert rep["sketch"] == 8 and rep["hvp_products"] >= 16 + 6  # smoke: hessian.sketch=8
     assert rep["batch_size"] == 16 and rep["model"] == "hawq.models.vit.ViT"
     for info in inv:
         e = rep["ops"][info.name]
@@ -39,6 +43,10 @@ def test_train_then_hessian_writes_report_and_plots(make_cfg, tmp_path):
         else:
             assert e["numel"] == info.params and e["trace_samples"] == 6
             assert len(e["eigenvalues"]) == 1 and e["eig_iterations"] <= 6
+            assert e["lambda_max"] == e["eigenvalues"][0] and len(e["eig_converged"]) == 1
+            weight = dict(model_ops)[info.name].weight
+            assert e["trace_numel"] == weight.numel() < e["numel"]  # weight block, no bias
+            assert e["trace_undetermined"] == (abs(e["trace"]) < 2 * e["trace_stderr"])
             assert set(e["act_trace"]) == {"x"} and e["act_numel"]["x"] > 0
     for name in ("trace", "trace_per_param", "eigenvalue", "act_trace", "density"):
         assert (run_dir / f"hessian_{name}.png").stat().st_size > 1000
