@@ -11,6 +11,8 @@ Each mode is timed in ``--repeat`` alternating blocks of ``--steps`` steps (afte
 steps; compile's cold start is reported separately) so that a load change on a shared
 machine hits every mode; the JSON holds the median step time per mode and the ratios
 fp32 / bf16 and fp32 / (bf16 + compile). The peer in the same run is torch fp32 eager.
+``--clock cpu`` (with ``--threads 1``) times process CPU seconds instead of wall seconds:
+the work done, whatever else loads a shared machine.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def make_step(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def bench_model(name: str, batch: int, steps: int, repeat: int, warmup: int) -> dict:
+def bench_model(name: str, batch: int, steps: int, repeat: int, warmup: int,
+                clock=time.perf_counter) -> dict:  # fmt: skip
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     models = {m: build(name) for m in MODES}
@@ -68,10 +71,10 @@ def bench_model(name: str, batch: int, steps: int, repeat: int, warmup: int) -> 
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(repeat):
         for mode in MODES:
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(steps):
                 steppers[mode]()
-            times[mode].append((time.perf_counter() - t0) / steps)
+            times[mode].append((clock() - t0) / steps)
     med = {m: statistics.median(v) for m, v in times.items()}
     return {
         "model": name,
@@ -94,12 +97,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--out", default="benchmarks/results/train_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        row = bench_model(name, args.batch, args.steps, args.repeat, args.warmup)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        row = bench_model(name, args.batch, args.steps, args.repeat, args.warmup, clock)
         rows.append(row)
         st = row["step_s"]
         print(f"{name}: step fp32 {st['fp32']:.3f} s, bf16 {st['bf16']:.3f} s,"
@@ -109,7 +114,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prov = provenance(torch.device("cpu"))
-    out.write_text(json.dumps({"bench": "train_cpu", "threads": args.threads, "results": rows,
+    out.write_text(json.dumps({"bench": "train_cpu", "threads": args.threads,
+                               "clock": args.clock, "results": rows,
                                "provenance": prov}, indent=1))  # fmt: skip
     print(f"wrote {out}")
 
