@@ -21,11 +21,14 @@ Tensor = torch.Tensor
 
 
 def weight_quantizer(setting: OpSetting, weight: Tensor, learn: str | None) -> Quantizer | None:
-    """The weight quantizer of a setting (per its granularity, output channel = axis 0)."""
+    """The weight quantizer of a setting (per its granularity, output channel = axis 0).
+
+    Dynamic (range from the weight at every call) under QAT ``ste`` and when the setting is
+    ``dynamic``: the seed study recomputes both operands' qparams before every product."""
     if setting.w_bits is None:
         return None
     return Quantizer(setting.w_bits, setting.w_format, setting.symmetric, setting.granularity,
-                     0, setting.group_size, dynamic=learn == "ste",
+                     0, setting.group_size, dynamic=learn == "ste" or setting.dynamic,
                      calibrator=setting.calibrator, learn=_learn(learn),
                      weight=weight)  # fmt: skip
 
