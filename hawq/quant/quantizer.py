@@ -211,7 +211,8 @@ class Quantizer(nn.Module):
             self._set_qparams(lo, hi)
 
     def collapsed(self) -> bool:
-        """True when a qparam is NaN/Inf or a step size/clip collapsed to ~0."""
+        """True when a qparam is NaN/Inf or a step size/clip is <= ~0 (collapsed to ~0 or
+        flipped sign: the forward would run on ``max(|s|, s_min)``, hiding it)."""
         for name in ("scale", "alpha", "offset"):
             t = getattr(self, name, None)
             if t is None:
@@ -219,7 +220,7 @@ class Quantizer(nn.Module):
             t = t.detach()
             if not torch.isfinite(t).all():
                 return True
-            if name != "offset" and bool(self.ready) and (t.abs() < MIN_SCALE * 10).any():
+            if name != "offset" and bool(self.ready) and (t <= MIN_SCALE * 10).any():
                 return True
         return False
 
