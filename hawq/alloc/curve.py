@@ -84,6 +84,7 @@ class CurveConfig:
     order_split: str = "val"  # split the measured order is chosen on: val | train | test
     order_subset: int | None = None  # first N images of order_split (null: all)
     random_orders: int = 5  # random permutations: the band's mean +- std
+    random_step: int | None = None  # prefix step of the random orders (null: step)
     batch_size: int | None = None  # evaluation batch size (null: data.eval_batch_size)
     calib_batches: int | None = None  # fixed calibration set (null: quant.calib_batches)
     calib_batch_size: int | None = None  # (null: quant.calib_batch_size)
@@ -112,6 +113,8 @@ class CurveConfig:
                 self.order_subset, "null or an integer >= 1")  # fmt: skip
         require(self.random_orders >= 1, "random_orders", self.random_orders,
                 "an integer >= 1")  # fmt: skip
+        require(self.random_step is None or self.random_step >= 1, "random_step",
+                self.random_step, "null or an integer >= 1")  # fmt: skip
         for key in ("batch_size", "calib_batches", "calib_batch_size"):
             v = getattr(self, key)
             require(v is None or v >= 1, key, v, "null or an integer >= 1")

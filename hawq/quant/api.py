@@ -124,6 +124,8 @@ def calibrate(
     acts = [q for q in quantizers(model).values()
             if not q.is_weight and not q.dynamic and not bool(q.ready) or
             (not q.is_weight and q.fmt.startswith("fp8") and not q.dynamic)]  # fmt: skip
+    if not acts:  # dynamic (or already calibrated) activations: nothing to observe
+        return 0
     for q in acts:
         q.start_observe()
     try:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from hawq.quant.primitives import group_view, reduce_range, ungroup
+from hawq.quant.primitives import _fake_quantize_forward, group_view, reduce_range, ungroup
 
 Tensor = torch.Tensor
 
@@ -88,8 +88,11 @@ def exact_minmax_fake_quantize(
         else:
             lo, hi = reduce_range(xv.detach(), granularity, axis)
         scale, zero = exact_minmax_qparams(lo, hi, q_max)
-        x_hat = exact_minmax_dequantize(exact_minmax_codes(xv, scale, zero, q_max), scale,
-                                        zero, xv)  # fmt: skip
+        if bool((scale > 0).all()):  # one in-place chain: ((x/s + z).round().clamp() - z) s
+            x_hat = _fake_quantize_forward(xv.detach(), scale, zero, 0, q_max)
+        else:  # some constant slice: the defined pass-through
+            x_hat = exact_minmax_dequantize(exact_minmax_codes(xv, scale, zero, q_max), scale,
+                                            zero, xv)  # fmt: skip
         if granularity == "per_group":
             x_hat = ungroup(x_hat, x.shape)
     if not (torch.is_grad_enabled() and x.requires_grad):

@@ -23,13 +23,27 @@ parameter keeps storing ``s`` (not ``log s``), so checkpoints, the integer conve
 the ONNX export read it unchanged. Other groups are plain Adam (L2 weight decay added to
 the gradient, as ``torch.optim.Adam``).
 
-Measured (``benchmarks/bench_qat_scales.py``, tiny ViT, synthetic data, 300 steps of
-W8A8 / W4A4 LSQ at ``qparam_lr = 1e-3``): plain Adam on ``s`` flips or collapses the
-sign of a large share of 8-bit weight step sizes; Adam in log space flips none and
-reaches the same or lower training loss; SGD on ``s`` (LSQ's own recipe) needs a
-``qparam_lr`` tuned per width and model (its update is ``lr g dL/ds`` with ``g``
-spanning orders of magnitude across ops), so it was not chosen. See the benchmark's JSON
-for the numbers.
+Measured (``python benchmarks/bench_qat_scales.py --steps 150 --threads 1``: tiny ViT
+trained FP 300 steps on synthetic data, then 150 QAT steps, LSQ on every op,
+``qparam_lr = 1e-3``, weights Adam 1e-5; shared 2-core CPU):
+
+=========  =====  ==============================  ==============  ===============
+optimizer  bits   weight step sizes flipped or    min ``s/s_0``   final train
+                  collapsed (share of ops)                        loss
+=========  =====  ==============================  ==============  ===============
+Adam s     8      0.9  (``collapsed_ops``: 9)     -14.6           0.035
+Adam log s 8      0.0                             0.94            0.031
+SGD s      8      0.4  (3)                        -5.7            0.028
+Adam s     4      0.7  (7)                        -0.88           0.070
+Adam log s 4      0.0                             0.91            0.073
+SGD s      4      0.0                             0.62            0.094
+=========  =====  ==============================  ==============  ===============
+
+(8-bit weight step sizes here: median 1.1e-3, the order of ``qparam_lr``.) Adam in log
+space is the only one that keeps every step size positive at both widths at an equal
+loss; SGD on ``s`` (LSQ's own recipe) still flips 8-bit steps at this lr and would need a
+``qparam_lr`` tuned per width and model (its update ``lr g dL/ds`` has ``g`` spanning
+orders of magnitude across ops).
 """
 
 from __future__ import annotations

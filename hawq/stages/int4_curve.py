@@ -165,11 +165,13 @@ def run(ctx: Context) -> dict[str, Any]:
             sequences[name] = ascending(sens[name])
         timings[f"{name}_order_s"] = time.perf_counter() - t0
     points = prefixes(len(ops), cfg.step)
+    rpoints = prefixes(len(ops), cfg.random_step or cfg.step)
     entries = {}
     for name, seq in sequences.items():
         t0 = time.perf_counter()
-        accs = ev.curve(seq, points)
-        entries[name] = order_entry(seq, points, accs, macs, fp_acc, cfg.thresholds)
+        pts = rpoints if name == "random" else points
+        accs = ev.curve(seq, pts)
+        entries[name] = order_entry(seq, pts, accs, macs, fp_acc, cfg.thresholds)
         timings[f"{name}_curve_s"] = time.perf_counter() - t0
         log.info("int4_curve: %s order: %s", name, entries[name]["max_share_within"])
     random_band = None
@@ -177,7 +179,7 @@ def run(ctx: Context) -> dict[str, Any]:
         t0 = time.perf_counter()
         extra = [random_order(ops, cfg.seed + r) for r in range(1, cfg.random_orders)]
         runs = [entries["random"]] + [
-            order_entry(seq, points, ev.curve(seq, points), macs, fp_acc, cfg.thresholds)
+            order_entry(seq, rpoints, ev.curve(seq, rpoints), macs, fp_acc, cfg.thresholds)
             for seq in extra]  # fmt: skip
         random_band = {**band(runs, cfg.thresholds),
                        "seeds": [cfg.seed + r for r in range(cfg.random_orders)],

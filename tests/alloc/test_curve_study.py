@@ -96,7 +96,8 @@ def test_order_split_val_without_val_size_is_one_line(make_cfg, run_dir):
 def test_random_band_int2_picks_all_int2_and_hessian_time(make_cfg, run_dir):
     (run_dir / "results.json").write_text(json.dumps({"stages": {"hessian": {"wall_s": 12.5}}}))
     cfg = _cfg(make_cfg, run_dir, "curve.order_split=train", "curve.random_orders=3",
-               "curve.step=7", "curve.int2_plan_k=3", "curve.int2_orders=[hessian,measured]",
+               "curve.step=14", "curve.random_step=7", "curve.int2_plan_k=3",
+               "curve.int2_orders=[hessian,measured]",
                "curve.all_int2=true")  # fmt: skip
     res = run_pipeline(cfg)["stages"]["int4_curve"]
     out = json.loads((run_dir / "int4_curve.json").read_text())
@@ -134,4 +135,5 @@ def test_random_band_int2_picks_all_int2_and_hessian_time(make_cfg, run_dir):
     assert out["all_int2_acc"] == _acc(cfg, {}, default=(2, 2)) == res["all_int2_acc"]
     # cost to rank: 0 evaluations for the Hessian order, its stage time read back
     assert out["ranking"]["hessian"]["hessian_stage_s"] == 12.5
+    assert rb["prefixes"] == [0, 7, 14] and out["orders"]["hessian"]["prefixes"] == [0, 14]
     assert (run_dir / "int4_curve.png").stat().st_size > 0
