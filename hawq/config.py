@@ -93,8 +93,11 @@ class DataConfig:
     test_subset: int | None = None
     seed: int = 0  # synthetic data seed
     partial: bool = False  # accept a CIFAR-10 folder with train shards missing (never empty)
+    val_size: int | None = None  # last N train images held out as split "val"
 
     def __post_init__(self) -> None:
+        require(self.val_size is None or self.val_size >= 1, "val_size", self.val_size,
+                "null or an integer >= 1")  # fmt: skip
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size,
                 "an integer >= 1")  # fmt: skip

@@ -43,7 +43,9 @@ done
 # 6. the seed study's INT4-share curve (Hessian / measured / random order) and INT2 on the six
 #    least sensitive ops
 run experiment=vit_cifar_seed_method stages='[int4_curve]' name=vit_cifar_int4_curve \
-    'curve.hessian=${paths.runs}/vit_cifar/hessian.json' curve.rest=fp curve.int2_plan_k=6 "$@"
+    'curve.hessian=${paths.runs}/vit_cifar/hessian.json' curve.rest=fp curve.int2_plan_k=6 \
+    data.val_size=5000 curve.batch_size=100 'curve.int2_orders=[hessian,measured]' \
+    curve.all_int2=true "$@"
 
 # 7. the table
 python -m hawq.report table experiments/vit_cifar/rows.yaml --runs "$RUNS"

@@ -17,7 +17,13 @@ any op order; the ``int4_curve`` stage compares three of them:
 
       d_i = acc(all at h) - acc(op i at l, the rest at h)
 
-* ``random``: a seeded permutation.
+  measured on ``order_split`` (default ``val``: train images held out by
+  ``data.val_size``), never on the test split the curves are scored on, which would let
+  the order see its own test set (``n + 1`` evaluations for ``n`` ops).
+
+* ``random``: seeded permutations (``random_orders`` of them, seeds ``seed, seed+1,
+  ...``), reported as a mean +- std band of accuracy per prefix and of the largest
+  shares within each threshold.
 
 For an order ``pi`` and prefix length ``p`` the plan puts ``pi_1..pi_p`` at INT4 and
 every other op at ``h``; its INT4 share of multiplications (``M_i`` MACs per image) is::
@@ -74,7 +80,11 @@ class CurveConfig:
     step: int = 1  # evaluate every step-th prefix (the first and last always)
     seed: int = 0  # random order
     thresholds: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0])
-    split: str = "test"  # evaluated split
+    split: str = "test"  # split the curves are scored on
+    order_split: str = "val"  # split the measured order is chosen on: val | train | test
+    order_subset: int | None = None  # first N images of order_split (null: all)
+    random_orders: int = 5  # random permutations: the band's mean +- std
+    random_step: int | None = None  # prefix step of the random orders (null: step)
     batch_size: int | None = None  # evaluation batch size (null: data.eval_batch_size)
     calib_batches: int | None = None  # fixed calibration set (null: quant.calib_batches)
     calib_batch_size: int | None = None  # (null: quant.calib_batch_size)
@@ -82,6 +92,8 @@ class CurveConfig:
     out: str = "int4_curve.json"
     int2_plan_k: int | None = None  # write int2_k<k>_bits.yaml: k least sensitive ops at W2A2
     int2_order: str = "measured"  # the order that names the least sensitive ops
+    int2_orders: list[str] | None = None  # several picks, e.g. [hessian, measured]
+    all_int2: bool = False  # also the PTQ accuracy of every op at W2A2
 
     def __post_init__(self) -> None:
         ok = (len(self.orders) >= 1 and len(set(self.orders)) == len(self.orders)
@@ -95,6 +107,14 @@ class CurveConfig:
         require(len(self.thresholds) >= 1 and all(t >= 0 for t in self.thresholds),
                 "thresholds", self.thresholds, "a non-empty list of points >= 0")  # fmt: skip
         require(self.split in ("train", "test"), "split", self.split, "train, test")
+        require(self.order_split in ("val", "train", "test"), "order_split", self.order_split,
+                "val, train, test")  # fmt: skip
+        require(self.order_subset is None or self.order_subset >= 1, "order_subset",
+                self.order_subset, "null or an integer >= 1")  # fmt: skip
+        require(self.random_orders >= 1, "random_orders", self.random_orders,
+                "an integer >= 1")  # fmt: skip
+        require(self.random_step is None or self.random_step >= 1, "random_step",
+                self.random_step, "null or an integer >= 1")  # fmt: skip
         for key in ("batch_size", "calib_batches", "calib_batch_size"):
             v = getattr(self, key)
             require(v is None or v >= 1, key, v, "null or an integer >= 1")
@@ -102,6 +122,15 @@ class CurveConfig:
                 self.int2_plan_k, "null or an integer >= 1")  # fmt: skip
         require(self.int2_plan_k is None or self.int2_order in self.orders, "int2_order",
                 self.int2_order, "one of curve.orders " + ", ".join(self.orders))  # fmt: skip
+        picks = self.int2_orders or []
+        require(self.int2_plan_k is None or set(picks) <= set(self.orders), "int2_orders",
+                self.int2_orders, "null or a list of curve.orders " + ", ".join(self.orders))
+
+    @property
+    def int2_picks(self) -> list[str]:
+        """The orders whose ``k`` least sensitive ops get an INT2 plan (first: the file
+        ``int2_k<k>_bits.yaml``; others ``int2_k<k>_<order>_bits.yaml``)."""
+        return list(dict.fromkeys(self.int2_orders or [self.int2_order]))
 
     @property
     def high(self) -> Candidate:
@@ -262,4 +291,30 @@ def order_entry(
         "max_op_share_within": {f"{t:g}": max_share_within([p / n for p in points], accs,
                                                             fp_acc, t)
                                 for t in thresholds},  # fmt: skip
+    }
+
+
+def band(entries: Sequence[Mapping[str, Any]], thresholds: Sequence[float]) -> dict[str, Any]:
+    """Mean +- std (``ddof=1``; 0 for one order) over orders evaluated at the same prefixes:
+    accuracy per prefix and the largest INT4 share (of ops and of MACs) per threshold."""
+    accs = np.array([e["accuracies"] for e in entries], dtype=float)  # (R, P)
+    ddof = 1 if len(entries) > 1 else 0
+
+    def stats(values: Sequence[float | None]) -> dict[str, Any]:
+        v = np.array([np.nan if x is None else x for x in values], dtype=float)
+        ok = v[~np.isnan(v)]
+        return {"mean": float(ok.mean()) if ok.size else None,
+                "std": float(ok.std(ddof=ddof if ok.size > 1 else 0)) if ok.size else None,
+                "values": list(values)}  # fmt: skip
+
+    return {
+        "n": len(entries),
+        "prefixes": list(entries[0]["prefixes"]),
+        "op_shares": list(entries[0]["op_shares"]),
+        "acc_mean": accs.mean(axis=0).tolist(),
+        "acc_std": accs.std(axis=0, ddof=ddof).tolist(),
+        "max_share_within": {f"{t:g}": stats([e["max_share_within"][f"{t:g}"] for e in entries])
+                             for t in thresholds},  # fmt: skip
+        "max_op_share_within": {f"{t:g}": stats([e["max_op_share_within"][f"{t:g}"]
+                                                 for e in entries]) for t in thresholds},
     }

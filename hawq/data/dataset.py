@@ -17,6 +17,14 @@ class ImageSplit:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def split_off(self, n: int) -> tuple[ImageSplit, ImageSplit]:
+        """``(first len - n samples, last n samples)``: a held-out tail."""
+        if not 1 <= n < len(self):
+            raise ValueError(f"cannot hold out {n} of {len(self)} samples")
+        k = len(self) - n
+        return (ImageSplit(self.images[:k], self.labels[:k]),
+                ImageSplit(self.images[k:], self.labels[k:]))  # fmt: skip
+
     def subset(self, n: int | None) -> ImageSplit:
         """The first ``n`` samples (all when ``n`` is None or larger)."""
         if n is None or n >= len(self):
@@ -33,6 +41,7 @@ class Splits:
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
+    val: ImageSplit | None = None  # held out of the train split (data.val_size)
 
     @property
     def input_size(self) -> tuple[int, int, int]:

@@ -127,6 +127,8 @@ def weight_codes(wq: nn.Module, w_hat: Tensor, name: str) -> tuple[Tensor, Tenso
         raise _unsupported(name, "a floating-point weight")
     if wq.fmt != "int":
         raise _unsupported(name, f"weight format {wq.fmt}")
+    if wq.dynamic:
+        raise _unsupported(name, "a dynamic weight range")
     if wq.granularity == "per_group":
         raise _unsupported(name, "a per-group weight scale")
     if not wq.symmetric or (getattr(wq, "offset", None) is not None and wq.offset.abs().max() > 0):

@@ -22,6 +22,7 @@ from hawq.quant.bn_fold import find_conv_bn_pairs
 from hawq.quant.formats import FORMAT_BITS
 from hawq.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from hawq.quant.plan import OpSetting, Plan
+from hawq.quant.primitives import qrange
 from hawq.quant.quantizer import Quantizer
 
 METHODS = (None, "ste", "lsq", "lsqplus", "pact")
@@ -161,10 +162,13 @@ def calibrate(
     ops = quant_ops(model)
     counter = [0]  # the batch being observed, for messages
     handles = []
+    if not acts:  # dynamic (or already calibrated) activations: nothing to observe
+        return 0
     for n, q in acts.items():
         op_name, _, qname = n.rpartition(".")
         handles.append(q.register_forward_pre_hook(
             _finite_input_hook(op_name, operand_name(ops[op_name], qname), counter)))
+    for q in acts.values():
         q.start_observe()
 
     def counted(it: Iterable):
@@ -192,8 +196,12 @@ def check_ready(model: nn.Module) -> None:
         raise HawqError(f"quantizer(s) not calibrated: {choices(missing)}; run calibrate()")
 
 
-def set_bits_(model: nn.Module, plan: Plan, floor_bits: int | None) -> None:
-    """Progressive lowering: every int operand at ``max(plan bits, floor_bits)``."""
+def set_bits_(model: nn.Module, plan: Plan, floor_bits: int | None) -> list[str]:
+    """Progressive lowering: every int operand at ``max(plan bits, floor_bits)``.
+
+    Returns the names (``<op>.<w_quant|a_quant|b_quant>``) of the quantizers whose width
+    changed; they keep their covered range until :func:`refit_` re-fits it."""
+    changed = []
     for name, op in quant_ops(model).items():
         s = plan.setting(name)
         for qname, target in (("w_quant", s.w_bits), ("a_quant", s.a_bits),
@@ -201,7 +209,50 @@ def set_bits_(model: nn.Module, plan: Plan, floor_bits: int | None) -> None:
             q = getattr(op, qname, None)
             if q is None or q.fmt != "int" or target is None:
                 continue
-            q.set_bits(target if floor_bits is None else max(target, floor_bits))
+            bits = target if floor_bits is None else max(target, floor_bits)
+            if bits != q.bits:
+                changed.append(f"{name}.{qname}")
+            q.set_bits(bits)
+    return changed
+
+
+@torch.no_grad()
+def refit_(
+    model: nn.Module,
+    names: Iterable[str],
+    batches: Iterable,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Re-fit the named quantizers' qparams at their current width, as a fresh PTQ would.
+
+    Weights: :meth:`Quantizer.init_from_weight` of the current (folded) weight with the
+    quantizer's calibrator; activations: signedness reset, then observed on ``batches``
+    (eval mode, the other quantizers active) and set from their calibrator. On a model
+    whose every int quantizer is named this equals ``quantize_`` + :func:`calibrate` of
+    its current weights. Dynamic and float-format quantizers have nothing to fit.
+    Returns the names re-fitted.
+    """
+    qs, ops = quantizers(model), quant_ops(model)
+    chosen = {n: qs[n] for n in names if not qs[n].dynamic and qs[n].fmt == "int"}
+    acts = []
+    for n, q in chosen.items():
+        if q.is_weight:
+            op = ops[n.rpartition(".")[0]]
+            q.init_from_weight((op.folded()[0] if isinstance(op, QuantConv2d) else op.weight)
+                               .detach())  # fmt: skip
+        else:
+            q.signed = q.symmetric
+            q.q_min, q.q_max = qrange(q.bits, q.symmetric, q.signed)
+            acts.append(q)
+    for q in acts:
+        q.start_observe()
+    try:
+        forward_batches(model, batches, max_batches, device)
+    finally:
+        for q in acts:
+            q.finish_observe()
+    return list(chosen)
 
 
 def freeze_bn_(model: nn.Module) -> int:
@@ -215,7 +266,8 @@ def freeze_bn_(model: nn.Module) -> int:
 
 
 def collapsed_ops(model: nn.Module) -> list[str]:
-    """Ops with a NaN/Inf or collapsed scale, or a non-finite weight."""
+    """Ops with a NaN/Inf, collapsed (~0) or non-positive (sign-flipped) step size or clip,
+    or a non-finite weight (see :meth:`Quantizer.collapsed`)."""
     bad = []
     for name, op in quant_ops(model).items():
         qs = [getattr(op, k, None) for k in ("w_quant", "a_quant", "b_quant")]

@@ -36,7 +36,9 @@ class QATConfig:
     epochs: int = 30
     method: str = "lsq"  # lsq | lsqplus | pact | ste
     lr: float = 1.0e-5  # weights (fine-tuning a trained model: small)
-    qparam_lr: float = 1.0e-3  # step sizes, offsets, clips
+    qparam_lr: float = 1.0e-3  # step sizes and clips: relative change per step (log space)
+    qparam_space: str = "log"  # log: Adam on log s (s stays > 0) | linear: Adam on s (old)
+    refit_on_drop: bool = True  # progressive schedule: re-fit qparams at each new width
     weight_decay: float = 0.0
     schedule: list[int] | None = None  # progressive floor bits, e.g. [8, 4, 3, 2]
     epochs_per_step: int = 1  # epochs at each schedule step but the last (it takes the rest)
@@ -53,6 +55,8 @@ class QATConfig:
         require(self.method in ("lsq", "lsqplus", "pact", "ste"), "method", self.method,
                 "lsq, lsqplus, pact, ste")  # fmt: skip
         require(self.lr >= 0 and self.qparam_lr >= 0, "lr", self.lr, ">= 0")
+        require(self.qparam_space in ("log", "linear"), "qparam_space", self.qparam_space,
+                "log, linear")  # fmt: skip
         require(self.epochs_per_step >= 1, "epochs_per_step", self.epochs_per_step, ">= 1")
         require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
                 "0 <= warmup_epochs < epochs")  # fmt: skip

@@ -23,11 +23,14 @@ Tensor = torch.Tensor
 def weight_quantizer(setting: OpSetting, weight: Tensor, learn: str | None,
                      block_axis: int = -1) -> Quantizer | None:  # fmt: skip
     """The weight quantizer of a setting (per its granularity, output channel = axis 0;
-    MX blocks along ``block_axis``, the reduction dim)."""
+    MX blocks along ``block_axis``, the reduction dim).
+
+    Dynamic (range from the weight at every call) under QAT ``ste`` and when the setting is
+    ``dynamic``: the seed study recomputes both operands' qparams before every product."""
     if setting.w_bits is None:
         return None
     return Quantizer(setting.w_bits, setting.w_format, setting.symmetric, setting.granularity,
-                     0, setting.group_size, dynamic=learn == "ste",
+                     0, setting.group_size, dynamic=learn == "ste" or setting.dynamic,
                      calibrator=setting.calibrator, learn=_learn(learn),
                      weight=weight, block_axis=block_axis)  # fmt: skip
 

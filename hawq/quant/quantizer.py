@@ -25,6 +25,7 @@ from hawq.quant.learnable import (
     lsqplus_fake_quantize,
     pact_fake_quantize,
 )
+from hawq.quant.minmax_exact import exact_minmax_fake_quantize
 from hawq.quant.primitives import (
     choose_qparams,
     fake_quantize_grouped,
@@ -59,7 +60,9 @@ class Quantizer(nn.Module):
         granularity: ``per_tensor`` / ``per_channel`` / ``per_group`` (weights only).
         axis: channel axis for ``per_channel``.
         group_size: group length for ``per_group`` (and NF4).
-        dynamic: ranges from each input (min/max) instead of stored qparams.
+        dynamic: ranges from each input (min/max) instead of stored qparams; asymmetric
+            dynamic grids follow the seed study's formulas exactly
+            (:mod:`hawq.quant.minmax_exact`).
         calibrator: name of the static-range calibrator (see :mod:`hawq.quant.calibrators`).
         learn: None (fixed qparams) or ``lsq`` / ``lsqplus`` / ``pact`` (learned).
         weight: the weight this quantizer will see (fixes the qparam shape); None for
@@ -211,7 +214,8 @@ class Quantizer(nn.Module):
             self._set_qparams(lo, hi)
 
     def collapsed(self) -> bool:
-        """True when a qparam is NaN/Inf or a step size/clip collapsed to ~0."""
+        """True when a qparam is NaN/Inf or a step size/clip is <= ~0 (collapsed to ~0 or
+        flipped sign: the forward would run on ``max(|s|, s_min)``, hiding it)."""
         for name in ("scale", "alpha", "offset"):
             t = getattr(self, name, None)
             if t is None:
@@ -219,7 +223,7 @@ class Quantizer(nn.Module):
             t = t.detach()
             if not torch.isfinite(t).all():
                 return True
-            if name != "offset" and bool(self.ready) and (t.abs() < MIN_SCALE * 10).any():
+            if name != "offset" and bool(self.ready) and (t <= MIN_SCALE * 10).any():
                 return True
         return False
 
@@ -241,6 +245,9 @@ class Quantizer(nn.Module):
         grouped = self.granularity == "per_group" and self.is_weight
         if self.dynamic:
             gran = self.granularity if self.is_weight else "per_tensor"
+            if not self.symmetric:  # the seed study's min/max: no widening to 0, z unclamped
+                return exact_minmax_fake_quantize(x, self.q_max, gran, self.axis,
+                                                  self.group_size)  # fmt: skip
             lo, hi = reduce_range(x.detach(), gran, self.axis, self.group_size)
             scale, zp = choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
             return fake_quantize_grouped(x, scale, self._zero(zp), self.q_min, self.q_max, gran,

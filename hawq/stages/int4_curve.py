@@ -2,12 +2,19 @@
 
 Inputs: the FP checkpoint, ``hessian.json`` (for the ``hessian`` order) and the data.
 For each order of ``curve.orders`` (:mod:`hawq.alloc.curve`: Hessian sensitivity,
-measured single-op PTQ drop, seeded random) the first ``p`` ops run at W4A4 and the
-rest at ``curve.rest`` (W8A8, or FP), all other fields from ``quant.default``; each
-prefix is quantized with ``quantize_``, calibrated on one fixed calibration set and
-evaluated. Outputs ``int4_curve.json`` (per order: op sequence, prefixes, INT4 shares
+measured single-op PTQ drop on ``curve.order_split``, ``curve.random_orders`` seeded
+random permutations) the first ``p`` ops run at W4A4 and the rest at ``curve.rest``
+(W8A8, or FP), all other fields from ``quant.default``; each prefix is quantized with
+``quantize_``, calibrated on one fixed calibration set and evaluated on ``curve.split``
+at ``curve.batch_size`` (the seed study: 100; dynamic ranges depend on the batch). The
+cost to rank is recorded per order (``ranking``: evaluations, seconds, and the hessian
+stage's wall time from the ``results.json`` beside ``hessian.json``); the random orders
+become a mean +- std band (``random_band``); ``curve.all_int2`` adds all-W2A2 PTQ and
+``curve.int2_orders`` one INT2 plan per pick.
+Outputs ``int4_curve.json`` (per order: op sequence, prefixes, INT4 shares
 of MACs and of ops, accuracies, FP accuracy, the largest share within each threshold;
-the per-op sensitivities and their Spearman correlation), ``int4_curve.png`` and,
+the per-op sensitivities and their Spearman correlation), ``int4_curve.png`` (two
+panels: INT4 share of ops and of MACs, the random band shaded) and,
 with ``curve.int2_plan_k=k``, ``int2_k<k>_bits.yaml``: the ``k`` least sensitive ops
 of ``curve.int2_order`` at W2A2, the rest FP (its PTQ accuracy is recorded too).
 Skipped when the JSON exists and was made with the same ``curve`` config and
@@ -28,6 +35,7 @@ from hawq.alloc.curve import (
     CurveConfig,
     PrefixEvaluator,
     ascending,
+    band,
     hessian_sensitivity,
     int2_plan,
     order_entry,
@@ -39,13 +47,13 @@ from hawq.alloc.report import read_hessian
 from hawq.config import typed
 from hawq.engine import evaluate
 from hawq.errors import HawqError, choices
-from hawq.io import write_json
+from hawq.io import read_json, write_json
 from hawq.models.ops import op_inventory
 from hawq.quant.config import QuantConfig, default_setting
-from hawq.quant.plan import OpSetting, save_plan
+from hawq.quant.plan import OpSetting, Plan, save_plan
 from hawq.stages import record
 from hawq.stages.context import Context
-from hawq.viz.curve import plot_int4_curve
+from hawq.viz.curve import plot_int4_share_curves
 
 log = logging.getLogger("hawq")
 
@@ -73,6 +81,23 @@ def _quant(ctx: Context) -> QuantConfig:
     return typed(ctx.cfg.get("quant"), QuantConfig, "quant")
 
 
+def _hessian_stage_seconds(hessian_path: Path) -> float | None:
+    """The ``hessian`` stage's wall time from the ``results.json`` beside ``hessian.json``."""
+    res = hessian_path.parent / "results.json"
+    if not res.is_file():
+        return None
+    stage = read_json(res).get("stages", {}).get("hessian", {})
+    return stage.get("wall_s")
+
+
+def _loader(ctx: Context, split: str, batch_size: int | None, subset: int | None):
+    loader = ctx.data.eval_loader(split, ctx.device, batch_size)
+    if subset is None:
+        return loader
+    n = -(-subset // loader.batch_size)
+    return list(islice(loader, n))  # the first ~subset images (whole batches)
+
+
 def run(ctx: Context) -> dict[str, Any]:
     cfg = _config(ctx)
     base = _base(ctx)
@@ -93,12 +118,22 @@ def run(ctx: Context) -> dict[str, Any]:
         return evaluate(m, test, ctx.device, desc="int4_curve")["acc"]
 
     high = cfg.high.to_setting(base)
-    ev = PrefixEvaluator(model, ops, LOW.to_setting(base), high, calib, evaluate_fn, qc.fold_bn)
+    low = LOW.to_setting(base)
+    ev = PrefixEvaluator(model, ops, low, high, calib, evaluate_fn, qc.fold_bn)
+    order_ev = ev
+    if "measured" in cfg.orders and (cfg.order_split != cfg.split or cfg.order_subset):
+        held = _loader(ctx, cfg.order_split, cfg.batch_size, cfg.order_subset)
+
+        def order_fn(m) -> float:
+            return evaluate(m, held, ctx.device, desc=f"rank on {cfg.order_split}")["acc"]
+
+        order_ev = PrefixEvaluator(model, ops, low, high, calib, order_fn, qc.fold_bn)
     fp_acc = float(evaluate_fn(model))
     sens: dict[str, dict[str, float]] = {}
     sequences: dict[str, list[str]] = {}
     hessian_path = None
     timings: dict[str, float] = {}
+    ranking: dict[str, dict[str, Any]] = {}
     for name in cfg.orders:
         t0 = time.perf_counter()
         if name == "hessian":
@@ -111,38 +146,67 @@ def run(ctx: Context) -> dict[str, Any]:
                                 f"the model {choices(set(ops) - set(report.ops)) or '-'}")
             delta = hessian_sensitivity(report, model, calib, base, cfg.high, LOW, cfg.method)
             sens["hessian"] = {n: delta[n] for n in ops}
+            ranking["hessian"] = {"evaluations": 0, "seconds": time.perf_counter() - t0,
+                                  "hessian_stage_s": _hessian_stage_seconds(hessian_path)}
         elif name == "measured":
-            _, drops = ev.single_op_drops()
+            n_before = len(order_ev.cache)
+            _, drops = order_ev.single_op_drops()
             sens["measured"] = drops
+            ranking["measured"] = {"evaluations": len(order_ev.cache) - n_before,
+                                   "seconds": time.perf_counter() - t0,
+                                   "split": cfg.order_split,
+                                   "images": sum(int(y.shape[0]) for _, y in (
+                                       held if order_ev is not ev else test))}  # fmt: skip
         if name == "random":
             sequences[name] = random_order(ops, cfg.seed)
         else:
             sequences[name] = ascending(sens[name])
         timings[f"{name}_order_s"] = time.perf_counter() - t0
     points = prefixes(len(ops), cfg.step)
+    rpoints = prefixes(len(ops), cfg.random_step or cfg.step)
     entries = {}
     for name, seq in sequences.items():
         t0 = time.perf_counter()
-        accs = ev.curve(seq, points)
-        entries[name] = order_entry(seq, points, accs, macs, fp_acc, cfg.thresholds)
+        pts = rpoints if name == "random" else points
+        accs = ev.curve(seq, pts)
+        entries[name] = order_entry(seq, pts, accs, macs, fp_acc, cfg.thresholds)
         timings[f"{name}_curve_s"] = time.perf_counter() - t0
         log.info("int4_curve: %s order: %s", name, entries[name]["max_share_within"])
+    random_band = None
+    if "random" in sequences:
+        t0 = time.perf_counter()
+        extra = [random_order(ops, cfg.seed + r) for r in range(1, cfg.random_orders)]
+        runs = [entries["random"]] + [
+            order_entry(seq, rpoints, ev.curve(seq, rpoints), macs, fp_acc, cfg.thresholds)
+            for seq in extra]  # fmt: skip
+        random_band = {**band(runs, cfg.thresholds),
+                       "seeds": [cfg.seed + r for r in range(cfg.random_orders)],
+                       "runs": runs}  # fmt: skip
+        timings["random_band_s"] = time.perf_counter() - t0
     rho = (spearman([sens["hessian"][n] for n in ops], [sens["measured"][n] for n in ops])
            if {"hessian", "measured"} <= set(sens) else None)  # fmt: skip
     out = ctx.path(cfg.out)
-    int2 = None
+    int2, int2_by = None, {}
     if cfg.int2_plan_k is not None:
         k = cfg.int2_plan_k
-        plan = int2_plan(sequences[cfg.int2_order], k, base)
-        int2_path = ctx.path(f"int2_k{k}_bits.yaml")
-        int2 = {"k": k, "order": cfg.int2_order, "ops": list(plan.ops),
-                "acc": ev.ptq_accuracy(plan), "plan": str(int2_path)}  # fmt: skip
-        save_plan(int2_path, plan, {"source": "int4_curve", "k": k, "order": cfg.int2_order,
-                                    "ops": list(plan.ops), "ptq_acc": int2["acc"],
-                                    "fp_acc": fp_acc})  # fmt: skip
+        for i, pick in enumerate(cfg.int2_picks):
+            plan = int2_plan(sequences[pick], k, base)
+            path = ctx.path(f"int2_k{k}_bits.yaml" if i == 0 else f"int2_k{k}_{pick}_bits.yaml")
+            rec = {"k": k, "order": pick, "ops": list(plan.ops), "acc": ev.ptq_accuracy(plan),
+                   "plan": str(path)}  # fmt: skip
+            save_plan(path, plan, {"source": "int4_curve", "k": k, "order": pick,
+                                   "ops": list(plan.ops), "ptq_acc": rec["acc"],
+                                   "fp_acc": fp_acc})  # fmt: skip
+            int2_by[pick] = rec
+            int2 = int2 or rec
+    all_int2 = None
+    if cfg.all_int2:
+        w2 = dataclasses.replace(base, w_bits=2, a_bits=2)
+        all_int2 = ev.ptq_accuracy(Plan(w2, {}))
     first = next(iter(entries.values()))
+    n_test_evals = len(ev.cache) + 1 + len(int2_by) + (all_int2 is not None)  # + FP
     result = {
-        "schema": 1,
+        "schema": 2,
         "key": _key(cfg, base),
         "ops": ops,
         "macs": macs,
@@ -151,27 +215,38 @@ def run(ctx: Context) -> dict[str, Any]:
         "fp_acc": fp_acc,
         "high_acc": first["accuracies"][0],
         "int4_acc": first["accuracies"][-1],
+        "all_int2_acc": all_int2,
         "thresholds": list(cfg.thresholds),
         "hessian": None if hessian_path is None else str(hessian_path),
         "sensitivity": sens,
         "spearman": rho,
         "orders": entries,
+        "random_band": random_band,
+        "ranking": ranking,  # cost to rank: evaluations and seconds per order
         "int2": int2,
-        "evaluations": len(ev.cache) + 1 + (int2 is not None),  # + FP (+ the INT2 plan)
+        "int2_by_order": int2_by,
+        "evaluations": n_test_evals + (0 if order_ev is ev else len(order_ev.cache)),
     }
     png = out.with_suffix(".png")
-    plot_int4_curve({n: (e["shares"], e["accuracies"]) for n, e in entries.items()}, fp_acc,
-                    cfg.thresholds, path=png,
-                    title=f"W4A4 op by op, rest {cfg.rest} ({len(ops)} ops)")  # fmt: skip
+    plot_int4_share_curves(entries, random_band, fp_acc, cfg.thresholds, path=png,
+                           title=f"W4A4 op by op, rest {cfg.rest} ({len(ops)} ops)")  # fmt: skip
     write_json(out, result)  # last: done() sees the JSON only when everything succeeded
     return {
         "fp_acc": fp_acc,
         "high_acc": result["high_acc"],
         "int4_acc": result["int4_acc"],
+        "all_int2_acc": all_int2,
         "max_share_within": {n: e["max_share_within"] for n, e in entries.items()},
         "max_op_share_within": {n: e["max_op_share_within"] for n, e in entries.items()},
+        "random_band": None if random_band is None else {
+            k: random_band[k] for k in ("n", "seeds", "max_share_within",
+                                        "max_op_share_within")},  # fmt: skip
+        "ranking": {n: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                    for n, r in ranking.items()},  # fmt: skip
         "spearman": rho,
         "int2": None if int2 is None else {k: int2[k] for k in ("k", "order", "acc", "plan")},
+        "int2_by_order": {n: {k: r[k] for k in ("k", "acc", "ops")}
+                          for n, r in int2_by.items()},  # fmt: skip
         "evaluations": result["evaluations"],
         "ops": len(ops),
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -3,9 +3,17 @@
 Inputs: ``paths.checkpoint`` and the plan (as for ``ptq``). The quantized model
 is calibrated (initial qparams), then weights and qparams train together.
 Optional progressive lowering: ``qat.schedule`` (e.g. [8, 4, 3, 2]) gives a bit
-floor per ``qat.epochs_per_step`` epochs; each op runs at ``max(plan bits, floor)``
-and keeps its covered range when its bits drop. Folded BN statistics freeze at
-``qat.freeze_bn_epoch``.
+floor per ``qat.epochs_per_step`` epochs; each op runs at ``max(plan bits, floor)``.
+At every drop the quantizers whose width changed are re-fitted as a fresh PTQ at the
+new width would be (``qat.refit_on_drop``: weight ranges from the current weights,
+activation ranges observed on the calibration batches), their optimizer moments reset,
+and the model is evaluated (``drops`` in the results): training after a drop starts at
+fresh-PTQ accuracy for that width instead of the old width's range on a coarser grid.
+Folded BN statistics freeze at ``qat.freeze_bn_epoch``.
+
+Optimizer: :class:`~hawq.quant.scale_optim.QATAdam`; step sizes and PACT clips update in
+log space (``qat.qparam_space=log``), so they scale with themselves and never flip
+sign; the final ``collapsed_ops`` are reported.
 
 Outputs: ``qat_model.pt`` (quantized checkpoint), ``qat_bits.yaml``,
 ``qat_metrics.csv``; ``qat_state.pt`` holds the state after the last finished
@@ -28,6 +36,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -51,8 +60,10 @@ from hawq.quant import (
     save_quantized,
     set_bits_,
 )
+from hawq.quant.api import quantizers, refit_
 from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
 from hawq.quant.quantizer import Quantizer
+from hawq.quant.scale_optim import QATAdam
 from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.ptq import bits_histogram, load_fp, op_lines
@@ -87,16 +98,49 @@ def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:
                         f"needs qat.epochs >= {needed}")  # fmt: skip
 
 
+POSITIVE = ("scale", "alpha")  # quantizer parameters that must stay > 0 (log-space group)
+
+
 def param_groups(model: nn.Module, tc: QATConfig) -> list[dict]:
-    """Weights at ``lr`` (with weight decay), quantizer parameters at ``qparam_lr`` (none)."""
-    qparams = {id(p) for m in model.modules() if isinstance(m, Quantizer)
-               for p in m.parameters(recurse=False)}  # fmt: skip
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qparams]
-    quant = [p for p in model.parameters() if p.requires_grad and id(p) in qparams]
-    groups = [{"params": weights, "lr": tc.lr, "weight_decay": tc.weight_decay}]
-    if quant:
-        groups.append({"params": quant, "lr": tc.qparam_lr, "weight_decay": 0.0})
+    """Weights at ``lr`` (with weight decay); step sizes and clips at ``qparam_lr`` in log
+    space (``qparam_space=log``); LSQ+ offsets at ``qparam_lr`` (no weight decay)."""
+    kinds = {id(p): name for m in model.modules() if isinstance(m, Quantizer)
+             for name, p in m.named_parameters(recurse=False)}  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = [p for p in params if id(p) not in kinds]
+    pos = [p for p in params if kinds.get(id(p)) in POSITIVE]
+    other = [p for p in params if id(p) in kinds and kinds[id(p)] not in POSITIVE]
+    groups = [{"params": weights, "lr": tc.lr, "weight_decay": tc.weight_decay,
+               "log_space": False}]  # fmt: skip
+    if pos:
+        groups.append({"params": pos, "lr": tc.qparam_lr, "weight_decay": 0.0,
+                       "log_space": tc.qparam_space == "log"})  # fmt: skip
+    if other:
+        groups.append({"params": other, "lr": tc.qparam_lr, "weight_decay": 0.0,
+                       "log_space": False})  # fmt: skip
     return groups
+
+
+def load_optimizer(optimizer: QATAdam, saved: dict) -> None:
+    """Load a saved optimizer state; a state from before log-space step sizes
+    (``torch.optim.Adam``, no ``log_space`` key) keeps today's group flags and drops the
+    moments of log-space parameters (they were in units of ``s``, not ``log s``)."""
+    flags = [g["log_space"] for g in optimizer.param_groups]
+    legacy = any("log_space" not in g for g in saved["param_groups"])
+    optimizer.load_state_dict(saved)
+    for g, flag in zip(optimizer.param_groups, flags, strict=True):
+        g["log_space"] = flag
+        if legacy and flag:
+            optimizer.reset_state(g["params"])
+
+
+def refit_after_drop(model: nn.Module, optimizer: QATAdam, changed: list[str], batches,
+                     max_batches: int) -> list[str]:  # fmt: skip
+    """:func:`~hawq.quant.api.refit_` the changed quantizers, reset their moments."""
+    done = refit_(model, changed, batches, max_batches)
+    qs = quantizers(model)
+    optimizer.reset_state([p for n in done for p in qs[n].parameters(recurse=False)])
+    return done
 
 
 class NonFiniteWatch:
@@ -210,7 +254,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     check_ready(model)
     init = evaluate_all(model)
 
-    optimizer = torch.optim.Adam(param_groups(model, tc))
+    optimizer = QATAdam(param_groups(model, tc))
     train = data.train_loader(device, seed=ctx.run.seed)
     if world > 1:
         train = dist.ShardedBatches(train, rank, world)
@@ -220,15 +264,17 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
     state_path = ctx.path(STATE)
-    start, history = 0, []
+    start, history, drops = 0, [], []
     resume = state_path.is_file() and not ctx.force
     dist.barrier()  # every rank decided before rank 0 removes a stale state
     if state_path.is_file() and ctx.force and main:
         state_path.unlink()
     if resume:
         state = load_torch(state_path)  # model state includes bit widths and BN-frozen flags
-        restore_state(state_path, state, model=model, optimizer=optimizer, scheduler=scheduler)
+        opt_loader = SimpleNamespace(load_state_dict=lambda sd: load_optimizer(optimizer, sd))
+        restore_state(state_path, state, model=model, optimizer=opt_loader, scheduler=scheduler)
         start, history, init = state["epoch"], state["history"], state["init"]
+        drops = state.get("drops", [])
         log.info("qat: resuming after epoch %d from %s", start, state_path)
     if start > tc.epochs:
         raise HawqError(f"{state_path} is at epoch {start} > qat.epochs={tc.epochs}")
@@ -240,7 +286,16 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     try:
         for epoch in range(start, tc.epochs):
             floor = tc.floor_bits(epoch)
-            set_bits_(model, plan, floor)
+            changed = set_bits_(model, plan, floor)
+            if changed and tc.refit_on_drop:
+                calib = data.eval_loader("train", device, qc.calib_batch_size)
+                refit_after_drop(model, optimizer, changed, calib, qc.calib_batches)
+                dist.broadcast_state(model)
+                ev = evaluate_all(model)
+                drops.append({"epoch": epoch, "floor_bits": floor, "acc": ev["acc"],
+                              "loss": ev["loss"], "refitted": len(changed)})  # fmt: skip
+                log.info("qat: floor %s bits: %d quantizers re-fitted, acc %.2f loss %.4f",
+                         floor, len(changed), ev["acc"], ev["loss"])  # fmt: skip
             frozen = tc.freeze_bn_epoch is not None and epoch >= tc.freeze_bn_epoch
             if frozen:
                 freeze_bn_(model)
@@ -260,6 +315,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
             if main:
                 _write_csv(ctx, history)
                 save_torch(state_path, {"epoch": epoch + 1, "history": history, "init": init,
+                                        "drops": drops,
                                         "model": model.state_dict(),
                                         "optimizer": optimizer.state_dict(),
                                         "scheduler": scheduler.state_dict()})  # fmt: skip
@@ -282,6 +338,8 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
         "method": tc.method,
         "epochs": tc.epochs,
         "schedule": tc.schedule,
+        "drops": drops,  # accuracy right after each bit drop (re-fitted), before training
+        "collapsed_ops": collapsed_ops(model),
         "plan_source": source,
         "train_seconds": sum(r["seconds"] for r in history),
         "bits": bits_histogram(model),

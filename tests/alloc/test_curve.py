@@ -22,7 +22,7 @@ from .cases import tiny_vit
 
 SMOKE = ("experiment=smoke", "data.train_subset=96", "data.test_subset=64",
          "stages=[int4_curve]", "curve.calib_batches=2", "curve.calib_batch_size=32",
-         "curve.step=1")  # fmt: skip
+         "curve.step=1", "curve.order_split=test", "curve.random_orders=1")  # fmt: skip
 N_OPS = 14
 
 
