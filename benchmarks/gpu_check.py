@@ -112,7 +112,8 @@ def plan(args: argparse.Namespace, work: Path, out: Path) -> list[Step]:
     if synthetic:
         data = ["data=synthetic", "data.train_subset=256", "data.test_subset=128"]
     else:
-        data = [f"data.root={stage_dir}", "data.download=false"]
+        # one device call carries train part 1 of 3: train on the parts that came (partial)
+        data = [f"data.root={stage_dir}", "data.download=false", "data.partial=true"]
         if tiny:
             data += ["data.train_subset=256", "data.test_subset=128"]
     size = ["model=vit_tiny", "data.batch_size=64", "data.eval_batch_size=128",

@@ -162,8 +162,8 @@ def calibrate(
     ops = quant_ops(model)
     counter = [0]  # the batch being observed, for messages
     handles = []
-    if not acts:  # dynamic (or already calibrated) activations: nothing to observe
-        return 0
+    if not acts:  # dynamic (or already calibrated) activations: nothing to observe, so no
+        max_batches = 0  # forward; the eval/train round trip still refreshes folded-BN state
     for n, q in acts.items():
         op_name, _, qname = n.rpartition(".")
         handles.append(q.register_forward_pre_hook(

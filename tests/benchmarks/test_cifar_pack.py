@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hawq.data.cifar10 import load_cifar10
+from hawq.errors import HawqError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 pytest.importorskip("PIL.WebPImagePlugin")
@@ -55,7 +56,9 @@ def test_missing_part_is_reported_and_the_rest_is_used(tmp_path):
     res = cifar_pack.unpack([tmp_path / "a"], tmp_path / "npz", workers=2)
     assert res["missing_parts"] == [parts[-1]]
     assert res["train_images"] == 40 - info["train_parts"][-1]
-    assert len(load_cifar10(tmp_path / "npz").train) == res["train_images"]
+    with pytest.raises(HawqError, match="incomplete"):  # a partial set is an error unless asked
+        load_cifar10(tmp_path / "npz")
+    assert len(load_cifar10(tmp_path / "npz", partial=True).train) == res["train_images"]
 
 
 def test_corrupt_part_and_absent_test_part_fail(tmp_path):

@@ -107,8 +107,12 @@ def _rows(run):
 
 # ~15 s on a busy 2-core CPU (a 1-process and a 2-process QAT run of one step per epoch)
 def test_torchrun_two_processes_equal_one_process(tmp_path, make_cfg, fp_ckpt):
+    # refit_on_drop=false: a re-fit at the 8 -> 4 drop turns float-order differences of the
+    # all-reduced weights (~1e-7) into different 4-bit MSE ranges, so the two runs would only
+    # agree to ~1%; the re-fit itself is rank-consistent (broadcast) and tested on its own
     args = (*SMOKE, "stages=[qat]", f"paths.checkpoint={fp_ckpt}", "qat.epochs=2",
-            "qat.schedule=[8,4]", "qat.amp=false", "data.train_subset=64")  # fmt: skip
+            "qat.schedule=[8,4]", "qat.amp=false", "data.train_subset=64",
+            "qat.refit_on_drop=false")  # fmt: skip
     one = run_pipeline(make_cfg(*args, run_dir=tmp_path / "one"))["stages"]["qat"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("HAWQ_DEBUG", None)

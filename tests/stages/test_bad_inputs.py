@@ -17,6 +17,7 @@ from hawq.alloc.report import synthetic_report
 from hawq.checkpoint import build_model, save_model
 from hawq.data.cifar10 import load_cifar10
 from hawq.errors import HawqError
+from hawq.lock import LOCK_NAME
 from hawq.pipeline import run_pipeline
 from hawq.stages.context import check_run_dir
 
@@ -26,11 +27,13 @@ TINY = ("experiment=smoke", "data.train_subset=64", "data.test_subset=64", "trai
 
 
 def snapshot(run_dir):
-    """Every file under ``run_dir`` (Hydra's own log excluded) -> its bytes."""
+    """Every artifact under ``run_dir`` -> its bytes (Hydra's own log and the run-directory
+    lock, which names the last process that held it, are not artifacts)."""
     if not run_dir.exists():
         return {}
     return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}  # fmt: skip
+            if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+            and p.name != LOCK_NAME}  # fmt: skip
 
 
 def one_line(proc, *needles):
