@@ -13,7 +13,7 @@ import torch
 from ..conftest import REPO
 
 # dropout on: its random stream must resume exactly too
-ARGS = ["experiment=smoke", "stages=[train]", "train.epochs=6", "data.train_subset=512",
+ARGS = ["experiment=smoke", "stages=[train]", "train.epochs=6", "data.train_subset=1024",
         "data.test_subset=128", "model.dropout=0.1"]  # fmt: skip
 
 
@@ -74,7 +74,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(full, tmp_path):
     run_dir = tmp_path / "interrupted"
     proc = start(run_dir)
     state = wait_for_state(proc, run_dir)
-    time.sleep(0.3)  # inside a later epoch
+    time.sleep(0.1)  # inside a later epoch (each epoch of 1024 images takes longer than this)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     err = proc.stderr.read().decode()
