@@ -118,28 +118,20 @@ class DoubleBackwardHVP(BatchHVP):
                                              allow_unused=True)  # fmt: skip
 
     def __call__(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
-        live = [k for k, i in enumerate(idx) if self.grads[i] is not None and
-                self.grads[i].requires_grad]  # fmt: skip
-        out = [torch.zeros_like(v) for v in vs]
-        if not live:
-            return out
-        hv = torch.autograd.grad(
-            [self.grads[idx[k]] for k in live],
-            [self.params[idx[k]] for k in live],
-            grad_outputs=[vs[k] for k in live],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        for k, h in zip(live, hv):
-            if h is not None:
-                out[k] = h.detach()
-        return out
+        return self._grad_of_grad(vs, idx, batched=False)
 
     def batched(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
         """:math:`H_{SS} [v^{(1)} \\dots v^{(k)}]` in ONE vmapped double backward
         (``is_grads_batched``): ``vs[i]`` has shape ``(k, *params[idx[i]].shape)``. Per
         vector this costs far less than ``k`` separate products (the graph is walked once;
         every node's backward-of-backward runs on a batch of ``k``)."""
+        return self._grad_of_grad(vs, idx, batched=True)
+
+    def _grad_of_grad(self, vs: Sequence[torch.Tensor], idx: Sequence[int],
+                      batched: bool) -> list[torch.Tensor]:  # fmt: skip
+        """Double backward of the kept first-order graph for params ``idx``, batched over
+        the leading dim of ``vs`` when ``batched`` (zeros where a param does not reach
+        the loss)."""
         live = [k for k, i in enumerate(idx) if self.grads[i] is not None and
                 self.grads[i].requires_grad]  # fmt: skip
         out = [torch.zeros_like(v) for v in vs]
@@ -151,7 +143,7 @@ class DoubleBackwardHVP(BatchHVP):
             grad_outputs=[vs[k] for k in live],
             retain_graph=True,
             allow_unused=True,
-            is_grads_batched=True,
+            is_grads_batched=batched,
         )
         for k, h in zip(live, hv):
             if h is not None:
