@@ -29,22 +29,28 @@ from hawq.quant import OpSetting, Plan, calibrate, collapsed_ops, quantize_, qua
 from hawq.quant.scale_optim import QATAdam
 
 
+def train_batches(data: ImageData, seed: int, steps: int):
+    """``steps`` training batches, cycling over epochs of the seeded loader."""
+    loader = data.train_loader(seed=seed)
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+
+
 def fp_model(steps: int, data: ImageData) -> nn.Module:
     torch.manual_seed(0)
     model = ViT(dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = data.train_loader(seed=0)
     model.train()
-    done = 0
-    while done < steps:
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done >= steps:
-                break
+    for x, y in train_batches(data, 0, steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return model.eval()
 
 
@@ -69,27 +75,21 @@ def qat_run(fp: nn.Module, data: ImageData, bits: int, how: str, steps: int, lr:
     bad: set[str] = set()
     min_ratio = float("inf")
     losses = []
-    loader = data.train_loader(seed=1)
     model.train()
-    done = 0
-    while done < steps:
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            if sgd is not None:
-                sgd.zero_grad()
-            loss.backward()
-            opt.step()
-            if sgd is not None:
-                sgd.step()
-            losses.append(float(loss.detach()))
-            for n, s in scales.items():
-                if bool((s.detach() <= 1e-7).any()):
-                    bad.add(n)
-                min_ratio = min(min_ratio, float((s.detach() / s0[n]).min()))
-            done += 1
-            if done >= steps:
-                break
+    for x, y in train_batches(data, 1, steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        if sgd is not None:
+            sgd.zero_grad()
+        loss.backward()
+        opt.step()
+        if sgd is not None:
+            sgd.step()
+        losses.append(float(loss.detach()))
+        for n, s in scales.items():
+            if bool((s.detach() <= 1e-7).any()):
+                bad.add(n)
+            min_ratio = min(min_ratio, float((s.detach() / s0[n]).min()))
     w = [n for n in qs if qs[n].is_weight]
     a = [n for n in qs if not qs[n].is_weight]
     return {
