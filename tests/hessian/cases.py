@@ -96,3 +96,15 @@ def deep_linear(n_batches: int = 2, batch: int = 6, seed: int = 0) -> Case:
 
 
 CASES = {"mlp": mlp, "vit": vit, "cnn": cnn}
+
+
+class DenseBlocks:
+    """An explicit matrix with named diagonal blocks, standing in for a HessianOperator
+    (``@``, ``blocks``, ``shape``, ``dtype``, ``device``) in estimator tests."""
+
+    def __init__(self, a: torch.Tensor, blocks: dict) -> None:
+        self.a, self.blocks, self.shape = a, blocks, a.shape
+        self.dtype, self.device = a.dtype, "cpu"
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.a @ v

@@ -10,7 +10,7 @@ from hawq.hessian.dense import dense_hessian
 from hawq.hessian.hutchinson import RunningStats
 from hawq.hessian.operator import HessianOperator
 
-from .cases import CASES, deep_linear
+from .cases import CASES, DenseBlocks, deep_linear
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,6 @@ def mlp_dense():
     # the explicit matrix as the operator keeps 4000 samples fast; HVPs are tested elsewhere
     dense = dense_hessian(case.model, case.loss_fn, case.batches, op.params)
     return op, dense
-
-
-class DenseBlocks:
-    def __init__(self, a: torch.Tensor, blocks: dict) -> None:
-        self.a, self.blocks, self.shape = a, blocks, a.shape
-        self.dtype, self.device = a.dtype, "cpu"
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.a @ v
 
 
 @pytest.mark.parametrize("estimator", ["hutchinson", "hutchpp", "sandwich"])

@@ -13,16 +13,7 @@ from hawq.hessian.dense import dense_hessian
 from hawq.hessian.hutchinson import TraceEstimate, aggregate_rel_stderr
 from hawq.hessian.operator import HessianOperator, op_blocks
 
-from .cases import linear_mse
-
-
-class DenseBlocks:
-    def __init__(self, a: torch.Tensor, blocks: dict) -> None:
-        self.a, self.blocks, self.shape = a, blocks, a.shape
-        self.dtype, self.device = a.dtype, "cpu"
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.a @ v
+from .cases import DenseBlocks, linear_mse
 
 
 def curvature_like(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, dict]:
