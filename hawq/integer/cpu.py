@@ -41,11 +41,39 @@ _SRC = Path(__file__).with_name("csrc") / "int_cpu.cpp"
 
 @functools.lru_cache(maxsize=1)
 def ext() -> Any:
-    """The compiled extension (raises when it cannot be built)."""
+    """The compiled extension (raises when it cannot be built); first use also calls
+    :func:`keep_freed_memory`."""
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-march=native", "-fno-strict-aliasing"]
-    return load("hawq_int_cpu", [str(_SRC)], extra_cflags=flags, verbose=False)
+    keep_freed_memory()
+
+    flags = ["-O3", "-march=native", "-fno-strict-aliasing", "-fopenmp"]
+    return load("hawq_int_cpu", [str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed blocks of up to 32 MB instead of returning them to the OS.
+
+    An integer ViT step allocates and frees tens of MB of accumulators per layer; by default
+    glibc serves blocks above its (adaptive) mmap threshold with fresh pages, and the page
+    faults of a 25 MB accumulator cost more than its GEMM (seed ViT, batch 64, 2 threads:
+    296 -> 181 ms per call). ``mallopt(M_MMAP_THRESHOLD, 32 MB)`` (glibc's maximum) and
+    ``M_TRIM_THRESHOLD`` 1 GB keep them in the heap: the memory stays with the process.
+    Process-wide, so every peer timed in the same process gets it too. Skipped with
+    ``HAWQ_KEEP_MALLOC=1`` or off glibc; returns whether it was applied.
+    """
+    if os.environ.get("HAWQ_KEEP_MALLOC"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
+                    and libc.mallopt(m_trim_threshold, 1 << 30))  # fmt: skip
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,10 +152,13 @@ def conv2d(x: Tensor, w: Tensor, stride: tuple[int, int], padding: int, pad_valu
 
 
 def requant(acc: Tensor, bias: Tensor | None, rq: Any, lut: Tensor | None = None,
-            residual: Tensor | None = None, limit: int = 0) -> Tensor:  # fmt: skip
+            residual: Tensor | None = None, limit: int = 0,
+            split: tuple[int, int, int, int] | None = None) -> Tensor:  # fmt: skip
     """Fused ``lut?[requant(acc + bias)]`` (+ residual, clamped to ``+-limit``) over the last
     dim; ``rq`` a :class:`~hawq.integer.dyadic.Requant` (fields () or (N,)). Output dtype:
-    int32 with a residual, else the table's dtype with ``lut``, else ``rq.out_dtype``."""
+    int32 with a residual, else the table's dtype with ``lut``, else ``rq.out_dtype``.
+    ``split=(B, T, H, hd)``: ``acc`` is (B T, 3 H hd) and the output is written as
+    (3, B, H, T, hd) (a qkv projection in the layout of the attention products)."""
     n = acc.shape[-1]
     c = rq.channels(n)
     out_dtype = rq.out_dtype if lut is None else lut.dtype
@@ -135,12 +166,50 @@ def requant(acc: Tensor, bias: Tensor | None, rq: Any, lut: Tensor | None = None
     b = None if bias is None else _cached(bias, ("b32",), lambda: bias.to(torch.int32))
     lut32 = None if lut is None else _cached(lut, ("lut",), lambda: lut.to(torch.int32))
     res = None if residual is None else residual.to(torch.int32)
-    return ext().requant(acc, b, c.m, c.e, c.z, c.lo, c.hi, lut32, res, int(limit), out_dtype)
+    return ext().requant(acc, b, c.m, c.e, c.z, c.lo, c.hi, lut32, res, int(limit), out_dtype,
+                         list(split or ()))
 
 
 def softmax(q: Tensor, shift: int, q_ln2: int, table: Tensor, out_bits: int,
-            rq: Any = None) -> Tensor:  # fmt: skip
-    """:class:`~hawq.integer.softmax.IntSoftmax` rows, then the scalar ``rq`` if given."""
+            rq: Any = None, sub: int | None = None) -> Tensor:  # fmt: skip
+    """:class:`~hawq.integer.softmax.IntSoftmax` rows, then the scalar ``rq`` if given.
+    With ``sub`` the output is float32 ``codes - sub`` (exact: the zero-point-corrected
+    operand of the next product)."""
     fields = [] if rq is None else [int(t) for t in (rq.m, rq.e, rq.z, rq.lo, rq.hi)]
     dt = torch.int64 if rq is None else rq.out_dtype
-    return ext().softmax(q, shift, q_ln2, table, out_bits, fields, dt)
+    dt = dt if sub is None else torch.float32
+    t32 = _cached(table, ("t32",), lambda: table.to(torch.int32))  # T[r] <= 2^30
+    return ext().softmax(q, shift, q_ln2, t32, out_bits, fields, dt, int(sub or 0))
+
+
+def attention(h: Tensor, w: Tensor, bias: Tensor, qkv_rq: Any, heads: int, zp: int,
+              softmax_mod: Any, p_rq: Any, out_rq: Any) -> Tensor:  # fmt: skip
+    """:func:`hawq.integer.ops.int_attention` on the CPU. The qkv GEMM's epilogue writes
+    ``code - z`` (a requant with ``z = 0`` and ``[lo - z, hi - z]``: the same integers) as
+    float32 in the (3, B, H, T, hd) layout the products read; the products are float32
+    GEMMs (exact: integer partial sums below ``2^24`` while K <= 258); softmax hands on
+    ``p - z_p`` as float32; the output is requantized per head and returned as (B, T, D)."""
+    b, t, _ = h.shape
+    acc = gemm(h.reshape(b * t, -1), w)
+    q, k, v = requant(acc, bias, _centred(qkv_rq, acc.shape[-1]), split=(b, t, heads, acc.shape[-1] // (3 * heads)))
+    sm = softmax_mod
+    p = softmax(torch.matmul(q, k.transpose(-2, -1)), sm.shift, sm.q_ln2_int, sm.exp_table,
+                sm.out_bits, p_rq, sub=zp)  # fmt: skip
+    out = requant(torch.matmul(p, v), None, out_rq)  # (B, H, T, hd) int8
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def _centred(rq: Any, n: int) -> Any:
+    """``rq`` giving ``code - z`` as float32: z = 0, bounds ``lo - z``, ``hi - z`` (cached)."""
+    from hawq.integer.dyadic import Requant
+
+    c = rq.channels(n)
+    key = (id(rq), n)
+    got = _centred_cache.get(key)
+    if got is None or got[0] is not rq:
+        got = (rq, Requant(c.m, c.e, torch.zeros_like(c.z), c.lo - c.z, c.hi - c.z, torch.float32))
+        _centred_cache[key] = got
+    return got[1]
+
+
+_centred_cache: dict[tuple, tuple] = {}

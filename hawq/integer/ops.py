@@ -294,6 +294,50 @@ def int_matmul(
     return _finish(acc, requant)
 
 
+def int_attention(
+    h: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    qkv_requant: Requant,
+    heads: int,
+    zq: int,
+    zk: int,
+    zv: int,
+    zp: int,
+    softmax: torch.nn.Module,
+    p_requant: Requant,
+    requant: Requant,
+    k: int | None = None,
+) -> Tensor:
+    """Multi-head attention of int8 ``h`` (B, T, K), as the composition (the reference
+    semantics)::
+
+        qkv = int_linear(h, w, bias, qkv_requant, k)          (B, T, 3 heads hd) int8
+        q | k | v = qkv.reshape(B, T, 3, heads, hd)            zero points zq, zk, zv
+        P   = p_requant(softmax((q - zq) @ (k - zk)^T))        per head, int8, zero point zp
+        out = requant((P - zp) @ (v - zv))                     (B, T, heads hd)
+
+    ``softmax`` is an :class:`~hawq.integer.softmax.IntSoftmax`. On the ``cpu`` backend the
+    qkv epilogue writes the three zero-point-corrected operands in head layout and softmax
+    hands ``P - zp`` on as float32 (:func:`hawq.integer.cpu.attention`).
+    """
+    b, t, kx = h.shape
+    n = w.shape[0]
+    hd = n // (3 * heads)
+    if (_resolve(h) == "cpu" and max(hd, t) <= _FP32_EXACT_K and kx <= 1024 and b * t
+            and p_requant.out_dtype == torch.int8 and requant.out_dtype == torch.int8):  # fmt: skip
+        from hawq.integer import cpu
+
+        return cpu.attention(h, _unpacked(w, k or kx), bias, qkv_requant, heads, zp, softmax,
+                             p_requant, requant)  # fmt: skip
+    qkv = int_linear(h, w, bias, qkv_requant, k)
+    q, kk, v = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
+    scores = int_matmul(q, kk.transpose(-2, -1), zq, zk)  # (B, nh, T, T) int32
+    p = softmax(scores, p_requant)
+    out = int_matmul(p, v, zp, zv, requant)  # (B, nh, T, hd)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
 def int_conv2d(
     x: Tensor,
     w: Tensor,

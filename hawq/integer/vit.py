@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from hawq.integer import adapter
+from hawq.integer import adapter, ops
 from hawq.integer.adapter import Grid
 from hawq.integer.gelu import gelu_table
 from hawq.integer.layernorm import IntLayerNorm
@@ -82,13 +82,11 @@ class IntAttention(nn.Module):
 
     def forward(self, h: Tensor, x: Tensor, limit: int) -> Tensor:
         """``clamp(x + attn(h), +-limit)``: ``h`` the normed int8 input, ``x`` the residual."""
-        b, t, _ = h.shape  # (B, T, D) int8
-        qkv = self.qkv(h).reshape(b, t, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd) int8
-        scores = self.qk(q, k.transpose(-2, -1))  # (B, nh, T, T) int32
-        p = self.softmax(scores, self.p_rq.requant)  # int8 on the av.a grid
-        out = self.av(p, v)  # (B, nh, T, hd) int8 on the proj grid
-        return self.proj(out.transpose(1, 2).reshape(b, t, -1), x, limit)  # int32 at s_r
+        qkv = self.qkv
+        out = ops.int_attention(h, qkv.weight, qkv.bias, qkv.rq.requant, self.heads,
+                                self.qk.za, self.qk.zb, self.av.zb, self.av.za, self.softmax,
+                                self.p_rq.requant, self.av.rq.requant, k=qkv.k)  # fmt: skip
+        return self.proj(out, x, limit)  # int32 at s_r (B, T, D) -> residual add
 
 
 class IntMLP(nn.Module):
