@@ -182,17 +182,32 @@ def softmax(q: Tensor, shift: int, q_ln2: int, table: Tensor, out_bits: int,
     return ext().softmax(q, shift, q_ln2, t32, out_bits, fields, dt, int(sub or 0))
 
 
-def attention(h: Tensor, w: Tensor, bias: Tensor, qkv_rq: Any, heads: int, zp: int,
-              softmax_mod: Any, p_rq: Any, out_rq: Any) -> Tensor:  # fmt: skip
-    """:func:`hawq.integer.ops.int_attention` on the CPU. The qkv GEMM's epilogue writes
-    ``code - z`` (a requant with ``z = 0`` and ``[lo - z, hi - z]``: the same integers) as
-    float32 in the (3, B, H, T, hd) layout the products read; the products are float32
-    GEMMs (exact: integer partial sums below ``2^24`` while K <= 258); softmax hands on
-    ``p - z_p`` as float32; the output is requantized per head and returned as (B, T, D)."""
+def attention(h: Tensor, w: Tensor, bias: Tensor, qkv_rq: Any, heads: int, zq: int, zk: int,
+              zv: int, zp: int, softmax_mod: Any, p_rq: Any, out_rq: Any) -> Tensor:  # fmt: skip
+    """:func:`hawq.integer.ops.int_attention` on the CPU, after the qkv GEMM + requant:
+
+    * with AVX-512 VNNI (and per-tensor ``p_rq``/``out_rq``): one fused C++ kernel per
+      (image, head) -- both products as u8 x s8 VNNI dot products with the zero points
+      corrected by row and column sums, softmax and both requantizations in between, the
+      output written straight into (B, T, D);
+    * otherwise the qkv epilogue writes ``code - z`` (a requant with ``z = 0`` and
+      ``[lo - z, hi - z]``: the same integers) as float32 in the (3, B, H, T, hd) layout the
+      products read; the products are float32 GEMMs (exact: integer partial sums below
+      ``2^24`` while K <= 258); softmax hands on ``p - z_p`` as float32.
+    """
     b, t, _ = h.shape
     acc = gemm(h.reshape(b * t, -1), w)
-    q, k, v = requant(acc, bias, _centred(qkv_rq, acc.shape[-1]), split=(b, t, heads, acc.shape[-1] // (3 * heads)))
+    n = acc.shape[-1]
+    hd = n // (3 * heads)
     sm = softmax_mod
+    scalar = p_rq.m.dim() == 0 and out_rq.m.dim() == 0
+    if scalar and hasattr(ext(), "attention_int8"):
+        qkv = requant(acc, bias, qkv_rq).reshape(b, t, 3, heads, hd)
+        t32 = _cached(sm.exp_table, ("t32",), lambda: sm.exp_table.to(torch.int32))
+        fields = lambda rq: [int(x) for x in (rq.m, rq.e, rq.z, rq.lo, rq.hi)]  # noqa: E731
+        return ext().attention_int8(qkv, zq, zk, zv, zp, sm.shift, sm.q_ln2_int, t32,
+                                    sm.out_bits, fields(p_rq), fields(out_rq))  # fmt: skip
+    q, k, v = requant(acc, bias, _centred(qkv_rq, n), split=(b, t, heads, hd))
     p = softmax(torch.matmul(q, k.transpose(-2, -1)), sm.shift, sm.q_ln2_int, sm.exp_table,
                 sm.out_bits, p_rq, sub=zp)  # fmt: skip
     out = requant(torch.matmul(p, v), None, out_rq)  # (B, H, T, hd) int8

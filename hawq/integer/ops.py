@@ -328,8 +328,8 @@ def int_attention(
             and p_requant.out_dtype == torch.int8 and requant.out_dtype == torch.int8):  # fmt: skip
         from hawq.integer import cpu
 
-        return cpu.attention(h, _unpacked(w, k or kx), bias, qkv_requant, heads, zp, softmax,
-                             p_requant, requant)  # fmt: skip
+        return cpu.attention(h, _unpacked(w, k or kx), bias, qkv_requant, heads, zq, zk, zv, zp,
+                             softmax, p_requant, requant)  # fmt: skip
     qkv = int_linear(h, w, bias, qkv_requant, k)
     q, kk, v = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
     scores = int_matmul(q, kk.transpose(-2, -1), zq, zk)  # (B, nh, T, T) int32

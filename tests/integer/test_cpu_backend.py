@@ -17,7 +17,7 @@ from hawq.integer.softmax import IntSoftmax
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="cpu backend did not build")
 
-N_LINEAR, N_MATMUL, N_CONV, N_SOFTMAX, N_LN = 5000, 1500, 500, 2000, 1000
+N_LINEAR, N_MATMUL, N_CONV, N_SOFTMAX, N_LN, N_ATTN = 5000, 1500, 500, 2000, 1000, 400
 PER_WEIGHT = 10  # linear cases sharing one weight (prepacking is what costs time)
 
 
@@ -157,8 +157,52 @@ def test_layernorm_cpu_equals_reference():
         assert torch.equal(got, ref), f"case {i}"
 
 
+def _attention_case(g: torch.Generator, i: int):
+    """One ``int_attention`` case: odd T and head dims, zero points up to the int8 ends."""
+    r = lambda a, b: int(torch.randint(a, b + 1, (), generator=g))  # noqa: E731
+    heads = r(1, 3)
+    hd = (1, 3, 4, 5, 16, 17, 33, 64)[i % 8]
+    b, t, k = r(1, 3), (1, 2, 3, 4, 15, 16, 17, 65)[(i // 8) % 8], r(1, 48)
+    n = 3 * heads * hd
+    h = torch.randint(-128, 128, (b, t, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    bias = torch.randint(-(2**16), 2**16, (n,), generator=g, dtype=torch.int32)
+    zs = [r(-128, 127) if i % 5 else (-128, 127)[i % 2] for _ in range(4)]  # zq, zk, zv, zp
+    zcol = torch.tensor([zs[0]] * (n // 3) + [zs[1]] * (n // 3) + [zs[2]] * (n // 3))
+    s_qkv = torch.full((n,), 2.0 ** -float(r(6, 12)), dtype=torch.float64)
+    qkv_rq = Requant.from_scale(s_qkv * torch.rand(n, generator=g, dtype=torch.float64), zcol,
+                                -128, 127, torch.int8)  # fmt: skip
+    sm = IntSoftmax(2.0 ** -float(r(2, 12)) * float(torch.rand((), generator=g)) + 1e-6)
+    p_rq = Requant.from_scale(2.0**-sm.out_bits * 255, zs[3], -128, 127)
+    s_out = 2.0 ** -float(r(6, 16))
+    if i % 10 == 9:  # per-channel output requant: the float32 fallback of the cpu backend
+        out_rq = Requant.from_scale(torch.full((hd,), s_out, dtype=torch.float64), r(-5, 5),
+                                    -128, 127)  # fmt: skip
+    else:
+        out_rq = Requant.from_scale(s_out, r(-5, 5), -128, 127)
+    return _both(ops.int_attention, h, w, bias, qkv_rq, heads, *zs, sm, p_rq, out_rq)
+
+
+def test_int_attention_cpu_equals_reference():
+    g = torch.Generator().manual_seed(5)
+    for i in range(N_ATTN):
+        ref, got = _attention_case(g, i)
+        assert got.dtype == ref.dtype == torch.int8 and torch.equal(got, ref), f"case {i}"
+
+
+def test_int_attention_cpu_runs_the_fused_kernel():
+    """On a CPU with AVX-512 VNNI the fused kernel is what runs (a fallback would still pass
+    the equality test above, silently slow)."""
+    import re
+
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if not re.search(r"\bavx512_vnni\b", flags):
+        pytest.skip("no AVX-512 VNNI")
+    assert hasattr(cpu.ext(), "attention_int8")
+
+
 def test_property_case_count():
-    assert N_LINEAR + N_MATMUL + N_CONV + N_SOFTMAX + N_LN >= 10_000
+    assert N_LINEAR + N_MATMUL + N_CONV + N_SOFTMAX + N_LN + N_ATTN >= 10_000
 
 
 def test_auto_on_cpu_is_the_measured_faster_backend():

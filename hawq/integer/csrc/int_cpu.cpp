@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <algorithm>
 #include <vector>
 
 using i64 = int64_t;
@@ -203,106 +205,117 @@ torch::Tensor requant(torch::Tensor acc, c10::optional<torch::Tensor> bias, torc
 // and a zero-point subtraction (out = requant(p) - sub: the operand of the next product).
 static constexpr i64 MAX_Z = 32;
 
+// One softmax row: a[0..n) -> o[0..n) (see softmax_kernel); buf holds n int64.
+struct SoftmaxParams {
+  i64 shift, q_ln2, kbits;
+  const int32_t* table;
+  bool rq;
+  i64 m, e, z, lo, hi, sub;
+};
+
 template <typename TI, typename TO>
-static void softmax_kernel(const TI* x, TO* out, i64 rows, i64 n, i64 shift, i64 q_ln2,
-                           const int32_t* table, i64 kbits, bool rq, i64 m, i64 e, i64 z, i64 lo,
-                           i64 hi, i64 sub) {
+static inline void softmax_row(const TI* a, TO* o, i64 n, const SoftmaxParams& P, i64* buf) {
+  const i64 shift = P.shift, q_ln2 = P.q_ln2, kbits = P.kbits;
+  const int32_t* table = P.table;
+  const bool rq = P.rq;
+  const i64 m = P.m, e = P.e, z = P.z, lo = P.lo, hi = P.hi, sub = P.sub;
   const double inv_ln2 = 1.0 / (double)q_ln2;
   const i64 cap = (MAX_Z + 1) * q_ln2;  // -q above this gives z = MAX_Z and r = q_ln2 - 1 anyway
+  i64 mx = INT64_MIN, total = 0, j = 0;
+  // 1. to the working scale, row maximum
+#ifdef HAWQ_AVX512
+  {
+    v8 vmx = _mm512_set1_epi64(INT64_MIN);
+    const v8 vsh = _mm512_set1_epi64(shift < 0 ? -shift : shift);
+    for (; j < n; j += 8) {
+      const __mmask8 k = tail_mask(n - j);
+      v8 q = load8(a + j, k);
+      q = shift >= 0 ? _mm512_sllv_epi64(q, vsh) : v_rshift_round(q, vsh);
+      _mm512_mask_storeu_epi64(buf + j, k, q);
+      vmx = _mm512_mask_max_epi64(vmx, k, vmx, q);
+    }
+    mx = _mm512_reduce_max_epi64(vmx);
+  }
+#endif
+  if (j < n && shift >= 0) {
+    for (j = 0; j < n; ++j) {
+      i64 q = (i64)a[j] * ((i64)1 << shift);
+      buf[j] = q;
+      mx = q > mx ? q : mx;
+    }
+  } else if (j < n) {
+    for (j = 0; j < n; ++j) {
+      i64 q = rshift_round((i64)a[j], -shift);
+      buf[j] = q;
+      mx = q > mx ? q : mx;
+    }
+  }
+  // 2. exp by range reduction and the table: buf <- T[r] >> z, total = sum
+  j = 0;
+#ifdef HAWQ_AVX512
+  {
+    const v8 vmx = _mm512_set1_epi64(mx), vcap = _mm512_set1_epi64(cap);
+    const v8 vln2 = _mm512_set1_epi64(q_ln2), vlast = _mm512_set1_epi64(q_ln2 - 1);
+    const v8 vmaxz = _mm512_set1_epi64(MAX_Z);
+    const __m512d vinv = _mm512_set1_pd(inv_ln2);
+    v8 vtot = _mm512_setzero_si512();
+    for (; j < n; j += 8) {
+      const __mmask8 k = tail_mask(n - j);
+      v8 nq = _mm512_min_epi64(_mm512_sub_epi64(vmx, load8(buf + j, k)), vcap);
+      v8 zz = _mm512_min_epi64(v_floordiv_fast(nq, vln2, vinv), vmaxz);
+      v8 rem = _mm512_min_epi64(_mm512_sub_epi64(nq, _mm512_mullo_epi64(zz, vln2)), vlast);
+      v8 ex = _mm512_srav_epi64(
+          _mm512_cvtepi32_epi64(_mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, rem, table, 4)), zz);
+      _mm512_mask_storeu_epi64(buf + j, k, ex);
+      vtot = _mm512_mask_add_epi64(vtot, k, vtot, ex);
+    }
+    total = _mm512_reduce_add_epi64(vtot);
+  }
+#endif
+  for (; j < n; ++j) {
+    i64 nq = mx - buf[j];  // -q >= 0
+    nq = nq > cap ? cap : nq;
+    i64 zz = floordiv_fast(nq, q_ln2, inv_ln2);
+    zz = zz > MAX_Z ? MAX_Z : zz;
+    i64 rem = nq - zz * q_ln2;
+    rem = rem > q_ln2 - 1 ? q_ln2 - 1 : rem;
+    i64 ex = (i64)table[rem] >> zz;
+    buf[j] = ex;
+    total += ex;
+  }
+  // 3. normalise: floor(ex 2^kbits / total) (total >= T[0] > 0, quotients <= 2^kbits),
+  //    then the optional requant and zero-point subtraction
+  const double inv_t = 1.0 / (double)total;
+  j = 0;
+#ifdef HAWQ_AVX512
+  {
+    const v8 vt = _mm512_set1_epi64(total), vm = _mm512_set1_epi64(m);
+    const v8 ve = _mm512_set1_epi64(e), vz = _mm512_set1_epi64(z);
+    const v8 vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
+    const v8 vsub = _mm512_set1_epi64(sub);
+    const __m512d vinv = _mm512_set1_pd(inv_t);
+    for (; j < n; j += 8) {
+      const __mmask8 k = tail_mask(n - j);
+      v8 num = _mm512_sllv_epi64(load8(buf + j, k), _mm512_set1_epi64(kbits));
+      v8 p = v_floordiv_fast(num, vt, vinv);
+      if (rq) p = v_clamp(_mm512_add_epi64(v_rshift_round(_mm512_mullo_epi64(p, vm), ve), vz),
+                          vlo, vhi);
+      store8(o + j, _mm512_sub_epi64(p, vsub), k);
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    i64 p = floordiv_fast(buf[j] << kbits, total, inv_t);
+    if (rq) p = clampi(rshift_round(p * m, e) + z, lo, hi);
+    o[j] = (TO)(p - sub);
+  }
+}
+
+template <typename TI, typename TO>
+static void softmax_kernel(const TI* x, TO* out, i64 rows, i64 n, const SoftmaxParams& P) {
   at::parallel_for(0, rows, std::max<i64>(1, 4096 / std::max<i64>(n, 1)), [&](i64 r0, i64 r1) {
     std::vector<i64> buf(n);
-    for (i64 r = r0; r < r1; ++r) {
-      const TI* a = x + r * n;
-      TO* o = out + r * n;
-      i64 mx = INT64_MIN, total = 0, j = 0;
-      // 1. to the working scale, row maximum
-#ifdef HAWQ_AVX512
-      {
-        v8 vmx = _mm512_set1_epi64(INT64_MIN);
-        const v8 vsh = _mm512_set1_epi64(shift < 0 ? -shift : shift);
-        for (; j < n; j += 8) {
-          const __mmask8 k = tail_mask(n - j);
-          v8 q = load8(a + j, k);
-          q = shift >= 0 ? _mm512_sllv_epi64(q, vsh) : v_rshift_round(q, vsh);
-          _mm512_mask_storeu_epi64(buf.data() + j, k, q);
-          vmx = _mm512_mask_max_epi64(vmx, k, vmx, q);
-        }
-        mx = _mm512_reduce_max_epi64(vmx);
-      }
-#endif
-      if (j < n && shift >= 0) {
-        for (j = 0; j < n; ++j) {
-          i64 q = (i64)a[j] * ((i64)1 << shift);
-          buf[j] = q;
-          mx = q > mx ? q : mx;
-        }
-      } else if (j < n) {
-        for (j = 0; j < n; ++j) {
-          i64 q = rshift_round((i64)a[j], -shift);
-          buf[j] = q;
-          mx = q > mx ? q : mx;
-        }
-      }
-      // 2. exp by range reduction and the table: buf <- T[r] >> z, total = sum
-      j = 0;
-#ifdef HAWQ_AVX512
-      {
-        const v8 vmx = _mm512_set1_epi64(mx), vcap = _mm512_set1_epi64(cap);
-        const v8 vln2 = _mm512_set1_epi64(q_ln2), vlast = _mm512_set1_epi64(q_ln2 - 1);
-        const v8 vmaxz = _mm512_set1_epi64(MAX_Z);
-        const __m512d vinv = _mm512_set1_pd(inv_ln2);
-        v8 vtot = _mm512_setzero_si512();
-        for (; j < n; j += 8) {
-          const __mmask8 k = tail_mask(n - j);
-          v8 nq = _mm512_min_epi64(_mm512_sub_epi64(vmx, load8(buf.data() + j, k)), vcap);
-          v8 zz = _mm512_min_epi64(v_floordiv_fast(nq, vln2, vinv), vmaxz);
-          v8 rem = _mm512_min_epi64(_mm512_sub_epi64(nq, _mm512_mullo_epi64(zz, vln2)), vlast);
-          v8 ex = _mm512_srav_epi64(
-              _mm512_cvtepi32_epi64(_mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, rem, table, 4)), zz);
-          _mm512_mask_storeu_epi64(buf.data() + j, k, ex);
-          vtot = _mm512_mask_add_epi64(vtot, k, vtot, ex);
-        }
-        total = _mm512_reduce_add_epi64(vtot);
-      }
-#endif
-      for (; j < n; ++j) {
-        i64 nq = mx - buf[j];  // -q >= 0
-        nq = nq > cap ? cap : nq;
-        i64 zz = floordiv_fast(nq, q_ln2, inv_ln2);
-        zz = zz > MAX_Z ? MAX_Z : zz;
-        i64 rem = nq - zz * q_ln2;
-        rem = rem > q_ln2 - 1 ? q_ln2 - 1 : rem;
-        i64 ex = (i64)table[rem] >> zz;
-        buf[j] = ex;
-        total += ex;
-      }
-      // 3. normalise: floor(ex 2^kbits / total) (total >= T[0] > 0, quotients <= 2^kbits),
-      //    then the optional requant and zero-point subtraction
-      const double inv_t = 1.0 / (double)total;
-      j = 0;
-#ifdef HAWQ_AVX512
-      {
-        const v8 vt = _mm512_set1_epi64(total), vm = _mm512_set1_epi64(m);
-        const v8 ve = _mm512_set1_epi64(e), vz = _mm512_set1_epi64(z);
-        const v8 vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
-        const v8 vsub = _mm512_set1_epi64(sub);
-        const __m512d vinv = _mm512_set1_pd(inv_t);
-        for (; j < n; j += 8) {
-          const __mmask8 k = tail_mask(n - j);
-          v8 num = _mm512_sllv_epi64(load8(buf.data() + j, k), _mm512_set1_epi64(kbits));
-          v8 p = v_floordiv_fast(num, vt, vinv);
-          if (rq) p = v_clamp(_mm512_add_epi64(v_rshift_round(_mm512_mullo_epi64(p, vm), ve), vz),
-                              vlo, vhi);
-          store8(o + j, _mm512_sub_epi64(p, vsub), k);
-        }
-      }
-#endif
-      for (; j < n; ++j) {
-        i64 p = floordiv_fast(buf[j] << kbits, total, inv_t);
-        if (rq) p = clampi(rshift_round(p * m, e) + z, lo, hi);
-        o[j] = (TO)(p - sub);
-      }
-    }
+    for (i64 r = r0; r < r1; ++r) softmax_row(x + r * n, out + r * n, n, P, buf.data());
   });
 }
 
@@ -318,10 +331,9 @@ torch::Tensor softmax(torch::Tensor x, int64_t shift, int64_t q_ln2, torch::Tens
   bool has = rq.size() == 5;
   i64 m = has ? rq[0] : 1, e = has ? rq[1] : 0, z = has ? rq[2] : 0, lo = has ? rq[3] : 0,
       hi = has ? rq[4] : 0;
+  const SoftmaxParams P{shift, q_ln2, kbits, tp, has, m, e, z, lo, hi, sub};
   auto go = [&](auto* a) {
-    auto run = [&](auto* o) {
-      softmax_kernel(a, o, rows, n, shift, q_ln2, tp, kbits, has, m, e, z, lo, hi, sub);
-    };
+    auto run = [&](auto* o) { softmax_kernel(a, o, rows, n, P); };
     if (out_dtype == at::kChar) run(out.data_ptr<int8_t>());
     else if (out_dtype == at::kFloat) run(out.data_ptr<float>());
     else run(out.data_ptr<i64>());
@@ -484,9 +496,159 @@ torch::Tensor split_heads(torch::Tensor qkv, int64_t zq, int64_t zk, int64_t zv)
   return out;
 }
 
+// Fused integer attention (hawq.integer.ops.int_attention after the qkv projection), one
+// (batch, head) pair at a time in L1/L2, on AVX-512 VNNI (vpdpbusd: u8 x s8 -> i32):
+//   S = (q - zq)(k - zk)^T = (q + 128) k^T - (128 + zq) colsum(k) - zk rowsum(q) + hd zq zk
+//   P = p_rq(softmax(S)) (int8 codes, zero point zp), as u8 P + 128
+//   O = (P - zp)(v - zv) = (P + 128) v - (128 + zp) colsum(v) - zv rowsum(P) + T zp zv
+//   out[b, t, h hd + d] = o_rq(O) (int8)
+// Every term is an exact integer (|S|, |O| < 2^31 for hd, T <= 2^15); operands are padded
+// with zeros (u8 0 times s8 0) to whole 4-byte groups and 16-lane blocks.
+#if defined(HAWQ_AVX512) && defined(__AVX512VNNI__)
+#define HAWQ_VNNI 1
+static inline i64 round_up(i64 v, i64 m) { return (v + m - 1) / m * m; }
+
+torch::Tensor attention_int8(torch::Tensor qkv, int64_t zq, int64_t zk, int64_t zv, int64_t zp,
+                             int64_t shift, int64_t q_ln2, torch::Tensor table, int64_t kbits,
+                             std::vector<int64_t> prq, std::vector<int64_t> orq) {
+  qkv = qkv.contiguous();
+  table = table.contiguous();
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3 && qkv.scalar_type() == at::kChar,
+              "attention_int8: int8 (B, T, 3, H, hd) expected");
+  TORCH_CHECK(table.scalar_type() == at::kInt && prq.size() == 5 && orq.size() == 5,
+              "attention_int8: int32 table and two scalar requants expected");
+  const i64 B = qkv.size(0), T = qkv.size(1), H = qkv.size(3), hd = qkv.size(4);
+  auto out = torch::empty({B, T, H * hd}, qkv.options());
+  const int8_t* src = qkv.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  const SoftmaxParams P{shift, q_ln2, kbits, table.data_ptr<int32_t>(), true,
+                        prq[0], prq[1], prq[2], prq[3], prq[4], 0};
+  const i64 hd4 = round_up(hd, 4), hd16 = round_up(hd, 16), T4 = round_up(T, 4),
+            T16 = round_up(T, 16);
+  const int32_t s_bias = (int32_t)(hd * zq * zk), o_bias = (int32_t)(T * zp * zv);
+  at::parallel_for(0, B * H, 1, [&](i64 p0, i64 p1) {
+    std::vector<uint8_t> qu(T * hd4), pu(T4);
+    std::vector<int8_t> kp(hd4 * T16), vp(T4 * hd16);
+    std::vector<int32_t> S(T16), rq(T), ck(T16), cv(hd16), prow(T);
+    std::vector<i64> buf(T);
+    const __m512i v128zq = _mm512_set1_epi32((int32_t)(128 + zq));
+    const __m512i v128zp = _mm512_set1_epi32((int32_t)(128 + zp));
+    const v8 om = _mm512_set1_epi64(orq[0]), oe = _mm512_set1_epi64(orq[1]);
+    const v8 oz = _mm512_set1_epi64(orq[2]), olo = _mm512_set1_epi64(orq[3]);
+    const v8 ohi = _mm512_set1_epi64(orq[4]);
+    for (i64 pr = p0; pr < p1; ++pr) {
+      const i64 b = pr / H, h = pr % H;
+      auto row = [&](i64 t, i64 s) { return src + (((b * T + t) * 3 + s) * H + h) * hd; };
+      // operands: q + 128 as u8 rows; k as kp[d/4][j][4] (int32 gathers: a 4-byte transpose);
+      // v as vp[j/4][d][4] (4 rows interleaved bytewise); sums of k and v rows by VNNI with
+      // an all-ones u8 operand
+      const i64 tok = 3 * H * hd;  // bytes between consecutive tokens
+      for (i64 t = 0; t < T; ++t) {
+        const int8_t* q = row(t, 0);
+        int32_t sq = 0;
+        for (i64 d = 0; d < hd; ++d) {
+          qu[t * hd4 + d] = (uint8_t)(q[d] ^ 0x80);
+          sq += q[d];
+        }
+        for (i64 d = hd; d < hd4; ++d) qu[t * hd4 + d] = 0;
+        rq[t] = sq;
+      }
+      const __m512i ones = _mm512_set1_epi8(1);
+      const __m512i lane = _mm512_mullo_epi32(
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+          _mm512_set1_epi32((int32_t)tok));
+      const int8_t* k0 = row(0, 1);
+      for (i64 j0 = 0; j0 < T16; j0 += 16) {
+        const __mmask16 km = (T - j0) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - j0)) - 1);
+        __m512i sum = _mm512_setzero_si512();
+        const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(j0 * tok)));
+        for (i64 d4 = 0; d4 < hd4; d4 += 4) {
+          __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), km, idx, k0 + d4, 1);
+          if (d4 + 4 > hd) {  // the last group of an hd not divisible by 4: zero the excess bytes
+            const int keep = (int)(hd - d4);
+            g = _mm512_and_si512(g, _mm512_set1_epi32((int32_t)((1u << (8 * keep)) - 1)));
+          }
+          _mm512_storeu_si512(&kp[((d4 >> 2) * T16 + j0) * 4], g);
+          sum = _mm512_dpbusd_epi32(sum, ones, g);
+        }
+        _mm512_storeu_si512(&ck[j0], sum);
+      }
+      const __m128i zero16 = _mm_setzero_si128();
+      for (i64 d0 = 0; d0 < hd16; d0 += 16) {
+        const __mmask16 dm = (hd - d0) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (hd - d0)) - 1);
+        __m512i sum = _mm512_setzero_si512();
+        for (i64 j4 = 0; j4 < T4; j4 += 4) {
+          __m128i r[4];
+          for (int u = 0; u < 4; ++u)
+            r[u] = (j4 + u < T) ? _mm_maskz_loadu_epi8(dm, row(j4 + u, 2) + d0) : zero16;
+          const __m128i a01l = _mm_unpacklo_epi8(r[0], r[1]), a01h = _mm_unpackhi_epi8(r[0], r[1]);
+          const __m128i a23l = _mm_unpacklo_epi8(r[2], r[3]), a23h = _mm_unpackhi_epi8(r[2], r[3]);
+          __m512i g = _mm512_castsi128_si512(_mm_unpacklo_epi16(a01l, a23l));
+          g = _mm512_inserti32x4(g, _mm_unpackhi_epi16(a01l, a23l), 1);
+          g = _mm512_inserti32x4(g, _mm_unpacklo_epi16(a01h, a23h), 2);
+          g = _mm512_inserti32x4(g, _mm_unpackhi_epi16(a01h, a23h), 3);
+          _mm512_storeu_si512(&vp[((j4 >> 2) * hd16 + d0) * 4], g);
+          sum = _mm512_dpbusd_epi32(sum, ones, g);
+        }
+        _mm512_storeu_si512(&cv[d0], sum);
+      }
+      for (i64 i = 0; i < T; ++i) {
+        // scores row i
+        const __m512i zrow = _mm512_set1_epi32((int32_t)(s_bias - zk * rq[i]));
+        for (i64 j0 = 0; j0 < T16; j0 += 16) {
+          __m512i acc = _mm512_setzero_si512();
+          for (i64 d4 = 0; d4 < hd4; d4 += 4) {
+            int32_t a4;
+            std::memcpy(&a4, &qu[i * hd4 + d4], 4);
+            acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(a4),
+                                      _mm512_loadu_si512(&kp[((d4 >> 2) * T16 + j0) * 4]));
+          }
+          acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(v128zq, _mm512_loadu_si512(&ck[j0])));
+          _mm512_storeu_si512(&S[j0], _mm512_add_epi32(acc, zrow));
+        }
+        // P row: softmax + requant to int8 codes, then + 128 as u8
+        softmax_row(S.data(), prow.data(), T, P, buf.data());
+        int32_t sp = 0;
+        for (i64 j = 0; j < T; ++j) {
+          sp += prow[j];
+          pu[j] = (uint8_t)(prow[j] + 128);
+        }
+        // output row i: O = P v, corrected, requantized, stored at (b, i, h hd + d)
+        const __m512i zo = _mm512_set1_epi32((int32_t)(o_bias - zv * sp));
+        int8_t* o = dst + (b * T + i) * H * hd + h * hd;
+        for (i64 d0 = 0; d0 < hd16; d0 += 16) {
+          __m512i acc = _mm512_setzero_si512();
+          for (i64 j4 = 0; j4 < T4; j4 += 4) {
+            int32_t a4;
+            std::memcpy(&a4, &pu[j4], 4);
+            acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(a4),
+                                      _mm512_loadu_si512(&vp[((j4 >> 2) * hd16 + d0) * 4]));
+          }
+          acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(v128zp, _mm512_loadu_si512(&cv[d0])));
+          acc = _mm512_add_epi32(acc, zo);
+          for (int half = 0; half < 2; ++half) {
+            const i64 dd = d0 + 8 * half;
+            if (dd >= hd) break;
+            const __mmask8 km = tail_mask(hd - dd);
+            v8 x = _mm512_cvtepi32_epi64(half ? _mm512_extracti64x4_epi64(acc, 1)
+                                              : _mm512_castsi512_si256(acc));
+            x = _mm512_add_epi64(v_rshift_round(_mm512_mullo_epi64(x, om), oe), oz);
+            store8(o + dd, v_clamp(x, olo, ohi), km);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("requant", &requant);
   mod.def("softmax", &softmax);
   mod.def("layernorm", &layernorm);
   mod.def("split_heads", &split_heads);
+#ifdef HAWQ_VNNI
+  mod.def("attention_int8", &attention_int8);
+#endif
 }
