@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 ONEDNN_MAX_K = 1024  # K 2^14 <= 2^24: the float32 accumulator output is exact
@@ -48,7 +47,9 @@ def ext() -> Any:
     keep_freed_memory()
 
     flags = ["-O3", "-march=native", "-fno-strict-aliasing", "-fopenmp"]
-    return load("hawq_int_cpu", [str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    return load(
+        "hawq_int_cpu", [str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,7 +123,8 @@ def gemm(x: Tensor, w: Tensor) -> Tensor:
         wp = _cached(w, ("lin",), lambda: torch.ops.onednn.qlinear_prepack(w.contiguous(), None))
         one, zero = _unit(n)
         return torch.ops.onednn.qlinear_pointwise(
-            x.contiguous(), 1.0, 0, wp, one, zero, None, 1.0, 0, torch.float32, "none", [], "")
+            x.contiguous(), 1.0, 0, wp, one, zero, None, 1.0, 0, torch.float32, "none", [], ""
+        )
     if m > 16 and k % 8 == 0 and n % 8 == 0:
         wt = _cached(w, ("t",), lambda: w.t().contiguous())
         return torch._int_mm(x.contiguous(), wt)
@@ -139,24 +141,32 @@ def conv2d(x: Tensor, w: Tensor, stride: tuple[int, int], padding: int, pad_valu
     k = w[0].numel()
     if k > ONEDNN_MAX_K:
         raise ValueError("cpu.conv2d: K above ONEDNN_MAX_K")
-    if padding:
-        x = F.pad(x, (padding,) * 4, value=pad_value)
+    if padding:  # one pass: pad with the zero point and flip to uint8, channels-last
+        xu = ext().pad_u8(x.permute(0, 2, 3, 1), padding, pad_value).permute(0, 3, 1, 2)
+    else:
+        xu = to_u8(x)
     n = w.shape[0]
     key = ("conv", tuple(stride))
-    wp = _cached(w, key, lambda: torch.ops.onednn.qconv_prepack(
-        w.contiguous(), _ones(n), 1.0, 128, list(stride), [0, 0], [1, 1], 1, None))
+    wp = _cached(
+        w,
+        key,
+        lambda: torch.ops.onednn.qconv_prepack(
+            w.contiguous(), _ones(n), 1.0, 128, list(stride), [0, 0], [1, 1], 1, None
+        ),
+    )
     one, zero = _unit(n)
-    return torch.ops.onednn.qconv2d_pointwise(to_u8(x), 1.0, 128, wp, one, zero, None,
+    return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, wp, one, zero, None,
                                               list(stride), [0, 0], [1, 1], 1, 1.0, 0,
                                               torch.float32, "none", [], "")  # fmt: skip
 
 
 def requant(acc: Tensor, bias: Tensor | None, rq: Any, lut: Tensor | None = None,
-            residual: Tensor | None = None, limit: int = 0,
+            residual: Tensor | None = None, limit: int = 0, relu: bool = False,
             split: tuple[int, int, int, int] | None = None) -> Tensor:  # fmt: skip
-    """Fused ``lut?[requant(acc + bias)]`` (+ residual, clamped to ``+-limit``) over the last
-    dim; ``rq`` a :class:`~hawq.integer.dyadic.Requant` (fields () or (N,)). Output dtype:
-    int32 with a residual, else the table's dtype with ``lut``, else ``rq.out_dtype``.
+    """Fused ``lut?[requant(acc + bias)]`` (+ residual, clamped to ``+-limit``, or to
+    ``[0, limit]`` with ``relu``) over the last dim; ``rq`` a
+    :class:`~hawq.integer.dyadic.Requant` (fields () or (N,)). Output dtype: int32 with a
+    residual, else the table's dtype with ``lut``, else ``rq.out_dtype``.
     ``split=(B, T, H, hd)``: ``acc`` is (B T, 3 H hd) and the output is written as
     (3, B, H, T, hd) (a qkv projection in the layout of the attention products)."""
     n = acc.shape[-1]
@@ -166,8 +176,10 @@ def requant(acc: Tensor, bias: Tensor | None, rq: Any, lut: Tensor | None = None
     b = None if bias is None else _cached(bias, ("b32",), lambda: bias.to(torch.int32))
     lut32 = None if lut is None else _cached(lut, ("lut",), lambda: lut.to(torch.int32))
     res = None if residual is None else residual.to(torch.int32)
-    return ext().requant(acc, b, c.m, c.e, c.z, c.lo, c.hi, lut32, res, int(limit), out_dtype,
-                         list(split or ()))
+    lo = 0 if relu else -int(limit)
+    return ext().requant(
+        acc, b, c.m, c.e, c.z, c.lo, c.hi, lut32, res, lo, int(limit), out_dtype, list(split or ())
+    )
 
 
 def softmax(q: Tensor, shift: int, q_ln2: int, table: Tensor, out_bits: int,

@@ -115,10 +115,14 @@ class IntConv2d(IntLinear):
             self._w4_of = self.weight
         return self._w4
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None, limit: int = 0,
+                relu: bool = False) -> Tensor:  # fmt: skip
+        """``requant(conv(x) + b)``, then optionally ``clamp(. + residual)`` (see
+        :func:`~hawq.integer.ops.int_conv2d`)."""
         w = self.weight4()
         return ops.int_conv2d(x, w, self.bias, self.rq.requant if self.rq else None,
-                              self.stride, self.padding, self.pad_value)  # fmt: skip
+                              self.stride, self.padding, self.pad_value, residual, limit,
+                              relu)  # fmt: skip
 
 
 class IntMatMul(nn.Module):

@@ -346,8 +346,13 @@ def int_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int = 0,
     pad_value: int = 0,
+    residual: Tensor | None = None,
+    limit: int = 0,
+    relu: bool = False,
 ) -> Tensor:
-    """``requant(conv2d(pad(x, pad_value), w) + bias)``, channels on dim 1 (NCHW).
+    """``requant(conv2d(pad(x, pad_value), w) + bias)``, channels on dim 1 (NCHW), then
+    optionally a residual add ``clamp(out + residual, -limit, limit)`` (``[0, limit]`` with
+    ``relu``; int32 out).
 
     Padding with the input zero point ``pad_value`` (the code of real 0) makes the
     zero-point correction folded into ``bias`` valid at the borders too.
@@ -356,6 +361,7 @@ def int_conv2d(
         x: int8 (B, C, H, W).
         w: int8 (N, C, kh, kw) (groups = 1).
         requant: applied per output channel (dim 1).
+        residual: int (B, N, Ho, Wo) at the output's scale, or None.
     """
     n, _, kh, kw = w.shape
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
@@ -364,8 +370,13 @@ def int_conv2d(
         from hawq.integer import cpu
 
         acc = cpu.conv2d(x, w, (sh, sw), padding, pad_value)  # (B, N, Ho, Wo) f32, NHWC memory
-        out = cpu.requant(acc.permute(0, 2, 3, 1), bias, requant)
+        res = None if residual is None else residual.permute(0, 2, 3, 1)
+        out = cpu.requant(acc.permute(0, 2, 3, 1), bias, requant, None, res, limit, relu)
         return out.permute(0, 3, 1, 2)
+    if residual is not None:
+        out = int_conv2d(x, w, bias, requant, stride, padding, pad_value)
+        return torch.clamp(out.to(torch.int32) + residual.to(torch.int32), 0 if relu else -limit,
+                           limit)  # fmt: skip
     if padding:
         x = F.pad(x.to(torch.int16), (padding,) * 4, value=pad_value).to(torch.int8)
     if be == "reference":

@@ -29,7 +29,6 @@ from hawq.integer.layers import (
     IntegerModel,
     IntRequant,
     logit_head,
-    residual_add,
     residual_format,
 )
 
@@ -65,7 +64,7 @@ class IntBasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(self.in_rq(x.movedim(1, -1)).movedim(-1, 1))
-        return residual_add(self.conv2(h), self.shortcut(x), self.limit, relu=True)
+        return self.conv2(h, self.shortcut(x), self.limit, relu=True)  # add + ReLU fused
 
 
 class IntegerResNet(IntegerModel):

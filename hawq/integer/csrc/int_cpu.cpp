@@ -77,7 +77,7 @@ static inline v8 v_clamp(v8 v, v8 lo, v8 hi) { return _mm512_min_epi64(_mm512_ma
 
 // ---------------------------------------------------------------------------- requant
 // out[r, n] = lut?[clamp(rshift_round((acc[r, n] + bias[n]) * m[n], e[n]) + z[n], lo[n], hi[n])]
-//             then (res) clamp(. + res[r, n], -rlim, rlim)
+//             then (res) clamp(. + res[r, n], rlo, rhi)
 struct RqFields {
   const i64 *m, *e, *z, *lo, *hi;
 };
@@ -99,7 +99,7 @@ struct Split {
 
 template <typename TI, typename TO, bool BIAS, bool LUT, bool RES>
 static void requant_rows(const TI* acc, const int32_t* bias, RqFields f, const int32_t* lut,
-                         const int32_t* res, i64 rlim, TO* out, i64 rows, i64 n, const Split& sp) {
+                         const int32_t* res, i64 rlo, i64 rhi, TO* out, i64 rows, i64 n, const Split& sp) {
   const bool split = sp.H > 0;
   constexpr i64 TILE = 8;  // rows per tile: the per-column fields are loaded once per tile
   const i64 tiles = (rows + TILE - 1) / TILE;
@@ -109,7 +109,7 @@ static void requant_rows(const TI* acc, const int32_t* bias, RqFields f, const i
       const i64 r0 = t * TILE, r1 = std::min(rows, r0 + TILE);
       i64 j = 0;
 #ifdef HAWQ_AVX512
-      const v8 lim = _mm512_set1_epi64(rlim), nlim = _mm512_set1_epi64(-rlim);
+      const v8 lim = _mm512_set1_epi64(rhi), nlim = _mm512_set1_epi64(rlo);
       for (; j < n && (!split || sp.hd % 8 == 0); j += 8) {
         const __mmask8 k = tail_mask(n - j);
         const v8 b = BIAS ? load8(bias + j, k) : _mm512_setzero_si512();
@@ -135,7 +135,7 @@ static void requant_rows(const TI* acc, const int32_t* bias, RqFields f, const i
           if (BIAS) v += (i64)bias[jj];
           i64 q = clampi(rshift_round(v * f.m[jj], f.e[jj]) + f.z[jj], f.lo[jj], f.hi[jj]);
           if (LUT) q = lut[q - f.lo[jj]];
-          if (RES) q = clampi(q + (i64)rr[jj], -rlim, rlim);
+          if (RES) q = clampi(q + (i64)rr[jj], rlo, rhi);
           out[split ? sp.row(r) + sp.col[jj] : r * n + jj] = (TO)q;
         }
       }
@@ -145,10 +145,10 @@ static void requant_rows(const TI* acc, const int32_t* bias, RqFields f, const i
 
 template <typename TI, typename TO>
 static void requant_dispatch(const TI* acc, const int32_t* bias, RqFields f, const int32_t* lut,
-                             const int32_t* res, i64 rlim, TO* out, i64 rows, i64 n, const Split& sp) {
+                             const int32_t* res, i64 rlo, i64 rhi, TO* out, i64 rows, i64 n, const Split& sp) {
   const int key = (bias ? 1 : 0) | (lut ? 2 : 0) | (res ? 4 : 0);
 #define HAWQ_RQ(K, B, L, R) \
-  case K: requant_rows<TI, TO, B, L, R>(acc, bias, f, lut, res, rlim, out, rows, n, sp); break;
+  case K: requant_rows<TI, TO, B, L, R>(acc, bias, f, lut, res, rlo, rhi, out, rows, n, sp); break;
   switch (key) {
     HAWQ_RQ(0, false, false, false)
     HAWQ_RQ(1, true, false, false)
@@ -165,7 +165,7 @@ static void requant_dispatch(const TI* acc, const int32_t* bias, RqFields f, con
 torch::Tensor requant(torch::Tensor acc, c10::optional<torch::Tensor> bias, torch::Tensor m,
                       torch::Tensor e, torch::Tensor z, torch::Tensor lo, torch::Tensor hi,
                       c10::optional<torch::Tensor> lut, c10::optional<torch::Tensor> res,
-                      int64_t rlim, at::ScalarType out_dtype, std::vector<int64_t> split) {
+                      int64_t rlo, int64_t rhi, at::ScalarType out_dtype, std::vector<int64_t> split) {
   acc = acc.contiguous();
   const i64 n = acc.size(-1), rows = n ? acc.numel() / n : 0;
   Split sp;
@@ -186,10 +186,10 @@ torch::Tensor requant(torch::Tensor acc, c10::optional<torch::Tensor> bias, torc
   RqFields f{m.data_ptr<i64>(), e.data_ptr<i64>(), z.data_ptr<i64>(), lo.data_ptr<i64>(),
              hi.data_ptr<i64>()};
   auto dispatch_out = [&](auto* a) {
-    if (out_dtype == at::kChar) requant_dispatch(a, bp, f, lp, rp, rlim, out.data_ptr<int8_t>(), rows, n, sp);
-    else if (out_dtype == at::kInt) requant_dispatch(a, bp, f, lp, rp, rlim, out.data_ptr<int32_t>(), rows, n, sp);
-    else if (out_dtype == at::kFloat) requant_dispatch(a, bp, f, lp, rp, rlim, out.data_ptr<float>(), rows, n, sp);
-    else requant_dispatch(a, bp, f, lp, rp, rlim, out.data_ptr<i64>(), rows, n, sp);
+    if (out_dtype == at::kChar) requant_dispatch(a, bp, f, lp, rp, rlo, rhi, out.data_ptr<int8_t>(), rows, n, sp);
+    else if (out_dtype == at::kInt) requant_dispatch(a, bp, f, lp, rp, rlo, rhi, out.data_ptr<int32_t>(), rows, n, sp);
+    else if (out_dtype == at::kFloat) requant_dispatch(a, bp, f, lp, rp, rlo, rhi, out.data_ptr<float>(), rows, n, sp);
+    else requant_dispatch(a, bp, f, lp, rp, rlo, rhi, out.data_ptr<i64>(), rows, n, sp);
   };
   switch (acc.scalar_type()) {
     case at::kFloat: dispatch_out(acc.data_ptr<float>()); break;
@@ -468,6 +468,42 @@ torch::Tensor layernorm(torch::Tensor x, int64_t f, int64_t t, int64_t k, int64_
   return out;
 }
 
+// ---------------------------------------------------------------------------- conv input
+// int8 (B, H, W, C) -> uint8 (B, H + 2p, W + 2p, C) codes + 128 (a bit flip), the border
+// filled with value + 128: the padded channels-last input of oneDNN's u8 convolution.
+torch::Tensor pad_u8(torch::Tensor x, int64_t p, int64_t value) {
+  x = x.contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kChar, "pad_u8: int8 (B, H, W, C) expected");
+  const i64 B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const i64 Hp = H + 2 * p, Wp = W + 2 * p;
+  auto out = torch::empty({B, Hp, Wp, C}, x.options().dtype(at::kByte));
+  const uint8_t* src = (const uint8_t*)x.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const uint8_t fill = (uint8_t)((value + 128) & 0xFF);
+  at::parallel_for(0, B * Hp, std::max<i64>(1, 65536 / std::max<i64>(Wp * C, 1)), [&](i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+      const i64 b = r / Hp, y = r % Hp - p;
+      uint8_t* o = dst + r * Wp * C;
+      if (y < 0 || y >= H) {
+        std::memset(o, fill, Wp * C);
+        continue;
+      }
+      std::memset(o, fill, p * C);
+      const uint8_t* a = src + (b * H + y) * W * C;
+      uint8_t* oo = o + p * C;
+      i64 j = 0;
+#ifdef HAWQ_AVX512
+      const __m512i flip = _mm512_set1_epi8((char)0x80);
+      for (; j + 64 <= W * C; j += 64)
+        _mm512_storeu_si512(oo + j, _mm512_xor_si512(_mm512_loadu_si512(a + j), flip));
+#endif
+      for (; j < W * C; ++j) oo[j] = a[j] ^ 0x80;
+      std::memset(o + (p + W) * C, fill, p * C);
+    }
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------- attention
 // qkv int8 codes (B, T, 3, H, hd) -> float32 (3, B, H, T, hd): q - zq, k - zk, v - zv (exact:
 // |code - z| <= 255), the operands of the two attention products in the layout they read.
@@ -507,6 +543,9 @@ torch::Tensor split_heads(torch::Tensor qkv, int64_t zq, int64_t zk, int64_t zv)
 #if defined(HAWQ_AVX512) && defined(__AVX512VNNI__)
 #define HAWQ_VNNI 1
 static inline i64 round_up(i64 v, i64 m) { return (v + m - 1) / m * m; }
+static inline __mmask64 bytes_mask(i64 left) {  // the first min(left, 64) bytes
+  return left >= 64 ? ~(__mmask64)0 : (left <= 0 ? (__mmask64)0 : (((__mmask64)1 << left) - 1));
+}
 
 torch::Tensor attention_int8(torch::Tensor qkv, int64_t zq, int64_t zk, int64_t zv, int64_t zp,
                              int64_t shift, int64_t q_ln2, torch::Tensor table, int64_t kbits,
@@ -543,15 +582,18 @@ torch::Tensor attention_int8(torch::Tensor qkv, int64_t zq, int64_t zk, int64_t 
       // v as vp[j/4][d][4] (4 rows interleaved bytewise); sums of k and v rows by VNNI with
       // an all-ones u8 operand
       const i64 tok = 3 * H * hd;  // bytes between consecutive tokens
-      for (i64 t = 0; t < T; ++t) {
+      const __m512i flip = _mm512_set1_epi8((char)0x80);
+      for (i64 t = 0; t < T; ++t) {  // qu = q + 128 (zero past hd), rq = sum q
         const int8_t* q = row(t, 0);
-        int32_t sq = 0;
-        for (i64 d = 0; d < hd; ++d) {
-          qu[t * hd4 + d] = (uint8_t)(q[d] ^ 0x80);
-          sq += q[d];
+        __m512i sad = _mm512_setzero_si512();
+        for (i64 d0 = 0; d0 < hd4; d0 += 64) {
+          const __mmask64 valid = bytes_mask(hd - d0), room = bytes_mask(hd4 - d0);
+          const __m512i u = _mm512_maskz_mov_epi8(
+              valid, _mm512_xor_si512(_mm512_maskz_loadu_epi8(valid, q + d0), flip));
+          _mm512_mask_storeu_epi8(&qu[t * hd4 + d0], room, u);
+          sad = _mm512_add_epi64(sad, _mm512_sad_epu8(u, _mm512_setzero_si512()));
         }
-        for (i64 d = hd; d < hd4; ++d) qu[t * hd4 + d] = 0;
-        rq[t] = sq;
+        rq[t] = (int32_t)(_mm512_reduce_add_epi64(sad) - 128 * hd);
       }
       const __m512i ones = _mm512_set1_epi8(1);
       const __m512i lane = _mm512_mullo_epi32(
@@ -608,11 +650,14 @@ torch::Tensor attention_int8(torch::Tensor qkv, int64_t zq, int64_t zk, int64_t 
         }
         // P row: softmax + requant to int8 codes, then + 128 as u8
         softmax_row(S.data(), prow.data(), T, P, buf.data());
-        int32_t sp = 0;
-        for (i64 j = 0; j < T; ++j) {
-          sp += prow[j];
-          pu[j] = (uint8_t)(prow[j] + 128);
+        __m512i vsp = _mm512_setzero_si512();
+        for (i64 j = 0; j < T; j += 16) {  // pu = P + 128 as u8, sp = sum P
+          const __mmask16 km = (T - j) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - j)) - 1);
+          const __m512i pv = _mm512_maskz_loadu_epi32(km, &prow[j]);
+          vsp = _mm512_add_epi32(vsp, pv);
+          _mm512_mask_cvtepi32_storeu_epi8(&pu[j], km, _mm512_add_epi32(pv, _mm512_set1_epi32(128)));
         }
+        const int32_t sp = _mm512_reduce_add_epi32(vsp);
         // output row i: O = P v, corrected, requantized, stored at (b, i, h hd + d)
         const __m512i zo = _mm512_set1_epi32((int32_t)(o_bias - zv * sp));
         int8_t* o = dst + (b * T + i) * H * hd + h * hd;
@@ -648,6 +693,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("softmax", &softmax);
   mod.def("layernorm", &layernorm);
   mod.def("split_heads", &split_heads);
+  mod.def("pad_u8", &pad_u8);
 #ifdef HAWQ_VNNI
   mod.def("attention_int8", &attention_int8);
 #endif
