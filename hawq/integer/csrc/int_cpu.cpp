@@ -72,6 +72,18 @@ static inline v8 v_floordiv_fast(v8 a, v8 b, __m512d inv_b) {
   q = _mm512_mask_sub_epi64(q, neg, q, one);
   return _mm512_mask_add_epi64(q, big, q, one);
 }
+// floor(a / b) for b > 0 with |a| < 2^53 (and |a / b| < 2^50): all in float64, exact -- the
+// remainder a - q b of the estimate q is an integer below 2^53, so one fused multiply-add
+// gives it without rounding, and one correction step fixes q.
+static inline v8 v_floordiv_f64(v8 a, __m512d b, __m512d inv_b) {
+  const __m512d ad = _mm512_cvtepi64_pd(a);
+  __m512d q = _mm512_roundscale_pd(_mm512_mul_pd(ad, inv_b), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512d r = _mm512_fnmadd_pd(q, b, ad);
+  const __m512d one = _mm512_set1_pd(1.0);
+  q = _mm512_mask_sub_pd(q, _mm512_cmp_pd_mask(r, _mm512_setzero_pd(), _CMP_LT_OQ), q, one);
+  q = _mm512_mask_add_pd(q, _mm512_cmp_pd_mask(r, b, _CMP_GE_OQ), q, one);
+  return _mm512_cvtpd_epi64(q);
+}
 static inline v8 v_clamp(v8 v, v8 lo, v8 hi) { return _mm512_min_epi64(_mm512_max_epi64(v, lo), hi); }
 #endif
 
@@ -257,12 +269,12 @@ static inline void softmax_row(const TI* a, TO* o, i64 n, const SoftmaxParams& P
     const v8 vmx = _mm512_set1_epi64(mx), vcap = _mm512_set1_epi64(cap);
     const v8 vln2 = _mm512_set1_epi64(q_ln2), vlast = _mm512_set1_epi64(q_ln2 - 1);
     const v8 vmaxz = _mm512_set1_epi64(MAX_Z);
-    const __m512d vinv = _mm512_set1_pd(inv_ln2);
+    const __m512d vinv = _mm512_set1_pd(inv_ln2), vln2d = _mm512_set1_pd((double)q_ln2);
     v8 vtot = _mm512_setzero_si512();
     for (; j < n; j += 8) {
       const __mmask8 k = tail_mask(n - j);
       v8 nq = _mm512_min_epi64(_mm512_sub_epi64(vmx, load8(buf + j, k)), vcap);
-      v8 zz = _mm512_min_epi64(v_floordiv_fast(nq, vln2, vinv), vmaxz);
+      v8 zz = _mm512_min_epi64(v_floordiv_f64(nq, vln2d, vinv), vmaxz);
       v8 rem = _mm512_min_epi64(_mm512_sub_epi64(nq, _mm512_mullo_epi64(zz, vln2)), vlast);
       v8 ex = _mm512_srav_epi64(
           _mm512_cvtepi32_epi64(_mm512_mask_i64gather_epi32(_mm256_setzero_si256(), k, rem, table, 4)), zz);
@@ -293,11 +305,12 @@ static inline void softmax_row(const TI* a, TO* o, i64 n, const SoftmaxParams& P
     const v8 ve = _mm512_set1_epi64(e), vz = _mm512_set1_epi64(z);
     const v8 vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
     const v8 vsub = _mm512_set1_epi64(sub);
-    const __m512d vinv = _mm512_set1_pd(inv_t);
+    const __m512d vinv = _mm512_set1_pd(inv_t), vtd = _mm512_set1_pd((double)total);
+    const bool small = kbits + 31 <= 53;  // ex < 2^31: ex 2^kbits < 2^53
     for (; j < n; j += 8) {
       const __mmask8 k = tail_mask(n - j);
       v8 num = _mm512_sllv_epi64(load8(buf + j, k), _mm512_set1_epi64(kbits));
-      v8 p = v_floordiv_fast(num, vt, vinv);
+      v8 p = small ? v_floordiv_f64(num, vtd, vinv) : v_floordiv_fast(num, vt, vinv);
       if (rq) p = v_clamp(_mm512_add_epi64(v_rshift_round(_mm512_mullo_epi64(p, vm), ve), vz),
                           vlo, vhi);
       store8(o + j, _mm512_sub_epi64(p, vsub), k);
@@ -424,11 +437,14 @@ static void layernorm_kernel(const TI* x, TO* out, i64 rows, i64 d, i64 f, i64 t
         const v8 vf = _mm512_set1_epi64(f), vmu = _mm512_set1_epi64(mu);
         const v8 vup = _mm512_set1_epi64(up), vz = _mm512_set1_epi64(z);
         const v8 vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
-        const __m512d vinv = _mm512_set1_pd(inv);
+        const __m512d vinv = _mm512_set1_pd(inv), vdend = _mm512_set1_pd((double)den);
+        // |num| <= cmax 2^up + rt < 2^53: the float64 division
+        const bool exact53 = bit_length(cmax) + up + 1 < 53;
         for (; j < d; j += 8) {
           const __mmask8 km = tail_mask(d - j);
           v8 c = _mm512_sub_epi64(_mm512_sllv_epi64(load8(a + j, km), vf), vmu);
-          v8 y = v_floordiv_fast(_mm512_add_epi64(_mm512_sllv_epi64(c, vup), vrt), vden, vinv);
+          const v8 num = _mm512_add_epi64(_mm512_sllv_epi64(c, vup), vrt);
+          v8 y = exact53 ? v_floordiv_f64(num, vdend, vinv) : v_floordiv_fast(num, vden, vinv);
           y = _mm512_add_epi64(_mm512_mullo_epi64(y, load8(m + j, km)), load8(b + j, km));
           y = _mm512_add_epi64(v_rshift_round(y, load8(e + j, km)), vz);
           store8(o + j, v_clamp(y, vlo, vhi), km);
