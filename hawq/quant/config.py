@@ -22,9 +22,11 @@ class QuantConfig:
     calib_batches: int = 8  # calibration batches of the (unaugmented) train split
     calib_batch_size: int = 256
     fold_bn: bool = True  # fold BN into the preceding quantized conv
+    equalize: float = 0.0  # LayerNorm -> Linear channel equalization strength (hawq.quant.equalize)
 
     def __post_init__(self) -> None:
         require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")
+        require(0.0 <= self.equalize <= 1.0, "equalize", self.equalize, "a number in [0, 1]")
         require(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size,
                 "an integer >= 1")  # fmt: skip
 

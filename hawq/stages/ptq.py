@@ -27,6 +27,7 @@ from hawq.quant import (
     summary,
 )
 from hawq.quant.config import QuantConfig, resolve_plan
+from hawq.quant.equalize import equalize_
 from hawq.stages import record
 from hawq.stages.context import Context
 
@@ -81,8 +82,11 @@ def run(ctx: Context) -> dict[str, Any]:
     model, model_cfg = load_fp(ctx)
     test = ctx.data.eval_loader("test", ctx.device)
     fp = evaluate(model, test, ctx.device)
-    quantize_(model, plan, None, qc.fold_bn)
     calib = ctx.data.eval_loader("train", ctx.device, qc.calib_batch_size)
+    spread = equalize_(model, calib, qc.equalize, qc.calib_batches)
+    if spread:
+        fp = evaluate(model, test, ctx.device)  # the equalized FP model (same up to rounding)
+    quantize_(model, plan, None, qc.fold_bn)
     n = calibrate(model, calib, qc.calib_batches)
     check_ready(model)
     q = evaluate(model, test, ctx.device)
@@ -96,6 +100,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "acc_drop": fp["acc"] - q["acc"],
         "plan_source": source,
         "calib_batches": n,
+        "equalize": {"alpha": qc.equalize, "factor_spread": spread},
         "bits": bits_histogram(model),
         "ops": op_lines(model),
         "checkpoint": str(ctx.path(CKPT)),

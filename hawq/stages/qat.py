@@ -62,6 +62,7 @@ from hawq.quant import (
 )
 from hawq.quant.api import quantizers, refit_
 from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
+from hawq.quant.equalize import equalize_
 from hawq.quant.quantizer import Quantizer
 from hawq.quant.scale_optim import QATAdam
 from hawq.stages import record
@@ -246,10 +247,13 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     from hawq.models.ops import quantizable_ops
 
     check_schedule(tc, plan, list(quantizable_ops(model)))
+    calib_loader = data.eval_loader("train", device, qc.calib_batch_size)
+    if equalize_(model, calib_loader, qc.equalize, qc.calib_batches):
+        fp = evaluate_all(model)  # the equalized FP model (same up to float rounding)
     quantize_(model, plan, tc.method, qc.fold_bn)
     set_bits_(model, plan, tc.floor_bits(0))
     torch.manual_seed(ctx.run.seed)
-    calibrate(model, data.eval_loader("train", device, qc.calib_batch_size), qc.calib_batches)
+    calibrate(model, calib_loader, qc.calib_batches)
     dist.broadcast_state(model)  # identical qparams (and signedness) on every rank
     check_ready(model)
     init = evaluate_all(model)
