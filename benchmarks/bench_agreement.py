@@ -75,7 +75,8 @@ def main() -> None:
         "max_abs_logit_diff": {"fq32_fq64": float((f32.double() - f64).abs().max()),
                                "int_fq64": float((ii - f64).abs().max())},
         "median_margin": {"all": float(margin.median()),
-                          "int_fq32_disagreeing": float(margin[dis].median()) if dis.any() else None},
+                          "int_fq32_disagreeing": (float(margin[dis].median()) if dis.any()
+                                                   else None)},
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

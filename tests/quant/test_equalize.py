@@ -29,8 +29,10 @@ def _batches(n: int = 3):
 
 def test_pairs_of_the_vit():
     names = [(a, c) for a, _, c, _ in ln_consumers(_vit())]
-    assert names == [("blocks.0.norm1", "blocks.0.attn.qkv"), ("blocks.0.norm2", "blocks.0.mlp.fc1"),
-                     ("blocks.1.norm1", "blocks.1.attn.qkv"), ("blocks.1.norm2", "blocks.1.mlp.fc1"),
+    assert names == [("blocks.0.norm1", "blocks.0.attn.qkv"),
+                     ("blocks.0.norm2", "blocks.0.mlp.fc1"),
+                     ("blocks.1.norm1", "blocks.1.attn.qkv"),
+                     ("blocks.1.norm2", "blocks.1.mlp.fc1"),
                      ("norm", "head")]  # fmt: skip
 
 
