@@ -51,6 +51,8 @@ class QATConfig:
     amp: bool = True
     label_smoothing: float = 0.0
     compile: bool = False  # torch.compile the training model (fuses the fake quantizers)
+    distill: float = 0.0  # weight of KL to the FP teacher (hawq.quant.distill); 0 = plain CE
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
@@ -60,6 +62,11 @@ class QATConfig:
         require(self.qparam_space in ("log", "linear"), "qparam_space", self.qparam_space,
                 "log, linear")  # fmt: skip
         require(self.epochs_per_step >= 1, "epochs_per_step", self.epochs_per_step, ">= 1")
+        require(0.0 <= self.distill <= 1.0, "distill", self.distill, "a weight in [0, 1]")
+        require(not (self.distill > 0 and self.compile), "distill", self.distill,
+                "0 with qat.compile=true (the teacher reads the batch through a forward hook)")
+        require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature,
+                "> 0")  # fmt: skip
         require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
                 "0 <= warmup_epochs < epochs")  # fmt: skip
         if self.schedule is not None:

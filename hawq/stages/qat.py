@@ -33,6 +33,7 @@ ever taken of the compiled one).
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -62,6 +63,7 @@ from hawq.quant import (
 )
 from hawq.quant.api import quantizers, refit_
 from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
+from hawq.quant.distill import DistillLoss
 from hawq.quant.equalize import equalize_
 from hawq.quant.quantizer import Quantizer
 from hawq.quant.scale_optim import QATAdam
@@ -236,6 +238,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     plan, source = resolve_plan(qc, ctx.run_dir)
     model, model_cfg = load_fp(ctx)
     model.to(device)
+    teacher = copy.deepcopy(model) if tc.distill > 0 else None  # the FP model, frozen
     data = ctx.data
     test = data.eval_loader("test", device)
 
@@ -265,7 +268,10 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     steps = len(train)
     scheduler = cosine_scheduler(optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps),
                                  tc.min_lr_ratio)  # fmt: skip
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    loss_fn: nn.Module = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    if teacher is not None:
+        loss_fn = DistillLoss(model, teacher, tc.distill, tc.distill_temperature,
+                              tc.label_smoothing)  # fmt: skip
 
     state_path = ctx.path(STATE)
     start, history, drops = 0, [], []
@@ -325,6 +331,8 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
                                         "scheduler": scheduler.state_dict()})  # fmt: skip
     finally:
         watch.remove()
+        if isinstance(loss_fn, DistillLoss):
+            loss_fn.remove()
 
     last = history[-1]
     if main:
@@ -341,6 +349,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
         "acc_drop": fp["acc"] - last["test_acc"],
         "method": tc.method,
         "epochs": tc.epochs,
+        "distill": tc.distill,
         "schedule": tc.schedule,
         "drops": drops,  # accuracy right after each bit drop (re-fitted), before training
         "collapsed_ops": collapsed_ops(model),
