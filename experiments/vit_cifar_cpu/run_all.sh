@@ -41,6 +41,18 @@ run vit_cifar_cpu_seed_method experiment=vit_cifar_cpu_seed_method "${CK[@]}" \
 run vit_cifar_cpu_curve_ours experiment=vit_cifar_cpu_curve_ours "${CK[@]}" \
     curve.hessian="$RUNS/vit_cifar_cpu_hessian/hessian.json" "$@"
 run vit_cifar_cpu_w4a4 experiment=vit_cifar_cpu_w4a4 "${CK[@]}" "$@"
+#    the same QAT distilled from the FP model (KL to its logits), ~30 min
+run vit_cifar_cpu_w4a4_kd experiment=vit_cifar_cpu_w4a4 qat.distill=1.0 "${CK[@]}" "$@"
+#    PTQ variants tried for the FP-1.5 target (~2 min each): LayerNorm -> Linear channel
+#    equalization, other calibrators, and the diagnosis run (one activation at 8 bits)
+run vit_cifar_cpu_w4a4_eq1.0 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.equalize=1.0 "${CK[@]}" "$@"
+run vit_cifar_cpu_w4a4_eq0.5 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.equalize=0.5 "${CK[@]}" "$@"
+for c in percentile entropy; do
+  run "vit_cifar_cpu_w4a4_$c" experiment=vit_cifar_cpu_w4a4 stages='[ptq]' \
+      quant.default.calibrator="$c" "${CK[@]}" "$@"
+done
+run vit_cifar_cpu_w4a4_diag_fc2a8 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' \
+    quant.plan=experiments/vit_cifar_cpu/w4a4_fc2_0_a8.yaml "${CK[@]}" "$@"
 
 # 4. Hessian-ILP mixed 4/8 plans at 0.25 / 0.5 / 0.75 of the BOPs range, PTQ, ~2 min each
 for f in 0.25 0.5 0.75; do
@@ -50,7 +62,7 @@ for f in 0.25 0.5 0.75; do
       alloc.hessian="$RUNS/vit_cifar_cpu_hessian/hessian.json" "$@"
 done
 
-# 5. all-INT2 by progressive QAT 8 -> 4 -> 3 -> 2 (re-fit at every drop), ~45 min
+# 5. all-INT2 by progressive QAT 8 -> 4 -> 3 -> 2 (re-fit at every drop), ~30 min
 run vit_cifar_cpu_w2a2_progressive experiment=vit_cifar_cpu_w2a2_progressive "${CK[@]}" "$@"
 
 # 6. the two extra FP seeds (mean +- std of the FP row), ~60 min each
