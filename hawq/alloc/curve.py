@@ -39,7 +39,9 @@ true maximum when only every ``step``-th prefix is evaluated).
 from __future__ import annotations
 
 import copy
+import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -54,6 +56,7 @@ from hawq.config import require
 from hawq.errors import HawqError
 from hawq.quant.plan import OpSetting, Plan
 
+log = logging.getLogger("hawq")
 ORDERS = ("hessian", "measured", "random")
 HESSIAN_METHODS = ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act")
 LOW = Candidate(4, 4)  # the INT4 setting the curve enables op by op
@@ -255,7 +258,11 @@ class PrefixEvaluator:
     def accuracy(self, enabled: Iterable[str]) -> float:
         key = frozenset(enabled)
         if key not in self.cache:
+            t0 = time.perf_counter()
             self.cache[key] = self.ptq_accuracy(self.plan(key))
+            log.info("curve: evaluation %d (%d of %d ops low): acc %.2f in %.1f s",
+                     len(self.cache), len(key), len(self.ops), self.cache[key],
+                     time.perf_counter() - t0)  # fmt: skip
         return self.cache[key]
 
     def single_op_drops(self) -> tuple[float, dict[str, float]]:
