@@ -14,11 +14,18 @@ Measured (Xeon with AMX-INT8, 1 thread, ``benchmarks/bench_integer_cpu.py`` reco
 ~1.2 TOPS vs fp32 ~0.17 TFLOPS; a 64-channel 3x3 conv on 8x8 maps 0.33 ms vs 1.9 ms fp32.
 
 **Epilogues.** :func:`requant` computes ``lut?[clamp(rshift_round((acc + b) m, e) + z, lo,
-hi)]`` (then an optional residual add ``clamp(. + r, -R, R)``) in one pass of int64
-register arithmetic per element -- the reference formulas of :mod:`hawq.integer.dyadic`
-verbatim, so bit-exact by construction and checked by property tests. Softmax and
-LayerNorm rows are single C++ loops of the same integer formulas.
+hi)]`` (then an optional residual add, clamped to ``[-R, R]`` or ``[0, R]`` with ReLU) -- the
+reference formulas of :mod:`hawq.integer.dyadic` verbatim, as explicit AVX-512 loops (8 int64
+lanes) with a scalar path for other CPUs; softmax and LayerNorm rows likewise. Divisions by a
+per-row constant are a float64 estimate plus one exact integer correction. All of it is
+checked bit for bit against the reference by ``tests/integer/test_cpu_backend.py``.
 
+**Attention.** :func:`attention` (``ops.int_attention``): on AVX-512 VNNI one fused kernel per
+(image, head) -- both products as u8 x s8 ``vpdpbusd`` dot products with the zero points
+corrected by row and column sums, softmax and both requantizations in between.
+
+The extension is built with ``-fopenmp`` (ATen's ``parallel_for`` is a header template: without
+it every kernel runs on one thread) and its first use calls :func:`keep_freed_memory`.
 The extension is compiled once per machine (``torch.utils.cpp_extension``, cached); if
 that fails, :func:`available` is False and ``ops.auto`` stays on the reference path.
 """
