@@ -521,33 +521,6 @@ torch::Tensor pad_u8(torch::Tensor x, int64_t p, int64_t value) {
 }
 
 // ---------------------------------------------------------------------------- attention
-// qkv int8 codes (B, T, 3, H, hd) -> float32 (3, B, H, T, hd): q - zq, k - zk, v - zv (exact:
-// |code - z| <= 255), the operands of the two attention products in the layout they read.
-torch::Tensor split_heads(torch::Tensor qkv, int64_t zq, int64_t zk, int64_t zv) {
-  qkv = qkv.contiguous();
-  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3 && qkv.scalar_type() == at::kChar,
-              "split_heads: int8 (B, T, 3, H, hd) expected");
-  const i64 B = qkv.size(0), T = qkv.size(1), H = qkv.size(3), hd = qkv.size(4);
-  auto out = torch::empty({3, B, H, T, hd}, qkv.options().dtype(at::kFloat));
-  const int8_t* src = qkv.data_ptr<int8_t>();
-  float* dst = out.data_ptr<float>();
-  const float zs[3] = {(float)zq, (float)zk, (float)zv};
-  at::parallel_for(0, B * T, std::max<i64>(1, 32768 / std::max<i64>(3 * H * hd, 1)),
-                   [&](i64 r0, i64 r1) {
-    for (i64 r = r0; r < r1; ++r) {
-      const i64 b = r / T, t = r % T;
-      for (i64 s = 0; s < 3; ++s)
-        for (i64 h = 0; h < H; ++h) {
-          const int8_t* a = src + ((r * 3 + s) * H + h) * hd;
-          float* o = dst + (((s * B + b) * H + h) * T + t) * hd;
-          const float z = zs[s];
-          for (i64 d = 0; d < hd; ++d) o[d] = (float)a[d] - z;
-        }
-    }
-  });
-  return out;
-}
-
 // Fused integer attention (hawq.integer.ops.int_attention after the qkv projection), one
 // (batch, head) pair at a time in L1/L2, on AVX-512 VNNI (vpdpbusd: u8 x s8 -> i32):
 //   S = (q - zq)(k - zk)^T = (q + 128) k^T - (128 + zq) colsum(k) - zk rowsum(q) + hd zq zk
@@ -708,7 +681,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("requant", &requant);
   mod.def("softmax", &softmax);
   mod.def("layernorm", &layernorm);
-  mod.def("split_heads", &split_heads);
   mod.def("pad_u8", &pad_u8);
 #ifdef HAWQ_VNNI
   mod.def("attention_int8", &attention_int8);
