@@ -2,7 +2,8 @@
 
 The one verb is :func:`quantize_` ``(model, plan)``; the maths are pure functions
 (:func:`choose_qparams`, :func:`quantize`, :func:`dequantize`, :func:`fake_quantize`)
-kept apart from the modules that hold quantizer state.
+kept apart from the modules that hold quantizer state. :func:`reconstruct_` refines a
+calibrated PTQ model block by block (AdaRound rounding, learned activation steps).
 """
 
 from hawq.quant.api import (
@@ -41,14 +42,16 @@ from hawq.quant.primitives import (
     reduce_range,
 )
 from hawq.quant.quantizer import Quantizer
+from hawq.quant.reconstruct import ReconstructSettings, reconstruct_
 
 __all__ = [
-    "CALIBRATORS", "FORMAT_BITS", "OpSetting", "Plan", "QuantConv2d", "QuantLinear",
-    "QuantMatMul", "Quantizer", "calibrate", "check_ready", "choose_qparams", "collapsed_ops",
-    "dequantize", "export_onnx", "fake_quantize", "fake_quantize_tensor", "find_conv_bn_pairs",
-    "fold_conv_bn", "fold_weight_bias", "format_fake_quantize", "fp8_fake_quantize", "freeze_bn_",
-    "load_plan", "load_quantized", "lsq_fake_quantize", "lsqplus_fake_quantize", "make_calibrator",
-    "mse_range", "mx_fake_quantize", "nf4_fake_quantize", "nf4_levels", "pact_fake_quantize",
-    "qrange", "quant_ops", "quantize", "quantize_", "quantizers", "reduce_range", "save_plan",
-    "save_quantized", "set_bits_", "summary",
+    "CALIBRATORS", "FORMAT_BITS", "OpSetting", "Plan", "QuantConv2d", "QuantLinear", "QuantMatMul",
+    "Quantizer", "ReconstructSettings", "calibrate", "check_ready", "choose_qparams",
+    "collapsed_ops", "dequantize", "export_onnx", "fake_quantize", "fake_quantize_tensor",
+    "find_conv_bn_pairs", "fold_conv_bn", "fold_weight_bias", "format_fake_quantize",
+    "fp8_fake_quantize", "freeze_bn_", "load_plan", "load_quantized", "lsq_fake_quantize",
+    "lsqplus_fake_quantize", "make_calibrator", "mse_range", "mx_fake_quantize",
+    "nf4_fake_quantize", "nf4_levels", "pact_fake_quantize", "qrange", "quant_ops", "quantize",
+    "quantize_", "quantizers", "reconstruct_", "reduce_range", "save_plan", "save_quantized",
+    "set_bits_", "summary",
 ]

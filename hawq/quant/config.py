@@ -9,8 +9,22 @@ from typing import Any
 from hawq.config import require
 from hawq.errors import HawqError
 from hawq.quant.plan import DEFAULT_KEY, OpSetting, Plan, load_plan
+from hawq.quant.reconstruct import ReconstructSettings
 
 BITS_FILE = "bits.yaml"  # written by the alloc stage into the run directory
+
+
+@dataclass
+class ReconstructConfig(ReconstructSettings):
+    """``quant.reconstruct``: block reconstruction after calibration (hawq.quant.reconstruct)."""
+
+    enabled: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ValueError(f"reconstruct.{e}") from None
 
 
 @dataclass
@@ -23,6 +37,7 @@ class QuantConfig:
     calib_batch_size: int = 256
     fold_bn: bool = True  # fold BN into the preceding quantized conv
     equalize: float = 0.0  # LayerNorm -> Linear channel equalization strength (hawq.quant.equalize)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
 
     def __post_init__(self) -> None:
         require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")

@@ -144,3 +144,20 @@ def test_results_json_records_the_stage(tmp_path, make_cfg, fp_vit):
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {"ptq"} <= set(on_disk["stages"])
     assert on_disk["config"]["quant"]["default"]["w_bits"] == 8
+
+
+def test_ptq_with_reconstruction_records_units_and_saves_the_reconstructed_model(
+        make_cfg, tmp_path, fp_vit):  # fmt: skip
+    res = run_pipeline(make_cfg(*SMOKE, *W4A4, fp_vit, "stages=[ptq]",
+                                "quant.reconstruct.enabled=true", "quant.reconstruct.iters=20"))
+    ptq = res["stages"]["ptq"]
+    rec = ptq["reconstruct"]
+    assert set(rec["units"]) == {"patch_embed", "blocks.0", "blocks.1", "head"}
+    assert rec["images"] == 256 and rec["calibrated"]["n"] == ptq["quantized"]["n"]  # subset
+    assert all(u["after"] <= u["before"] for u in rec["units"].values())
+    qmodel, _, meta = load_quantized(tmp_path / "run" / "ptq_model.pt")
+    assert meta["acc"] == ptq["quantized"]["acc"]
+    for op in qmodel.modules():  # reconstructed weights sit on their grid
+        if hasattr(op, "w_quant") and op.w_quant is not None:
+            s = op.w_quant.scale
+            assert torch.equal(torch.round(op.weight / s), torch.round(op.w_quant(op.weight) / s))
