@@ -66,6 +66,7 @@ class QATConfig:
     amp: bool = True
     label_smoothing: float = 0.0
     compile: bool = False  # torch.compile the training model (fuses the fake quantizers)
+    init: str | None = None  # a quantized checkpoint (e.g. a reconstructed PTQ) to start from
     distill: float = 0.0  # weight of KL to the FP teacher (hawq.quant.distill); 0 = plain CE
     distill_temperature: float = 1.0
 
@@ -80,6 +81,8 @@ class QATConfig:
         require(0.0 <= self.distill <= 1.0, "distill", self.distill, "a weight in [0, 1]")
         require(not (self.distill > 0 and self.compile), "distill", self.distill,
                 "0 with qat.compile=true (the teacher reads the batch through a forward hook)")
+        require(not (self.init and self.schedule), "init", self.init,
+                "null with qat.schedule (a progressive run starts wider than the checkpoint)")
         require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature,
                 "> 0")  # fmt: skip
         require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,

@@ -9,7 +9,9 @@ new width would be (``qat.refit_on_drop``: weight ranges from the current weight
 activation ranges observed on the calibration batches), their optimizer moments reset,
 and the model is evaluated (``drops`` in the results): training after a drop starts at
 fresh-PTQ accuracy for that width instead of the old width's range on a coarser grid.
-Folded BN statistics freeze at ``qat.freeze_bn_epoch``.
+Folded BN statistics freeze at ``qat.freeze_bn_epoch``. ``qat.init`` starts from a
+quantized checkpoint of the same plan instead of the fresh calibration (e.g. the
+``ptq_model.pt`` of a run with ``quant.reconstruct.enabled``).
 
 Optimizer: :class:`~hawq.quant.scale_optim.QATAdam`; step sizes and PACT clips update in
 log space (``qat.qparam_space=log``), so they scale with themselves and never flip
@@ -37,6 +39,7 @@ import copy
 import csv
 import io
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -102,6 +105,32 @@ def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:
 
 
 POSITIVE = ("scale", "alpha")  # quantizer parameters that must stay > 0 (log-space group)
+
+
+def load_init(model: nn.Module, path: str, plan: Plan) -> None:
+    """Weights and qparams from a quantized checkpoint of the same plan (``qat.init``), e.g.
+    the ``ptq_model.pt`` of a run with ``quant.reconstruct.enabled``: PTQ step sizes become
+    the LSQ parameters under the same state-dict keys."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise HawqError(f"qat.init={path}: no such file")
+    ckpt = load_torch(p)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "quantized":
+        raise HawqError(f"qat.init={path} is not a hawq quantized checkpoint (ptq_model.pt)")
+    if Plan.from_dict(ckpt["plan"], where=f"{p}:plan").to_dict() != plan.to_dict():
+        raise HawqError(f"qat.init={path} was quantized with another plan than this run's; "
+                        "start from a checkpoint of the same plan")  # fmt: skip
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise HawqError(f"qat.init={path} does not fit qat.method={model_method(model)}: "
+                        f"{str(e).splitlines()[0]}") from e  # fmt: skip
+    log.info("qat: weights and qparams from %s (accuracy there %s)", p,
+             ckpt.get("meta", {}).get("acc"))  # fmt: skip
+
+
+def model_method(model: nn.Module) -> str | None:
+    return next((q.learn for q in quantizers(model).values() if q.learn), None)
 
 
 def param_groups(model: nn.Module, tc: QATConfig) -> list[dict]:
@@ -257,6 +286,8 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     set_bits_(model, plan, tc.floor_bits(0))
     torch.manual_seed(ctx.run.seed)
     calibrate(model, calib_loader, qc.calib_batches)
+    if tc.init:
+        load_init(model, tc.init, plan)
     dist.broadcast_state(model)  # identical qparams (and signedness) on every rank
     check_ready(model)
     init = evaluate_all(model)

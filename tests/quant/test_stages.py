@@ -161,3 +161,22 @@ def test_ptq_with_reconstruction_records_units_and_saves_the_reconstructed_model
         if hasattr(op, "w_quant") and op.w_quant is not None:
             s = op.w_quant.scale
             assert torch.equal(torch.round(op.weight / s), torch.round(op.w_quant(op.weight) / s))
+
+
+def test_qat_starts_from_a_reconstructed_ptq_checkpoint(make_cfg, tmp_path, fp_vit):
+    ptq_dir = tmp_path / "ptq"
+    res = run_pipeline(make_cfg(*SMOKE, *W4A4, fp_vit, "stages=[ptq]",
+                                "quant.reconstruct.enabled=true", "quant.reconstruct.iters=20",
+                                run_dir=ptq_dir))  # fmt: skip
+    ptq = res["stages"]["ptq"]["quantized"]
+    ckpt = ptq_dir / "ptq_model.pt"
+    qat = run_pipeline(make_cfg(*SMOKE, *W4A4, fp_vit, "stages=[qat]", "qat.epochs=1",
+                                f"qat.init={ckpt}"))["stages"]["qat"]  # fmt: skip
+    assert qat["init"]["acc"] == pytest.approx(ptq["acc"], abs=1.0)
+    assert qat["init"]["loss"] == pytest.approx(ptq["loss"], rel=1e-3)
+    with pytest.raises(HawqError, match="another plan"):
+        run_pipeline(make_cfg(*SMOKE, fp_vit, "stages=[qat]", "qat.epochs=1",
+                              f"qat.init={ckpt}", run_dir=tmp_path / "other"))  # fmt: skip
+    with pytest.raises(HawqError, match="qat.init"):
+        run_pipeline(make_cfg(*SMOKE, *W4A4, fp_vit, "stages=[qat]", "qat.schedule=[8,4]",
+                              f"qat.init={ckpt}", run_dir=tmp_path / "prog"))  # fmt: skip
