@@ -56,6 +56,7 @@ class QATConfig:
     qparam_lr: float = 1.0e-3  # step sizes and clips: relative change per step (log space)
     qparam_space: str = "log"  # log: Adam on log s (s stays > 0) | linear: Adam on s (old)
     refit_on_drop: bool = True  # progressive schedule: re-fit qparams at each new width
+    reconstruct_on_drop: bool = False  # then block reconstruction (quant.reconstruct settings)
     weight_decay: float = 0.0
     schedule: list[int] | None = None  # progressive floor bits, e.g. [8, 4, 3, 2]
     epochs_per_step: int = 1  # epochs at each schedule step but the last (it takes the rest)
@@ -81,6 +82,8 @@ class QATConfig:
         require(0.0 <= self.distill <= 1.0, "distill", self.distill, "a weight in [0, 1]")
         require(not (self.distill > 0 and self.compile), "distill", self.distill,
                 "0 with qat.compile=true (the teacher reads the batch through a forward hook)")
+        require(self.refit_on_drop or not self.reconstruct_on_drop, "reconstruct_on_drop",
+                self.reconstruct_on_drop, "false without qat.refit_on_drop")
         require(not (self.init and self.schedule), "init", self.init,
                 "null with qat.schedule (a progressive run starts wider than the checkpoint)")
         require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature,

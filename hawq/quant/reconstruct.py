@@ -33,7 +33,8 @@ error does not improve is restored as it was.
 Units: a quantized op belongs to its path's first prefix that is an item of a
 ``ModuleList``/``Sequential`` (``blocks.3``, ``layer2.1``), else to its top-level
 module (``patch_embed``, ``head``). Dynamic (per-call) and float-format quantizers have
-nothing to learn and stay as they are.
+nothing to learn and stay as they are. LSQ quantizers (QAT) are treated like static ones, so
+a progressive QAT can reconstruct after a bit drop (``qat.reconstruct_on_drop``).
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ class LearnedStep(nn.Module):
 
 
 def _static_int(q: Any) -> bool:
-    return isinstance(q, Quantizer) and q.fmt == "int" and not q.dynamic and q.learn is None
+    """An int quantizer with a stored step size: PTQ's, or LSQ's during QAT (LSQ+ offsets
+    and PACT clips parametrise the grid differently and are left alone)."""
+    return (isinstance(q, Quantizer) and q.fmt == "int" and not q.dynamic
+            and q.learn in (None, "lsq"))  # fmt: skip
 
 
 class _Stop(Exception):

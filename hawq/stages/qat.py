@@ -9,6 +9,8 @@ new width would be (``qat.refit_on_drop``: weight ranges from the current weight
 activation ranges observed on the calibration batches), their optimizer moments reset,
 and the model is evaluated (``drops`` in the results): training after a drop starts at
 fresh-PTQ accuracy for that width instead of the old width's range on a coarser grid.
+``qat.reconstruct_on_drop`` adds block reconstruction after the re-fit (``quant.reconstruct``
+settings; AdaRound rounding and LSQ step sizes fitted unit by unit to the FP model).
 Folded BN statistics freeze at ``qat.freeze_bn_epoch``. ``qat.init`` starts from a
 quantized checkpoint of the same plan instead of the fresh calibration (e.g. the
 ``ptq_model.pt`` of a run with ``quant.reconstruct.enabled``).
@@ -38,6 +40,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import itertools
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,6 +72,7 @@ from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
 from hawq.quant.distill import DistillLoss
 from hawq.quant.equalize import equalize_
 from hawq.quant.quantizer import Quantizer
+from hawq.quant.reconstruct import reconstruct_
 from hawq.quant.scale_optim import QATAdam
 from hawq.stages import record
 from hawq.stages.context import Context
@@ -175,6 +179,16 @@ def refit_after_drop(model: nn.Module, optimizer: QATAdam, changed: list[str], b
     return done
 
 
+def reconstruct_after_drop(model: nn.Module, fp_model: nn.Module, optimizer: QATAdam, batches,
+                           qc: QuantConfig) -> None:  # fmt: skip
+    """Block reconstruction (:mod:`hawq.quant.reconstruct`) of the re-fitted model against the
+    FP model on the calibration images; moments of every quantizer parameter reset."""
+    images = torch.cat([b[0] for b in itertools.islice(iter(batches), qc.calib_batches)])
+    reconstruct_(model, fp_model, images, qc.reconstruct, qc.calib_batch_size)
+    optimizer.reset_state([p for q in quantizers(model).values()
+                           for p in q.parameters(recurse=False)])  # fmt: skip
+
+
 class NonFiniteWatch:
     """Records, without a host sync, when (a running count of op calls) each quantized
     op's output first went NaN/Inf; after a divergence the earliest one is its origin."""
@@ -268,6 +282,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     model, model_cfg = load_fp(ctx)
     model.to(device)
     teacher = copy.deepcopy(model) if tc.distill > 0 else None  # the FP model, frozen
+    fp_ref = teacher or (copy.deepcopy(model) if tc.reconstruct_on_drop else None)
     data = ctx.data
     test = data.eval_loader("test", device)
 
@@ -331,6 +346,8 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
             if changed and tc.refit_on_drop:
                 calib = data.eval_loader("train", device, qc.calib_batch_size)
                 refit_after_drop(model, optimizer, changed, calib, qc.calib_batches)
+                if tc.reconstruct_on_drop:
+                    reconstruct_after_drop(model, fp_ref, optimizer, calib, qc)
                 dist.broadcast_state(model)
                 ev = evaluate_all(model)
                 drops.append({"epoch": epoch, "floor_bits": floor, "acc": ev["acc"],

@@ -216,3 +216,22 @@ def test_bad_settings_are_one_line_errors():
     fp = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(HawqError, match="no quantized ops"):
         reconstruct_(copy.deepcopy(fp), fp, torch.randn(4, 3))
+
+
+def test_lsq_quantizers_of_a_qat_model_are_reconstructed_too():
+    torch.manual_seed(0)
+    fp = tiny_vit().eval()
+    calib = _images(64, 1)
+    q = copy.deepcopy(fp)
+    quantize_(q, Plan.from_dict({"_default": {"w_bits": 3, "a_bits": 3}}), "lsq", True)
+    calibrate(q, [(calib,)])
+    steps = {n: op.a_quant.scale.detach().clone() for n, op in quant_ops(q).items()}
+    report = reconstruct_(q, fp, calib, ReconstructSettings(iters=100))
+    assert sum(r["after"] for r in report.values()) < sum(r["before"] for r in report.values())
+    for op in quant_ops(q).values():
+        assert isinstance(op.a_quant.scale, nn.Parameter) and op.a_quant.scale.requires_grad
+        if hasattr(op, "w_quant"):
+            s = op.w_quant.scale.detach()
+            assert torch.equal(torch.round(op.weight / s), torch.round(op.w_quant(op.weight) / s))
+    assert any(not torch.equal(op.a_quant.scale.detach(), steps[n])
+               for n, op in quant_ops(q).items())  # fmt: skip

@@ -180,3 +180,14 @@ def test_qat_starts_from_a_reconstructed_ptq_checkpoint(make_cfg, tmp_path, fp_v
     with pytest.raises(HawqError, match="qat.init"):
         run_pipeline(make_cfg(*SMOKE, *W4A4, fp_vit, "stages=[qat]", "qat.schedule=[8,4]",
                               f"qat.init={ckpt}", run_dir=tmp_path / "prog"))  # fmt: skip
+
+
+def test_progressive_qat_reconstructs_after_each_drop(make_cfg, tmp_path, fp_vit):
+    common = (*SMOKE, fp_vit, "stages=[qat]", "qat.schedule=[8,3]", "qat.epochs=2",
+              "quant.default.w_bits=3", "quant.default.a_bits=3")  # fmt: skip
+    plain = run_pipeline(make_cfg(*common, run_dir=tmp_path / "plain"))["stages"]["qat"]
+    rec = run_pipeline(make_cfg(*common, "qat.reconstruct_on_drop=true",
+                                "quant.reconstruct.iters=40", run_dir=tmp_path / "rec"))
+    drop_plain, drop_rec = plain["drops"][-1], rec["stages"]["qat"]["drops"][-1]
+    assert drop_rec["floor_bits"] == drop_plain["floor_bits"] == 3
+    assert drop_rec["loss"] < drop_plain["loss"]  # reconstruction after the re-fit helps
