@@ -43,6 +43,14 @@ run vit_cifar_cpu_curve_ours experiment=vit_cifar_cpu_curve_ours "${CK[@]}" \
 run vit_cifar_cpu_w4a4 experiment=vit_cifar_cpu_w4a4 "${CK[@]}" "$@"
 #    the same QAT distilled from the FP model (KL to its logits), ~30 min
 run vit_cifar_cpu_w4a4_kd experiment=vit_cifar_cpu_w4a4 qat.distill=1.0 "${CK[@]}" "$@"
+#    the same QAT for 8 epochs, ~80 min
+run vit_cifar_cpu_w4a4_kd8 experiment=vit_cifar_cpu_w4a4 qat.distill=1.0 qat.epochs=8 "${CK[@]}" "$@"
+#    block reconstruction PTQ (AdaRound rounding + learned activation steps/biases, unit by unit
+#    against the FP model on the 2,048 calibration images), ~15 min; then the distilled QAT from it
+run vit_cifar_cpu_w4a4_rec experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.reconstruct.enabled=true \
+    "${CK[@]}" "$@"
+run vit_cifar_cpu_w4a4_rec_kd experiment=vit_cifar_cpu_w4a4 stages='[qat]' qat.distill=1.0 \
+    qat.init="$RUNS/vit_cifar_cpu_w4a4_rec/ptq_model.pt" "${CK[@]}" "$@"
 #    PTQ variants tried for the FP-1.5 target (~2 min each): LayerNorm -> Linear channel
 #    equalization, other calibrators, and the diagnosis run (one activation at 8 bits)
 run vit_cifar_cpu_w4a4_eq1.0 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.equalize=1.0 "${CK[@]}" "$@"
@@ -64,6 +72,13 @@ done
 
 # 5. all-INT2 by progressive QAT 8 -> 4 -> 3 -> 2 (re-fit at every drop), ~30 min
 run vit_cifar_cpu_w2a2_progressive experiment=vit_cifar_cpu_w2a2_progressive "${CK[@]}" "$@"
+
+#    distilled, 4 -> 3 -> 2 with 6 epochs at 2 bits, ~80 min; the same with block reconstruction
+#    after each re-fit (the lead's run forked the first one after its 3-bit epoch)
+P2=(experiment=vit_cifar_cpu_w2a2_progressive qat.distill=1.0 qat.epochs=8 'qat.schedule=[4,3,2]')
+run vit_cifar_cpu_w2a2_prog_kd "${P2[@]}" "${CK[@]}" "$@"
+run vit_cifar_cpu_w2a2_prog_kd_rec "${P2[@]}" qat.reconstruct_on_drop=true quant.reconstruct.iters=1000 \
+    "${CK[@]}" "$@"
 
 # 6. the two extra FP seeds (mean +- std of the FP row), ~60 min each
 for s in $FP_SEEDS; do
