@@ -15,6 +15,10 @@ killed run therefore redoes the stage it was in, however late the kill came, and
 stage's ``results.json`` entry (restored from the record when missing) always
 describes the config that made its artifacts.
 
+A config key that hawq gained after a record was written, still at its packaged default
+(``hawq/conf/<group>/<default option>.yaml``), is not a change: the stage stays done
+(upgrading hawq does not redo or refuse finished stages).
+
 When the fingerprint changed while the outputs are intact, cheap stages are redone
 (with one log line naming the changed keys); the stages that train weights
 (:data:`KEEP`: ``train``, ``qat``) refuse instead with one line naming the changed
@@ -23,6 +27,7 @@ keys: ``force=true`` redoes them (overwriting), a new ``name=`` keeps both.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -206,10 +211,42 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def changed_keys(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ, as ``key=old -> new``."""
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@functools.cache
+def _group_defaults(group: str) -> Any:
+    """The packaged default option of a config group (None for a top-level key or when the
+    group has no file)."""
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    for item in root.get("defaults", []):
+        if OmegaConf.is_dict(item) and group in item and item[group]:
+            f = CONF_DIR / group / f"{item[group]}.yaml"
+            return OmegaConf.load(f) if f.is_file() else None
+    return None
+
+
+def added_at_default(old: dict, new: dict) -> set[str]:
+    """Dotted keys of ``new`` absent from ``old`` whose value is the packaged default."""
     a, b = _flat(old), _flat(new)
-    keys = sorted(set(a) | set(b))
+    out = set()
+    for key in set(b) - set(a):
+        group, _, rest = key.partition(".")
+        conf = _group_defaults(group) if rest else None
+        if conf is None:
+            continue
+        value = OmegaConf.select(conf, rest, default=_MISSING, throw_on_missing=False)
+        if OmegaConf.is_config(value):
+            continue
+        if value is not _MISSING and value == b[key]:
+            out.add(key)
+    return out
+
+
+def changed_keys(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[str]:
+    """Dotted keys whose values differ, as ``key=old -> new`` (but those in ``ignore``)."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted((set(a) | set(b)) - set(ignore))
     return [f"{k}={a.get(k, _MISSING)!r} -> {b.get(k, _MISSING)!r}"
             for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING)]  # fmt: skip
 
@@ -227,17 +264,22 @@ def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
         if _file_hash(_file(ctx, p)) != digest:
             return Status(False, f"output {p} is missing or changed since it was written")
     config = config_values(stage, ctx)
+    old_config = rec.get("config", {})
+    newer = added_at_default(old_config, config)  # keys hawq gained since, at their defaults
     if config_only:
-        changed = changed_keys(rec.get("config", {}), config)
+        changed = changed_keys(old_config, config, newer)
         return Status(not changed, "config changed" if changed else "config unchanged", changed,
                       outputs_intact=True)  # fmt: skip
     inputs = input_hashes(stage, ctx)
     if fingerprint(config, inputs) == rec["fingerprint"]:
         return Status(True, "up to date", outputs_intact=True)
-    changed = changed_keys(rec.get("config", {}), config)
+    changed = changed_keys(old_config, config, newer)
     old_inputs = rec.get("inputs", {})
     changed += [f"input {Path(p).name} changed" for p in sorted(set(old_inputs) | set(inputs))
                 if old_inputs.get(p, _MISSING) != inputs.get(p, _MISSING)]  # fmt: skip
+    if not changed and newer:
+        return Status(True, f"up to date ({len(newer)} newer config key(s) at their defaults)",
+                      outputs_intact=True)  # fmt: skip
     return Status(False, "made with a different config or inputs", changed or ["(unknown)"],
                   outputs_intact=True)  # fmt: skip
 

@@ -179,3 +179,32 @@ def test_weights_without_a_record_are_adopted_not_retrained(run_copy):
     res = run_pipeline(compose_cfg(run_dir, "stages=[train]", "train.epochs=3"))
     assert (run_dir / "model.pt").read_bytes() == model
     assert res["stages"]["train"]["epochs"] == 1  # the entry of the run that made it
+
+
+def _drop_from_record(run_dir, stage, group, key):
+    """Make the record look written by a hawq without ``<group>.<key>`` (an older version)."""
+    path = run_dir / "records" / f"{stage}.json"
+    rec = json.loads(path.read_text())
+    rec["config"][group].pop(key)
+    rec["fingerprint"] = record.fingerprint(rec["config"], rec["inputs"])
+    path.write_text(json.dumps(rec))
+
+
+def test_config_keys_added_since_a_record_leave_it_done_at_their_defaults(run_copy):
+    """Upgrading hawq (new keys such as quant.reconstruct / qat.init) must not redo a finished
+    ptq or make a finished qat refuse; setting the new key to a non-default value does."""
+    run_dir, _ = run_copy
+    _drop_from_record(run_dir, "ptq", "quant", "reconstruct")
+    _drop_from_record(run_dir, "qat", "qat", "init")
+    st = status(run_dir, "qat")
+    assert st.done and "newer config key" in st.reason, st
+    # (this run's ptq ran before alloc wrote bits.yaml: redone for that input alone)
+    assert status(run_dir, "ptq").changed == ["input bits.yaml changed"]
+    st = status(run_dir, "ptq", "quant.reconstruct.enabled=true")
+    assert "quant.reconstruct.enabled='<absent>' -> True" in st.changed
+    assert not any("reconstruct.iters" in c for c in st.changed)
+    st = status(run_dir, "qat", "qat.init=elsewhere.pt")
+    assert not st.done and st.changed == ["qat.init='<absent>' -> 'elsewhere.pt'"]
+    model = (run_dir / "qat_model.pt").read_bytes()
+    run_pipeline(compose_cfg(run_dir, "stages=[qat]"))  # stays done: nothing rewritten
+    assert (run_dir / "qat_model.pt").read_bytes() == model
