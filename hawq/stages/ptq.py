@@ -8,7 +8,7 @@ metrics: FP vs quantized accuracy/loss and a one-line setting per op. With
 ``quant.reconstruct.enabled`` the calibrated model is refined unit by unit against the FP
 model on the calibration images (:mod:`hawq.quant.reconstruct`; no labels) before it is
 evaluated and saved; ``reconstruct`` in the metrics has the calibrated accuracy and the
-per-unit errors.
+per-unit errors, ``ptq_reconstruct.png`` shows them.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from hawq.quant.equalize import equalize_
 from hawq.quant.reconstruct import reconstruct_, units
 from hawq.stages import record
 from hawq.stages.context import Context
+from hawq.viz.reconstruct import plot_reconstruction
 
 log = logging.getLogger("hawq")
 CKPT = "ptq_model.pt"
+RECON_PLOT = "ptq_reconstruct.png"
 PLAN = "ptq_bits.yaml"
 
 
@@ -109,6 +111,10 @@ def run(ctx: Context) -> dict[str, Any]:
         recon = {"calibrated": before, "units": per_unit, "images": images.shape[0],
                  "seconds": sum(u.get("seconds", 0.0) for u in per_unit.values())}  # fmt: skip
     q = evaluate(model, test, ctx.device)
+    if recon is not None:
+        plot_reconstruction(recon["units"], ctx.path(RECON_PLOT),
+                            f"block reconstruction: test acc {recon['calibrated']['acc']:.2f} -> "
+                            f"{q['acc']:.2f} (FP {fp['acc']:.2f})")  # fmt: skip
     log.info("ptq: FP acc %.2f -> quantized %.2f (plan from %s)", fp["acc"], q["acc"], source)
     save_plan(ctx.path(PLAN), plan, {"source": source})
     save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, None, qc.fold_bn,

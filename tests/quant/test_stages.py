@@ -157,6 +157,7 @@ def test_ptq_with_reconstruction_records_units_and_saves_the_reconstructed_model
     assert all(u["after"] <= u["before"] for u in rec["units"].values())
     qmodel, _, meta = load_quantized(tmp_path / "run" / "ptq_model.pt")
     assert meta["acc"] == ptq["quantized"]["acc"]
+    assert (tmp_path / "run" / "ptq_reconstruct.png").stat().st_size > 1000
     for op in qmodel.modules():  # reconstructed weights sit on their grid
         if hasattr(op, "w_quant") and op.w_quant is not None:
             s = op.w_quant.scale
