@@ -141,8 +141,14 @@ def test_errors_only_fall_and_the_network_gets_closer_to_fp():
     fp = tiny_vit().eval()
     calib, held = _images(128, 1), _images(64, 2)
     plain = _ptq(copy.deepcopy(fp), {"_default": {"w_bits": 3, "a_bits": 3}}, calib)
-    rec = copy.deepcopy(plain)
+    rec = copy.deepcopy(plain).train()
+    fp_state = copy.deepcopy(fp.state_dict())
+    flags = {n: p.requires_grad for n, p in rec.named_parameters()}
     report = reconstruct_(rec, fp, calib, ReconstructSettings(iters=150, batch_size=32))
+    assert rec.training and not fp.training  # modes restored
+    assert {n: p.requires_grad for n, p in rec.named_parameters()} == flags
+    assert all(torch.equal(v, fp_state[k]) for k, v in fp.state_dict().items())  # FP untouched
+    rec.eval()
     assert all(r["after"] <= r["before"] for r in report.values())
     assert sum(r["after"] for r in report.values()) < 0.9 * sum(r["before"] for r in
                                                                 report.values())  # fmt: skip
