@@ -47,7 +47,7 @@ run vit_cifar_cpu_w4a4_kd experiment=vit_cifar_cpu_w4a4 qat.distill=1.0 "${CK[@]
 run vit_cifar_cpu_w4a4_kd8 experiment=vit_cifar_cpu_w4a4 qat.distill=1.0 qat.epochs=8 "${CK[@]}" "$@"
 #    block reconstruction PTQ (AdaRound rounding + learned activation steps/biases, unit by unit
 #    against the FP model on the 2,048 calibration images), ~15 min; then the distilled QAT from it
-run vit_cifar_cpu_w4a4_rec experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.reconstruct.enabled=true \
+run vit_cifar_cpu_w4a4_rec experiment=vit_cifar_cpu_w4a4 stages='[ptq,integer]' quant.reconstruct.enabled=true \
     "${CK[@]}" "$@"
 run vit_cifar_cpu_w4a4_rec_kd experiment=vit_cifar_cpu_w4a4 stages='[qat]' qat.distill=1.0 \
     qat.init="$RUNS/vit_cifar_cpu_w4a4_rec/ptq_model.pt" "${CK[@]}" "$@"
