@@ -49,6 +49,8 @@ run vit_cifar_cpu_w4a4_kd8 experiment=vit_cifar_cpu_w4a4 qat.distill=1.0 qat.epo
 #    against the FP model on the 2,048 calibration images), ~15 min; then the distilled QAT from it
 run vit_cifar_cpu_w4a4_rec experiment=vit_cifar_cpu_w4a4 stages='[ptq,integer]' quant.reconstruct.enabled=true \
     "${CK[@]}" "$@"
+run vit_cifar_cpu_w4a4_rec_s1 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.reconstruct.enabled=true \
+    quant.reconstruct.seed=1 "${CK[@]}" "$@"
 run vit_cifar_cpu_w4a4_rec_kd experiment=vit_cifar_cpu_w4a4 stages='[qat]' qat.distill=1.0 \
     qat.init="$RUNS/vit_cifar_cpu_w4a4_rec/ptq_model.pt" "${CK[@]}" "$@"
 #    PTQ variants tried for the FP-1.5 target (~2 min each): LayerNorm -> Linear channel
