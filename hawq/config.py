@@ -10,6 +10,7 @@ allowed. Stages added later validate their own groups the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hawq.errors import HawqError
 
 T = TypeVar("T")
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the packaged Hydra config groups
 
 
 def require(cond: bool, key: str, value: Any, allowed: str) -> None:

@@ -24,10 +24,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hawq import sweep
+from hawq.config import CONF_DIR
 from hawq.errors import HawqError, choices
 from hawq.pipeline import run_pipeline, validate
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("hawq")
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from hawq.config import CONF_DIR
 from hawq.errors import HawqError
 from hawq.io import read_json, write_json
 from hawq.stages.context import Context
@@ -211,9 +212,6 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
 @functools.cache
 def _group_defaults(group: str) -> Any:
     """The packaged default option of a config group (None for a top-level key or when the
@@ -265,14 +263,14 @@ def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
             return Status(False, f"output {p} is missing or changed since it was written")
     config = config_values(stage, ctx)
     old_config = rec.get("config", {})
-    newer = added_at_default(old_config, config)  # keys hawq gained since, at their defaults
     if config_only:
-        changed = changed_keys(old_config, config, newer)
+        changed = changed_keys(old_config, config, added_at_default(old_config, config))
         return Status(not changed, "config changed" if changed else "config unchanged", changed,
                       outputs_intact=True)  # fmt: skip
     inputs = input_hashes(stage, ctx)
     if fingerprint(config, inputs) == rec["fingerprint"]:
         return Status(True, "up to date", outputs_intact=True)
+    newer = added_at_default(old_config, config)  # keys hawq gained since, at their defaults
     changed = changed_keys(old_config, config, newer)
     old_inputs = rec.get("inputs", {})
     changed += [f"input {Path(p).name} changed" for p in sorted(set(old_inputs) | set(inputs))
