@@ -52,7 +52,7 @@ def weight_errors(
     name: str = "?",
 ) -> dict[WLevel, float]:
     """``||dW||^2`` per distinct (w_bits, w_format) of ``cands`` (FP or no weight: 0)."""
-    from hawq.quant.bn_fold import fold_weight_bias
+    from hawq.quant.bn_fold import fold_factor, fold_weight_bias
     from hawq.quant.modules import weight_quantizer
 
     out: dict[WLevel, float] = {}
@@ -68,7 +68,7 @@ def weight_errors(
         if bn is not None:
             w, _ = fold_weight_bias(w, None, bn.running_mean, bn.running_var, bn.weight.detach(),
                                     bn.bias.detach(), bn.eps)  # fmt: skip
-            inv = (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).reshape(
+            inv = fold_factor(bn.weight.detach(), bn.running_var, bn.eps).reshape(
                 -1, *([1] * (w.dim() - 1)))  # fmt: skip
         setting = replace(base, w_bits=c.w_bits, w_format=c.w_format)
         q = weight_quantizer(setting, w, None, BLOCK_AXIS[(kind, "w")])

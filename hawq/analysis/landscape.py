@@ -56,6 +56,7 @@ from torch import nn
 from hawq.hessian import HessianOperator, lanczos, power_iteration
 from hawq.models.ops import quantizable_ops
 from hawq.quant import quant_ops
+from hawq.quant.bn_fold import unfold_weight
 
 Direction = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -315,10 +316,7 @@ def quant_offset(qmodel: nn.Module) -> Direction:
         wq = m.quantized_weight().detach()
         bn = getattr(m, "bn", None)
         if bn is not None:
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # gamma / sigma, (C,)
-            shape = (-1,) + (1,) * (wq.ndim - 1)
-            safe = torch.where(scale == 0, torch.ones_like(scale), scale).view(shape)
-            wq = torch.where(scale.view(shape) == 0, m.weight, wq / safe)
+            wq = unfold_weight(wq, bn, m.weight)
         out[f"{name}.weight"] = wq - m.weight.detach()
     return out
 

@@ -24,6 +24,20 @@ log = logging.getLogger("hawq")
 Tensor = torch.Tensor
 
 
+def fold_factor(gamma: Tensor, var: Tensor, eps: float) -> Tensor:
+    """``gamma / sigma``: the per-output-channel factor folding multiplies the weight by."""
+    return gamma / torch.sqrt(var + eps)
+
+
+def unfold_weight(w_f: Tensor, bn: nn.BatchNorm2d, fallback: Tensor) -> Tensor:
+    """The unfolded weight that folds (running statistics) to ``w_f``; ``fallback`` in the
+    channels whose factor is 0 (every weight there folds to 0)."""
+    scale = fold_factor(bn.weight, bn.running_var, bn.eps)
+    shape = (-1,) + (1,) * (w_f.dim() - 1)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).view(shape)
+    return torch.where(scale.view(shape) == 0, fallback, w_f / safe)
+
+
 def fold_weight_bias(
     weight: Tensor,
     bias: Tensor | None,
@@ -34,7 +48,7 @@ def fold_weight_bias(
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """``(W_f, b_f)`` of the formula above; differentiable in every argument."""
-    inv = gamma / torch.sqrt(var + eps)  # (C_out,)
+    inv = fold_factor(gamma, var, eps)  # (C_out,)
     w_f = weight * inv.reshape(-1, *([1] * (weight.dim() - 1)))
     b = bias if bias is not None else torch.zeros_like(mean)
     return w_f, beta + (b - mean) * inv

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from hawq.config import require
 from hawq.errors import HawqError
+from hawq.quant.bn_fold import unfold_weight
 from hawq.quant.learnable import lsq_fake_quantize
 from hawq.quant.modules import QuantConv2d
 from hawq.quant.quantizer import MIN_SCALE, Quantizer
@@ -310,12 +311,7 @@ class _Swap:
                 folded = isinstance(op, QuantConv2d) and op.bn is not None
                 w_f = op.folded()[0] if folded else op.weight
                 w_q = (m.codes(w_f, hard=True) - m._zero()) * q.scale
-                if folded:
-                    bn = op.bn
-                    inv = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(
-                        -1, *([1] * (w_q.dim() - 1)))  # fmt: skip
-                    w_q = torch.where(inv != 0, w_q / inv, op.weight)
-                op.weight.copy_(w_q)
+                op.weight.copy_(unfold_weight(w_q, op.bn, op.weight) if folded else w_q)
             else:
                 q.scale.copy_(m.log_s.exp().clamp(min=MIN_SCALE))
             setattr(op, attr, q)
