@@ -40,9 +40,11 @@ a progressive QAT can reconstruct after a bit drop (``qat.reconstruct_on_drop``)
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,11 @@ def units(model: nn.Module) -> dict[str, list[str]]:
     for name in quant_ops(model):
         out.setdefault(unit_of(model, name), []).append(name)
     return out
+
+
+def calibration_images(batches: Iterable, max_batches: int) -> Tensor:
+    """The inputs of the first ``max_batches`` batches (``(x, y)`` pairs), concatenated."""
+    return torch.cat([b[0] for b in itertools.islice(iter(batches), max_batches)])
 
 
 def _h(v: Tensor) -> Tensor:
@@ -317,12 +324,17 @@ class _Swap:
             setattr(op, attr, q)
 
 
+def _soft_steps(st: ReconstructSettings) -> int:
+    """Steps before the hard tail (rounding fixed after them)."""
+    return int((1.0 - st.hard_tail) * st.iters)
+
+
 def _beta(st: ReconstructSettings, it: int) -> float | None:
-    """The regulariser's exponent at step ``it`` (None during the warm-up)."""
-    warm, soft = int(st.warmup * st.iters), int((1.0 - st.hard_tail) * st.iters)
-    if it < warm:
+    """The regulariser's exponent at step ``it`` (None in the warm-up and the hard tail)."""
+    warm, soft = int(st.warmup * st.iters), _soft_steps(st)
+    if it < warm or it >= soft:
         return None
-    t = min((it - warm) / max(soft - warm, 1), 1.0)
+    t = (it - warm) / max(soft - warm, 1)
     start, end = st.beta_start, st.beta_end
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
 
@@ -334,7 +346,7 @@ def _optimise(unit: nn.Module, swap: _Swap, inputs: Any, target: Tensor,
     n = target.shape[0]
     rec = torch.zeros(())
     swap.train(True)
-    soft = int((1.0 - st.hard_tail) * st.iters)
+    soft = _soft_steps(st)
     with torch.enable_grad():
         for it in tqdm(range(st.iters), desc=desc, leave=False, disable=None):
             if it == soft:  # rounding fixed from here: the rest adapts to the hard weights
@@ -342,7 +354,7 @@ def _optimise(unit: nn.Module, swap: _Swap, inputs: Any, target: Tensor,
             idx = torch.randint(n, (min(st.batch_size, n),), generator=gen).to(target.device)
             args, kwargs = _take(inputs, idx, n)
             rec = _sq_err(unit(*args, **kwargs), target[idx])
-            beta = _beta(st, it) if it < soft else None
+            beta = _beta(st, it)
             loss = rec if beta is None else rec + st.reg * swap.regulariser(beta)
             if not loss.requires_grad:  # hard tail with nothing else to learn
                 break
@@ -374,7 +386,8 @@ def reconstruct_(model: nn.Module, fp_model: nn.Module, images: Tensor,
     plan = units(model)
     if not plan:
         raise HawqError("reconstruct: the model has no quantized ops (run quantize_ first)")
-    missing = [u for u in plan if u not in dict(fp_model.named_modules())]
+    fp_names = dict(fp_model.named_modules())
+    missing = [u for u in plan if u not in fp_names]
     if missing:
         raise HawqError(f"reconstruct: fp_model has no module {missing[0]!r}; pass the FP "
                         "model the quantized one was made from")  # fmt: skip

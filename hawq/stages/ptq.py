@@ -14,12 +14,10 @@ per-unit errors, ``ptq_reconstruct.png`` shows them.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from collections import Counter
 from typing import Any
 
-import torch
 from torch import nn
 
 from hawq.config import typed
@@ -35,7 +33,7 @@ from hawq.quant import (
 )
 from hawq.quant.config import QuantConfig, resolve_plan
 from hawq.quant.equalize import equalize_
-from hawq.quant.reconstruct import reconstruct_, units
+from hawq.quant.reconstruct import calibration_images, reconstruct_, units
 from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.reconstruct import plot_reconstruction
@@ -103,7 +101,7 @@ def run(ctx: Context) -> dict[str, Any]:
     check_ready(model)
     recon = None
     if fp_model is not None:
-        images = torch.cat([x for x, _ in itertools.islice(iter(calib), qc.calib_batches)])
+        images = calibration_images(calib, qc.calib_batches)
         before = evaluate(model, test, ctx.device)
         log.info("ptq: calibrated %.2f; reconstructing %d units on %d images", before["acc"],
                  len(units(model)), images.shape[0])  # fmt: skip

@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import itertools
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,7 +71,7 @@ from hawq.quant.config import QATConfig, QuantConfig, resolve_plan
 from hawq.quant.distill import DistillLoss
 from hawq.quant.equalize import equalize_
 from hawq.quant.quantizer import Quantizer
-from hawq.quant.reconstruct import reconstruct_
+from hawq.quant.reconstruct import calibration_images, reconstruct_
 from hawq.quant.scale_optim import QATAdam
 from hawq.stages import record
 from hawq.stages.context import Context
@@ -183,7 +182,7 @@ def reconstruct_after_drop(model: nn.Module, fp_model: nn.Module, optimizer: QAT
                            qc: QuantConfig) -> None:  # fmt: skip
     """Block reconstruction (:mod:`hawq.quant.reconstruct`) of the re-fitted model against the
     FP model on the calibration images; moments of every quantizer parameter reset."""
-    images = torch.cat([b[0] for b in itertools.islice(iter(batches), qc.calib_batches)])
+    images = calibration_images(batches, qc.calib_batches)
     reconstruct_(model, fp_model, images, qc.reconstruct, qc.calib_batch_size)
     optimizer.reset_state([p for q in quantizers(model).values()
                            for p in q.parameters(recurse=False)])  # fmt: skip
