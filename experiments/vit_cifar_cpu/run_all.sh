@@ -53,6 +53,13 @@ run vit_cifar_cpu_w4a4_rec_s1 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant
     quant.reconstruct.seed=1 "${CK[@]}" "$@"
 run vit_cifar_cpu_w4a4_rec_kd experiment=vit_cifar_cpu_w4a4 stages='[qat]' qat.distill=1.0 \
     qat.init="$RUNS/vit_cifar_cpu_w4a4_rec/ptq_model.pt" "${CK[@]}" "$@"
+#    reconstruction with 5,000 steps per unit (the FP-1.5 row), ~30 min alone; integer-only after it
+run vit_cifar_cpu_w4a4_rec5k experiment=vit_cifar_cpu_w4a4 stages='[ptq,integer]' quant.reconstruct.enabled=true \
+    quant.reconstruct.iters=5000 "${CK[@]}" "$@"
+#    QAT as continued training: 10 epochs at lr 3e-4 (1 warm-up epoch, cosine), labels with
+#    smoothing 0.1 + KL to the FP model at weight 0.5 (the >= FP row), ~60 min alone
+run vit_cifar_cpu_w4a4_long experiment=vit_cifar_cpu_w4a4 qat.epochs=10 qat.lr=3e-4 qat.warmup_epochs=1 \
+    qat.label_smoothing=0.1 qat.distill=0.5 qat.grad_clip=1.0 "${CK[@]}" "$@"
 #    PTQ variants tried for the FP-1.5 target (~2 min each): LayerNorm -> Linear channel
 #    equalization, other calibrators, and the diagnosis run (one activation at 8 bits)
 run vit_cifar_cpu_w4a4_eq1.0 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.equalize=1.0 "${CK[@]}" "$@"
