@@ -22,9 +22,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_hash() -> str:
-    """Commit of the hawq source tree, with ``+dirty`` when it has local changes."""
-    src = Path(__file__).resolve().parent
+def git_hash(src: Path | None = None) -> str:
+    """Commit of the hawq source tree, with ``+dirty`` when tracked files of the package itself
+    (code and packaged configs, ``hawq/``) differ from it; edits elsewhere in the repository
+    (docs, experiment rows) do not change what a run computes and do not count."""
+    src = Path(__file__).resolve().parent if src is None else Path(src)
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5
@@ -32,7 +34,7 @@ def git_hash() -> str:
         if sha.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
             cwd=src, capture_output=True, text=True, timeout=5,
         )  # fmt: skip
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -74,6 +74,9 @@ class Context:
         path = self.run_dir / self.RESULTS
         self.results: dict[str, Any] = read_json(path) if path.is_file() else {}
         self.results.setdefault("stages", {})
+        # the code and machine this run started on: a later edit of the tree (while a long run
+        # goes on) must not be recorded as what computed its results
+        self.provenance = provenance(self.device)
 
     @property
     def force(self) -> bool:
@@ -112,7 +115,7 @@ class Context:
             self.results["stages"][stage] = metrics
         self.results["name"] = self.run.name
         self.results["config"] = OmegaConf.to_container(self.cfg, resolve=True)
-        self.results["provenance"] = provenance(self.device)
+        self.results["provenance"] = self.provenance
         path = self.path(self.RESULTS)
         if is_main():  # under torchrun every rank holds the same results; one writes them
             write_json(path, self.results)
