@@ -60,6 +60,8 @@ run vit_cifar_cpu_w4a4_rec5k experiment=vit_cifar_cpu_w4a4 stages='[ptq,integer]
 #    smoothing 0.1 + KL to the FP model at weight 0.5 (the >= FP row), ~60 min alone
 run vit_cifar_cpu_w4a4_long experiment=vit_cifar_cpu_w4a4 qat.epochs=10 qat.lr=3e-4 qat.warmup_epochs=1 \
     qat.label_smoothing=0.1 qat.distill=0.5 qat.grad_clip=1.0 "${CK[@]}" "$@"
+run vit_cifar_cpu_w4a4_long_s1 experiment=vit_cifar_cpu_w4a4 seed=1 qat.epochs=10 qat.lr=3e-4 \
+    qat.warmup_epochs=1 qat.label_smoothing=0.1 qat.distill=0.5 qat.grad_clip=1.0 "${CK[@]}" "$@"
 #    PTQ variants tried for the FP-1.5 target (~2 min each): LayerNorm -> Linear channel
 #    equalization, other calibrators, and the diagnosis run (one activation at 8 bits)
 run vit_cifar_cpu_w4a4_eq1.0 experiment=vit_cifar_cpu_w4a4 stages='[ptq]' quant.equalize=1.0 "${CK[@]}" "$@"
