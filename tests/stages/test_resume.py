@@ -74,8 +74,12 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(full, tmp_path):
     run_dir = tmp_path / "interrupted"
     proc = start(run_dir)
     state = wait_for_state(proc, run_dir)
-    time.sleep(0.1)  # inside a later epoch (each epoch of 1024 images takes longer than this)
+    # Stop the run the moment its first epoch is saved, so the signal lands inside a later
+    # epoch however loaded the machine is (a sleep here raced the run on a busy CPU).
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None and not (run_dir / "model.pt").exists(), "the run ended early"
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     assert proc.wait(timeout=60) == 130
     err = proc.stderr.read().decode()
     assert "Traceback" not in err
