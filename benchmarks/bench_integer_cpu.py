@@ -226,7 +226,8 @@ def main() -> None:
     res: dict = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                  "torch": torch.__version__, "load_avg_1min": os.getloadavg()[0],
                  "glibc_keeps_freed_memory": kept,
-                 "auto_choice": {"choice": ops.cpu_choice(), **ops._cpu_choice}}  # fmt: skip
+                 "auto_choice": {"choice": ops.cpu_choice(), **ops._cpu_choice},
+                 "kernels": ops.kernel_report()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         res["vit"] = bench_model("vit", batches, args.threads, iters, Path(tmp))
         res["resnet20"] = bench_model("resnet", batches, args.threads, iters, Path(tmp))

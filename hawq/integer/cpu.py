@@ -48,15 +48,18 @@ _SRC = Path(__file__).with_name("csrc") / "int_cpu.cpp"
 @functools.lru_cache(maxsize=1)
 def ext() -> Any:
     """The compiled extension (raises when it cannot be built); first use also calls
-    :func:`keep_freed_memory`."""
+    :func:`keep_freed_memory`. Built under :func:`~hawq.integer.build_lock.guarded_build`:
+    a lock left by a killed build is removed with a message, never waited on."""
     from torch.utils.cpp_extension import load
+
+    from hawq.integer.build_lock import guarded_build
 
     keep_freed_memory()
 
     flags = ["-O3", "-march=native", "-fno-strict-aliasing", "-fopenmp"]
-    return load(
-        "hawq_int_cpu", [str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
-    )
+    return guarded_build("hawq_int_cpu", lambda name, folder: load(
+        name, [str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        build_directory=str(folder), verbose=False))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,20 +125,109 @@ def _unit(n: int) -> tuple[Tensor, Tensor]:
     return _ones(n), torch.zeros(n, dtype=torch.int64)
 
 
-def gemm(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ w^T`` for int8 ``x`` (M, K) and ``w`` (N, K): float32 (exact) or int32."""
+def _onednn(x: Tensor, w: Tensor, zero_point: int) -> Tensor:
+    """oneDNN ``qlinear_pointwise`` of int8 codes (``zero_point`` 0) or of the same integers
+    as uint8 codes with zero point 128; the int32 accumulator written as float32."""
+    n = w.shape[0]
+    wp = _cached(w, ("lin",), lambda: torch.ops.onednn.qlinear_prepack(w.contiguous(), None))
+    one, zero = _unit(n)
+    xin = to_u8(x.contiguous()) if zero_point else x.contiguous()
+    return torch.ops.onednn.qlinear_pointwise(
+        xin, 1.0, zero_point, wp, one, zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+def _int_mm_fits(m: int, k: int, n: int) -> bool:
+    return m > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def _int_mm(x: Tensor, w: Tensor) -> Tensor:
+    wt = _cached(w, ("t",), lambda: w.t().contiguous())
+    return torch._int_mm(x.contiguous(), wt)
+
+
+def gemm_with(kernel: str, x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w^T`` for int8 ``x`` (M, K) and ``w`` (N, K) with one of :data:`GEMM_KERNELS`:
+    float32 (exact) or int32. ``int_mm`` falls back to ``onednn_u8`` where its shape rules
+    fail; K above :data:`ONEDNN_MAX_K` always takes ``int_mm`` (or float64 products)."""
     m, k = x.shape
     n = w.shape[0]
-    if k <= ONEDNN_MAX_K:
-        wp = _cached(w, ("lin",), lambda: torch.ops.onednn.qlinear_prepack(w.contiguous(), None))
-        one, zero = _unit(n)
-        return torch.ops.onednn.qlinear_pointwise(
-            x.contiguous(), 1.0, 0, wp, one, zero, None, 1.0, 0, torch.float32, "none", [], ""
-        )
-    if m > 16 and k % 8 == 0 and n % 8 == 0:
-        wt = _cached(w, ("t",), lambda: w.t().contiguous())
-        return torch._int_mm(x.contiguous(), wt)
-    return (x.double() @ w.double().t()).to(torch.int64)
+    if k > ONEDNN_MAX_K:
+        if _int_mm_fits(m, k, n):
+            return _int_mm(x, w)
+        return (x.double() @ w.double().t()).to(torch.int64)
+    if kernel == "int_mm" and _int_mm_fits(m, k, n):
+        return _int_mm(x, w)
+    return _onednn(x, w, 0 if kernel == "onednn_s8" else 128)
+
+
+GEMM_KERNELS = ("onednn_s8", "onednn_u8", "int_mm")
+SLOW_PROBE_S = 0.005  # a 64x256x256 call above this is a reference kernel (fast: ~10 us)
+_gemm_choice: dict[str, Any] = {}
+
+
+def gemm_candidates() -> list[str]:
+    """:data:`GEMM_KERNELS` worth timing here: int8 activations in oneDNN only where it may
+    use AMX (elsewhere they meet ``ref_int8``: measured on Zen 4 under every cap)."""
+    from hawq.integer import isa
+
+    amx = isa.family() == "AVX512_CORE_AMX"
+    return [k for k in GEMM_KERNELS if k != "onednn_s8" or amx]
+
+
+def gemm_choice() -> str:
+    """The INT8 GEMM kernel of this process: the fastest of :func:`gemm_candidates` on a
+    ViT-like probe (M=520, K=N=256), measured once (minimum of 8 interleaved calls).
+    A 64-row call first weeds out reference kernels (see below).
+
+    Why measured: oneDNN's kernel depends on the ISA and the activation type. With int8
+    (s8) activations it runs AMX on Sapphire Rapids but its reference kernel
+    (``ref_int8``, ~0.2 GOPS) on AVX-512 VNNI without AMX (Zen 4) and on AVX2; uint8
+    codes with zero point 128 (the same integers) run ``brg_matmul`` there; and
+    ``torch._int_mm`` is the fastest of all on some of them. A candidate whose second 64-row call
+    takes more than :data:`SLOW_PROBE_S` is a reference kernel and is not timed further.
+    Every kernel gives the same integers, so the choice never changes a result. The
+    timings and the CPU are kept in ``_gemm_choice`` (``ops.kernel_report``)."""
+    if "choice" in _gemm_choice:
+        return str(_gemm_choice["choice"])
+    with torch.inference_mode(False):  # the probe's tensors must be plain ones
+        _measure_gemm_kernels()
+    return str(_gemm_choice["choice"])
+
+
+def _measure_gemm_kernels() -> None:
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-128, 128, (256, 256), generator=g, dtype=torch.int8)
+    small = torch.randint(-128, 128, (64, 256), generator=g, dtype=torch.int8)
+    best: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for kernel in gemm_candidates():  # the second call: the first one JIT-compiles the kernel
+        try:
+            for _ in range(2):
+                t = time.perf_counter()
+                gemm_with(kernel, small, w)
+                second = time.perf_counter() - t
+        except RuntimeError as e:  # this torch/oneDNN lacks the op: not a candidate
+            errors[kernel] = str(e).splitlines()[0]
+            continue
+        best[kernel] = second * 520 / 64 if second > SLOW_PROBE_S else float("inf")
+    fast = [k for k, v in best.items() if v == float("inf")]
+    x = torch.randint(-128, 128, (520, 256), generator=g, dtype=torch.int8)
+    for _ in range(8):  # interleaved, so all see the same load
+        for kernel in fast:
+            t = time.perf_counter()
+            gemm_with(kernel, x, w)
+            best[kernel] = min(best[kernel], time.perf_counter() - t)
+    if not best:
+        raise RuntimeError(f"no INT8 GEMM kernel runs on this CPU: {errors}")
+    _gemm_choice.update(seconds=best, choice=min(best, key=best.__getitem__), errors=errors)
+
+
+def gemm(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w^T`` with the kernel measured fastest on this CPU (:func:`gemm_choice`)."""
+    return gemm_with(gemm_choice(), x, w)
 
 
 def to_u8(x: Tensor) -> Tensor:

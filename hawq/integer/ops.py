@@ -126,6 +126,23 @@ def cpu_choice() -> str:
     return str(_cpu_choice["choice"])
 
 
+def kernel_report(device: torch.device | str = "cpu") -> dict:
+    """What runs the integer ops here: the backend ``auto`` resolves to, the CPU and its
+    INT8 ISA families (``ONEDNN_MAX_CPU_ISA`` applied), the GEMM kernel measured fastest and
+    the timings behind both choices. Logged once per process by the stages; written into
+    ``results.json`` and the benchmark JSONs."""
+    from hawq.integer import cpu, isa
+
+    probe = torch.zeros(1, dtype=torch.int8, device=device)
+    report: dict = {"requested": _backend, "resolved": resolve(probe), "isa": isa.describe()}
+    if report["resolved"] == "cpu":
+        report["gemm"] = cpu.gemm_choice()
+        report["gemm_seconds"] = dict(cpu._gemm_choice["seconds"])
+    if _cpu_choice:
+        report["auto_seconds"] = {k: v for k, v in _cpu_choice.items() if k != "choice"}
+    return report
+
+
 def resolve(x: Tensor) -> str:
     """The backend that runs for tensors like ``x`` (``auto`` resolved)."""
     if _backend != "auto":

@@ -84,10 +84,14 @@ def run(ctx: Context) -> dict[str, Any]:
         imodel = convert(qmodel, calib, ic.residual_bits, ic.pack_int4, ic.calib_batches,
                          ic.margin, ctx.device).to(ctx.device)  # fmt: skip
         extra = {"residual_bits": ic.residual_bits}
+    kernels = ops.kernel_report(ctx.device)
+    log.info("integer: backend %s (%s), %s, GEMM %s", kernels["resolved"], kernels["requested"],
+             kernels["isa"]["family_used"], kernels.get("gemm", "-"))  # fmt: skip
     res = compare(qmodel, imodel, ctx.data.eval_loader("test", ctx.device), ctx.device)
     save_torch(ctx.path(OUT), imodel.cpu())
     log.info("integer (%s path): fake-quant acc %.2f, integer acc %.2f, argmax agreement %.2f%%",
              path, res["fake_quant_acc"], res["integer_acc"], res["agreement"])  # fmt: skip
     return {**res, **extra, "acc_gap": res["fake_quant_acc"] - res["integer_acc"], "path": path,
-            "source": str(src), "backend": ops.get_backend(), "model": type(imodel).__name__,
+            "source": str(src), "backend": ops.get_backend(), "kernels": kernels,
+            "model": type(imodel).__name__,
             "checkpoint": str(ctx.path(OUT))}  # fmt: skip

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hawq.integer import cpu, ops
+from hawq.integer import cpu, isa, ops
 from hawq.integer.dyadic import INT32_MAX, Requant
 from hawq.integer.layernorm import IntLayerNorm
 from hawq.integer.softmax import IntSoftmax
@@ -93,6 +93,27 @@ def test_int_linear_cpu_equals_reference():
         for i in range(j * PER_WEIGHT, (j + 1) * PER_WEIGHT):
             ref, got = _one_linear(g, i, w, wt)
             assert got.dtype == ref.dtype and torch.equal(got, ref), f"case {i}"
+
+
+@pytest.mark.parametrize("kernel", cpu.gemm_candidates())
+def test_every_gemm_kernel_equals_reference(kernel, monkeypatch):
+    """Each kernel ``gemm_choice`` may pick, forced: 1,000 of the cases above (whichever is
+    measured fastest on a machine, the others are never run by the test above), and the
+    largest accumulators (K = 1024, all -128: 2^24) at M above and below int_mm's bound."""
+    monkeypatch.setitem(cpu._gemm_choice, "choice", kernel)
+    monkeypatch.setitem(cpu._gemm_choice, "seconds", {})
+    g = torch.Generator().manual_seed(7)
+    for j in range(100):
+        w, int4 = _weight(g, j)
+        wt = ops.pack_int4(w) if int4 else w
+        for i in range(j * PER_WEIGHT, (j + 1) * PER_WEIGHT):
+            ref, got = _one_linear(g, i, w, wt)
+            assert got.dtype == ref.dtype and torch.equal(got, ref), f"{kernel} case {i}"
+    for m in (1, 16, 24, 64):
+        x = torch.full((m, 1024), -128, dtype=torch.int8)
+        w = torch.full((32, 1024), -128, dtype=torch.int8)
+        acc = cpu.gemm_with(kernel, x, w)
+        assert torch.equal(acc.to(torch.int64), torch.full((m, 32), 2**24)), (kernel, m)
 
 
 def test_int_matmul_cpu_equals_reference():
@@ -203,6 +224,17 @@ def test_int_attention_cpu_runs_the_fused_kernel():
 
 def test_property_case_count():
     assert N_LINEAR + N_MATMUL + N_CONV + N_SOFTMAX + N_LN + N_ATTN >= 10_000
+
+
+def test_gemm_choice_is_the_measured_fastest_candidate():
+    choice = cpu.gemm_choice()
+    seconds = cpu._gemm_choice["seconds"]
+    assert set(seconds) == set(cpu.gemm_candidates())
+    assert choice == min(seconds, key=seconds.__getitem__)
+    report = ops.kernel_report()
+    assert report["isa"]["family_used"] in (*isa.ONEDNN_CAPS, "none")
+    if report["resolved"] == "cpu":
+        assert report["gemm"] == choice
 
 
 def test_auto_on_cpu_is_the_measured_faster_backend():
