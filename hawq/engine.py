@@ -9,11 +9,13 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from hawq import preempt
 from hawq.errors import HawqError
 
 log = logging.getLogger("hawq")
@@ -100,9 +102,11 @@ class StepTimer:
     """
 
     def __init__(self, total: int, desc: str, every_s: float = 60.0, probe_steps: int = 5,
-                 on_estimate: Callable[[float], None] | None = None) -> None:
+                 on_estimate: Callable[[float], None] | None = None, first: int = 0,
+                 steps_after: int = 0) -> None:  # fmt: skip
         self.total, self.desc, self.every_s = total, desc, every_s
         self.probe_steps, self.on_estimate = probe_steps, on_estimate
+        self.first, self.steps_after = first, steps_after  # resumed at; steps of later loops
         self.start = time.perf_counter()
         self.last_log = self.start
         self.after_first: float | None = None
@@ -110,17 +114,22 @@ class StepTimer:
     def tick(self, step: int, extra: str = "") -> None:
         now = time.perf_counter()
         done = step + 1
-        if done == 1:
+        here = done - self.first  # steps of this process (a resumed loop starts at first)
+        if here == 1:
             self.after_first = now
-        elif self.on_estimate is not None and done == self.probe_steps + 1:
+        elif self.on_estimate is not None and here == self.probe_steps + 1:
             self.on_estimate((now - self.after_first) / self.probe_steps)
             self.on_estimate = None
         if now - self.last_log >= self.every_s and done < self.total:
             self.last_log = now
             elapsed = now - self.start
-            eta = elapsed / done * (self.total - done)
-            log.info("%s: step %d/%d%s | elapsed %s, ETA %s", self.desc, done, self.total,
-                     extra, fmt_seconds(elapsed), fmt_seconds(eta))  # fmt: skip
+            per_step = elapsed / max(done - self.first, 1)
+            eta = per_step * (self.total - done)
+            run_eta = ""
+            if self.steps_after:
+                run_eta = f", stage ETA {fmt_seconds(eta + per_step * self.steps_after)}"
+            log.info("%s: step %d/%d%s | elapsed %s, ETA %s%s", self.desc, done, self.total,
+                     extra, fmt_seconds(elapsed), fmt_seconds(eta), run_eta)  # fmt: skip
 
 
 def train_epoch(
@@ -136,8 +145,18 @@ def train_epoch(
     log_every: int = 20,
     progress_s: float = 60.0,
     on_estimate: Callable[[float], None] | None = None,
-) -> dict[str, float]:
+    resume: dict[str, Any] | None = None,
+    steps_after: int = 0,
+) -> dict[str, Any]:
     """One pass over ``batches``; returns mean loss, accuracy, last lr, images/s.
+
+    Preemption (:mod:`hawq.preempt`): when a stop signal is pending after a step, the pass
+    ends there and returns ``{"stopped": progress}`` instead, where ``progress`` (the next
+    step, the running loss and accuracy sums, seconds so far) is what ``resume`` takes
+    to finish the epoch later with the metrics of an uninterrupted pass (``batches`` must
+    then start at that step: :meth:`hawq.data.loader.BatchLoader.set_epoch`).
+    ``steps_after``: steps of the stage after this pass, for the stage's ETA in the
+    progress lines.
 
     Every ``log_every`` steps the loss is read back (one host sync): the progress bar
     shows it and a NaN/Inf stops the epoch. Every ``progress_s`` seconds one log line
@@ -148,18 +167,21 @@ def train_epoch(
         FloatingPointError: the loss became NaN or Inf (callers add context).
     """
     model.train()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    start = time.perf_counter()
+    r = resume or {}
+    first = int(r.get("step", 0))
+    total_loss = r["total_loss"].to(device) if r else torch.zeros((), device=device)
+    correct = r["correct"].to(device) if r else torch.zeros((), device=device, dtype=torch.long)
+    seen = int(r.get("seen", 0))
+    start = time.perf_counter() - float(r.get("seconds", 0.0))
     try:
         total = len(batches)  # type: ignore[arg-type]
     except TypeError:
         total = 0
-    timer = StepTimer(total, desc, every_s=progress_s, on_estimate=on_estimate)
+    timer = StepTimer(total, desc, every_s=progress_s, on_estimate=on_estimate, first=first,
+                      steps_after=steps_after)  # fmt: skip
     lval = float("nan")
     bar = tqdm(batches, desc=desc, leave=False, disable=None)
-    for step, (x, y) in enumerate(bar):
+    for step, (x, y) in enumerate(bar, start=first):
         with autocast(device, amp):
             out = model(x)
             loss = loss_fn(out.float(), y)
@@ -179,6 +201,12 @@ def train_epoch(
                 raise FloatingPointError(f"loss is {lval} at step {step}")
             bar.set_postfix(loss=f"{lval:.3f}")
         timer.tick(step, f", loss {lval:.3f}")
+        preempt.step_done()
+        if preempt.requested():
+            bar.close()
+            return {"stopped": {"step": step + 1, "total_loss": total_loss.detach().cpu(),
+                                "correct": correct.cpu(), "seen": seen,
+                                "seconds": time.perf_counter() - start}}  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ the lock when its process dies, so a killed run never leaves a stale lock.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -17,6 +18,8 @@ from types import TracebackType
 from typing import IO
 
 from hawq.errors import HawqError
+
+log = logging.getLogger("hawq")
 
 LOCK_NAME = ".hawq.lock"
 
@@ -49,6 +52,24 @@ except ImportError:  # Windows
         msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
 
 
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete the temp files of atomic writes (``.<name>.*.tmp``) anywhere in ``run_dir``.
+
+    Called with the lock held: only the holder writes in the run directory, so a temp file
+    found now was left by a write that was killed, however young it is."""
+    from hawq.io import TMP_SUFFIX
+
+    removed = []
+    for tmp in run_dir.rglob(f".*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d temp file(s) of killed writes: %s", len(removed),
+                 ", ".join(p.name for p in removed[:5]))  # fmt: skip
+    return removed
+
+
 class RunDirLock:
     """``with RunDirLock(run_dir): ...`` -- exclusive use of ``run_dir`` or a :class:`HawqError`.
 
@@ -79,6 +100,7 @@ class RunDirLock:
         f.write(f"{socket.gethostname()}/{os.getpid()}\n")
         f.flush()
         self._file = f
+        remove_stale_temps(self.run_dir)
         return self
 
     def __exit__(

@@ -84,6 +84,7 @@ def _run_stages(cfg: DictConfig, run: RunConfig, stages: list[ModuleType]) -> di
                 rec = record.load(ctx, name) or {}
                 if ctx.stage_result(name) != rec.get("metrics"):  # killed before results.json
                     ctx.save_results(name, rec.get("metrics"))
+                record.remove_finished_state(ctx, name)  # killed between record and cleanup
                 log.info("%s: up to date, skipped (force=true to redo)", name)
                 continue
             record.refuse_or_redo(ctx, name, status)
@@ -95,6 +96,7 @@ def _run_stages(cfg: DictConfig, run: RunConfig, stages: list[ModuleType]) -> di
         if is_main():
             record.commit(ctx, name, before, written, metrics)
         ctx.save_results(name, metrics)
+        ctx.record_written()
         log.info("%s: done in %.1f s", name, metrics["wall_s"])
     ctx.save_results()  # also when every stage was skipped: config + provenance of this run
     return ctx.results

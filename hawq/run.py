@@ -7,6 +7,8 @@ run directory) the command line is composed once here, so an override Hydra reje
 (``train.foo=1`` without ``+``) and an unusable ``paths.run_dir`` (empty, under a
 regular file, read-only) also end in one line with nothing written. Ctrl-C prints one
 line and exits 130; the per-epoch state files stay, and the same command resumes.
+SIGTERM and SIGUSR1 (preemption, Slurm's requeue) stop a training epoch after its current
+step with a mid-epoch state, print one line and exit 143 / 138 (:mod:`hawq.preempt`).
 
 ``hydra.run.dir=DIR`` is honoured: it sets ``paths.run_dir=DIR`` (artifacts, Hydra's
 log and ``.hydra/`` all go there); giving both with different values is an error.
@@ -23,7 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from hawq import sweep
+from hawq import preempt, sweep
 from hawq.config import CONF_DIR
 from hawq.errors import HawqError, choices
 from hawq.pipeline import run_pipeline, validate
@@ -128,11 +130,18 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"hawq: interrupted (Ctrl-C); finished epochs are kept in {cfg.paths.run_dir}: "
               "the same command resumes", file=sys.stderr)  # fmt: skip
         sys.exit(130)
+    except preempt.Stopped as e:
+        if os.environ.get("HAWQ_DEBUG"):
+            raise
+        kept = e.where or f"finished epochs and stages are kept in {cfg.paths.run_dir}"
+        print(f"hawq: stopped by {e.name}; {kept}: the same command resumes", file=sys.stderr)
+        sys.exit(e.exit_code)
     evaluation = results["stages"].get("evaluate")
     return evaluation["fp"]["acc"] if evaluation else None  # for Hydra sweepers
 
 
 def main() -> None:
+    preempt.install()  # SIGTERM / SIGUSR1: a resumable stop, exit 128 + signal
     argv = sys.argv[1:]
     failed: list[str] = []
     try:
@@ -148,6 +157,8 @@ def main() -> None:
         _fail(e)
     except KeyboardInterrupt:
         sys.exit(130)
+    except preempt.Stopped as e:
+        sys.exit(e.exit_code)
     sys.argv[1:] = argv
     if not sweep.is_multirun(argv):
         _hydra_main()

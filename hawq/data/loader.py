@@ -53,9 +53,19 @@ class BatchLoader:
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.seed, self.padding = seed, padding
         self.epoch = 0
+        self.start_step = 0
+        self._resume_state: torch.Tensor | None = None
+        self.generator: torch.Generator | None = None  # of the running iteration
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0,
+                  generator_state: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Pick epoch ``epoch``'s order; with ``start_step`` the next iteration begins at
+        that batch, its augmentation drawn from ``generator_state`` (what
+        :attr:`generator` held after the first ``start_step`` batches of that epoch): the
+        batches of a resumed epoch are the uninterrupted epoch's, bit for bit."""
+        if start_step and self.augment and generator_state is None:
+            raise ValueError("set_epoch: start_step of an augmented loader needs its state")
+        self.epoch, self.start_step, self._resume_state = epoch, start_step, generator_state
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
@@ -66,7 +76,12 @@ class BatchLoader:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         order = order.to(self.images.device)
-        for i in range(len(self)):
+        start, self.start_step = self.start_step, 0  # a resume point serves one iteration
+        if self._resume_state is not None:
+            g.set_state(self._resume_state)
+            self._resume_state = None
+        self.generator = g
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment:

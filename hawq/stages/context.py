@@ -77,6 +77,19 @@ class Context:
         # the code and machine this run started on: a later edit of the tree (while a long run
         # goes on) must not be recorded as what computed its results
         self.provenance = provenance(self.device)
+        self._after_record: list[Path] = []
+
+    def remove_after_record(self, path: Path) -> None:
+        """Delete ``path`` (a resumable state file) once the running stage's completion
+        record is written, not before: killed at any instant up to the record, the rerun
+        still finds the state, resumes at its end and rebuilds the stage's metrics."""
+        self._after_record.append(path)
+
+    def record_written(self) -> None:
+        """Called by the pipeline after a stage's record: delete what it asked to."""
+        for p in self._after_record:
+            p.unlink(missing_ok=True)
+        self._after_record.clear()
 
     @property
     def force(self) -> bool:

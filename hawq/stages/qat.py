@@ -387,7 +387,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
         save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, tc.method,
                        qc.fold_bn, fp_acc=fp["acc"], acc=last["test_acc"],
                        plan_source=source)  # fmt: skip
-        state_path.unlink(missing_ok=True)
+        ctx.remove_after_record(state_path)
     dist.barrier()  # the checkpoint exists before any rank reports done
     return {
         "fp": fp,

@@ -39,6 +39,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from hawq.config import CONF_DIR
+from hawq.distributed import is_main
 from hawq.errors import HawqError
 from hawq.io import read_json, write_json
 from hawq.stages.context import Context
@@ -326,6 +327,12 @@ _ADOPT: dict[str, tuple[Callable[[Context], list[Path]], str]] = {
     "train": (_ckpt, "train_state.pt"),
     "qat": (_run_file("qat_model.pt"), "qat_state.pt"),
 }
+
+
+def remove_finished_state(ctx: Context, stage: str) -> None:
+    """A done ``train``/``qat`` stage's resumable state file is a leftover: delete it."""
+    if stage in _ADOPT and is_main():
+        ctx.path(_ADOPT[stage][1]).unlink(missing_ok=True)
 
 
 def adopt(ctx: Context, stage: str) -> bool:

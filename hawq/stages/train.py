@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from torch import nn
 from tqdm import tqdm
 
+from hawq import preempt
 from hawq.checkpoint import restore_state, save_model
 from hawq.config import TrainConfig, typed
 from hawq.engine import amp_enabled, cosine_scheduler, evaluate, fmt_seconds, train_epoch
@@ -66,6 +67,29 @@ def _announcer(ctx: Context, steps: int, epochs: int):
     return announce
 
 
+def _start_epoch(ctx: Context, loader, epoch: int, partial: dict | None) -> None:
+    """Data order, augmentation and dropout stream of ``epoch`` (from ``seed`` and
+    ``epoch`` alone), or where a stopped epoch left them."""
+    if partial is None:
+        torch.manual_seed(ctx.run.seed * 100_003 + epoch)  # dropout stream of this epoch
+        loader.set_epoch(epoch)
+        return
+    torch.set_rng_state(partial["rng"])
+    loader.set_epoch(epoch, partial["progress"]["step"], partial["loader_rng"])
+
+
+def _save_stopped(ctx: Context, state_path, epoch: int, history: list[dict], progress: dict,
+                  model: nn.Module, optimizer, scheduler, loader) -> None:  # fmt: skip
+    """A stop signal inside ``epoch``: write the mid-epoch state, then raise Stopped."""
+    partial = {"progress": progress, "rng": torch.get_rng_state(),
+               "loader_rng": loader.generator.get_state()}  # fmt: skip
+    save_torch(state_path, {"epoch": epoch, "history": history, "partial": partial,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict()})  # fmt: skip
+    raise preempt.Stopped(preempt.requested(), f"train state at step {progress['step']} of "
+                          f"epoch {epoch + 1} in {state_path}")  # fmt: skip
+
+
 def run(ctx: Context) -> dict:
     tc = typed(ctx.cfg.train, TrainConfig, "train")
     data = ctx.data
@@ -80,14 +104,16 @@ def run(ctx: Context) -> dict:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
     state_path = ctx.path(STATE)
-    start_epoch, history = 0, []
+    start_epoch, history, partial = 0, [], None
     if state_path.is_file() and ctx.force:
         state_path.unlink()
     if state_path.is_file():
         state = load_torch(state_path)
         restore_state(state_path, state, model=model, optimizer=optimizer, scheduler=scheduler)
         start_epoch, history = state["epoch"], state.get("history", [])
-        log.info("train: resuming after epoch %d from %s", start_epoch, state_path)
+        partial = state.get("partial")  # stopped inside epoch start_epoch + 1
+        where = f", step {partial['progress']['step']} of the next" if partial else ""
+        log.info("train: resuming after epoch %d%s from %s", start_epoch, where, state_path)
     if start_epoch > tc.epochs:
         raise HawqError(f"{state_path} is at epoch {start_epoch} > train.epochs={tc.epochs}")
 
@@ -100,42 +126,52 @@ def run(ctx: Context) -> dict:
     stage_start = time.perf_counter()
     bar = tqdm(range(start_epoch, tc.epochs), desc="epochs", initial=start_epoch,
                total=tc.epochs, disable=None)  # fmt: skip
-    for epoch in bar:
-        torch.manual_seed(ctx.run.seed * 100_003 + epoch)  # dropout stream of this epoch
-        train_loader.set_epoch(epoch)
-        try:
-            tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device, scheduler,
-                             amp=tc.amp, grad_clip=tc.grad_clip, log_every=tc.log_every,
-                             desc=f"epoch {epoch + 1}/{tc.epochs}",
-                             on_estimate=announce if epoch == start_epoch else None)  # fmt: skip
-        except FloatingPointError as e:
-            raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
-        last_epoch = epoch + 1 == tc.epochs
-        if last_epoch or (epoch + 1) % tc.eval_every == 0:
-            ev = evaluate(model, test_loader, ctx.device)
-        else:  # skipped: an fp32 pass over the test set costs ~1/3 of a bf16 epoch on a CPU
-            ev = {"loss": None, "acc": None}
-        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
-               "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
-               "seconds": tr["seconds"], "img_per_s": tr["img_per_s"]}  # fmt: skip
-        history.append(row)
-        test = "not evaluated" if ev["acc"] is None else \
-            f"test loss {ev['loss']:.4f} acc {ev['acc']:.2f}"
-        bar.set_postfix(loss=f"{tr['loss']:.3f}", test=test)
-        elapsed = time.perf_counter() - stage_start
-        eta = elapsed / (epoch + 1 - start_epoch) * (tc.epochs - epoch - 1)
-        log.info("epoch %d/%d: train loss %.4f acc %.2f | %s | %.0f img/s | elapsed %s, ETA %s",
-                 epoch + 1, tc.epochs, tr["loss"], tr["acc"], test, tr["img_per_s"],
-                 fmt_seconds(elapsed), fmt_seconds(eta))  # fmt: skip
-        _write_csv(ctx, history)
-        save_torch(state_path, {"epoch": epoch + 1, "history": history,
-                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict()})  # fmt: skip
+    with preempt.graceful():  # a stop signal ends the epoch after its current step
+        for epoch in bar:
+            _start_epoch(ctx, train_loader, epoch, partial)
+            try:
+                tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device,
+                                 scheduler, amp=tc.amp, grad_clip=tc.grad_clip,
+                                 log_every=tc.log_every, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                                 on_estimate=announce if epoch == start_epoch else None,
+                                 resume=partial and partial["progress"],
+                                 steps_after=(tc.epochs - epoch - 1) * steps)  # fmt: skip
+                partial = None
+                if "stopped" in tr:
+                    _save_stopped(ctx, state_path, epoch, history, tr["stopped"], model,
+                                  optimizer, scheduler, train_loader)  # fmt: skip
+            except FloatingPointError as e:
+                raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
+            last_epoch = epoch + 1 == tc.epochs
+            if last_epoch or (epoch + 1) % tc.eval_every == 0:
+                ev = evaluate(model, test_loader, ctx.device)
+            else:  # skipped: an fp32 pass over the test set costs ~1/3 of a bf16 epoch on a CPU
+                ev = {"loss": None, "acc": None}
+            row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                   "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
+                   "seconds": tr["seconds"], "img_per_s": tr["img_per_s"]}  # fmt: skip
+            history.append(row)
+            test = "not evaluated" if ev["acc"] is None else \
+                f"test loss {ev['loss']:.4f} acc {ev['acc']:.2f}"
+            bar.set_postfix(loss=f"{tr['loss']:.3f}", test=test)
+            elapsed = time.perf_counter() - stage_start
+            eta = elapsed / (epoch + 1 - start_epoch) * (tc.epochs - epoch - 1)
+            log.info("epoch %d/%d: train loss %.4f acc %.2f | %s | %.0f img/s | elapsed %s, "
+                     "train stage ETA %s", epoch + 1, tc.epochs, tr["loss"], tr["acc"], test,
+                     tr["img_per_s"], fmt_seconds(elapsed), fmt_seconds(eta))  # fmt: skip
+            _write_csv(ctx, history)
+            save_torch(state_path, {"epoch": epoch + 1, "history": history,
+                                    "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict()})  # fmt: skip
+            if preempt.requested():  # arrived during evaluation or the save: stop here
+                raise preempt.Stopped(preempt.requested(), f"train state after epoch {epoch + 1} "
+                                      f"in {state_path}")  # fmt: skip
 
     last = history[-1]
     save_model(ctx.checkpoint, model, ctx.cfg.model, epochs=tc.epochs, test_acc=last["test_acc"],
                data=ctx.cfg.data.name)  # fmt: skip
-    state_path.unlink(missing_ok=True)
+    ctx.remove_after_record(state_path)
     return {
         "epochs": tc.epochs,
         "test_acc": last["test_acc"],

@@ -17,10 +17,10 @@ ARGS = ["experiment=smoke", "stages=[train]", "train.epochs=6", "data.train_subs
         "data.test_subset=128", "model.dropout=0.1"]  # fmt: skip
 
 
-def start(run_dir):
+def start(run_dir, env=None):
     return subprocess.Popen([sys.executable, "-m", "hawq.run", *ARGS, f"paths.run_dir={run_dir}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
 
 
 def metrics(run_dir):
@@ -86,6 +86,32 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(full, tmp_path):
     assert err.strip().splitlines()[-1].startswith("hawq: interrupted (Ctrl-C)")
     saved = torch.load(state, weights_only=False)  # intact: loads, a finished epoch
     assert 1 <= saved["epoch"] < 6 and len(saved["history"]) == saved["epoch"]
+    assert not (run_dir / "model.pt").exists() and not list(run_dir.glob(".*.tmp"))
+
+    proc = start(run_dir)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    assert metrics(run_dir) == metrics(full)
+    assert same_model(full, run_dir)
+
+
+@pytest.mark.parametrize(("sig", "at"), [(signal.SIGTERM, 20), (signal.SIGUSR1, 47)])
+def test_preemption_signal_saves_mid_epoch_and_resumes_bit_for_bit(full, tmp_path, sig, at):
+    """SIGTERM (Slurm/Kubernetes/timeout) or SIGUSR1 (Slurm requeue) inside an epoch (the
+    process signals itself after step ``at`` of 16 per epoch: an exact instant on any
+    machine): the step finishes, a mid-epoch state is written, one line, exit 128 + signal;
+    the same command resumes inside that epoch and ends with the uninterrupted run's
+    weights and metrics."""
+    run_dir = tmp_path / "preempted"
+    name = signal.Signals(sig).name
+    proc = start(run_dir, {"HAWQ_SIGNAL_AT_STEP": f"{at}:{name}"})
+    assert proc.wait(timeout=300) == 128 + sig
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err
+    epoch, step = divmod(at, 16)
+    assert err.strip().splitlines()[-1].startswith(
+        f"hawq: stopped by {name}; train state at step {step} of epoch {epoch + 1}")
+    saved = torch.load(run_dir / "train_state.pt", weights_only=False)
+    assert saved["epoch"] == epoch and saved["partial"]["progress"]["step"] == step
     assert not (run_dir / "model.pt").exists() and not list(run_dir.glob(".*.tmp"))
 
     proc = start(run_dir)
