@@ -171,9 +171,9 @@ def budget_range(hessian_json: str | Path, candidates: Sequence[Mapping[str, Any
     """
     from hawq.alloc import read_hessian
     from hawq.alloc.allocate import choices_per_op, resolve_pins
-    from hawq.alloc.costs import GIGA, OpCost, bops, size_mb
+    from hawq.alloc.costs import OpCost, exact_bops, exact_size_mb
 
-    fns = {"size_mb": lambda op, c: size_mb(op, c), "bops": lambda op, c: bops(op, c) / GIGA}
+    fns = {"size_mb": exact_size_mb, "bops": exact_bops}  # the allocator's exact costs
     if kind not in fns:
         raise HawqError(f"budget kind {kind!r} is invalid; allowed: {', '.join(fns)}")
     report = read_hessian(hessian_json)
@@ -183,8 +183,8 @@ def budget_range(hessian_json: str | Path, candidates: Sequence[Mapping[str, Any
     for (name, op), cands in zip(report.ops.items(), per_op, strict=True):
         cost = OpCost(name, op.kind, op.numel, op.macs)
         vals = [fns[kind](cost, c) for c in cands]
-        lo += Fraction(min(vals))
-        hi += Fraction(max(vals))
+        lo += min(vals)
+        hi += max(vals)
     return _up(lo), _up(hi)
 
 

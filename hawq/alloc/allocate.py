@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from hawq.alloc.candidates import Candidate, op_candidates, parse_candidates
-from hawq.alloc.costs import LatencyTable, OpCost, cost_arrays, op_shapes
+from hawq.alloc.costs import LatencyTable, OpCost, exact_costs, op_shapes
 from hawq.alloc.ilp import Problem, Solution, solve
 from hawq.alloc.report import HessianReport
 from hawq.alloc.sensitivity import (
@@ -167,9 +167,10 @@ def build_problem(
     avg_bits_by: str = "macs",
     tie_level: str = "activation",
 ) -> Problem:
-    """The ILP instance (ties merged transitively; ``tie_level`` see :class:`Problem`)."""
+    """The ILP instance (ties merged transitively; ``tie_level`` see :class:`Problem`), with
+    the exact rational costs (:func:`~hawq.alloc.costs.exact_costs`) budgets are met in."""
     ops = list(report.ops)
-    return Problem(ops, cands, sens, cost_arrays(costs, cands, latency, avg_bits_by),
+    return Problem(ops, cands, sens, exact_costs(costs, cands, latency, avg_bits_by),
                    merge_groups(ties, ops), tie_level)  # fmt: skip
 
 

@@ -12,12 +12,19 @@ floating-point operand counts 32 bits):
   (``"ops"``); the total is the weighted average bit width;
 * int4_share: ``M_i [max(w, a) <= 4] / sum_j M_j``: the share of multiplications that
   run at INT4 or below (the seed study's metric).
+
+Each cost is defined as the exact rational number these formulas give on the integer
+MACs, parameters and bits and the latency table's floats (:func:`exact_costs`); the
+float arrays the ILP solver reads (:func:`cost_arrays`) are those rationals correctly
+rounded. Budgets are checked against the exact totals (issue 29): a plan whose cost is
+exactly the budget, e.g. all 8-bit at ``avg_bits=8``, meets it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +79,8 @@ def mean_bits(op: OpCost, c: Candidate, by: str) -> float:
     return a if op.kind == "matmul" else (w + a) / 2
 
 
-def avg_weight(op: OpCost, by: str) -> float:
+def avg_weight(op: OpCost, by: str) -> int:
+    """``omega_i`` of the average: MACs, parameters (a matmul has none) or 1."""
     if by not in AVG_BY:
         raise HawqError(f"alloc.avg_bits_by={by!r} is invalid; allowed: {choices(AVG_BY)}")
     return {"macs": op.macs, "params": 0 if op.kind == "matmul" else op.params, "ops": 1}[by]
@@ -114,32 +122,59 @@ class LatencyTable:
                         f"setting {c.key}")  # fmt: skip
 
 
+def exact_size_mb(op: OpCost, c: Candidate) -> Fraction:
+    """:func:`size_mb` exactly."""
+    w = FP_BITS if c.w_bits is None else c.w_bits
+    return Fraction(0 if op.kind == "matmul" else op.params * w, 8 * MB)
+
+
+def exact_bops(op: OpCost, c: Candidate) -> Fraction:
+    """:func:`bops` in G bit-ops, exactly."""
+    w, a = c.operand_bits(op.kind)
+    return Fraction(op.macs * w * a, int(GIGA))
+
+
+def exact_costs(
+    ops: list[OpCost],
+    candidates: list[list[Candidate]],
+    latency: LatencyTable | None = None,
+    avg_bits_by: str = "macs",
+) -> dict[str, list[list[Fraction]]]:
+    """Cost kind -> per op, the exact rational cost of each of its candidates.
+
+    Units as :func:`cost_arrays`; a latency is its table float taken exactly.
+    """
+    total_w = sum(avg_weight(op, avg_bits_by) for op in ops) or 1
+    total_m = sum(op.macs for op in ops) or 1
+    kinds = ("avg_bits", "size_mb", "bops", "int4_share")
+    kinds += ("latency_us",) if latency is not None else ()
+    out: dict[str, list[list[Fraction]]] = {k: [] for k in kinds}
+    for op, cands in zip(ops, candidates, strict=True):
+        w = Fraction(avg_weight(op, avg_bits_by), total_w)
+        out["avg_bits"].append([w * Fraction(mean_bits(op, c, avg_bits_by)) for c in cands])
+        out["size_mb"].append([exact_size_mb(op, c) for c in cands])
+        out["bops"].append([exact_bops(op, c) for c in cands])
+        out["int4_share"].append([Fraction(op.macs * (c.max_bits(op.kind) <= 4), total_m)
+                                  for c in cands])  # fmt: skip
+        if latency is not None:
+            out["latency_us"].append([Fraction(latency.lookup(op, c)) for c in cands])
+    return out
+
+
 def cost_arrays(
     ops: list[OpCost],
     candidates: list[list[Candidate]],
     latency: LatencyTable | None = None,
     avg_bits_by: str = "macs",
 ) -> dict[str, list[np.ndarray]]:
-    """Cost kind -> per op, the cost of each of its candidates (sums give the totals).
+    """Cost kind -> per op, the cost of each of its candidates (sums give the totals):
+    :func:`exact_costs` correctly rounded to floats.
 
     Units: ``avg_bits`` bits, ``size_mb`` MB, ``bops`` GBOPs per image, ``latency_us``
     microseconds, ``int4_share`` a fraction of all MACs.
     """
-    total_w = sum(avg_weight(op, avg_bits_by) for op in ops) or 1.0
-    total_m = sum(op.macs for op in ops) or 1.0
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("avg_bits", "size_mb", "bops",
-                                                       "int4_share")}  # fmt: skip
-    if latency is not None:
-        out["latency_us"] = []
-    for op, cands in zip(ops, candidates, strict=True):
-        w = avg_weight(op, avg_bits_by) / total_w
-        out["avg_bits"].append(np.array([w * mean_bits(op, c, avg_bits_by) for c in cands]))
-        out["size_mb"].append(np.array([size_mb(op, c) for c in cands]))
-        out["bops"].append(np.array([bops(op, c) / GIGA for c in cands]))
-        out["int4_share"].append(np.array([int4_macs(op, c) / total_m for c in cands]))
-        if latency is not None:
-            out["latency_us"].append(np.array([latency.lookup(op, c) for c in cands]))
-    return out
+    exact = exact_costs(ops, candidates, latency, avg_bits_by)
+    return {k: [np.array([float(v) for v in row]) for row in rows] for k, rows in exact.items()}
 
 
 def gemm_shape(module: nn.Module, kind: str, inputs: tuple[Any, ...], output: torch.Tensor) -> str:
