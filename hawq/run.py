@@ -69,6 +69,18 @@ def honour_hydra_run_dir(argv: list[str]) -> list[str]:
     return argv if run_dir is not None else [*argv, f"paths.run_dir={hydra_dir}"]
 
 
+def explicit_default_wins(argv: list[str]) -> list[str]:
+    """``quant.default.<key>=`` bits on the command line win over a ``bits.yaml`` in the run
+    directory (which ``ptq``/``qat`` would otherwise take first and silently ignore them):
+    ``quant.plan=default`` is added and said, unless ``quant.plan`` is given too."""
+    given = [a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a]
+    bits = [k for k in given if k in ("quant.default.w_bits", "quant.default.a_bits",
+                                      "quant.default")]  # fmt: skip
+    if not bits or "quant.plan" in given:
+        return argv
+    return [*argv, "quant.plan=default"]
+
+
 def _one_line(e: BaseException) -> str:
     """Hydra's multi-line composition error as one line (an unknown key names the ``+``)."""
     m = re.match(r"Could not override '([^']+)'\.\s*To append to your config use (\S+)", str(e))
@@ -152,6 +164,7 @@ def main() -> None:
                 print(f"hawq: error: sweep point {line}", file=sys.stderr)
         else:
             check_group_choices(argv)
+            argv = explicit_default_wins(argv)
             precheck(argv)
     except HawqError as e:
         _fail(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from hawq.config import require
 from hawq.errors import HawqError
 from hawq.quant.plan import DEFAULT_KEY, OpSetting, Plan, load_plan
 from hawq.quant.reconstruct import ReconstructSettings
+
+log = logging.getLogger("hawq")
 
 BITS_FILE = "bits.yaml"  # written by the alloc stage into the run directory
 
@@ -32,7 +35,7 @@ class QuantConfig:
     """``quant`` group: the default op setting, an optional plan file, calibration."""
 
     default: Any = field(default_factory=dict)  # the plan's _default OpSetting (validated)
-    plan: str | None = None  # a bits.yaml; wins over the run's bits.yaml and `default`
+    plan: str | None = None  # a bits.yaml (wins over the run's bits.yaml), or "default"
     calib_batches: int = 8  # calibration batches of the (unaugmented) train split
     calib_batch_size: int = 256
     fold_bn: bool = True  # fold BN into the preceding quantized conv
@@ -103,11 +106,22 @@ class QATConfig:
         return self.schedule[min(epoch // self.epochs_per_step, len(self.schedule) - 1)]
 
 
+DEFAULT_PLAN = "default"  # quant.plan value: quant.default, whatever bits.yaml says
+
+
 def resolve_plan(qc: QuantConfig, run_dir: Path) -> tuple[Plan, str]:
     """``quant.plan`` if set, else the run's ``bits.yaml``, else ``quant.default``.
+    ``quant.plan=default`` takes ``quant.default`` even where a ``bits.yaml`` exists (the
+    command line sets it when ``quant.default`` bits are given explicitly: ``hawq.run``).
 
     Returns ``(plan, source)`` with source the file path or ``quant.default``.
     """
+    if qc.plan == DEFAULT_PLAN:
+        if (run_dir / BITS_FILE).is_file():
+            log.warning("quant.plan=default (quant.default bits given explicitly): %s is not "
+                        "used; quant.plan=%s would use it", run_dir / BITS_FILE,
+                        run_dir / BITS_FILE)  # fmt: skip
+        return Plan(default_setting(qc.default)), "quant.default"
     if qc.plan:
         path = Path(qc.plan).expanduser()
         if not path.is_file():

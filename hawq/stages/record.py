@@ -71,6 +71,8 @@ def _cfg_path(key: str, default: str) -> Callable[[Context], list[Path]]:
 def _plan(ctx: Context) -> list[Path]:
     """The plan ``ptq``/``qat`` read (``quant.plan``, else ``bits.yaml``, see
     :func:`hawq.quant.config.resolve_plan`)."""
+    if OmegaConf.select(ctx.cfg, "quant.plan", default=None) == "default":
+        return []  # quant.default only: no plan file is read
     return _cfg_path("quant.plan", "bits.yaml")(ctx)
 
 

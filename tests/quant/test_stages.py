@@ -164,8 +164,10 @@ def test_ptq_with_reconstruction_records_units_and_saves_the_reconstructed_model
     qmodel, _, meta = load_quantized(tmp_path / "run" / "ptq_model.pt")
     assert meta["acc"] == ptq["quantized"]["acc"]
     assert (tmp_path / "run" / "ptq_reconstruct.png").stat().st_size > 1000
-    for op in qmodel.modules():  # reconstructed weights sit on their grid
-        if hasattr(op, "w_quant") and op.w_quant is not None:
+    kept = {op for u in rec["units"].values() if u["kept"] for op in u["ops"]}
+    assert kept  # (a unit that got worse is restored to plain PTQ: its weights stay FP)
+    for name, op in qmodel.named_modules():  # reconstructed weights sit on their grid
+        if name in kept and getattr(op, "w_quant", None) is not None:
             s = op.w_quant.scale
             assert torch.equal(torch.round(op.weight / s), torch.round(op.w_quant(op.weight) / s))
 
@@ -198,3 +200,22 @@ def test_progressive_qat_reconstructs_after_each_drop(make_cfg, tmp_path, fp_vit
     drop_plain, drop_rec = plain["drops"][-1], rec["stages"]["qat"]["drops"][-1]
     assert drop_rec["floor_bits"] == drop_plain["floor_bits"] == 3
     assert drop_rec["loss"] < drop_plain["loss"]  # reconstruction after the re-fit helps
+
+
+def test_explicit_default_bits_win_over_the_run_directorys_bits_yaml(tmp_path, fp_vit):
+    """The README's ``stages=[ptq] quant.default.w_bits=4 quant.default.a_bits=4`` in a run
+    directory holding an alloc plan (``bits.yaml``, here all W8A8) quantizes at W4A4 and
+    says the plan was not used; without the explicit bits the plan is used."""
+    run = tmp_path / "run"
+    run.mkdir()
+    save_plan(run / "bits.yaml", Plan.from_dict({"_default": {"w_bits": 8, "a_bits": 8}}))
+    base = (*SMOKE, fp_vit, "stages=[ptq]", f"paths.run_dir={run}")
+    proc = run_cli(*base, *W4A4)
+    assert proc.returncode == 0, proc.stderr
+    ptq = json.loads((run / "results.json").read_text())["stages"]["ptq"]
+    assert ptq["plan_source"] == "quant.default" and set(ptq["bits"]) == {"W4A4", "A4xA4"}
+    assert "bits.yaml is not used" in proc.stdout + proc.stderr
+    proc = run_cli(*base)
+    assert proc.returncode == 0, proc.stderr
+    ptq = json.loads((run / "results.json").read_text())["stages"]["ptq"]
+    assert ptq["plan_source"].endswith("bits.yaml") and set(ptq["bits"]) == {"W8A8", "A8xA8"}
