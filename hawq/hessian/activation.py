@@ -25,7 +25,6 @@ kept across samples; otherwise one batch's graph is built at a time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 
@@ -34,13 +33,9 @@ from torch import nn
 
 from hawq.errors import HawqError
 from hawq.hessian import dist
-from hawq.hessian.hutchinson import (
-    RunningStats,
-    TraceEstimate,
-    aggregate_rel_stderr,
-    rademacher,
-)
+from hawq.hessian.hutchinson import TraceEstimate, rademacher
 from hawq.hessian.hvp import Batch, LossFn, evaluating, note_train_mode, reiterable
+from hawq.hessian.sampling import aggregate_rel_stderr, cross_fit
 from hawq.models.ops import op_kind, quantizable_ops
 
 Key = tuple[str, str]  # (op name, operand name)
@@ -203,19 +198,22 @@ def operand_traces(
     callback: Callable[[int, float], None] | None = None,
 ) -> dict[str, dict[str, TraceEstimate]]:
     """Per-sample-average Hessian traces of every operand; stop rule as for weight traces
-    (:math:`\\sqrt{\\sum_k s_k^2}/\\sum_k|\\hat t_k| \\le` rtol, or ``max_samples``)."""
-    stats = RunningStats(len(act.keys))
-    for index in range(max_samples):
-        stats.add(act.sample(seed, index))
-        worst = aggregate_rel_stderr(stats.mean, stats.stderr) if stats.n >= 2 else math.inf
-        if callback is not None:
-            callback(stats.n, worst)
-        if stats.n >= max(min_samples, 2) and worst <= rtol:
-            break
+    (:math:`\\sqrt{\\sum_k s_k^2}/\\sum_k|\\hat t_k| \\approx` rtol, or ``max_samples``),
+    cross-fitted so that the estimates are unbiased (:func:`hawq.hessian.sampling.cross_fit`).
+    Sample ``i`` uses the probes of ``act.sample(seed, i)``."""
+    drawn = 0
+
+    def draw(k: int) -> torch.Tensor:
+        nonlocal drawn
+        rows = torch.stack([act.sample(seed, drawn + i) for i in range(k)])
+        drawn += k
+        return rows
+
+    res = cross_fit(draw, len(act.keys), aggregate_rel_stderr, rtol, min_samples, max_samples,
+                    callback=callback)  # fmt: skip
     out: dict[str, dict[str, TraceEstimate]] = {}
-    se = stats.stderr
     for j, (name, operand) in enumerate(act.keys):
         out.setdefault(name, {})[operand] = TraceEstimate(
-            float(stats.mean[j]), float(se[j]), stats.n, act.numel[(name, operand)]
+            float(res.mean[j]), float(res.stderr[j]), res.n, act.numel[(name, operand)]
         )
     return out

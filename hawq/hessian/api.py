@@ -2,13 +2,18 @@
 
 Op names are the module names of the model's quantizable ops
 (:func:`hawq.models.ops.quantizable_ops`: every ``nn.Linear``, ``nn.Conv2d`` and
-:class:`~hawq.models.ops.MatMul`). A weight op's block spans its weight and
-bias; parameter-free ops (MatMul) have no weight block and are absent from the
-weight results. ``batches`` is any iterable of ``(x, y)`` (a one-shot generator
-is materialised); the Hessian is the sample-weighted average over it (see
-:class:`HessianOperator`). Curvature is taken in eval mode: a model in train
-mode is analysed under ``model.eval()`` (logged), its mode restored and its
-buffers untouched.
+:class:`~hawq.models.ops.MatMul`). An op's block is its weight alone
+(:func:`~hawq.hessian.operator.op_blocks`: its parameters named ``weight`` that
+require grad), :math:`\\bar H_{ll} = \\nabla^2_{W_l} L`, the bias held fixed: quantization
+perturbs the weight and the allocator multiplies by :math:`\\lVert\\Delta W_l\\rVert^2`.
+Ops without such a weight (MatMul, a frozen weight) have no block and are absent
+from the weight results (traces, eigenvalues); their operands still get
+activation traces. Weight + bias blocks: :class:`HessianOperator` with
+``blocks=op_blocks(model, include_bias=True)``. ``batches`` is any iterable of
+``(x, y)`` (a one-shot generator is materialised); the Hessian is the
+sample-weighted average over it (see :class:`HessianOperator`). Curvature is
+taken in eval mode: a model in train mode is analysed under ``model.eval()``
+(logged), its mode restored and its buffers untouched.
 """
 
 from __future__ import annotations
@@ -47,12 +52,14 @@ def layer_traces(
 
     Args:
         model, loss_fn, batches: see the module docstring.
-        rtol: stop when :math:`\\sqrt{\\sum_l s_l^2}/\\sum_l|\\hat t_l|` is at most this.
+        rtol: target :math:`\\sqrt{\\sum_l s_l^2}/\\sum_l|\\hat t_l|` (cross-fitted stop:
+            unbiased, :mod:`hawq.hessian.sampling`).
         max_samples / min_samples: bounds on Rademacher samples (after the sketch).
         seed: seeds the sketch and the probe vectors.
         estimator: ``sandwich`` (default), ``hutchpp`` or ``hutchinson``.
-        backend: ``auto``, ``double_backward`` or ``func``.
-        callback: ``callback(samples, aggregate_rel_stderr)`` after every sample.
+        backend: ``auto`` (``double_backward`` unless it fails; never timed),
+            ``double_backward`` or ``func``.
+        callback: ``callback(samples drawn, aggregate_rel_stderr)`` after every sample.
         sketch: sketch columns of ``sandwich`` / ``hutchpp`` (``2 * sketch`` products).
         chunk: probes per vmapped product (the stop rule is checked per chunk).
 

@@ -14,7 +14,7 @@ class HessianConfig:
     batches: int = 1  # batches averaged; 1 keeps the first-order graph for every product
     batch_size: int = 256  # samples per batch
     split: str = "train"  # curvature of the training loss
-    rtol: float = 0.01  # stop traces when sqrt(sum stderr^2) / sum |trace| is below this
+    rtol: float = 0.01  # target sqrt(sum stderr^2) / sum |trace| (cross-fitted, unbiased stop)
     min_samples: int = 10  # standard errors of fewer samples are unreliable
     max_samples: int = 500  # Rademacher samples at most
     estimator: str = "sandwich"  # sandwich | hutchpp | hutchinson
@@ -25,7 +25,7 @@ class HessianConfig:
     eig_method: str = "lanczos"  # lanczos | power
     tol: float = 1e-4  # relative eigen-residual to stop at
     max_iter: int = 100  # products per op for eigenvalues
-    backend: str = "auto"  # auto (time both) | double_backward | func
+    backend: str = "auto"  # auto (double_backward unless it fails, untimed) | double_backward|func
     dtype: str = "float32"  # float32 | float64
     activation: bool = True  # activation traces (every op operand)
     density: bool = True  # SLQ spectral density plot (whole model)

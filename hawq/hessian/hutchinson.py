@@ -33,14 +33,17 @@ sample standard error of the sampled part) is the honest conditional one.
 
 Stop rule: sample until the *aggregate* relative standard error
 
-.. math::  \\sqrt{\\textstyle\\sum_l s_l^2} \\big/ \\textstyle\\sum_l |\\hat t_l| \\le \\text{rtol}
+.. math::  \\sqrt{\\sum_l s_l^2} \\big/ \\sum_l |\\hat t_l| \\approx \\text{rtol}
 
-(after ``min_samples``) or ``max_samples``. Unlike "every block to rtol", it
-ends when one block's trace is near zero (that block would need millions of
-samples) and it barely depends on any single estimate, so it does not bias
-small traces upward. Per-block standard errors are reported as they are; a
-block whose sign is undetermined (:math:`|\\hat t_l| < 2 s_l`) is the allocator's
-to treat (:mod:`hawq.alloc.sensitivity`).
+(or ``max_samples``). Unlike "every block to rtol", it ends when one block's trace is
+near zero (that block would need millions of samples). Deciding the stop on the very
+samples that form the estimate biases it (runs stop early when :math:`\\sum_l|\\hat t_l|`
+erred upward: +5% with two blocks at rtol 0.2), so the probes are cross-fitted
+(:mod:`hawq.hessian.sampling`): two independent streams, each stopped by its own rule,
+each averaged over the length the OTHER stream chose, :math:`\\hat t = \\frac12(\\bar x_A(\\tau_B)
++ \\bar x_B(\\tau_A))`, which is exactly unbiased. Per-block standard errors are reported
+as they are; a block whose sign is undetermined (:math:`|\\hat t_l| < 2 s_l`) is the
+allocator's to treat (:mod:`hawq.alloc.sensitivity`).
 
 Memory: the sketches keep :math:`Q` and :math:`Y` (n, m) on the operator's device.
 """
@@ -54,6 +57,10 @@ from typing import Any
 
 import torch
 
+from hawq.hessian.sampling import RunningStats, aggregate_rel_stderr, cross_fit
+
+__all__ = ["ESTIMATORS", "BlockTraces", "RunningStats", "TraceEstimate", "aggregate_rel_stderr",
+           "block_traces", "rademacher"]  # fmt: skip
 ESTIMATORS = ("sandwich", "hutchpp", "hutchinson")
 
 
@@ -79,47 +86,6 @@ class TraceEstimate:
         return self.stderr / abs(self.mean) if self.mean != 0.0 else float("inf")
 
 
-class RunningStats:
-    """Welford running mean and variance of a vector of quantities (float64)."""
-
-    def __init__(self, size: int) -> None:
-        self.n = 0
-        self.mean = torch.zeros(size, dtype=torch.float64)
-        self.m2 = torch.zeros(size, dtype=torch.float64)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().double().cpu()
-        self.n += 1
-        delta = x - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (x - self.mean)
-
-    @property
-    def stderr(self) -> torch.Tensor:
-        """:math:`\\sqrt{s^2 / n}` with the unbiased sample variance (inf below 2 samples)."""
-        if self.n < 2:
-            return torch.full_like(self.mean, float("inf"))
-        return (self.m2.clamp_min(0) / (self.n - 1) / self.n).sqrt()
-
-    def rel_stderr(self, offset: torch.Tensor | None = None) -> torch.Tensor:
-        """Per entry :math:`s_{\\bar x}/|\\bar x + c|` for a known offset :math:`c`;
-        0 where the standard error vanishes (an exactly zero block)."""
-        se = self.stderr
-        mean = self.mean if offset is None else self.mean + offset
-        rel = se / mean.abs()
-        return torch.where((se == 0), torch.zeros_like(rel), rel)
-
-
-def aggregate_rel_stderr(mean: torch.Tensor, stderr: torch.Tensor) -> float:
-    """The stop statistic :math:`\\sqrt{\\sum_l s_l^2} / \\sum_l |\\hat t_l|` (0 when all
-    standard errors vanish, inf when only the traces do)."""
-    se = float(stderr.double().pow(2).sum().sqrt())
-    if se == 0.0:
-        return 0.0
-    tot = float(mean.double().abs().sum())
-    return se / tot if tot > 0 else math.inf
-
-
 @dataclass
 class BlockTraces:
     """Result of :func:`block_traces`.
@@ -127,10 +93,11 @@ class BlockTraces:
     Attributes:
         blocks: name -> estimate of :math:`\\mathrm{tr}(A_{ll})`.
         total: estimate of :math:`\\mathrm{tr}(A)` from the same samples.
-        n_products: operator products used (samples, plus ``2 * sketch``).
+        n_products: operator products used (samples drawn, plus ``2 * sketch``; the
+            estimates' ``n_samples`` may be fewer: :mod:`hawq.hessian.sampling`).
         estimator: ``sandwich``, ``hutchpp`` or ``hutchinson``.
         sketch: sketch columns used (0 for ``hutchinson``).
-        rel_stderr: the aggregate relative standard error at the stop.
+        rel_stderr: the aggregate relative standard error of the estimate (about rtol).
     """
 
     blocks: dict[str, TraceEstimate]
@@ -160,9 +127,54 @@ def _block_sum(x: torch.Tensor, ids: torch.Tensor, n_blocks: int) -> torch.Tenso
     entries with id ``n_blocks`` (in no block) are dropped."""
     if x.ndim == 2:
         x = x.sum(dim=1)
-    out = torch.zeros(n_blocks + 1, dtype=torch.float64, device=x.device)
+    return _block_cols(x[:, None], ids, n_blocks)[0]
+
+
+def _block_cols(x: torch.Tensor, ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Per-block sums of every column of ``x`` (n, k) -> (k, n_blocks), float64 on the CPU."""
+    out = torch.zeros(n_blocks + 1, x.shape[1], dtype=torch.float64, device=x.device)
     out.index_add_(0, ids, x.double())
-    return out[:n_blocks].cpu()
+    return out[:n_blocks].T.cpu()
+
+
+@dataclass
+class _Sketched:
+    """The sketch's exact part: ``q`` (n, m) and ``c`` (m, m) (``None`` for Hutchinson),
+    the exact per-block traces and whole trace, and ``m``."""
+
+    q: torch.Tensor | None
+    c: torch.Tensor | None
+    exact: torch.Tensor
+    exact_total: float
+    m: int
+
+
+def _exact_part(op: Any, estimator: str, sketch: int, ids: torch.Tensor, nb: int,
+                gen: torch.Generator) -> _Sketched:  # fmt: skip
+    """The sketch (``2m`` products) and the block traces it gives exactly: of
+    :math:`QCQ^\\top` (``hutchpp``) and also of :math:`QZ^\\top + ZQ^\\top` (``sandwich``)."""
+    if estimator == "hutchinson":
+        return _Sketched(None, None, torch.zeros(nb, dtype=torch.float64), 0.0, 0)
+    m = min(sketch, op.shape[0])
+    q, y = _sketch(op, m, gen)
+    c = q.T @ y
+    c = 0.5 * (c + c.T)  # (m, m)
+    exact = _block_sum(q @ c * q, ids, nb)  # diag of Q C Q^T, per block
+    if estimator == "sandwich":
+        exact += 2 * _block_sum(q * (y - q @ c), ids, nb)  # diag of QZ^T + ZQ^T
+    return _Sketched(q, c, exact, float(c.trace()), m)
+
+
+def _residual_product(op: Any, v: torch.Tensor, estimator: str, sk: _Sketched) -> torch.Tensor:
+    """The sampled operator times ``v`` (n, k): :math:`(I-P)A(I-P)v` (``sandwich``),
+    :math:`(A - QCQ^\\top)v` (``hutchpp``) or :math:`Av`."""
+    q, c = sk.q, sk.c
+    if estimator == "sandwich":
+        av = op @ (v - q @ (q.T @ v))
+        return av - q @ (q.T @ av)
+    if estimator == "hutchpp":
+        return op @ v - q @ (c @ (q.T @ v))
+    return op @ v
 
 
 def block_traces(
@@ -179,21 +191,28 @@ def block_traces(
 ) -> BlockTraces:
     """Estimate every block trace of symmetric ``op`` with one product per sample.
 
+    Per probe :math:`v` the row :math:`(v_l^\\top (Rv)_l)_l` plus :math:`v^\\top Rv` (the
+    whole trace) for the sampled operator :math:`R`; the rows are cross-fitted
+    (:func:`hawq.hessian.sampling.cross_fit`): :math:`\\hat t = \\text{exact} + \\frac12
+    (\\bar x_A(\\tau_B) + \\bar x_B(\\tau_A))`, unbiased for every stop.
+
     Args:
         op: operator with ``@``, ``shape``, ``dtype``, ``device`` (and ``blocks`` by default).
         blocks: name -> slice of the flat vector (default ``op.blocks``); need not cover it.
-        rtol: stop when the aggregate relative standard error (module docstring) is at most this.
+        rtol: target aggregate relative standard error (module docstring) of the estimate.
         max_samples: samples at most (after the sketch): the product budget is
             ``2 * sketch + max_samples``, so every run ends.
-        min_samples: samples at least (standard errors of fewer are unreliable).
+        min_samples: samples at least in the estimate (standard errors of fewer are
+            unreliable); ``max_samples <= max(min_samples, 3)`` is a fixed count.
         seed: seeds the sketch and the Rademacher vectors.
         estimator: ``sandwich`` (default), ``hutchpp`` or ``hutchinson``.
         sketch: sketch columns (``2 * sketch`` products; capped at the dimension).
-        callback: ``callback(samples, aggregate_rel_stderr)`` after every sample.
+        callback: ``callback(samples drawn, aggregate_rel_stderr of them all)`` after every
+            sample (progress; the stop is decided per stream).
         chunk: probe vectors multiplied together (``op @ V`` with ``V`` of ``chunk``
             columns: one vmapped double backward on a :class:`HessianOperator`); the stop
-            rule is checked after each chunk. The vectors, hence the estimates for a given
-            number of samples, do not depend on it.
+            rules are checked every ``2 * ceil(chunk / 2)`` probes. The vectors, hence the
+            estimates for a given number of samples, do not depend on it.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(ESTIMATORS)}")
@@ -205,43 +224,20 @@ def block_traces(
         ids[blocks[k]] = i
     ids = ids.to(op.device)
     gen = torch.Generator().manual_seed(seed)
-    exact, exact_total = torch.zeros(nb, dtype=torch.float64), 0.0
-    products, m, q, c = 0, 0, None, None
-    if estimator != "hutchinson":
-        m = min(sketch, n)
-        q, y = _sketch(op, m, gen)
-        products = 2 * m
-        c = q.T @ y
-        c = 0.5 * (c + c.T)  # (m, m)
-        exact = _block_sum(q @ c * q, ids, nb)  # diag of Q C Q^T, per block
-        exact_total = float(c.trace())
-        if estimator == "sandwich":
-            exact += 2 * _block_sum(q * (y - q @ c), ids, nb)  # diag of QZ^T + ZQ^T
-        del y
-    stats, total = RunningStats(nb), RunningStats(1)
-    rel = math.inf
-    while stats.n < max_samples:
-        k = min(max(chunk, 1), max_samples - stats.n)
+    sk = _exact_part(op, estimator, sketch, ids, nb, gen)
+
+    def draw(k: int) -> torch.Tensor:  # (k, nb + 1): block rows, then the whole trace
         v = torch.stack([rademacher(n, gen, op.dtype, op.device) for _ in range(k)], dim=1)
-        if estimator == "sandwich":
-            av = op @ (v - q @ (q.T @ v))
-            av = av - q @ (q.T @ av)  # (I-P) A (I-P) v
-        elif estimator == "hutchpp":
-            av = op @ v - q @ (c @ (q.T @ v))  # (A - Q C Q^T) v
-        else:
-            av = op @ v
-        products += k
-        for prod in (v * av).unbind(1):  # (n,) per probe
-            stats.add(_block_sum(prod, ids, nb))
-            total.add(prod.sum().reshape(1))
-            rel = (aggregate_rel_stderr(stats.mean + exact, stats.stderr) if stats.n >= 2
-                   else math.inf)  # fmt: skip
-            if callback is not None:
-                callback(stats.n, rel)
-        if stats.n >= max(min_samples, 2) and rel <= rtol:
-            break
-    mean, se = stats.mean + exact, stats.stderr
-    est = {k: TraceEstimate(float(mean[i]), float(se[i]), stats.n, blocks[k].stop - blocks[k].start)
+        prod = v * _residual_product(op, v, estimator, sk)
+        return torch.cat([_block_cols(prod, ids, nb), prod.sum(0).double().cpu()[:, None]], 1)
+
+    def statistic(mean: torch.Tensor, se: torch.Tensor) -> float:
+        return aggregate_rel_stderr(mean[:nb] + sk.exact, se[:nb])
+
+    res = cross_fit(draw, nb + 1, statistic, rtol, min_samples, max_samples, chunk, callback)
+    mean, se = res.mean[:nb] + sk.exact, res.stderr
+    est = {k: TraceEstimate(float(mean[i]), float(se[i]), res.n, blocks[k].stop - blocks[k].start)
            for i, k in enumerate(names)}  # fmt: skip
-    whole = TraceEstimate(float(total.mean[0]) + exact_total, float(total.stderr[0]), total.n, n)
-    return BlockTraces(est, whole, products, estimator, m, rel)
+    whole = TraceEstimate(float(res.mean[nb]) + sk.exact_total, float(se[nb]), res.n, n)
+    return BlockTraces(est, whole, 2 * sk.m + res.drawn, estimator, sk.m,
+                       statistic(res.mean, res.stderr))  # fmt: skip

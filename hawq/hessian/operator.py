@@ -21,7 +21,6 @@ all-reduced.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -210,23 +209,30 @@ class BlockOperator:
         return self.parent._apply(v, self.idx)
 
 
-def time_backend(op: HessianOperator, reps: int = 3) -> float:
-    """Seconds per product of ``op`` (best of ``reps`` after one warm-up)."""
-    g = torch.Generator().manual_seed(0)
-    v = torch.randn(op.size, generator=g, dtype=op.dtype).to(op.device)
-    for _ in range(2):  # warm-up: builds a cached graph; first CPU products are slow
-        op @ v
-    times = []
-    for _ in range(reps):
-        if op.device.type == "cuda":
-            torch.cuda.synchronize(op.device)
-        start = time.perf_counter()
-        op @ v
-        if op.device.type == "cuda":
-            torch.cuda.synchronize(op.device)
-        times.append(time.perf_counter() - start)
-    op.n_hvp -= reps + 2
-    return min(times)  # least disturbed by other load
+def double_backward_error(op: HessianOperator) -> str | None:
+    """Try one double-backward product on this rank's first batch (no collective inside,
+    so a failing rank cannot hang the others), then agree over ranks.
+
+    Returns:
+        ``None`` when it ran on every rank, else the first line of the error (an op without
+        a double backward, e.g. fused SDPA attention). With one local batch the graph built
+        here is kept as ``op``'s cache.
+    """
+    batch = op._fixed if op._fixed is not None else next(iter(dist.shard(op.batches)), None)
+    err = None
+    if batch is not None:
+        try:
+            hvp = make_batch_hvp("double_backward", op.model, op.loss_fn, op.params, batch)
+            hvp([torch.ones_like(p) for p in op.params], list(range(len(op.params))))
+            op._cache = hvp if op._fixed is not None else None
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:
+            err = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    failed = torch.tensor([float(err is not None)], dtype=torch.float64, device=op.device)
+    if float(dist.all_reduce_sum([failed])[0][0]) > 0 and err is None:
+        err = "double backward failed on another rank"
+    return err
 
 
 def hessian_operator(
@@ -235,23 +241,22 @@ def hessian_operator(
     batches: Iterable[Batch],
     blocks: Mapping[str, Sequence[torch.Tensor]] | None = None,
     backend: str = "auto",
-) -> tuple[HessianOperator, dict[str, float]]:
-    """Build the operator; ``backend="auto"`` times both backends and keeps the faster.
+) -> tuple[HessianOperator, str]:
+    """Build the operator. ``backend="auto"`` is ``double_backward`` (reuses the first-order
+    graph) unless one double-backward product fails (:func:`double_backward_error`), then
+    ``func``: decided by trying, never by timing, so a rerun (a resumed run, another rank,
+    a loaded machine) picks the same backend and gives the same numbers.
 
     Returns:
-        ``(operator, timings)`` with seconds per product for each backend timed.
+        ``(operator, why)``: ``why`` says how the backend was chosen (``requested``,
+        ``auto: double backward runs`` or ``auto: double backward fails (<error>)``).
     """
     if backend != "auto":
-        return HessianOperator(model, loss_fn, batches, blocks, backend), {}
-    timings, ops = {}, {}
-    for name in BACKENDS:
-        ops[name] = HessianOperator(model, loss_fn, batches, blocks, name)
-        timings[name] = time_backend(ops[name])
-    # every rank must pick the same backend: decide on the summed timings
-    t = torch.tensor([timings[n] for n in BACKENDS], dtype=torch.float64, device=ops[name].device)
-    summed = dist.all_reduce_sum([t])
-    best = BACKENDS[int(torch.argmin(summed[0]))]
-    for name, o in ops.items():
-        if name != best:
-            o.release()
-    return ops[best], timings
+        return HessianOperator(model, loss_fn, batches, blocks, backend), "requested"
+    op = HessianOperator(model, loss_fn, batches, blocks, "double_backward")
+    err = double_backward_error(op)
+    if err is None:
+        return op, "auto: double backward runs"
+    log.warning("hessian: double backward fails (%s); using the func backend", err)
+    return HessianOperator(model, loss_fn, op.batches, blocks, "func"), (
+        f"auto: double backward fails ({err})")  # fmt: skip

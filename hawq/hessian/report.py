@@ -19,7 +19,9 @@ top-level ``"trace_block": "weight"|"weight+bias"`` (what ``trace`` and
 ``numel`` stays weight + bias, the size the cost models use),
 ``"eig_which": "LA"|"LM"`` (``eigenvalues`` largest algebraic first, i.e.
 ``eigenvalues[0]`` is lambda_max, or largest magnitude first),
-``"sketch"``, ``"trace_rel_stderr"`` (aggregate, the stop statistic); per op
+``"sketch"``, ``"trace_rel_stderr"`` (aggregate, the stop statistic),
+``"backend_requested"`` (``auto`` or a backend) and ``"backend_choice"`` (how ``backend``
+was chosen: never by timing); per op
 ``"lambda_max"`` (with ``eig_which`` LA), ``"eig_converged": [bool]`` (true
 residual ``||Hv - lambda v|| / |lambda|`` <= ``tol``) and ``"trace_undetermined"``
 (``|trace| < 2 trace_stderr``: the sign is not resolved;

@@ -3,11 +3,14 @@
 From ``hessian.batches`` batches of ``hessian.batch_size`` images of the
 ``hessian.split`` split (eval mode, cross-entropy): per-op Hessian traces
 of each op's weight (sandwich / Hutch++ / Hutchinson, all ops from one product
-per sample, stopped on the aggregate relative standard error), the top
+per sample, stopped on the aggregate relative standard error, cross-fitted so that the
+stop does not bias them: :mod:`hawq.hessian.sampling`), the top
 eigenvalues of each op's weight block with multiplicity, largest algebraic
 first by default (block Lanczos or power iteration; unconverged pairs are
 flagged and logged), per-sample activation
-traces of every op operand, and the SLQ spectral density. Writes
+traces of every op operand, and the SLQ spectral density. ``hessian.backend=auto`` is
+``double_backward`` unless a trial double-backward product fails, then ``func`` (never timed: a
+rerun gives the same ``hessian.json``; ``backend_choice`` records why). Writes
 ``hessian.json`` (schema in :mod:`hawq.hessian.report`), ``hessian_*.png`` bar
 charts and ``hessian_density.png``. Runs alone from ``paths.checkpoint``. Under
 ``torchrun`` batches are sharded over ranks and rank 0 writes.
@@ -88,9 +91,9 @@ def _run(ctx: Context) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
 
-    op, timings = hessian_operator(model, loss_fn, batches, backend=hc.backend)
-    log.info("hessian: backend %s over %d parameters in %d ops %s", op.backend, op.size,
-             len(op.blocks), {k: round(v, 4) for k, v in timings.items()})  # fmt: skip
+    op, why = hessian_operator(model, loss_fn, batches, backend=hc.backend)
+    log.info("hessian: backend %s (%s) over %d parameters in %d ops", op.backend, why, op.size,
+             len(op.blocks))  # fmt: skip
     bar, update = _progress("hessian traces", hc.max_samples)
     traces = block_traces(op, rtol=hc.rtol, max_samples=hc.max_samples,
                           min_samples=hc.min_samples, seed=hc.seed, estimator=hc.estimator,
@@ -136,7 +139,8 @@ def _run(ctx: Context) -> dict:
         "trace_rel_stderr": _finite_or_none(traces.rel_stderr),
         "split": hc.split,
         "world_size": dist.world()[1],
-        "backend_timings_s": timings,
+        "backend_requested": hc.backend,
+        "backend_choice": why,  # auto: decided by trying double backward, never by timing
         "hvp_products": op.n_hvp,
         "whole_trace": {"mean": traces.total.mean, "stderr": traces.total.stderr},
         "ops": {

@@ -62,12 +62,12 @@ def test_layer_traces_api_on_the_real_operator_and_stopping_rule():
                           seed=0, backend="double_backward", estimator="hutchinson",
                           callback=lambda n, w: seen.append(w))  # fmt: skip
     assert list(traces) == list(op.blocks)
-    n = next(iter(traces.values())).n_samples
-    assert 10 <= n < 2000 and len(seen) == n
-    assert seen[-1] <= 0.1 and all(w > 0.1 for w in seen[9:-1])  # first chance to stop
+    n, drawn = next(iter(traces.values())).n_samples, len(seen)  # callback: every probe drawn
+    assert 10 <= n <= drawn < 2000 and drawn % 2 == 0  # cross-fitted pairs
+    assert seen[0] == float("inf") and all(0 < w < float("inf") for w in seen[1:])
     ts = list(traces.values())
     agg = sum(t.stderr**2 for t in ts) ** 0.5 / sum(abs(t.mean) for t in ts)
-    assert agg == pytest.approx(seen[-1], rel=1e-9)  # the aggregate stop statistic
+    assert 0.03 < agg < 0.2  # about rtol: each stream stopped at sqrt(2) rtol on its own
     for name, s in op.blocks.items():
         t = traces[name]
         assert isinstance(t, TraceEstimate)

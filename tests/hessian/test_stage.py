@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from hawq.checkpoint import build_model, save_model
 from hawq.errors import HawqError
 from hawq.hessian import load_hessian_report
 from hawq.models import ViT, op_inventory
 from hawq.pipeline import run_pipeline
+
+from .cases import func_looks_faster
 
 FAST = (
     "experiment=smoke",
@@ -77,3 +81,37 @@ def test_bad_config_is_one_line_error(make_cfg, tmp_path, override, message):
     with pytest.raises(HawqError, match=message):
         run_pipeline(make_cfg(*FAST, "stages=[hessian]", override))
     assert not (tmp_path / "run" / "hessian.json").exists()
+
+
+def test_auto_backend_is_recorded_and_timing_does_not_change_the_report(make_cfg, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """Issue 29: a rerun after kill -9 said ``backend: func`` where the first run said
+    ``double_backward`` (``auto`` was decided by timing). The hessian stage alone on an
+    untrained smoke checkpoint, ``backend=auto``: once plainly and once on a clock where
+    ``func`` looks 1000x faster; the same backend and the same hessian.json (but wall_s)."""
+    args = ("experiment=smoke", "stages=[hessian]", "data.train_subset=64",
+            "data.test_subset=32", "hessian.batch_size=8", "hessian.min_samples=3",
+            "hessian.max_samples=6", "hessian.sketch=2", "hessian.top_k=0",
+            "hessian.activation=false", "hessian.density=false", "hessian.backend=auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 5x faster than two contending threads on the shared CPU
+    try:
+        _run_twice(make_cfg, tmp_path, monkeypatch, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_twice(make_cfg, tmp_path, monkeypatch, args) -> None:
+    cfg = make_cfg(*args)
+    ckpt = save_model(tmp_path / "model.pt", build_model(cfg.model), cfg.model)
+    reports = []
+    for name in ("plain", "func_looks_faster"):
+        if name == "func_looks_faster":
+            func_looks_faster(monkeypatch)
+        run_pipeline(make_cfg(*args, f"paths.checkpoint={ckpt}", run_dir=tmp_path / name))
+        rep = load_hessian_report(tmp_path / name / "hessian.json")
+        reports.append({k: v for k, v in rep.items() if k != "wall_s"})
+    plain, timed = reports
+    assert plain["backend"] == "double_backward" and plain["backend_requested"] == "auto"
+    assert plain["backend_choice"] == "auto: double backward runs"
+    assert timed == plain  # bit for bit: every trace, stderr and count

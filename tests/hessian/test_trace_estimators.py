@@ -45,8 +45,8 @@ def test_near_zero_trace_still_stops_and_the_statistic_is_the_aggregate():
         means = torch.tensor([e.mean for e in res.blocks.values()])
         ses = torch.tensor([e.stderr for e in res.blocks.values()])
         assert res.rel_stderr == pytest.approx(aggregate_rel_stderr(means, ses))
-        assert res.rel_stderr <= 0.05
-        assert res.n_products == n + (0 if est == "hutchinson" else 8)
+        assert res.rel_stderr <= 1.5 * 0.05  # about rtol (each stream stops at sqrt(2) rtol)
+        assert res.n_products >= n + (0 if est == "hutchinson" else 8)  # + decision-only probes
 
 
 @pytest.mark.parametrize("estimator", ["sandwich", "hutchinson"])
