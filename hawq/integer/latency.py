@@ -43,7 +43,7 @@ from torch import nn
 from hawq.alloc.candidates import Candidate, op_candidates
 from hawq.alloc.costs import gemm_shape
 from hawq.errors import HawqError
-from hawq.integer import ops
+from hawq.integer import isa, ops
 from hawq.integer.dyadic import Requant
 from hawq.io import write_json
 from hawq.models.ops import op_kind, probe_ops
@@ -204,6 +204,7 @@ def measure_latency(
             by_shape[op.key] = row
     return {"unit": "us", "per": "image", "batch": batch, "iters": iters,
             "device": _device_name(device), "backend": _backend_name(device),
+            "kernels": ops.kernel_report(device), "isa": isa.describe(),
             "torch": torch.__version__, "python": platform.python_version(),
             "by_shape": by_shape, "ops": {n: s.key for n, s in shapes.items()}}  # fmt: skip
 
@@ -215,12 +216,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _backend_name(device: torch.device) -> str:
-    be = ops.get_backend()
-    if be != "auto":
-        return be
-    if device.type != "cuda":
-        return "reference"
-    return "triton" if ops.triton_available() else "int_mm"
+    return ops.resolve(torch.zeros(1, dtype=torch.int8, device=device))
 
 
 def write_latency_table(table: dict[str, Any], path: str | Path) -> Path:

@@ -91,6 +91,7 @@ class Spec:
 
     keys: tuple[str, ...]
     inputs: tuple[Callable[[Context], list[Path]], ...] = ()
+    machine: bool = False  # its result depends on this CPU (the ISA it may use): redo elsewhere
 
 
 SPECS: dict[str, Spec] = {
@@ -98,7 +99,7 @@ SPECS: dict[str, Spec] = {
     "evaluate": Spec(("data",), (_ckpt,)),
     "hessian": Spec(("data", "hessian"), (_ckpt,)),
     "latency": Spec(("model", "latency", "alloc.candidates", "alloc.pins", "alloc.pin_first",
-                     "alloc.pin_last", "integer.backend"), (_ckpt,)),  # fmt: skip
+                     "alloc.pin_last", "integer.backend"), (_ckpt,), machine=True),  # fmt: skip
     "alloc": Spec(("seed", "data", "alloc", "quant.default"),
                   (_ckpt, _cfg_path("alloc.hessian", "hessian.json"), _latency)),  # fmt: skip
     "ptq": Spec(("seed", "data", "quant"), (_ckpt, _plan)),
@@ -150,6 +151,10 @@ def config_values(stage: str, ctx: Context) -> dict[str, Any]:
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         out[key] = value
+    if spec(stage, ctx).machine:
+        from hawq.integer.isa import describe
+
+        out["machine"] = describe()
     return out
 
 

@@ -9,6 +9,7 @@ from hawq.alloc import Candidate, LatencyTable, OpCost, cost_arrays
 from hawq.alloc.candidates import op_candidates
 from hawq.alloc.costs import op_shapes as gemm_keys
 from hawq.errors import HawqError
+from hawq.integer import ops as int_ops
 from hawq.integer.latency import kernel, measure_latency, op_shapes, write_latency_table
 from hawq.models import ResNet, ViT, quantizable_ops
 from hawq.models.ops import op_inventory
@@ -51,7 +52,10 @@ def test_table_feeds_the_allocators_latency_cost(tmp_path):
     model = tiny_vit()
     seen = []
     table = measure_latency(model, CANDS, batch=4, iters=2, warmup=1, progress=seen.append)
-    assert table["unit"] == "us" and table["per"] == "image" and table["backend"] == "reference"
+    assert table["unit"] == "us" and table["per"] == "image"
+    # the backend that ran (auto resolved), the CPU and the kernels: a table is per machine
+    assert table["backend"] == int_ops.resolve(torch.zeros(1, dtype=torch.int8))
+    assert table["kernels"]["resolved"] == table["backend"] and table["isa"]["families"] is not None
     assert seen == list(table["by_shape"])  # one timing pass per distinct shape
     assert len(table["by_shape"]) < len(table["ops"])  # blocks' repeated shapes timed once
     for row in table["by_shape"].values():

@@ -208,3 +208,20 @@ def test_config_keys_added_since_a_record_leave_it_done_at_their_defaults(run_co
     model = (run_dir / "qat_model.pt").read_bytes()
     run_pipeline(compose_cfg(run_dir, "stages=[qat]"))  # stays done: nothing rewritten
     assert (run_dir / "qat_model.pt").read_bytes() == model
+
+
+def test_latency_table_is_remeasured_on_another_cpu(tmp_path, monkeypatch):
+    """A latency table times this CPU's kernels: the same run directory on a machine with
+    another ISA (or under another ONEDNN_MAX_CPU_ISA cap) redoes the latency stage."""
+    from hawq.integer import isa
+
+    run_dir = tmp_path / "run"
+    args = ("stages=[train,latency]", "latency.batch=2", "latency.iters=1", "latency.warmup=0")
+    res = run_pipeline(compose_cfg(run_dir, *args))
+    assert res["stages"]["latency"]
+    table = json.loads((run_dir / "latency.json").read_text())
+    assert table["isa"] == isa.describe() and table["kernels"]["resolved"] == table["backend"]
+    assert status(run_dir, "latency", *args).done
+    monkeypatch.setattr(isa, "describe", lambda: {**table["isa"], "family_used": "AVX2"})
+    st = status(run_dir, "latency", *args)
+    assert not st.done and any(c.startswith("machine") for c in st.changed), st.changed
