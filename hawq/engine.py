@@ -222,6 +222,24 @@ def train_epoch(
     }
 
 
+def start_epoch_streams(loader: Any, seed: int, epoch: int, partial: dict | None) -> None:
+    """Data order, augmentation and dropout stream of ``epoch`` (from ``seed`` and ``epoch``
+    alone), or where a stopped epoch left them (``partial`` of :func:`stopped_partial`)."""
+    if partial is None:
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout stream of this epoch
+        loader.set_epoch(epoch)
+        return
+    torch.set_rng_state(partial["rng"])
+    loader.set_epoch(epoch, partial["progress"]["step"], partial["loader_rng"])
+
+
+def stopped_partial(progress: dict, loader: Any) -> dict:
+    """What resumes an epoch stopped after ``progress["step"]`` steps: the progress of
+    :func:`train_epoch`, the dropout stream and the loader's augmentation stream."""
+    return {"progress": progress, "rng": torch.get_rng_state(),
+            "loader_rng": loader.generator.get_state()}  # fmt: skip
+
+
 @torch.no_grad()
 def forward_batches(
     model: nn.Module,

@@ -37,6 +37,7 @@ ever taken of the compiled one).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -49,9 +50,16 @@ import torch
 from torch import nn
 
 from hawq import distributed as dist
+from hawq import preempt
 from hawq.checkpoint import restore_state
 from hawq.config import typed
-from hawq.engine import cosine_scheduler, evaluate, train_epoch
+from hawq.engine import (
+    cosine_scheduler,
+    evaluate,
+    start_epoch_streams,
+    stopped_partial,
+    train_epoch,
+)
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
 from hawq.quant import (
@@ -224,7 +232,7 @@ class NonFiniteWatch:
 
 def qat_epoch(model: nn.Module, batches, optimizer, loss_fn, device, scheduler, tc: QATConfig,
               epoch: int, train_model: nn.Module | None = None,
-              watch: NonFiniteWatch | None = None) -> dict[str, float]:  # fmt: skip
+              watch: NonFiniteWatch | None = None, **resume: Any) -> dict[str, Any]:  # fmt: skip
     """One training epoch; a NaN/Inf loss becomes a HawqError naming the collapsed ops.
 
     Named: the ops whose output went non-finite first (step-wise) and whose own scales
@@ -236,14 +244,15 @@ def qat_epoch(model: nn.Module, batches, optimizer, loss_fn, device, scheduler, 
             ``model``); ``model`` itself when None.
         watch: a run-long :class:`NonFiniteWatch` (registering hooks once keeps a compiled
             graph valid); one for this epoch when None.
+        resume: ``resume`` / ``steps_after`` of :func:`hawq.engine.train_epoch`.
     """
     own = watch is None
     watch = watch or NonFiniteWatch(model)
     train_model = model if train_model is None else train_model
     try:
         return train_epoch(train_model, batches, optimizer, loss_fn, device, scheduler,
-                           amp=tc.amp, grad_clip=tc.grad_clip,
-                           desc=f"qat {epoch + 1}")  # fmt: skip
+                           amp=tc.amp, grad_clip=tc.grad_clip, desc=f"qat {epoch + 1}",
+                           **resume)  # fmt: skip
     except FloatingPointError as e:
         origin = watch.origin()
         bad = [n for n in origin if n in collapsed_ops(model)] or origin or collapsed_ops(model)
@@ -319,7 +328,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
                               tc.label_smoothing)  # fmt: skip
 
     state_path = ctx.path(STATE)
-    start, history, drops = 0, [], []
+    start, history, drops, partial = 0, [], [], None
     resume = state_path.is_file() and not ctx.force
     dist.barrier()  # every rank decided before rank 0 removes a stale state
     if state_path.is_file() and ctx.force and main:
@@ -329,8 +338,9 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
         opt_loader = SimpleNamespace(load_state_dict=lambda sd: load_optimizer(optimizer, sd))
         restore_state(state_path, state, model=model, optimizer=opt_loader, scheduler=scheduler)
         start, history, init = state["epoch"], state["history"], state["init"]
-        drops = state.get("drops", [])
-        log.info("qat: resuming after epoch %d from %s", start, state_path)
+        drops, partial = state.get("drops", []), state.get("partial")
+        where = f", step {partial['progress']['step']} of the next" if partial else ""
+        log.info("qat: resuming after epoch %d%s from %s", start, where, state_path)
     if start > tc.epochs:
         raise HawqError(f"{state_path} is at epoch {start} > qat.epochs={tc.epochs}")
 
@@ -338,44 +348,64 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     if tc.compile:
         train_model = torch.compile(train_model)
     watch = NonFiniteWatch(model)
+    # one process: a stop signal ends the epoch after its step (ranks of a job would stop at
+    # different steps, so under torchrun it stops at once and resumes from the last epoch)
+    stops = preempt.graceful() if world == 1 else contextlib.nullcontext()
     try:
-        for epoch in range(start, tc.epochs):
-            floor = tc.floor_bits(epoch)
-            changed = set_bits_(model, plan, floor)
-            if changed and tc.refit_on_drop:
-                calib = data.eval_loader("train", device, qc.calib_batch_size)
-                refit_after_drop(model, optimizer, changed, calib, qc.calib_batches)
-                if tc.reconstruct_on_drop:
-                    reconstruct_after_drop(model, fp_ref, optimizer, calib, qc)
-                dist.broadcast_state(model)
+        with stops:
+            for epoch in range(start, tc.epochs):
+                floor = tc.floor_bits(epoch)
+                changed = set_bits_(model, plan, floor)
+                if changed and tc.refit_on_drop:
+                    calib = data.eval_loader("train", device, qc.calib_batch_size)
+                    refit_after_drop(model, optimizer, changed, calib, qc.calib_batches)
+                    if tc.reconstruct_on_drop:
+                        reconstruct_after_drop(model, fp_ref, optimizer, calib, qc)
+                    dist.broadcast_state(model)
+                    ev = evaluate_all(model)
+                    drops.append({"epoch": epoch, "floor_bits": floor, "acc": ev["acc"],
+                                  "loss": ev["loss"], "refitted": len(changed)})  # fmt: skip
+                    log.info("qat: floor %s bits: %d quantizers re-fitted, acc %.2f loss %.4f",
+                             floor, len(changed), ev["acc"], ev["loss"])  # fmt: skip
+                frozen = tc.freeze_bn_epoch is not None and epoch >= tc.freeze_bn_epoch
+                if frozen:
+                    freeze_bn_(model)
+                start_epoch_streams(train, ctx.run.seed, epoch, partial)
+                tr = qat_epoch(model, train, optimizer, loss_fn, device, scheduler, tc, epoch,
+                               train_model, watch, resume=partial and partial["progress"],
+                               steps_after=(tc.epochs - epoch - 1) * steps)  # fmt: skip
+                partial = None
+                if "stopped" in tr:  # one process (graceful only then): state inside the epoch
+                    save_torch(state_path, {"epoch": epoch, "history": history, "init": init,
+                                            "drops": drops,
+                                            "partial": stopped_partial(tr["stopped"], train),
+                                            "model": model.state_dict(),
+                                            "optimizer": optimizer.state_dict(),
+                                            "scheduler": scheduler.state_dict()})  # fmt: skip
+                    raise preempt.Stopped(preempt.requested(), f"qat state at step "
+                                          f"{tr['stopped']['step']} of epoch {epoch + 1} in "
+                                          f"{state_path}")  # fmt: skip
+                if world > 1:
+                    tr = dist.reduce_train_metrics(tr, train.seen, device)
                 ev = evaluate_all(model)
-                drops.append({"epoch": epoch, "floor_bits": floor, "acc": ev["acc"],
-                              "loss": ev["loss"], "refitted": len(changed)})  # fmt: skip
-                log.info("qat: floor %s bits: %d quantizers re-fitted, acc %.2f loss %.4f",
-                         floor, len(changed), ev["acc"], ev["loss"])  # fmt: skip
-            frozen = tc.freeze_bn_epoch is not None and epoch >= tc.freeze_bn_epoch
-            if frozen:
-                freeze_bn_(model)
-            torch.manual_seed(ctx.run.seed * 100_003 + epoch)
-            train.set_epoch(epoch)
-            tr = qat_epoch(model, train, optimizer, loss_fn, device, scheduler, tc, epoch,
-                           train_model, watch)  # fmt: skip
-            if world > 1:
-                tr = dist.reduce_train_metrics(tr, train.seen, device)
-            ev = evaluate_all(model)
-            history.append({"epoch": epoch + 1, "floor_bits": floor, "bn_frozen": frozen,
-                            "train_loss": tr["loss"], "train_acc": tr["acc"],
-                            "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
-                            "seconds": tr["seconds"], "img_per_s": tr["img_per_s"]})  # fmt: skip
-            log.info("qat epoch %d/%d (floor %s bits): train loss %.4f | test loss %.4f acc %.2f",
-                     epoch + 1, tc.epochs, floor, tr["loss"], ev["loss"], ev["acc"])  # fmt: skip
-            if main:
-                _write_csv(ctx, history)
-                save_torch(state_path, {"epoch": epoch + 1, "history": history, "init": init,
-                                        "drops": drops,
-                                        "model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict()})  # fmt: skip
+                history.append({"epoch": epoch + 1, "floor_bits": floor, "bn_frozen": frozen,
+                                "train_loss": tr["loss"], "train_acc": tr["acc"],
+                                "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
+                                "seconds": tr["seconds"],
+                                "img_per_s": tr["img_per_s"]})  # fmt: skip
+                log.info("qat epoch %d/%d (floor %s bits): train loss %.4f | test loss %.4f "
+                         "acc %.2f", epoch + 1, tc.epochs, floor, tr["loss"], ev["loss"],
+                         ev["acc"])  # fmt: skip
+                if main:
+                    _write_csv(ctx, history)
+                    save_torch(state_path, {"epoch": epoch + 1, "history": history, "init": init,
+                                            "drops": drops,
+                                            "model": model.state_dict(),
+                                            "optimizer": optimizer.state_dict(),
+                                            "scheduler": scheduler.state_dict()})  # fmt: skip
+                if preempt.requested():  # arrived during evaluation or the save: stop here
+                    raise preempt.Stopped(preempt.requested(), f"qat state after epoch "
+                                          f"{epoch + 1} in {state_path}")  # fmt: skip
     finally:
         watch.remove()
         if isinstance(loss_fn, DistillLoss):

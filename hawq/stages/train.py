@@ -22,7 +22,15 @@ from tqdm import tqdm
 from hawq import preempt
 from hawq.checkpoint import restore_state, save_model
 from hawq.config import TrainConfig, typed
-from hawq.engine import amp_enabled, cosine_scheduler, evaluate, fmt_seconds, train_epoch
+from hawq.engine import (
+    amp_enabled,
+    cosine_scheduler,
+    evaluate,
+    fmt_seconds,
+    start_epoch_streams,
+    stopped_partial,
+    train_epoch,
+)
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
 from hawq.stages import record
@@ -67,23 +75,11 @@ def _announcer(ctx: Context, steps: int, epochs: int):
     return announce
 
 
-def _start_epoch(ctx: Context, loader, epoch: int, partial: dict | None) -> None:
-    """Data order, augmentation and dropout stream of ``epoch`` (from ``seed`` and
-    ``epoch`` alone), or where a stopped epoch left them."""
-    if partial is None:
-        torch.manual_seed(ctx.run.seed * 100_003 + epoch)  # dropout stream of this epoch
-        loader.set_epoch(epoch)
-        return
-    torch.set_rng_state(partial["rng"])
-    loader.set_epoch(epoch, partial["progress"]["step"], partial["loader_rng"])
-
-
 def _save_stopped(ctx: Context, state_path, epoch: int, history: list[dict], progress: dict,
                   model: nn.Module, optimizer, scheduler, loader) -> None:  # fmt: skip
     """A stop signal inside ``epoch``: write the mid-epoch state, then raise Stopped."""
-    partial = {"progress": progress, "rng": torch.get_rng_state(),
-               "loader_rng": loader.generator.get_state()}  # fmt: skip
-    save_torch(state_path, {"epoch": epoch, "history": history, "partial": partial,
+    save_torch(state_path, {"epoch": epoch, "history": history,
+                            "partial": stopped_partial(progress, loader),
                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict()})  # fmt: skip
     raise preempt.Stopped(preempt.requested(), f"train state at step {progress['step']} of "
@@ -128,7 +124,7 @@ def run(ctx: Context) -> dict:
                total=tc.epochs, disable=None)  # fmt: skip
     with preempt.graceful():  # a stop signal ends the epoch after its current step
         for epoch in bar:
-            _start_epoch(ctx, train_loader, epoch, partial)
+            start_epoch_streams(train_loader, ctx.run.seed, epoch, partial)
             try:
                 tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device,
                                  scheduler, amp=tc.amp, grad_clip=tc.grad_clip,

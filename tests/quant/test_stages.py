@@ -219,3 +219,40 @@ def test_explicit_default_bits_win_over_the_run_directorys_bits_yaml(tmp_path, f
     assert proc.returncode == 0, proc.stderr
     ptq = json.loads((run / "results.json").read_text())["stages"]["ptq"]
     assert ptq["plan_source"].endswith("bits.yaml") and set(ptq["bits"]) == {"W8A8", "A8xA8"}
+
+
+@pytest.mark.slow  # ~35 s: three CLI runs (train's mid-epoch resume is in the default run)
+def test_qat_preempted_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGTERM after the 6th of QAT's 8 steps (the process signals itself: an exact instant;
+    train's 8 steps come first): exit 143 with a mid-epoch qat state; the same command ends
+    with the uninterrupted run's QAT weights and metrics, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    args = (*SMOKE, *W4A4, "stages=[train,qat]")
+
+    def cli(run, **env):
+        return subprocess.run([sys.executable, "-m", "hawq.run", *args, f"paths.run_dir={run}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env})  # fmt: skip
+
+    assert cli(tmp_path / "full").returncode == 0
+    run = tmp_path / "stopped"
+    proc = cli(run, HAWQ_SIGNAL_AT_STEP="14")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "hawq: stopped by SIGTERM; qat state at step 2 of epoch 2")
+    assert torch.load(run / "qat_state.pt", weights_only=False)["partial"]["progress"]["step"] == 2
+    assert cli(run).returncode == 0
+    a = torch.load(tmp_path / "full" / "qat_model.pt", weights_only=False)["state_dict"]
+    b = torch.load(run / "qat_model.pt", weights_only=False)["state_dict"]
+    same = lambda u, v: torch.equal(u, v) if torch.is_tensor(u) else u == v  # noqa: E731
+    assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    rows = [list(csv.DictReader(open(d / "qat_metrics.csv"))) for d in (tmp_path / "full", run)]
+    drop = ("seconds", "img_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows[0]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows[1]]
