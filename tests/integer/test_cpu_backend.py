@@ -240,6 +240,43 @@ def test_gemm_choice_is_the_measured_fastest_candidate():
 def test_auto_on_cpu_is_the_measured_faster_backend():
     choice = ops.cpu_choice()
     t = ops._cpu_choice
-    assert choice == min(("reference", "cpu"), key=lambda n: t[n]) and t["cpu"] > 0
+    names = [n for n in ("reference", "int_mm", "cpu") if n in t]
+    assert {"reference", "int_mm", "cpu"} == set(names)  # the extension built here
+    assert choice == min(names, key=lambda n: t[n]) and t["cpu"] > 0
     with ops.backend("auto"):
         assert ops.resolve(torch.zeros(1, dtype=torch.int8)) == choice
+
+
+def test_without_the_extension_auto_measures_int_mm_and_whole_models_stay_exact(tmp_path):
+    """No compiler (``HAWQ_NO_CPU_EXT=1``): ``auto`` still picks by measurement among the
+    backends that need none, and the integer ViT and ResNet on ``int_mm`` give the
+    reference's outputs bit for bit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from hawq.integer import ops, cpu; "
+            "print(json.dumps([cpu.available(), ops.cpu_choice(), ops._cpu_choice]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "HAWQ_NO_CPU_EXT": "1"}, timeout=120)  # fmt: skip
+    available, choice, t = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not available and set(t) == {"reference", "int_mm", "choice"}
+    assert choice == min(("reference", "int_mm"), key=lambda n: t[n])
+    from hawq.integer.convert import convert
+    from hawq.models import ResNet, ViT
+    from hawq.quant import Plan, calibrate, quantize_
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    for model in (ViT(image_size=32, patch_size=8, dim=64, depth=2, heads=2, mlp_dim=96,
+                      dropout=0.0), ResNet(depth=8, width=8)):  # fmt: skip
+        quantize_(model.eval(), Plan.from_dict({"_default": {"w_bits": 8, "a_bits": 8}}), None,
+                  True)  # fmt: skip
+        calibrate(model, [(x,)])
+        im = convert(model.eval(), [(x,)])
+        with torch.no_grad():
+            ref, got = _both(im, x)
+            with ops.backend("int_mm"):
+                got = im(x)
+        assert torch.equal(got, ref)
