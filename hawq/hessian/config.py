@@ -6,11 +6,14 @@ from dataclasses import dataclass
 
 from hawq.config import require
 
+METHODS = ("hessian", "fisher")
+
 
 @dataclass
 class HessianConfig:
     """Schema of ``hawq/conf/hessian/*.yaml`` (validated with :func:`hawq.config.typed`)."""
 
+    method: str = "hessian"  # hessian (HVP traces, eigenvalues) | fisher (per-sample grads)
     batches: int = 1  # batches averaged; 1 keeps the first-order graph for every product
     batch_size: int = 256  # samples per batch
     split: str = "train"  # curvature of the training loss
@@ -35,6 +38,7 @@ class HessianConfig:
     seed: int = 0  # probe vectors
 
     def __post_init__(self) -> None:
+        require(self.method in METHODS, "method", self.method, ", ".join(METHODS))
         require(self.batches >= 1, "batches", self.batches, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         require(self.split in ("train", "test"), "split", self.split, "train, test")

@@ -122,9 +122,9 @@ def validate(report: Any, source: str = "hessian report") -> dict:
     for key in TOP_KEYS:
         if key not in report:
             fail(f"missing key {key!r}")
-    if report["estimator"] not in ("sandwich", "hutchinson", "hutchpp"):
+    if report["estimator"] not in ("sandwich", "hutchinson", "hutchpp", "fisher"):
         fail(f"estimator {report['estimator']!r}")
-    if report["backend"] not in ("double_backward", "func"):
+    if report["backend"] not in ("double_backward", "func", "per_sample_grad"):
         fail(f"backend {report['backend']!r}")
     ops = report["ops"]
     if not isinstance(ops, dict) or not ops:
