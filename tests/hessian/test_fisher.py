@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from hawq.hessian.activation import tap_operands
 from hawq.hessian.fisher import operand_fisher, weight_fisher
