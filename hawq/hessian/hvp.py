@@ -45,11 +45,20 @@ log = logging.getLogger("hawq")
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the body with ``model.eval()``; restore every module's ``training`` flag after."""
+    """Run the body with ``model.eval()``; restore every module's ``training`` flag after.
+
+    Inside, ``F.scaled_dot_product_attention`` (PyTorch's and ``transformers``' default
+    attention, ``nn.MultiheadAttention``'s fast path) runs its math kernel: the fused CPU
+    flash kernel has no double backward and no forward-mode AD, so second-order products
+    through it fail. Only hawq's own passes are affected, not the user's global setting.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield model
+        with sdpa_kernel(SDPBackend.MATH):
+            yield model
     finally:
         for m, mode in modes:
             m.training = mode
