@@ -37,7 +37,7 @@ def test_traces_through_sdpa_equal_the_dense_hessian(backend):
         w = model.get_submodule(name).weight
         params = dict(model.named_parameters())
 
-        def loss_of(wv, name=name):
+        def loss_of(wv, name=name, params=params):
             out = torch.func.functional_call(model, {**params, f"{name}.weight": wv}, (x,))
             return loss_fn(out, y)
 
