@@ -182,3 +182,36 @@ def load_hessian_report(path: str | Path) -> dict:
     if not path.is_file():
         raise HawqError(f"missing Hessian report {path}; run the 'hessian' stage first")
     return validate(read_json(path), str(path))
+
+
+def curvature_report(inventory: list, traces: dict | None = None, acts: dict | None = None,
+                     eigs: dict | None = None, trace_numel: dict[str, int] | None = None,
+                     **meta: Any) -> dict:  # fmt: skip
+    """A validated ``hessian.json`` mapping from the library's results: the public path
+    from :func:`~hawq.hessian.api.layer_traces` / ``activation_traces`` /
+    ``layer_eigenpairs`` (or :mod:`hawq.hessian.fisher`) to
+    :func:`hawq.alloc.allocate` (``allocate(parse_hessian(report), ...)``) or to a file
+    (:func:`write_hessian_report`).
+
+    Args:
+        inventory: :func:`hawq.models.ops.op_inventory` of the model (names, kinds, sizes,
+            MACs per image), in network order.
+        traces: op -> :class:`~hawq.hessian.hutchinson.TraceEstimate` of its weight block.
+        acts: op -> operand -> ``TraceEstimate`` (``x``, or ``a``/``b`` of a MatMul).
+        eigs: op -> ``EigenResult``.
+        trace_numel: op -> elements its trace spans (default: each estimate's ``numel``).
+        meta: top-level keys; ``estimator``, ``backend``, ``seed``, ``dtype``, ``batches``,
+            ``batch_size``, ``wall_s``, ``model``, ``checkpoint`` default to ``None``-like
+            values a reader accepts (``estimator`` ``hutchinson``, ``backend``
+            ``double_backward``).
+    """
+    traces, acts, eigs = traces or {}, acts or {}, eigs or {}
+    numel = trace_numel or {n: e.numel for n, e in traces.items()}
+    defaults = {"model": None, "checkpoint": None, "estimator": "hutchinson",
+                "backend": "double_backward", "seed": 0, "dtype": "float32", "batches": 1,
+                "batch_size": 0, "wall_s": 0.0, "trace_block": "weight"}  # fmt: skip
+    ops = {info.name: op_entry(info.kind, 0 if info.kind == "matmul" else info.params,
+                               info.macs, traces.get(info.name), eigs.get(info.name),
+                               acts.get(info.name), trace_numel=numel.get(info.name, 0))
+           for info in inventory}  # fmt: skip
+    return validate({"schema": SCHEMA, **defaults, **meta, "ops": ops}, "curvature report")

@@ -38,7 +38,13 @@ from hawq.hessian.density import slq
 from hawq.hessian.fisher import operand_fisher, weight_fisher
 from hawq.hessian.hutchinson import block_traces
 from hawq.hessian.operator import hessian_operator
-from hawq.hessian.report import SCHEMA, _finite_or_none, op_entry, write_hessian_report
+from hawq.hessian.report import (
+    SCHEMA,
+    _finite_or_none,
+    curvature_report,
+    op_entry,
+    write_hessian_report,
+)
 from hawq.models.ops import op_inventory
 from hawq.stages import record
 from hawq.stages.context import Context
@@ -198,20 +204,13 @@ def _run_fisher(ctx: Context, hc: HessianConfig, model: nn.Module, loss_fn: nn.M
              sum(len(y) for _, y in batches), wall)  # fmt: skip
     total = sum(e.mean for e in weights.values())
     total_se = sum(e.stderr**2 for e in weights.values()) ** 0.5  # an upper-bound-ish spread
-    report = {
-        "schema": SCHEMA, "model": ctx.cfg.model.get("_target_"),
-        "checkpoint": str(ctx.checkpoint), "estimator": "fisher", "method": "fisher",
-        "backend": "per_sample_grad", "seed": hc.seed, "dtype": hc.dtype,
-        "batches": hc.batches, "batch_size": hc.batch_size, "wall_s": round(wall, 3),
-        "trace_block": "weight", "split": hc.split, "world_size": dist.world()[1],
-        "hvp_products": 0, "whole_trace": {"mean": total, "stderr": total_se},
-        "ops": {info.name: op_entry(info.kind, 0 if info.kind == "matmul" else info.params,
-                                    info.macs, weights.get(info.name), None,
-                                    acts.get(info.name),
-                                    trace_numel=weights[info.name].numel
-                                    if info.name in weights else 0)
-                for info in inventory},
-    }  # fmt: skip
+    report = curvature_report(
+        inventory, weights, acts, model=ctx.cfg.model.get("_target_"),
+        checkpoint=str(ctx.checkpoint), estimator="fisher", method="fisher",
+        backend="per_sample_grad", seed=hc.seed, dtype=hc.dtype, batches=hc.batches,
+        batch_size=hc.batch_size, wall_s=round(wall, 3), split=hc.split,
+        world_size=dist.world()[1], hvp_products=0,
+        whole_trace={"mean": total, "stderr": total_se})  # fmt: skip
     if dist.is_main():
         write_hessian_report(ctx.path(REPORT), report)
         plots = plot_report(report, ctx.run_dir)

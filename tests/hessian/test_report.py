@@ -56,3 +56,32 @@ def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(HawqError, match="schema"):
         write_hessian_report(tmp_path / "h.json", {**_report(), "schema": 2})
     assert not (tmp_path / "h.json").exists()
+
+
+def test_public_path_from_library_traces_to_an_allocation(tmp_path):
+    """layer_traces + activation_traces + op_inventory -> curvature_report -> allocate:
+    no hessian.json assembled by hand, no private helper."""
+    import torch
+    from torch import nn
+
+    from hawq.alloc import allocate, parse_hessian
+    from hawq.hessian.api import activation_traces, layer_traces
+    from hawq.hessian.report import curvature_report, load_hessian_report, write_hessian_report
+    from hawq.models import ViT
+    from hawq.models.ops import op_inventory
+
+    torch.manual_seed(0)
+    model = ViT(image_size=8, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=24,
+                dropout=0.0).eval()  # fmt: skip
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))]
+    loss = nn.CrossEntropyLoss()
+    traces = layer_traces(model, loss, batches, max_samples=12, min_samples=4)
+    acts = activation_traces(model, loss, batches, max_samples=12, min_samples=4)
+    report = curvature_report(op_inventory(model, (3, 8, 8)), traces, acts, batch_size=8)
+    assert set(report["ops"]) == {i.name for i in op_inventory(model, (3, 8, 8))}
+    path = write_hessian_report(tmp_path / "hessian.json", report)
+    assert load_hessian_report(path)["ops"].keys() == report["ops"].keys()
+    cands = [{"w_bits": 4, "a_bits": 4}, {"w_bits": 8, "a_bits": 8}]
+    alloc = allocate(parse_hessian(report), cands, "hawq_v3", {"int4_share": 0.5},
+                     model=model, input_size=(3, 8, 8))  # fmt: skip
+    assert set(alloc.plan.ops) <= set(report["ops"]) and alloc.solution.totals["int4_share"] >= 0.5
