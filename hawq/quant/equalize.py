@@ -36,11 +36,14 @@ def ln_consumers(model: nn.Module) -> list[tuple[str, nn.LayerNorm, str, nn.Line
     head`` in :class:`hawq.models.vit.ViT`; empty for other models."""
     pairs = []
     for i, blk in enumerate(getattr(model, "blocks", [])):
-        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
-        if isinstance(getattr(blk, "norm1", None), nn.LayerNorm) and attn is not None:
-            pairs.append((f"blocks.{i}.norm1", blk.norm1, f"blocks.{i}.attn.qkv", attn.qkv))
-        if isinstance(getattr(blk, "norm2", None), nn.LayerNorm) and mlp is not None:
-            pairs.append((f"blocks.{i}.norm2", blk.norm2, f"blocks.{i}.mlp.fc1", mlp.fc1))
+        # only hawq's own block layout is known to feed the norm to exactly this Linear; any
+        # other spelling (an nn.Sequential MLP, nn.MultiheadAttention) is left alone
+        qkv = getattr(getattr(blk, "attn", None), "qkv", None)
+        fc1 = getattr(getattr(blk, "mlp", None), "fc1", None)
+        if isinstance(getattr(blk, "norm1", None), nn.LayerNorm) and qkv is not None:
+            pairs.append((f"blocks.{i}.norm1", blk.norm1, f"blocks.{i}.attn.qkv", qkv))
+        if isinstance(getattr(blk, "norm2", None), nn.LayerNorm) and fc1 is not None:
+            pairs.append((f"blocks.{i}.norm2", blk.norm2, f"blocks.{i}.mlp.fc1", fc1))
     if isinstance(getattr(model, "norm", None), nn.LayerNorm) and isinstance(
         getattr(model, "head", None), nn.Linear
     ):
@@ -110,8 +113,10 @@ def equalize_(model: nn.Module, batches: Iterable, alpha: float, max_batches: in
     strength ``alpha``; returns ``{consumer: max a / min a}`` (how uneven the channels were)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"equalize: alpha must lie in [0, 1], got {alpha}")
+    if alpha == 0.0:  # the default: nothing to look at
+        return {}
     pairs = ln_consumers(model)
-    if alpha == 0.0 or not pairs:
+    if not pairs:
         return {}
     ranges = channel_ranges(model, [p[3] for p in pairs], batches, max_batches)
     spread = {}

@@ -97,3 +97,22 @@ def test_per_tensor_quantization_error_falls():
     half = (hi - lo) / 2
     fac = half / half.mean()
     assert err4(eq, fac) < 0.5 * err4(raw, torch.ones(16, dtype=raw.dtype))
+
+
+class _SeqMLP(torch.nn.Sequential):
+    """The common spelling of a ViT MLP: fc1 / GELU / fc2 as an nn.Sequential (no .fc1)."""
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_other_block_layouts_are_left_alone_not_an_error(alpha):
+    m = _vit()
+    for blk in m.blocks:
+        blk.mlp = _SeqMLP(blk.mlp.fc1, torch.nn.GELU(), blk.mlp.fc2)
+    x = _batches(1)[0][0]
+    with torch.no_grad():
+        before = m(x)
+    spread = equalize_(m, _batches(), alpha)
+    assert set(spread) == (set() if alpha == 0 else {"blocks.0.attn.qkv", "blocks.1.attn.qkv",
+                                                     "head"})  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before)
