@@ -197,7 +197,7 @@ def _capture(model: nn.Module, unit: nn.Module, images: Tensor, batch: int,
             raise _Stop
 
     def post(_m, _args, out):
-        got.append(out.detach())
+        got.append(_detached(out))
         raise _Stop
 
     h = (unit.register_forward_pre_hook(pre, with_kwargs=True) if what == "in"
@@ -211,6 +211,33 @@ def _capture(model: nn.Module, unit: nn.Module, images: Tensor, batch: int,
     finally:
         h.remove()
     return got
+
+
+def _detached(x: Any) -> Any:
+    """``x`` with every tensor detached; tuples, lists, dicts and ``ModelOutput``s (dicts)
+    keep their structure (a list becomes a tuple, a ``ModelOutput`` a dict)."""
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, tuple | list):
+        return tuple(_detached(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items() if v is not None}
+    return x
+
+
+def _leaves(x: Any) -> list[Tensor]:
+    """The floating-point tensors of an output, in order (what reconstruction matches)."""
+    if isinstance(x, Tensor):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, tuple | list):
+        return [t for v in x for t in _leaves(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() if v is not None for t in _leaves(v)]
+    return []
+
+
+def _batch_size(target: Any) -> int:
+    return _leaves(target)[0].shape[0]
 
 
 def _cat(chunks: list[Any]) -> Any:
@@ -236,23 +263,28 @@ def _take(x: Any, idx: Tensor, n: int) -> Any:
     return x
 
 
-def _sq_err(out: Tensor, target: Tensor) -> Tensor:
+def _sq_err(out: Any, target: Any) -> Tensor:
     """Squared error summed over the feature dim (channels: dim 1 of a 4-D map, else the
     last), mean over everything else (samples, tokens, positions), as BRECQ weighs it
-    against the rounding regulariser."""
-    err = (out.float() - target.float()).pow(2)
-    feat = err.shape[1] if err.dim() == 4 else err.shape[-1]
-    return err.mean() * feat
+    against the rounding regulariser; summed over the floating tensors of a structured
+    output (a tuple, a dict, a ``ModelOutput``)."""
+    total = torch.zeros(())
+    for o, t in zip(_leaves(out), _leaves(target), strict=True):
+        err = (o.float() - t.float()).pow(2)
+        feat = err.shape[1] if err.dim() == 4 else err.shape[-1]
+        total = total.to(err.device) + err.mean() * feat
+    return total
 
 
 @torch.no_grad()
-def _unit_error(unit: nn.Module, inputs: Any, target: Tensor, batch: int) -> float:
-    n = target.shape[0]
+def _unit_error(unit: nn.Module, inputs: Any, target: Any, batch: int) -> float:
+    n = _batch_size(target)
+    device = _leaves(target)[0].device
     total = 0.0
     for i in range(0, n, batch):
-        idx = torch.arange(i, min(i + batch, n), device=target.device)
+        idx = torch.arange(i, min(i + batch, n), device=device)
         args, kwargs = _take(inputs, idx, n)
-        total += float(_sq_err(unit(*args, **kwargs), target[idx])) * idx.numel()
+        total += float(_sq_err(unit(*args, **kwargs), _take(target, idx, n))) * idx.numel()
     return total / n
 
 
@@ -339,11 +371,12 @@ def _beta(st: ReconstructSettings, it: int) -> float | None:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
 
 
-def _optimise(unit: nn.Module, swap: _Swap, inputs: Any, target: Tensor,
+def _optimise(unit: nn.Module, swap: _Swap, inputs: Any, target: Any,
               st: ReconstructSettings, gen: torch.Generator, desc: str) -> float:  # fmt: skip
     """Adam over the unit's stand-ins; returns the last step's reconstruction error."""
     opt = torch.optim.Adam(swap.groups(st))
-    n = target.shape[0]
+    n = _batch_size(target)
+    device = _leaves(target)[0].device
     rec = torch.zeros(())
     swap.train(True)
     soft = _soft_steps(st)
@@ -351,9 +384,9 @@ def _optimise(unit: nn.Module, swap: _Swap, inputs: Any, target: Tensor,
         for it in tqdm(range(st.iters), desc=desc, leave=False, disable=None):
             if it == soft:  # rounding fixed from here: the rest adapts to the hard weights
                 swap.harden()
-            idx = torch.randint(n, (min(st.batch_size, n),), generator=gen).to(target.device)
+            idx = torch.randint(n, (min(st.batch_size, n),), generator=gen).to(device)
             args, kwargs = _take(inputs, idx, n)
-            rec = _sq_err(unit(*args, **kwargs), target[idx])
+            rec = _sq_err(unit(*args, **kwargs), _take(target, idx, n))
             beta = _beta(st, it)
             loss = rec if beta is None else rec + st.reg * swap.regulariser(beta)
             if not loss.requires_grad:  # hard tail with nothing else to learn

@@ -249,3 +249,39 @@ def test_lsq_quantizers_of_a_qat_model_are_reconstructed_too():
             assert torch.equal(torch.round(op.weight / s), torch.round(op.w_quant(op.weight) / s))
     assert any(not torch.equal(op.a_quant.scale.detach(), steps[n])
                for n, op in quant_ops(q).items())  # fmt: skip
+
+
+class _TupleBlock(nn.Module):
+    """A block returning ``(hidden, aux)`` and one returning a dict (``ModelOutput``-like)."""
+
+    def __init__(self, d: int, as_dict: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.as_dict = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), as_dict
+
+    def forward(self, x):
+        h = x + self.fc2(torch.relu(self.fc1(x)))
+        if self.as_dict:
+            return {"last_hidden_state": h, "pooled": h.mean(1), "ids": torch.zeros(1).long()}
+        return h, h.mean(1)
+
+
+class _StructuredNet(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_TupleBlock(d, False), _TupleBlock(d, True)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h, _ = self.blocks[0](x)
+        return self.head(self.blocks[1](h)["last_hidden_state"].mean(1))
+
+
+def test_units_returning_tuples_and_dicts_are_reconstructed():
+    torch.manual_seed(0)
+    fp = _StructuredNet().eval()
+    calib = torch.randn(64, 5, 8, generator=torch.Generator().manual_seed(1))
+    q = _ptq(copy.deepcopy(fp), {"_default": {"w_bits": 3, "a_bits": 4}}, calib)
+    report = reconstruct_(q, fp, calib, ReconstructSettings(iters=40, batch_size=16))
+    assert set(report) == {"blocks.0", "blocks.1", "head"}
+    assert all(r["after"] <= r["before"] for r in report.values())
+    assert any(r["kept"] and r["after"] < r["before"] for r in report.values())
