@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from torch import nn
 
 from hawq.hessian.hutchinson import block_traces
 from hawq.hessian.operator import HessianOperator
+from hawq.integer import isa
 from hawq.models import ViT
 
 MODELS = {
@@ -236,7 +236,7 @@ def main() -> None:
     wall = time.perf_counter()
     result: dict = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "batch": args.batch,
+        "machine": isa.model_name(), "isa": isa.describe(), "batch": args.batch,
         "note": "2-core CPU shared with other jobs (load average ~15-20): absolute times are "
                 "noisy; ratios are from the same run",
     }  # fmt: skip
