@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,15 +93,37 @@ def _macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     return output.numel() * a.shape[-1]
 
 
+def call_with(model: nn.Module, example: Any) -> Any:
+    """``model(example)``, ``model(*example)`` for a tuple, ``model(**example)`` for a dict
+    (token ids, attention masks: any input structure a model takes)."""
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, tuple | list):
+        return model(*example)
+    return model(example)
+
+
+def example_batch_size(example: Any) -> int:
+    """The leading dimension of the first tensor in ``example``."""
+    items = example.values() if isinstance(example, dict) else (
+        example if isinstance(example, tuple | list) else [example])  # fmt: skip
+    for v in items:
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+    raise ValueError("example inputs hold no batched tensor")
+
+
 def probe_ops(
     model: nn.Module,
     hook: Callable[[str, nn.Module, tuple, torch.Tensor], None],
     input_size: tuple[int, ...] = (3, 32, 32),
     batch: int = 1,
+    example: Any = None,
 ) -> None:
-    """One eval-mode, no-grad forward pass on zeros, calling ``hook(name, module, inputs,
-    output)`` after every quantizable op runs (in execution order). Train mode and hooks
-    are restored afterwards."""
+    """One eval-mode, no-grad forward pass on zeros of ``(batch, *input_size)`` (or on
+    ``example``, any input structure: :func:`call_with`), calling ``hook(name, module,
+    inputs, output)`` after every quantizable op runs (in execution order). Train mode and
+    hooks are restored afterwards."""
     handles = [
         module.register_forward_hook(lambda m, i, o, name=name: hook(name, m, i, o))
         for name, module in quantizable_ops(model).items()
@@ -111,19 +134,25 @@ def probe_ops(
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(batch, *input_size, device=device))
+            if example is None:
+                model(torch.zeros(batch, *input_size, device=device))
+            else:
+                call_with(model, example)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
 
 
-def op_inventory(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) -> list[OpInfo]:
+def op_inventory(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
+                 example: Any = None) -> list[OpInfo]:  # fmt: skip
     """List the quantizable ops in execution order with their MACs for one input.
 
     Args:
         model: any module; its quantizable ops are found by :func:`quantizable_ops`.
-        input_size: shape of one input without the batch dimension.
+        input_size: shape of one input without the batch dimension (a float image).
+        example: example inputs instead (token ids, a dict of tensors, a tuple): MACs are
+            then per sample of that batch.
 
     Returns:
         One :class:`OpInfo` per op, ordered by first execution (ops that never run come
@@ -135,7 +164,9 @@ def op_inventory(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) ->
     def count(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         macs[name] = macs.get(name, 0) + _macs(module, inputs, output)
 
-    probe_ops(model, count, input_size)
+    probe_ops(model, count, input_size, example=example)
+    per = 1 if example is None else example_batch_size(example)
+    macs = {k: v // per for k, v in macs.items()}
     infos = []
     for name in [*macs, *(n for n in ops if n not in macs)]:
         # weight and bias only: quantized wrappers also hold scales/zero points

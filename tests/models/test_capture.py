@@ -347,3 +347,23 @@ def test_transformers_bert_if_installed():
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5,
                                rtol=1e-5)  # fmt: skip
     assert report.share == 1.0 or report.left_out  # nothing is lost silently
+
+
+def test_op_inventory_of_a_token_model_from_example_inputs():
+    """A model taking token ids (and a dict of them) gets its op inventory from example
+    inputs: zeros of an image shape could not even run it."""
+    from hawq.models.ops import op_inventory
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(50, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.fc(self.emb(input_ids))  # (B, T, 8)
+            return self.head(h.mean(1))
+
+    ids = torch.randint(0, 50, (4, 7))
+    for example in (ids, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        inv = {i.name: i.macs for i in op_inventory(Tokens(), example=example)}
+        assert inv == {"fc": 7 * 8 * 8, "head": 8 * 2}  # per sample
