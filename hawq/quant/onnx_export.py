@@ -62,6 +62,8 @@ from torch import nn
 from hawq.errors import HawqError, choices
 from hawq.io import write_bytes
 from hawq.quant.learnable import pact_levels
+from hawq.quant.onnx_graph import prune
+from hawq.quant.onnx_int8 import ort_int8_form
 from hawq.quant.quantizer import MIN_SCALE, Quantizer
 
 Tensor = torch.Tensor
@@ -202,15 +204,6 @@ def _onnx() -> Any:
     return onnx
 
 
-def _reads(node: Any) -> list[str]:
-    """Names ``node`` reads, with those of its subgraphs (If/Loop bodies; a superset)."""
-    names = list(node.input)
-    for a in node.attribute:
-        for g in [*([a.g] if a.HasField("g") else []), *a.graphs]:
-            names += [name for n in g.node for name in _reads(n)]
-    return names
-
-
 def _source(name: str, producer: dict[str, Any]) -> str:
     """The initializer (or ``Constant`` output) a constant chain starts from (first inputs)."""
     while name in producer and producer[name].op_type != "Constant":
@@ -267,24 +260,6 @@ def _evaluate(model: Any, nodes: list[Any], producer: dict[str, Any]) -> list[An
     return ReferenceEvaluator(sub).run(None, {})
 
 
-def _prune(graph: Any) -> None:
-    """Drop the nodes, initializers and value_info nothing reads any more."""
-    live, alive = {o.name for o in graph.output}, []
-    for node in reversed(graph.node):
-        if live.intersection(node.output):
-            alive.append(node)
-            live.update(_reads(node))
-    del graph.node[:]
-    graph.node.extend(reversed(alive))
-    kept = [t for t in graph.initializer if t.name in live]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    made = live | {i.name for i in graph.input}
-    kept = [v for v in graph.value_info if v.name in made]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-
-
 def quantize_weights(model: Any) -> Any:
     """Store every QuantizeLinear of a constant as its integer codes (``model``, in place).
 
@@ -313,7 +288,7 @@ def quantize_weights(model: Any) -> Any:
         graph.initializer.append(onnx.numpy_helper.from_array(codes, name))
     for node in graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
-    _prune(graph)
+    prune(graph)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -365,8 +340,6 @@ def export_onnx(
                           **kwargs)  # fmt: skip
     data = buf.getvalue()
     if onnx is not None:
-        from hawq.quant.onnx_int8 import ort_int8_form
-
         model = ort_int8_form(quantize_weights(onnx.load_from_string(data)))
         data = model.SerializeToString()
     return write_bytes(Path(path), data)

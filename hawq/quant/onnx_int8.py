@@ -24,25 +24,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _constants(graph: Any) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            att = node.attribute[0]
-            if att.name == "value":
-                out[node.output[0]] = numpy_helper.to_array(att.t)
-    return out
-
-
-def _consumers(graph: Any) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
+from hawq.quant.onnx_graph import constants, consumers, prune
 
 
 def integer_clips(model: Any) -> int:
@@ -50,7 +32,7 @@ def integer_clips(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    const, users = _constants(graph), _consumers(graph)
+    const, users = constants(graph), consumers(graph)
     done = 0
     for clip in [n for n in graph.node if n.op_type == "Clip" and len(n.input) == 3]:
         nxt = users.get(clip.output[0], [])
@@ -86,7 +68,7 @@ def gemm_to_matmul(model: Any) -> int:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    users = _consumers(graph)
+    users = consumers(graph)
     done = 0
     for gemm in [n for n in graph.node if n.op_type == "Gemm"]:
         att = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
@@ -158,9 +140,7 @@ def _quantizer(a: str, producer: dict, users: dict) -> Any:
 
 def ort_int8_form(model: Any) -> Any:
     """Both rewrites, in place (dropping constants left unused); returns ``model``."""
-    from hawq.quant.onnx_export import _prune
-
     integer_clips(model)
     gemm_to_matmul(model)
-    _prune(model.graph)
+    prune(model.graph)
     return model
