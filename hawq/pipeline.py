@@ -1,11 +1,9 @@
 """Run the configured stages in order, each from the files of the run directory.
 
-A stage is a module ``hawq.stages.<name>`` with two functions:
-
-* ``done(ctx) -> bool``: its completion record says it finished with the current
-  config and inputs and its outputs are intact (:mod:`hawq.stages.record`); then it
-  is skipped unless ``force=true``;
-* ``run(ctx) -> dict``: do the work, write its artifacts, return metrics.
+A stage is a module ``hawq.stages.<name>`` with ``run(ctx) -> dict`` (do the work, write
+its artifacts, return metrics). It is skipped unless ``force=true`` when its completion
+record says it finished with the current config and inputs and its outputs are intact
+(:func:`hawq.stages.record.check`).
 
 After ``run`` the pipeline writes the stage's completion record (hashes of what it
 wrote, of its inputs and of the config keys it reads) last and atomically, then

@@ -32,7 +32,6 @@ from hawq.io import read_json, write_json
 from hawq.models.ops import quantizable_ops
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, save_plan
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.latency import table_path
 from hawq.viz.alloc import budget_title, plot_allocation, plot_frontier
@@ -47,10 +46,6 @@ def _config(ctx: Context) -> AllocConfig:
 def _config_dict(cfg: AllocConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "alloc")
 
 
 def _base(ctx: Context, cfg: AllocConfig) -> OpSetting:

@@ -7,13 +7,7 @@ and the same ``data`` config.
 from __future__ import annotations
 
 from hawq.engine import evaluate
-from hawq.stages import record
 from hawq.stages.context import Context
-
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "evaluate")
 
 
 def run(ctx: Context) -> dict:

@@ -27,7 +27,6 @@ from hawq.integer.config import IntegerConfig
 from hawq.integer.export import export
 from hawq.integer.standalone import load
 from hawq.io import load_torch
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.integer import OUT, source
 
@@ -40,10 +39,6 @@ def _plan(ctx: Context) -> tuple[bool, bool]:
     ic = typed(ctx.cfg.get("integer"), IntegerConfig, "integer")
     return ctx.path(OUT).is_file() or not ic.onnx, ic.onnx
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "export")
 
 
 def run(ctx: Context) -> dict[str, Any]:

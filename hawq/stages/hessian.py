@@ -46,17 +46,12 @@ from hawq.hessian.report import (
     write_hessian_report,
 )
 from hawq.models.ops import op_inventory
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.hessian import plot_density, plot_report
 
 log = logging.getLogger("hawq")
 REPORT = "hessian.json"
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "hessian")
 
 
 def _progress(desc: str, total: int):

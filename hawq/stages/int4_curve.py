@@ -51,7 +51,6 @@ from hawq.io import read_json, write_json
 from hawq.models.ops import op_inventory
 from hawq.quant.config import QuantConfig, default_setting
 from hawq.quant.plan import OpSetting, Plan, save_plan
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.curve import plot_int4_share_curves
 
@@ -71,10 +70,6 @@ def _key(cfg: CurveConfig, base: OpSetting) -> dict[str, Any]:
     """What the outputs depend on besides the checkpoint and data: compared by :func:`done`."""
     return {"curve": dataclasses.asdict(cfg), "quant_default": base.as_dict()}
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "int4_curve")
 
 
 def _quant(ctx: Context) -> QuantConfig:

@@ -27,7 +27,6 @@ from hawq.integer.convert import convert
 from hawq.integer.fp8 import convert_fp8, has_fp8_ops
 from hawq.io import save_torch
 from hawq.quant import load_quantized
-from hawq.stages import record
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -48,10 +47,6 @@ def source(ctx: Context, ic: IntegerConfig) -> Path:
     raise HawqError(f"no quantized checkpoint in {ctx.run_dir} ({' or '.join(SOURCES)}); "
                     "run the ptq or qat stage first, or set integer.source")  # fmt: skip
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "integer")
 
 
 @torch.no_grad()

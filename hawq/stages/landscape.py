@@ -49,7 +49,6 @@ from hawq.io import read_json, write_json
 from hawq.quant import calibrate, check_ready, load_quantized, quantize_
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, Plan
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.landscape import plot_1d, plot_2d, plot_op_rise, plot_quant_path
 
@@ -57,10 +56,6 @@ log = logging.getLogger("hawq")
 OUT = "landscape.json"
 SCHEMA = 1
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "landscape")
 
 
 def _base_setting(ctx: Context, lc: LandscapeConfig) -> OpSetting:

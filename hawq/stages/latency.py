@@ -22,7 +22,6 @@ from hawq.integer import ops
 from hawq.integer.config import IntegerConfig, LatencyConfig
 from hawq.integer.latency import measure_latency, write_latency_table
 from hawq.models.ops import quantizable_ops
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.alloc import plot_latency
 
@@ -37,10 +36,6 @@ def table_path(ctx: Context) -> Path:
     """Where this run's latency table is (``latency.out`` in the run directory)."""
     return ctx.path(_config(ctx).out)
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "latency")
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from hawq.quant import (
 from hawq.quant.config import QuantConfig, resolve_plan
 from hawq.quant.equalize import equalize_
 from hawq.quant.reconstruct import calibration_images, reconstruct_, units
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.viz.reconstruct import plot_reconstruction
 
@@ -43,10 +42,6 @@ CKPT = "ptq_model.pt"
 RECON_PLOT = "ptq_reconstruct.png"
 PLAN = "ptq_bits.yaml"
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "ptq")
 
 
 def load_fp(ctx: Context) -> tuple[nn.Module, dict]:

@@ -81,7 +81,6 @@ from hawq.quant.equalize import equalize_
 from hawq.quant.quantizer import Quantizer
 from hawq.quant.reconstruct import calibration_images, reconstruct_
 from hawq.quant.scale_optim import QATAdam
-from hawq.stages import record
 from hawq.stages.context import Context
 from hawq.stages.ptq import bits_histogram, load_fp, op_lines
 
@@ -93,10 +92,6 @@ CSV = "qat_metrics.csv"
 FIELDS = ["epoch", "floor_bits", "bn_frozen", "train_loss", "train_acc", "test_loss", "test_acc",
           "lr", "seconds", "img_per_s"]  # fmt: skip
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "qat")
 
 
 def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:

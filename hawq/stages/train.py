@@ -33,7 +33,6 @@ from hawq.engine import (
 )
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
-from hawq.stages import record
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -42,10 +41,6 @@ CSV = "metrics.csv"
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
               "img_per_s"]  # fmt: skip
 
-
-def done(ctx: Context) -> bool:
-    """Its completion record matches (:mod:`hawq.stages.record`)."""
-    return record.done(ctx, "train")
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
