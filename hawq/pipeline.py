@@ -34,11 +34,12 @@ log = logging.getLogger("hawq")
 
 
 def available_stages() -> list[str]:
-    """Names of the modules in :mod:`hawq.stages` that define ``run`` and ``done``."""
+    """Names of the modules in :mod:`hawq.stages` that define ``run`` (the stages; ``record``
+    and ``context`` are the seam's own modules)."""
     names = []
     for info in pkgutil.iter_modules(hawq.stages.__path__):
         mod = importlib.import_module(f"hawq.stages.{info.name}")
-        if callable(getattr(mod, "run", None)) and callable(getattr(mod, "done", None)):
+        if callable(getattr(mod, "run", None)):
             names.append(info.name)
     return names
 

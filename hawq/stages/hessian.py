@@ -39,10 +39,8 @@ from hawq.hessian.fisher import operand_fisher, weight_fisher
 from hawq.hessian.hutchinson import block_traces
 from hawq.hessian.operator import hessian_operator
 from hawq.hessian.report import (
-    SCHEMA,
     _finite_or_none,
     curvature_report,
-    op_entry,
     write_hessian_report,
 )
 from hawq.models.ops import op_inventory
@@ -126,41 +124,17 @@ def _run(ctx: Context) -> dict:
         bar.close()
     wall = time.perf_counter() - start
 
-    report = {
-        "schema": SCHEMA,
-        "model": ctx.cfg.model.get("_target_"),
-        "checkpoint": str(ctx.checkpoint),
-        "estimator": hc.estimator,
-        "method": "hessian",
-        "backend": op.backend,
-        "seed": hc.seed,
-        "dtype": hc.dtype,
-        "batches": hc.batches,
-        "batch_size": hc.batch_size,
-        "wall_s": round(wall, 3),
-        "trace_block": "weight",
-        "eig_which": hc.eig_which,
-        "sketch": traces.sketch,
-        "trace_rel_stderr": _finite_or_none(traces.rel_stderr),
-        "split": hc.split,
-        "world_size": dist.world()[1],
-        "backend_requested": hc.backend,
-        "backend_choice": why,  # auto: decided by trying double backward, never by timing
-        "hvp_products": op.n_hvp,
-        "whole_trace": {"mean": traces.total.mean, "stderr": traces.total.stderr},
-        "ops": {
-            info.name: op_entry(
-                info.kind,
-                0 if info.kind == "matmul" else info.params,  # weight + bias: the size costs
-                info.macs,
-                traces.blocks.get(info.name),
-                eigs.get(info.name),
-                acts.get(info.name),
-                trace_numel=op.numel.get(info.name, 0),  # weight only: what the trace spans
-            )  # fmt: skip
-            for info in inventory
-        },
-    }
+    report = curvature_report(
+        inventory, traces.blocks, acts, eigs, trace_numel=op.numel,
+        model=ctx.cfg.model.get("_target_"), checkpoint=str(ctx.checkpoint),
+        estimator=hc.estimator, method="hessian", backend=op.backend, seed=hc.seed,
+        dtype=hc.dtype, batches=hc.batches, batch_size=hc.batch_size, wall_s=round(wall, 3),
+        eig_which=hc.eig_which, sketch=traces.sketch,
+        trace_rel_stderr=_finite_or_none(traces.rel_stderr), split=hc.split,
+        world_size=dist.world()[1], backend_requested=hc.backend,
+        backend_choice=why,  # auto: decided by trying double backward, never by timing
+        hvp_products=op.n_hvp,
+        whole_trace={"mean": traces.total.mean, "stderr": traces.total.stderr})  # fmt: skip
     if dist.is_main():
         write_hessian_report(ctx.path(REPORT), report)
         plots = plot_report(report, ctx.run_dir)
