@@ -92,8 +92,9 @@ def _run_stages(cfg: DictConfig, run: RunConfig, stages: list[ModuleType]) -> di
         with track_writes() as written:
             metrics = stage.run(ctx)
         metrics["wall_s"] = round(time.perf_counter() - start, 3)
-        if is_main():
-            record.commit(ctx, name, before, written, metrics)
+        if is_main():  # (state files deleted after the record are not its outputs)
+            outputs = [p for p in written if not ctx.removed_after_record(p)]
+            record.commit(ctx, name, before, outputs, metrics)
         ctx.save_results(name, metrics)
         ctx.record_written()
         log.info("%s: done in %.1f s", name, metrics["wall_s"])

@@ -85,6 +85,10 @@ class Context:
         still finds the state, resumes at its end and rebuilds the stage's metrics."""
         self._after_record.append(path)
 
+    def removed_after_record(self, path: Path) -> bool:
+        """Whether ``path`` is a file :meth:`remove_after_record` will delete."""
+        return Path(path).resolve() in {p.resolve() for p in self._after_record}
+
     def record_written(self) -> None:
         """Called by the pipeline after a stage's record: delete what it asked to."""
         for p in self._after_record:
