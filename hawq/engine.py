@@ -233,6 +233,15 @@ def start_epoch_streams(loader: Any, seed: int, epoch: int, partial: dict | None
     loader.set_epoch(epoch, partial["progress"]["step"], partial["loader_rng"])
 
 
+def training_state(epoch: int, history: list[dict], model: nn.Module, optimizer: Any,
+                   scheduler: Any, **extra: Any) -> dict:  # fmt: skip
+    """What a train/QAT state file holds after ``epoch`` finished epochs (``extra``: the
+    stage's own keys, and ``partial`` of :func:`stopped_partial` when stopped inside the
+    next one)."""
+    return {"epoch": epoch, "history": history, **extra, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+
 def stopped_partial(progress: dict, loader: Any) -> dict:
     """What resumes an epoch stopped after ``progress["step"]`` steps: the progress of
     :func:`train_epoch`, the dropout stream and the loader's augmentation stream."""

@@ -59,10 +59,6 @@ def requested() -> int:
     return int(_state["requested"])
 
 
-def reset() -> None:
-    _state["requested"] = 0
-
-
 @contextlib.contextmanager
 def graceful() -> Iterator[None]:
     """Inside the block a stop signal only sets :func:`requested` (the loop checks it after
@@ -84,3 +80,12 @@ def step_done() -> None:
         at, _, name = hook.partition(":")
         if int(at) == _state["steps"]:
             os.kill(os.getpid(), signal.Signals[name or "SIGTERM"])
+
+
+def stop_if_requested(stage: str, epoch: int, path: object, step: int = 0) -> None:
+    """Raise :class:`Stopped` when a stop signal is pending, saying where ``stage``'s state
+    was kept: after ``epoch`` finished epochs, or at ``step`` of the next one."""
+    if not requested():
+        return
+    where = f"at step {step} of epoch {epoch + 1}" if step else f"after epoch {epoch}"
+    raise Stopped(requested(), f"{stage} state {where} in {path}")

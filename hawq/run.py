@@ -72,7 +72,8 @@ def honour_hydra_run_dir(argv: list[str]) -> list[str]:
 def explicit_default_wins(argv: list[str]) -> list[str]:
     """``quant.default.<key>=`` bits on the command line win over a ``bits.yaml`` in the run
     directory (which ``ptq``/``qat`` would otherwise take first and silently ignore them):
-    ``quant.plan=default`` is added and said, unless ``quant.plan`` is given too."""
+    ``quant.plan=default`` is added, unless ``quant.plan`` is given too (``resolve_plan``
+    logs that the file was not used)."""
     given = [a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a]
     bits = [k for k in given if k in ("quant.default.w_bits", "quant.default.a_bits",
                                       "quant.default")]  # fmt: skip

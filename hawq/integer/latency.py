@@ -43,7 +43,7 @@ from torch import nn
 from hawq.alloc.candidates import Candidate, op_candidates
 from hawq.alloc.costs import gemm_shape
 from hawq.errors import HawqError
-from hawq.integer import isa, ops
+from hawq.integer import ops
 from hawq.integer.dyadic import Requant
 from hawq.io import write_json
 from hawq.models.ops import op_kind, probe_ops
@@ -202,9 +202,9 @@ def measure_latency(
                 sec = median_seconds(fn, iters, warmup, device.type == "cuda")
                 row[c.key] = sec * 1e6 / batch
             by_shape[op.key] = row
+    kernels = ops.kernel_report(device)  # the backend that ran, the CPU, its ISA, the GEMM
     return {"unit": "us", "per": "image", "batch": batch, "iters": iters,
-            "device": _device_name(device), "backend": _backend_name(device),
-            "kernels": ops.kernel_report(device), "isa": isa.describe(),
+            "device": _device_name(device), "backend": kernels["resolved"], "kernels": kernels,
             "torch": torch.__version__, "python": platform.python_version(),
             "by_shape": by_shape, "ops": {n: s.key for n, s in shapes.items()}}  # fmt: skip
 
@@ -213,10 +213,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _backend_name(device: torch.device) -> str:
-    return ops.resolve(torch.zeros(1, dtype=torch.int8, device=device))
 
 
 def write_latency_table(table: dict[str, Any], path: str | Path) -> Path:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +43,7 @@ from hawq.errors import HawqError
 from hawq.models.capture_rules import Namer, Unsupported, rewrite_graph
 from hawq.models.captured_mha import swap_attention
 from hawq.models.coverage import LeftOut, count_flops, split_flops
-from hawq.models.ops import is_quantizable, quantizable_ops
+from hawq.models.ops import as_call, is_quantizable, quantizable_ops
 
 log = logging.getLogger("hawq")
 
@@ -95,15 +94,6 @@ class CaptureReport:
 
 
 # ----------------------------------------------------------------------------- inputs, calls
-
-
-def as_call(example_inputs) -> tuple[tuple, dict]:
-    """A tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
 
 
 def _has_tensor(value) -> bool:

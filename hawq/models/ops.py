@@ -9,7 +9,7 @@ address it by its module name, never by list position.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,21 +93,26 @@ def _macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     return output.numel() * a.shape[-1]
 
 
+def as_call(example_inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call on example inputs: a tensor, a tuple/list of positional
+    inputs, or a dict of keyword inputs (token ids, attention masks)."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
 def call_with(model: nn.Module, example: Any) -> Any:
-    """``model(example)``, ``model(*example)`` for a tuple, ``model(**example)`` for a dict
-    (token ids, attention masks: any input structure a model takes)."""
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, tuple | list):
-        return model(*example)
-    return model(example)
+    """``model`` called on ``example`` (:func:`as_call`)."""
+    args, kwargs = as_call(example)
+    return model(*args, **kwargs)
 
 
 def example_batch_size(example: Any) -> int:
     """The leading dimension of the first tensor in ``example``."""
-    items = example.values() if isinstance(example, dict) else (
-        example if isinstance(example, tuple | list) else [example])  # fmt: skip
-    for v in items:
+    args, kwargs = as_call(example)
+    for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor) and v.dim():
             return int(v.shape[0])
     raise ValueError("example inputs hold no batched tensor")

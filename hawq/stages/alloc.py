@@ -47,7 +47,6 @@ def _config_dict(cfg: AllocConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-
 def _base(ctx: Context, cfg: AllocConfig) -> OpSetting:
     """``alloc.base``, else ``quant.default`` (the settings PTQ/QAT apply), else defaults."""
     if cfg.base is None:

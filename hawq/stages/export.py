@@ -40,7 +40,6 @@ def _plan(ctx: Context) -> tuple[bool, bool]:
     return ctx.path(OUT).is_file() or not ic.onnx, ic.onnx
 
 
-
 def run(ctx: Context) -> dict[str, Any]:
     want_int, want_onnx = _plan(ctx)
     out: dict[str, Any] = {}

@@ -51,7 +51,6 @@ log = logging.getLogger("hawq")
 REPORT = "hessian.json"
 
 
-
 def _progress(desc: str, total: int):
     """A tqdm bar (on a TTY) and, without one, a log line a minute with elapsed time and the
     ETA of ``total`` samples (an upper bound: ``rtol`` may stop it early)."""
@@ -135,12 +134,7 @@ def _run(ctx: Context) -> dict:
         backend_choice=why,  # auto: decided by trying double backward, never by timing
         hvp_products=op.n_hvp,
         whole_trace={"mean": traces.total.mean, "stderr": traces.total.stderr})  # fmt: skip
-    if dist.is_main():
-        write_hessian_report(ctx.path(REPORT), report)
-        plots = plot_report(report, ctx.run_dir)
-        if densities:
-            plots.append(plot_density(densities, ctx.path("hessian_density.png")))
-        log.info("hessian: wrote %s and %d plots", ctx.path(REPORT), len(plots))
+    _write(ctx, report, densities)
     rel = [e.rel_stderr for e in traces.blocks.values()]
     undetermined = [k for k, e in traces.blocks.items() if e.sign_undetermined]
     if undetermined:
@@ -172,7 +166,8 @@ def _run_fisher(ctx: Context, hc: HessianConfig, model: nn.Module, loss_fn: nn.M
              "samples in %.1f s (no Hessian-vector products)", len(weights), len(acts),
              sum(len(y) for _, y in batches), wall)  # fmt: skip
     total = sum(e.mean for e in weights.values())
-    total_se = sum(e.stderr**2 for e in weights.values()) ** 0.5  # an upper-bound-ish spread
+    # as if the ops' estimates were independent (they share samples): an indicative spread
+    total_se = sum(e.stderr**2 for e in weights.values()) ** 0.5
     report = curvature_report(
         inventory, weights, acts, model=ctx.cfg.model.get("_target_"),
         checkpoint=str(ctx.checkpoint), estimator="fisher", method="fisher",
@@ -180,10 +175,18 @@ def _run_fisher(ctx: Context, hc: HessianConfig, model: nn.Module, loss_fn: nn.M
         batch_size=hc.batch_size, wall_s=round(wall, 3), split=hc.split,
         world_size=dist.world()[1], hvp_products=0,
         whole_trace={"mean": total, "stderr": total_se})  # fmt: skip
-    if dist.is_main():
-        write_hessian_report(ctx.path(REPORT), report)
-        plots = plot_report(report, ctx.run_dir)
-        log.info("hessian: wrote %s and %d plots", ctx.path(REPORT), len(plots))
+    _write(ctx, report)
     return {"report": str(ctx.path(REPORT)), "method": "fisher", "backend": "per_sample_grad",
             "trace_samples": sum(len(y) for _, y in batches), "whole_trace": total,
             "hvp_products": 0, "traces_s": round(t_traces, 3)}  # fmt: skip
+
+
+def _write(ctx: Context, report: dict, densities: dict | None = None) -> None:
+    """``hessian.json`` and its plots (rank 0 only)."""
+    if not dist.is_main():
+        return
+    write_hessian_report(ctx.path(REPORT), report)
+    plots = plot_report(report, ctx.run_dir)
+    if densities:
+        plots.append(plot_density(densities, ctx.path("hessian_density.png")))
+    log.info("hessian: wrote %s and %d plots", ctx.path(REPORT), len(plots))

@@ -71,7 +71,6 @@ def _key(cfg: CurveConfig, base: OpSetting) -> dict[str, Any]:
     return {"curve": dataclasses.asdict(cfg), "quant_default": base.as_dict()}
 
 
-
 def _quant(ctx: Context) -> QuantConfig:
     return typed(ctx.cfg.get("quant"), QuantConfig, "quant")
 

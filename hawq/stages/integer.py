@@ -48,7 +48,6 @@ def source(ctx: Context, ic: IntegerConfig) -> Path:
                     "run the ptq or qat stage first, or set integer.source")  # fmt: skip
 
 
-
 @torch.no_grad()
 def compare(qmodel: nn.Module, imodel: nn.Module, batches, device: torch.device) -> dict:
     """Accuracy of both models and their argmax agreement (percent) over ``batches``."""

@@ -57,7 +57,6 @@ OUT = "landscape.json"
 SCHEMA = 1
 
 
-
 def _base_setting(ctx: Context, lc: LandscapeConfig) -> OpSetting:
     quant = ctx.cfg.get("quant")
     return replace(default_setting(quant.default if quant else None), granularity=lc.granularity)

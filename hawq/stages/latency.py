@@ -37,7 +37,6 @@ def table_path(ctx: Context) -> Path:
     return ctx.path(_config(ctx).out)
 
 
-
 def run(ctx: Context) -> dict[str, Any]:
     cfg = _config(ctx)
     ac = typed(ctx.cfg.get("alloc"), AllocConfig, "alloc")

@@ -43,7 +43,6 @@ RECON_PLOT = "ptq_reconstruct.png"
 PLAN = "ptq_bits.yaml"
 
 
-
 def load_fp(ctx: Context) -> tuple[nn.Module, dict]:
     """The FP model (eval mode, on the run's device) and the config that rebuilds it."""
     model_cfg = load_torch(ctx.checkpoint).get("model_cfg") if ctx.checkpoint.is_file() else None

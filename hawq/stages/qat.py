@@ -59,6 +59,7 @@ from hawq.engine import (
     start_epoch_streams,
     stopped_partial,
     train_epoch,
+    training_state,
 )
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
@@ -91,7 +92,6 @@ STATE = "qat_state.pt"
 CSV = "qat_metrics.csv"
 FIELDS = ["epoch", "floor_bits", "bn_frozen", "train_loss", "train_acc", "test_loss", "test_acc",
           "lr", "seconds", "img_per_s"]  # fmt: skip
-
 
 
 def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:
@@ -370,16 +370,11 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
                                train_model, watch, resume=partial and partial["progress"],
                                steps_after=(tc.epochs - epoch - 1) * steps)  # fmt: skip
                 partial = None
-                if "stopped" in tr:  # one process (graceful only then): state inside the epoch
-                    save_torch(state_path, {"epoch": epoch, "history": history, "init": init,
-                                            "drops": drops,
-                                            "partial": stopped_partial(tr["stopped"], train),
-                                            "model": model.state_dict(),
-                                            "optimizer": optimizer.state_dict(),
-                                            "scheduler": scheduler.state_dict()})  # fmt: skip
-                    raise preempt.Stopped(preempt.requested(), f"qat state at step "
-                                          f"{tr['stopped']['step']} of epoch {epoch + 1} in "
-                                          f"{state_path}")  # fmt: skip
+                if "stopped" in tr:  # one process (graceful only then): state at its step
+                    save_torch(state_path, training_state(
+                        epoch, history, model, optimizer, scheduler, init=init, drops=drops,
+                        partial=stopped_partial(tr["stopped"], train)))  # fmt: skip
+                    preempt.stop_if_requested("qat", epoch, state_path, tr["stopped"]["step"])
                 if world > 1:
                     tr = dist.reduce_train_metrics(tr, train.seen, device)
                 ev = evaluate_all(model)
@@ -393,14 +388,10 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
                          ev["acc"])  # fmt: skip
                 if main:
                     _write_csv(ctx, history)
-                    save_torch(state_path, {"epoch": epoch + 1, "history": history, "init": init,
-                                            "drops": drops,
-                                            "model": model.state_dict(),
-                                            "optimizer": optimizer.state_dict(),
-                                            "scheduler": scheduler.state_dict()})  # fmt: skip
-                if preempt.requested():  # arrived during evaluation or the save: stop here
-                    raise preempt.Stopped(preempt.requested(), f"qat state after epoch "
-                                          f"{epoch + 1} in {state_path}")  # fmt: skip
+                    save_torch(state_path, training_state(epoch + 1, history, model, optimizer,
+                                                          scheduler, init=init, drops=drops))
+                # a signal during the evaluation or the save: stop here
+                preempt.stop_if_requested("qat", epoch + 1, state_path)
     finally:
         watch.remove()
         if isinstance(loss_fn, DistillLoss):

@@ -42,6 +42,7 @@ from hawq.config import CONF_DIR
 from hawq.distributed import is_main
 from hawq.errors import HawqError
 from hawq.io import read_json, write_json
+from hawq.quant.config import DEFAULT_PLAN
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -71,7 +72,7 @@ def _cfg_path(key: str, default: str) -> Callable[[Context], list[Path]]:
 def _plan(ctx: Context) -> list[Path]:
     """The plan ``ptq``/``qat`` read (``quant.plan``, else ``bits.yaml``, see
     :func:`hawq.quant.config.resolve_plan`)."""
-    if OmegaConf.select(ctx.cfg, "quant.plan", default=None) == "default":
+    if OmegaConf.select(ctx.cfg, "quant.plan", default=None) == DEFAULT_PLAN:
         return []  # quant.default only: no plan file is read
     return _cfg_path("quant.plan", "bits.yaml")(ctx)
 

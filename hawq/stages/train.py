@@ -30,6 +30,7 @@ from hawq.engine import (
     start_epoch_streams,
     stopped_partial,
     train_epoch,
+    training_state,
 )
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_text
@@ -40,7 +41,6 @@ STATE = "train_state.pt"
 CSV = "metrics.csv"
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
               "img_per_s"]  # fmt: skip
-
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
@@ -68,17 +68,6 @@ def _announcer(ctx: Context, steps: int, epochs: int):
                         fmt_seconds(estimate))  # fmt: skip
 
     return announce
-
-
-def _save_stopped(ctx: Context, state_path, epoch: int, history: list[dict], progress: dict,
-                  model: nn.Module, optimizer, scheduler, loader) -> None:  # fmt: skip
-    """A stop signal inside ``epoch``: write the mid-epoch state, then raise Stopped."""
-    save_torch(state_path, {"epoch": epoch, "history": history,
-                            "partial": stopped_partial(progress, loader),
-                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict()})  # fmt: skip
-    raise preempt.Stopped(preempt.requested(), f"train state at step {progress['step']} of "
-                          f"epoch {epoch + 1} in {state_path}")  # fmt: skip
 
 
 def run(ctx: Context) -> dict:
@@ -128,9 +117,11 @@ def run(ctx: Context) -> dict:
                                  resume=partial and partial["progress"],
                                  steps_after=(tc.epochs - epoch - 1) * steps)  # fmt: skip
                 partial = None
-                if "stopped" in tr:
-                    _save_stopped(ctx, state_path, epoch, history, tr["stopped"], model,
-                                  optimizer, scheduler, train_loader)  # fmt: skip
+                if "stopped" in tr:  # a stop signal inside the epoch: state at its step
+                    save_torch(state_path, training_state(
+                        epoch, history, model, optimizer, scheduler,
+                        partial=stopped_partial(tr["stopped"], train_loader)))  # fmt: skip
+                    preempt.stop_if_requested("train", epoch, state_path, tr["stopped"]["step"])
             except FloatingPointError as e:
                 raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
             last_epoch = epoch + 1 == tc.epochs
@@ -151,13 +142,10 @@ def run(ctx: Context) -> dict:
                      "train stage ETA %s", epoch + 1, tc.epochs, tr["loss"], tr["acc"], test,
                      tr["img_per_s"], fmt_seconds(elapsed), fmt_seconds(eta))  # fmt: skip
             _write_csv(ctx, history)
-            save_torch(state_path, {"epoch": epoch + 1, "history": history,
-                                    "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict()})  # fmt: skip
-            if preempt.requested():  # arrived during evaluation or the save: stop here
-                raise preempt.Stopped(preempt.requested(), f"train state after epoch {epoch + 1} "
-                                      f"in {state_path}")  # fmt: skip
+            save_torch(state_path, training_state(epoch + 1, history, model, optimizer,
+                                                  scheduler))  # fmt: skip
+            # a signal during the evaluation or the save: stop here
+            preempt.stop_if_requested("train", epoch + 1, state_path)
 
     last = history[-1]
     save_model(ctx.checkpoint, model, ctx.cfg.model, epochs=tc.epochs, test_acc=last["test_acc"],
