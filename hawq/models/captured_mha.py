@@ -30,7 +30,8 @@ Tensor = torch.Tensor
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding copies of ``weight`` (out, in) and ``bias``."""
+    """An ``nn.Linear`` holding copies of ``weight`` (out, in) and ``bias``, trainable where
+    they were (``requires_grad`` of each source is kept)."""
     out_features, in_features = weight.shape
     lin = nn.Linear(in_features, out_features, bias=bias is not None,
                     device=weight.device, dtype=weight.dtype)  # fmt: skip
@@ -39,6 +40,8 @@ def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
         if bias is not None:
             lin.bias.copy_(bias)
     lin.weight.requires_grad_(weight.requires_grad)
+    if bias is not None:
+        lin.bias.requires_grad_(bias.requires_grad)
     return lin
 
 
@@ -92,8 +95,8 @@ class CapturedMultiheadAttention(nn.Module):
         else:
             ws = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
         bs = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
-        new.q_proj, new.k_proj, new.v_proj = (_linear(w.detach(), b) for w, b in zip(ws, bs))
-        new.out_proj = _linear(mha.out_proj.weight.detach(), mha.out_proj.bias)
+        new.q_proj, new.k_proj, new.v_proj = (_linear(w, b) for w, b in zip(ws, bs))
+        new.out_proj = _linear(mha.out_proj.weight, mha.out_proj.bias)
         return new.train(mha.training)
 
     def _bias(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,

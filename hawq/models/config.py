@@ -74,10 +74,10 @@ def validate_model(node: DictConfig | dict | None) -> Any:
     target = node["_target_"]
     if target in SCHEMAS:
         return typed(node, SCHEMAS[target], "model")
-    from hydra.utils import get_class
+    from hydra.utils import get_object
 
     try:
-        get_class(target)
+        get_object(target)  # a class or a factory function
     except Exception as e:  # noqa: BLE001 - import errors vary
         raise HawqError(f"bad config model._target_={target!r}: cannot import it; built in: "
                         f"{', '.join(sorted(SCHEMAS))}") from e  # fmt: skip
