@@ -36,7 +36,7 @@ TORCH_CLASSES: tuple[type, ...] = (
     nn.ReLU, nn.Softmax, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Flatten,
     nn.AdaptiveAvgPool2d,
 )  # fmt: skip
-PACKAGES = ("hawq.models", "hawq.quant", "hawq.integer")
+PACKAGES = ("hawq.models", "hawq.quant", "hawq.integer", "hawq.integer.graph")
 
 
 def _package_classes(package: str) -> list[type]:

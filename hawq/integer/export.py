@@ -1,12 +1,14 @@
 """Export an integer model as ``integer.safetensors`` + ``integer.json``.
 
-The safetensors file holds every integer tensor of the model under its module path
-(``blocks.0.attn.qkv.weight``, ``blocks.0.attn.qkv.rq.m`` ...). The JSON describes the graph
-without any Python class: per node (keyed by module name) its kind, bits, the tensor keys
-of its weights, int32 bias and dyadic requantizer (``m``, ``e``: scale = m 2^-e; ``z``,
-``lo``, ``hi``), the real scales it was built from, and the integer constants of the
-nonlinear kernels; plus the model-level formats (input grid, residual scale and bits,
-logit scale). :mod:`hawq.integer.standalone` reads both with ``json`` and ``safetensors``
+The safetensors file holds every integer tensor of the model under its step's path
+(``blocks_0_attn_qkv.layer.weight``, ``blocks_0_attn_qkv.layer.rq.m`` ...). The JSON
+describes the model without any Python class: per integer module (keyed by path) its kind,
+bits, the tensor keys of its weights, int32 bias and dyadic requantizer (``m``, ``e``:
+scale = m 2^-e; ``z``, ``lo``, ``hi``), the real scales it was built from, and the integer
+constants of the nonlinear kernels; the graph between the steps (``graph``: node name, the
+step it calls, its inputs, the model op it implements); and the model-level formats (input
+grid, residual scale and bits, logit scale); ``ops`` maps each quantized op's name to its
+integer layer. :mod:`hawq.integer.standalone` reads both with ``json`` and ``safetensors``
 only.
 """
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from hawq.integer.gelu import IntGELU
+from hawq.integer.graph import steps
 from hawq.integer.layernorm import IntLayerNorm
 from hawq.integer.layers import IntConv2d, IntLinear, IntMatMul, IntRequant
 from hawq.integer.softmax import IntSoftmax
@@ -51,27 +54,58 @@ def _node(name: str, m: nn.Module) -> dict[str, Any] | None:
              "in_scale": m.in_scale,
              "out_scale": m.out_scale, "lo": m.out_lo, "hi": m.out_hi, "eps_q": int(m.eps_q),
              "tensors": {k: f"{name}.{k}" for k in ("m", "e", "b", "z")}}  # fmt: skip
-    elif isinstance(getattr(m, "gelu", None), torch.Tensor):  # the ViT MLP's GELU table
-        d = {"kind": "gelu_table", "table": f"{name}.gelu",
-             "index": f"fc1 output code - {name}.fc1.rq.lo"}  # fmt: skip
     elif isinstance(m, IntRequant):
         d = {"kind": "requant", "out_dtype": str(m.out_dtype).replace("torch.", ""),
              "tensors": {k: f"{name}.{k}" for k in ("m", "e", "z", "lo", "hi")}}  # fmt: skip
     else:
-        return None
+        return _step(name, m)
     return d
 
 
+def _step(name: str, m: nn.Module) -> dict[str, Any] | None:
+    """The graph steps (:mod:`hawq.integer.graph.steps`) around the layers above."""
+    kind = type(m).__name__
+    if kind == "Linear" and isinstance(m, steps.Linear):
+        return {"kind": "linear_epilogue", "layer": f"{name}.layer", "limit": m.limit,
+                "table": f"{name}.lut" if m.lut is not None else None,
+                "table_index": f"requant output - {name}.layer.rq.lo"}  # fmt: skip
+    if isinstance(m, steps.Conv):
+        return {"kind": "conv_epilogue", "layer": f"{name}.layer", "limit": m.limit,
+                "relu": m.relu}  # fmt: skip
+    if isinstance(m, steps.Lookup):
+        return {"kind": "table", "table": f"{name}.table", "index": f"input - {m.lo}"}
+    if isinstance(m, steps.Requant):
+        return {"kind": "requant_step", "rq": f"{name}.rq", "zero_in": m.zero_in,
+                "channel_dim": m.channel_dim}  # fmt: skip
+    if isinstance(m, steps.ResidualAdd):
+        return {"kind": "residual_add", "limit": m.limit, "relu": m.relu}
+    if isinstance(m, steps.Clamp):
+        return {"kind": "clamp", "lo": m.lo, "hi": m.hi}
+    if isinstance(m, steps.Mean):
+        return {"kind": "mean", "dims": list(m.dims), "keepdim": m.keepdim}
+    if isinstance(m, steps.Attention):
+        return {"kind": "attention", "qkv": f"{name}.qkv", "heads": m.heads, "zq": m.zq,
+                "zk": m.zk, "zv": m.zv, "zp": m.zp, "softmax": f"{name}.softmax",
+                "p_rq": f"{name}.p_rq", "out_rq": f"{name}.out_rq"}  # fmt: skip
+    if isinstance(m, steps.Softmax):
+        return {"kind": "softmax_step", "softmax": f"{name}.softmax", "rq": f"{name}.rq"}
+    return None
+
+
 def describe(model: nn.Module) -> dict[str, Any]:
-    """The JSON document of :func:`export` (graph description keyed by module name)."""
-    nodes = {n: d for n, m in model.named_modules() if (d := _node(n, m)) is not None}
+    """The JSON document of :func:`export`: ``nodes`` (every integer module keyed by its
+    path), ``graph`` (the dataflow between the steps, by node name, each naming the model
+    op it implements) and ``formats``."""
+    root = model.steps if hasattr(model, "steps") else model
+    nodes = {n: d for n, m in root.named_modules() if (d := _node(n, m)) is not None}
     fmt = {"model": type(model).__name__, "in_grid": model.in_grid.as_dict(),
            "residual_scale": model.s_r, "residual_limit": model.limit,
            "logit_scale": model.logit_scale}  # fmt: skip
-    if hasattr(model, "patch_size"):
-        fmt["patch_size"] = model.patch_size
-        fmt["heads"] = model.blocks[0].attn.heads if len(model.blocks) else None
-    return {"schema": SCHEMA, "formats": fmt, "nodes": nodes}
+    doc = {"schema": SCHEMA, "formats": fmt, "nodes": nodes}
+    if hasattr(model, "describe"):
+        doc["graph"] = model.describe()["graph"]
+        doc["ops"] = dict(model.op_paths)
+    return doc
 
 
 def export(model: nn.Module, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
@@ -79,7 +113,8 @@ def export(model: nn.Module, out_dir: str | Path, meta: dict[str, Any] | None = 
     from safetensors.torch import save
 
     out = Path(out_dir)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    root = model.steps if hasattr(model, "steps") else model
+    tensors = {k: v.detach().cpu().contiguous() for k, v in root.state_dict().items()}
     write_bytes(out / "integer.safetensors", save(tensors))
     doc = describe(model)
     doc["meta"] = meta or {}

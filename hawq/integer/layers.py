@@ -138,11 +138,6 @@ class IntMatMul(nn.Module):
         return ops.int_matmul(a, b, self.za, self.zb, self.rq.requant if self.rq else None)
 
 
-def residual_add(x: Tensor, y: Tensor, limit: int, relu: bool = False) -> Tensor:
-    """``clamp(x + y, -limit, limit)`` (``[0, limit]`` with ReLU): both at the residual scale."""
-    return torch.clamp(x.to(torch.int32) + y.to(torch.int32), 0 if relu else -limit, limit)
-
-
 # ---------------------------------------------------------------- whole-model pieces
 
 LOGIT_BITS = 16  # int32 logits clamped to a 16-bit grid covering the calibrated range
@@ -153,18 +148,6 @@ def residual_format(absmax: float, bits: int) -> tuple[int, float]:
     which ``limit`` codes cover ``absmax``."""
     limit = 2 ** (bits - 1) - 1
     return limit, max(absmax, 1e-6) / limit
-
-
-def logit_head(spec: WeightSpec, absmax: float, pack_int4: bool = True) -> tuple[IntLinear, float]:
-    """The classifier: int32 logits on a :data:`LOGIT_BITS` grid covering ``absmax``.
-
-    Returns:
-        The layer and its logit scale.
-    """
-    l_max = 2 ** (LOGIT_BITS - 1) - 1
-    scale = max(absmax, 1e-6) / l_max
-    rq = IntRequant(spec.act.scale * spec.scale / scale, 0, -l_max, l_max, torch.int32)
-    return IntLinear(spec, rq, pack_int4), scale
 
 
 class IntegerModel(nn.Module):

@@ -26,7 +26,9 @@ class IntegerExport:
         self.formats: dict[str, Any] = doc["formats"]
 
     def op(self, name: str) -> dict[str, Any]:
-        """Node ``name`` with its tensor keys resolved to arrays (and its ``rq`` child)."""
+        """Node ``name`` (a quantized op's name, or an integer module's path) with its tensor
+        keys resolved to arrays (and its ``rq`` child)."""
+        name = self.doc.get("ops", {}).get(name, name)
         node = dict(self.nodes[name])
         for key in ("weight", "bias"):
             if key in node:

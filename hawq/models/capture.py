@@ -97,7 +97,8 @@ class CaptureReport:
 
 
 def _has_tensor(value) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in tree_flatten(value)[0])
+    """A tensor, or an fx proxy standing for one (a prepared model traced again)."""
+    return any(isinstance(v, torch.Tensor | fx.Proxy) for v in tree_flatten(value)[0])
 
 
 def _same(a, b) -> bool:

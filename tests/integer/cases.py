@@ -44,3 +44,19 @@ def train_tiny(model: nn.Module, loader, epochs: int, lr: float = 2e-3) -> nn.Mo
     for _ in range(epochs):
         train_epoch(model, loader, opt, nn.CrossEntropyLoss(), torch.device("cpu"), amp=False)
     return model.eval()
+
+
+def handwritten(qmodel: nn.Module, batches, residual_bits: int = 16, pack_int4: bool = True,
+                max_batches: int = 4, margin: float = 1.25) -> nn.Module:
+    """The hand-written integer ViT/ResNet of before the graph converter (the oracle)."""
+    from . import handwritten_resnet, handwritten_vit
+    from .handwritten_calibrate import observe_absmax
+
+    mod = handwritten_vit if isinstance(qmodel, ViT) else handwritten_resnet
+    cls = mod.IntegerViT if isinstance(qmodel, ViT) else mod.IntegerResNet
+    qmodel.eval()
+    found = observe_absmax(qmodel, batches, mod.calibration_points(qmodel), max_batches)
+    import copy
+
+    cpu = copy.deepcopy(qmodel).cpu().eval()
+    return cls(cpu, mod.reduce_ranges(found, margin), residual_bits, pack_int4).eval()

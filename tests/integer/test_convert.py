@@ -70,13 +70,18 @@ def test_integer_graph_is_integer_and_bit_exact_across_backends(pair, request):
             assert torch.equal(im.forward_int(xq[:1]), ref[:1])
 
 
+def layer(im, op: str):
+    """The integer layer of quantized op ``op``."""
+    return im.steps.get_submodule(im.op_paths[op])
+
+
 def test_first_layer_input_codes_equal_fake_quant_codes(vit_pair):
     q, im = vit_pair
     x = _images(8, 4)
     patches = q.patchify(x)
     aq = q.patch_embed.a_quant
     fq_codes = torch.round((aq(patches) / aq.scale) + aq.zero_point)
-    assert torch.equal(im.quantize_input(x).float() - im.in_grid.shift, fq_codes)
+    assert torch.equal(q.patchify(im.quantize_input(x)).float() - im.in_grid.shift, fq_codes)
 
 
 def test_linear_layer_bit_exact_vs_float64_reference_of_the_same_arithmetic(vit_pair):
@@ -85,8 +90,8 @@ def test_linear_layer_bit_exact_vs_float64_reference_of_the_same_arithmetic(vit_
     the 2^-31 dyadic error); vs the float32 fake-quant layer: within one code."""
     q, im = vit_pair
     x = _images(8, 5)
-    pe, grid = im.patch_embed, im.in_grid
-    xq = im.quantize_input(x)
+    pe, grid = layer(im, "patch_embed"), im.in_grid
+    xq = q.patchify(im.quantize_input(x))  # (B, N, C p p) codes
     with torch.no_grad():
         yi = pe(xq)  # int32 codes at s_r
         w = q.patch_embed.quantized_weight().double()
@@ -103,10 +108,11 @@ def test_mixed_plan_int4_weights_are_packed():
     torch.manual_seed(0)
     q = fake_quant(tiny_vit(), _images(32, 1), Plan.from_dict(MIXED))
     im = convert(q, [(_images(32, 1),)])
-    fc1 = im.blocks[0].mlp.fc1
+    fc1 = layer(im, "blocks.0.mlp.fc1")
     assert fc1.weight.dtype == torch.uint8 and fc1.weight.shape == (128, 32)
-    assert im.blocks[0].mlp.fc2.weight.dtype == torch.int8
-    assert im.blocks[1].attn.in_grid.bits == 6
+    assert layer(im, "blocks.0.mlp.fc2").weight.dtype == torch.int8
+    norm1 = im.steps.get_submodule("blocks_1_norm1")  # writes the 6-bit qkv input grid
+    assert norm1.out_hi - norm1.out_lo + 1 == 2**6
     x = _images(16, 2)
     xq = im.quantize_input(x)
     with ops.backend("reference"):

@@ -11,7 +11,7 @@ import torch._dynamo
 
 from hawq.integer import ops
 from hawq.integer.convert import convert
-from hawq.integer.regional import compile_blocks
+from hawq.integer.regional import compile_blocks, regions
 
 from .cases import fake_quant, tiny_vit
 
@@ -27,15 +27,17 @@ def test_budget_bounds_compiled_blocks_and_output_is_exact():
         ref = imodel.forward_int(xq)
     torch._dynamo.reset()
     info = compile_blocks(imodel, xq, budget_s=0.0, backend="eager")
-    assert len(imodel.blocks) >= 2
-    assert info["blocks"] == len(imodel.blocks) and info["compiled"] == 1 and info["graphs"] == 1
-    compiled = [b._compiled_call_impl is not None for b in imodel.blocks]
-    assert compiled == [True] + [False] * (len(compiled) - 1)  # the rest stay eager
+    steps = regions(imodel)
+    assert len(steps) >= 2
+    assert info["regions"] == len(steps) and info["compiled"] == 1 and info["graphs"] == 1
+    first = steps[0]  # patch_embed: the first step to run
+    assert first._compiled_call_impl is not None
+    assert all(s._compiled_call_impl is None for s in steps[1:])  # the rest stay eager
     with torch.no_grad():
         assert torch.equal(imodel.forward_int(xq), ref)
     torch._dynamo.reset()
 
 
 def test_model_without_blocks_is_rejected():
-    with pytest.raises(ValueError, match="no blocks"):
+    with pytest.raises(ValueError, match="no regions"):
         compile_blocks(torch.nn.Linear(2, 2), torch.zeros(1, 2))

@@ -22,12 +22,12 @@ def test_pipeline_ptq_integer_export(make_cfg, tmp_path):
                    "stages=[train,ptq,integer,export]", "device=cpu")  # fmt: skip
     res = run_pipeline(cfg)["stages"]
     r = res["integer"]
-    assert r["n"] == 128 and r["model"] == "IntegerViT"
+    assert r["n"] == 128 and r["model"] == "IntegerGraph"
     assert r["agreement"] >= 90.0
     assert abs(r["fake_quant_acc"] - res["ptq"]["quantized"]["acc"]) < 1e-9
     run_dir = tmp_path / "run"
     doc = json.loads((run_dir / "export" / "integer.json").read_text())
-    assert doc["nodes"]["blocks.0.attn.qkv"]["w_bits"] == 8
+    assert doc["nodes"][doc["ops"]["blocks.0.attn.qkv"]]["w_bits"] == 8
     # skipped when done; a missing source is one clear error
     again = run_pipeline(cfg)["stages"]["integer"]
     assert again == r
@@ -54,6 +54,9 @@ def test_standalone_reader_reproduces_a_layer(tmp_path):
     v = acc * m
     expect = (v + (1 << (e - 1)) - 1 + ((v >> e) & 1)) >> e  # round half even, e > 0
     expect = np.clip(expect + z, op["rq"]["lo"], op["rq"]["hi"])
-    got = im.blocks[0].mlp.fc1(torch.from_numpy(h).to(torch.int8))
+    layer = im.steps.get_submodule(im.op_paths["blocks.0.mlp.fc1"])
+    got = layer(torch.from_numpy(h).to(torch.int8))
     assert np.array_equal(got.numpy().astype(np.int64), expect)
-    assert ex.formats["model"] == "IntegerViT" and ex.formats["residual_scale"] == im.s_r
+    assert ex.formats["model"] == "IntegerGraph" and ex.formats["residual_scale"] == im.s_r
+    steps = {g["name"]: g for g in ex.doc["graph"]}  # the dataflow by op name
+    assert any(g.get("implements") == "blocks.0.mlp.fc1" for g in steps.values())

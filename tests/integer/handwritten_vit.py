@@ -1,4 +1,7 @@
-"""Integer-only ViT (the graph of :class:`hawq.models.vit.ViT` on integers).
+"""The hand-written integer ViT that hawq shipped before the graph converter: the oracle
+the generic path (:mod:`hawq.integer.graph`) must equal bit for bit (issue 30).
+
+Integer-only ViT (the graph of :class:`hawq.models.vit.ViT` on integers).
 
 Number formats (``R = 2^(rb-1) - 1`` with ``rb`` = ``residual_bits``, default 16)::
 
@@ -32,18 +35,35 @@ from hawq.integer.adapter import Grid
 from hawq.integer.gelu import gelu_table
 from hawq.integer.layernorm import IntLayerNorm
 from hawq.integer.layers import (
+    LOGIT_BITS,
     WIDE,
     IntegerModel,
     IntLinear,
     IntMatMul,
     IntRequant,
-    logit_head,
-    residual_add,
+    WeightSpec,
     residual_format,
 )
 from hawq.integer.softmax import IntSoftmax
 
 Tensor = torch.Tensor
+
+
+def residual_add(x: Tensor, y: Tensor, limit: int, relu: bool = False) -> Tensor:
+    """``clamp(x + y, -limit, limit)`` (``[0, limit]`` with ReLU): both at the residual scale."""
+    return torch.clamp(x.to(torch.int32) + y.to(torch.int32), 0 if relu else -limit, limit)
+
+
+def logit_head(spec: WeightSpec, absmax: float, pack_int4: bool = True) -> tuple[IntLinear, float]:
+    """The classifier: int32 logits on a :data:`LOGIT_BITS` grid covering ``absmax``.
+
+    Returns:
+        The layer and its logit scale.
+    """
+    l_max = 2 ** (LOGIT_BITS - 1) - 1
+    scale = max(absmax, 1e-6) / l_max
+    rq = IntRequant(spec.act.scale * spec.scale / scale, 0, -l_max, l_max, torch.int32)
+    return IntLinear(spec, rq, pack_int4), scale
 GELU_BITS = 16
 
 

@@ -1,4 +1,7 @@
-"""Integer-only CIFAR ResNet (the graph of :class:`hawq.models.resnet.ResNet` on integers).
+"""The hand-written integer ResNet that hawq shipped before the graph converter: the
+oracle the generic path (:mod:`hawq.integer.graph`) must equal bit for bit (issue 30).
+
+Integer-only CIFAR ResNet (the graph of :class:`hawq.models.resnet.ResNet` on integers).
 
 BatchNorms are folded into the convs' per-channel scales and int32 biases (by
 ``hawq.quant`` or here). The residual stream is int32 holding ``rb``-bit values
@@ -28,9 +31,10 @@ from hawq.integer.layers import (
     IntConv2d,
     IntegerModel,
     IntRequant,
-    logit_head,
     residual_format,
 )
+
+from .handwritten_vit import logit_head
 
 Tensor = torch.Tensor
 

@@ -1,0 +1,187 @@
+"""What each node of a traced fake-quant graph is in the integer domain (no scales yet).
+
+Every tensor value gets a **kind**:
+
+* ``float``: the model input (before the first quantizer; only shape ops may touch it);
+* ``param``: a parameter or buffer read by the graph (class token, positions);
+* ``acc``: the int32 accumulator of a quantized op, with what is folded into it on the way
+  to its consumers (a BatchNorm, a ReLU, a multiplication by a constant);
+* ``wide``: the residual stream (int32 at one scale ``s_r``): adds, concatenations, means;
+* ``norm``, ``gelu``, ``softmax``: the outputs of LayerNorm, GELU and softmax.
+
+Shape ops (view, reshape, permute, transpose, flatten, getitem, expand, dropout in eval...)
+are **transparent**: a value keeps its kind through them, and a consumer's **demand**
+(the format it reads: codes on its grid, the residual stream, the GELU grid, the raw
+accumulator, the logits) reaches through them to the producer. A node with no integer
+form is a :class:`Unsupported` naming it and where it is.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from hawq.errors import HawqError
+from hawq.integer.graph.trace import is_quant_op, module_name
+
+SHAPE_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand",
+                 "squeeze", "unsqueeze", "unflatten", "chunk", "split", "unbind",
+                 "clone"}  # fmt: skip
+SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                   torch.unsqueeze, torch.chunk, torch.split, torch.unbind,
+                   operator.getitem}  # fmt: skip
+IDENTITY_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
+ADD = {operator.add, operator.iadd, torch.add}
+RELU = {F.relu, torch.relu}
+GELU = {F.gelu}
+SOFTMAX = {F.softmax, torch.softmax}
+MEAN = {torch.mean, F.adaptive_avg_pool2d}
+
+
+class Unsupported(HawqError):
+    """A node with no integer form."""
+
+
+def where(node: fx.Node) -> str:
+    """``node`` named for a user: its module, or its function and the module it sits in."""
+    if node.op == "call_module":
+        return f"{module_name(node)} ({_module_of(node).__class__.__name__})"
+    stack = node.meta.get("nn_module_stack") or {}
+    inside = next(reversed(stack.values()), ("", None))[0] if stack else ""
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}" + (f" in {inside}" if inside else "") + f" (node {node.name})"
+
+
+def _module_of(node: fx.Node) -> nn.Module:
+    return node.graph.owning_module.get_submodule(str(node.target))
+
+
+def is_tensor(node) -> bool:
+    v = node.meta.get("value") if isinstance(node, fx.Node) else None
+    if isinstance(v, tuple | list):
+        return bool(v) and all(isinstance(t, torch.Tensor) for t in v)
+    return isinstance(v, torch.Tensor)
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The node's tensor inputs in argument order (lists flattened, e.g. ``torch.cat``)."""
+    out = []
+    for a in [*node.args, *node.kwargs.values()]:
+        for x in a if isinstance(a, list | tuple) else [a]:
+            if isinstance(x, fx.Node) and is_tensor(x):
+                out.append(x)
+    return out
+
+
+def _method_or_function(node: fx.Node, methods: set, functions: set) -> bool:
+    return (node.op == "call_method" and node.target in methods) or \
+        (node.op == "call_function" and node.target in functions)  # fmt: skip
+
+
+def is_shape(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module_of(node), IDENTITY_MODULES)
+    if node.op == "call_function" and node.target is F.dropout:
+        return True
+    return _method_or_function(node, SHAPE_METHODS, SHAPE_FUNCTIONS) and is_tensor(node.args[0])
+
+
+def is_pad(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.pad
+
+
+def role(node: fx.Node) -> str:
+    """What a non-transparent tensor node computes: ``qop``, ``bn``, ``relu``, ``scale``,
+    ``add``, ``cat``, ``mean``, ``norm``, ``gelu``, ``softmax``."""
+    if node.op == "call_module":
+        m = _module_of(node)
+        if is_quant_op(m):
+            return "qop"
+        for kind, cls in (("bn", nn.BatchNorm2d), ("relu", nn.ReLU), ("norm", nn.LayerNorm),
+                          ("gelu", nn.GELU), ("softmax", nn.Softmax)):  # fmt: skip
+            if isinstance(m, cls):
+                return kind
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return "mean"
+    checks = (("relu", {"relu"}, RELU), ("add", {"add", "__add__"}, ADD),
+              ("gelu", set(), GELU), ("softmax", {"softmax"}, SOFTMAX),
+              ("mean", {"mean"}, MEAN), ("cat", set(), {torch.cat}),
+              ("scale", {"mul", "div"}, {operator.mul, operator.truediv}))  # fmt: skip
+    for kind, methods, functions in checks:
+        if _method_or_function(node, methods, functions):
+            return kind
+    raise Unsupported(f"integer conversion: {where(node)} has no integer-only form")
+
+
+@dataclass
+class Analysis:
+    """Kinds of every tensor node (see the module docstring) and the roles behind them."""
+
+    kind: dict[fx.Node, str]
+    role: dict[fx.Node, str]
+
+    def through(self, node: fx.Node) -> fx.Node:
+        """The producer behind a chain of transparent ops."""
+        while node not in self.role and node.op not in ("placeholder", "get_attr"):
+            node = tensor_args(node)[0]
+        return node
+
+
+def analyze(gm: fx.GraphModule) -> Analysis:
+    """Kinds and roles of ``gm``'s nodes; raises :class:`Unsupported` at the first node
+    with no integer form."""
+    kind: dict[fx.Node, str] = {}
+    roles: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            kind[node] = "float"
+        elif node.op == "get_attr":
+            kind[node] = "param" if is_tensor(node) else "meta"
+        elif node.op == "output" or not is_tensor(node):
+            continue
+        elif is_shape(node) or (is_pad(node) and _zero_pad(node)):
+            kind[node] = kind[tensor_args(node)[0]]
+        else:
+            r = role(node)
+            roles[node] = r
+            kind[node] = _kind_of(node, r, [kind[a] for a in tensor_args(node)])
+    return Analysis(kind, roles)
+
+
+def _zero_pad(node: fx.Node) -> bool:
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    return mode == "constant" and not value
+
+
+def constant_factor(node: fx.Node) -> float | None:
+    """The number a ``mul``/``div`` node applies to its tensor (a literal, or a value read
+    from static shapes such as ``head_dim ** -0.5``), or None if it is a tensor."""
+    if len(node.args) != 2 or not is_tensor(node.args[0]):
+        return None
+    c = node.args[1]
+    if isinstance(c, fx.Node):
+        c = c.meta.get("value")
+    return float(c) if isinstance(c, int | float) and not isinstance(c, bool) else None
+
+
+def _kind_of(node: fx.Node, r: str, inputs: list[str]) -> str:
+    if r in ("qop",):
+        return "acc"
+    if r in ("bn", "scale"):
+        if inputs[:1] != ["acc"]:
+            raise Unsupported(f"integer conversion: {where(node)} must follow a quantized op "
+                              f"(it reads a {inputs[0] if inputs else 'constant'} value)")
+        if r == "scale" and constant_factor(node) is None:
+            raise Unsupported(f"integer conversion: {where(node)} multiplies by a tensor; "
+                              "only constants fold into the accumulator scale")
+        return "acc"
+    if r == "relu":
+        return inputs[0]
+    if r in ("add", "cat", "mean"):
+        return "wide"
+    return r  # norm, gelu, softmax

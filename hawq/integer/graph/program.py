@@ -1,0 +1,107 @@
+"""An integer ``fx`` graph as plain data, and back.
+
+:class:`~hawq.integer.graph.convert.IntegerGraph` keeps its graph as a list of node
+records (JSON-able: names, op kinds, targets, arguments) beside its integer steps, so that
+a pickled integer model holds only allow-listed classes (:mod:`hawq.safe_load`) and
+``integer.json`` describes the graph by op name. Functions are stored by name and rebuilt
+only from :data:`FUNCTIONS`: nothing else can be called by a decoded graph.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from hawq.errors import HawqError
+
+FUNCTIONS = {f"{f.__module__}.{f.__name__}": f for f in (
+    operator.getitem, builtins.getattr, torch.cat, torch.flatten, torch.reshape,
+    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk,
+    torch.split, torch.unbind, F.pad,
+    # shape arithmetic (``d // heads``, ``t * hd``) on sizes read from tensors
+    operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv,
+)}  # fmt: skip
+NAMES = {f: name for name, f in FUNCTIONS.items()}
+
+
+def _encode_arg(a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        return {"node": a.name}
+    if isinstance(a, slice):
+        return {"slice": [_encode_arg(a.start), _encode_arg(a.stop), _encode_arg(a.step)]}
+    if isinstance(a, tuple):
+        return {"tuple": [_encode_arg(x) for x in a]}
+    if isinstance(a, list):
+        return [_encode_arg(x) for x in a]
+    if isinstance(a, dict):
+        return {"dict": {k: _encode_arg(v) for k, v in a.items()}}
+    if a is Ellipsis:
+        return {"ellipsis": True}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if a is None or isinstance(a, bool | int | float | str):
+        return a
+    raise HawqError(f"integer graph: cannot store the argument {a!r} ({type(a).__name__})")
+
+
+def _decode_arg(a: Any, env: dict[str, fx.Node]) -> Any:
+    if isinstance(a, list):
+        return [_decode_arg(x, env) for x in a]
+    if not isinstance(a, dict):
+        return a
+    (key, v), = a.items()
+    if key == "node":
+        return env[v]
+    if key == "slice":
+        return slice(*(_decode_arg(x, env) for x in v))
+    if key == "tuple":
+        return tuple(_decode_arg(x, env) for x in v)
+    if key == "dict":
+        return {k: _decode_arg(x, env) for k, x in v.items()}
+    if key == "ellipsis":
+        return Ellipsis
+    if key == "dtype":
+        return getattr(torch, v)
+    raise HawqError(f"integer graph: unknown argument record {a!r}")
+
+
+def encode(graph: fx.Graph) -> list[dict]:
+    """The node records of ``graph``."""
+    out = []
+    for n in graph.nodes:
+        target = n.target
+        if n.op == "call_function":
+            if target not in NAMES:
+                raise HawqError(f"integer graph: function {target} is not storable")
+            target = NAMES[target]
+        out.append({"name": n.name, "op": n.op, "target": str(target),
+                    "args": _encode_arg(tuple(n.args))["tuple"],
+                    "kwargs": {k: _encode_arg(v) for k, v in n.kwargs.items()}})  # fmt: skip
+    return out
+
+
+def decode(records: list[dict], root: nn.Module) -> fx.GraphModule:
+    """The ``fx.GraphModule`` over ``root`` (the steps) that ``records`` describe."""
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for r in records:
+        args = tuple(_decode_arg(a, env) for a in r["args"])
+        kwargs = {k: _decode_arg(v, env) for k, v in r["kwargs"].items()}
+        op, target = r["op"], r["target"]
+        if op == "call_function":
+            if target not in FUNCTIONS:
+                raise HawqError(f"integer graph: function {target} is not allowed")
+            target = FUNCTIONS[target]
+        if op == "output":
+            node = graph.output(args[0])
+        elif op == "placeholder":
+            node = graph.placeholder(target)
+        else:
+            node = graph.create_node(op, target, args, kwargs, name=r["name"])
+        env[r["name"]] = node
+    return fx.GraphModule(root, graph)
