@@ -12,10 +12,13 @@ batch 64 and 1. Peers, each timed in this process: torch FP32 eager, torch bf16 
 ONNX Runtime FP32 (the FP model's export), ORT ``quantize_static`` INT8 (QDQ, of that FP32
 export), torch dynamic INT8 (``quantize_dynamic``, Linear only), our QDQ export of the
 fake-quant model in ORT with default optimisations (W8A8 and W4A4), and our integer model on
-``reference`` (the old CPU path) and ``cpu``. A figure is the median over ``iters`` calls
-after warm-ups, as images per second; ratios within one run are the meaningful numbers (the
-JSON records the load average at the start). All peers run in one process after
-``cpu.keep_freed_memory()`` (glibc reuses freed blocks: torch's peers gain from it too).
+``reference`` (the old CPU path) and ``cpu``, and, with the repository's tests at hand, the
+hand-written integer ViT/ResNet the graph converter replaced (timed interleaved with the
+converter's model: ``*_graph_vs_handwritten``, issue 30). A figure is the median over
+``iters`` calls after warm-ups, as images per second; ratios within one run are the
+meaningful numbers (the JSON records the load average at the start). All peers run in one
+process after ``cpu.keep_freed_memory()`` (glibc reuses freed blocks: torch's peers gain
+from it too).
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ def bench_model(kind: str, batches: list[int], threads: int, iters: int, tmp: Pa
     q8 = fake_quant(model, calib, 8)
     q4 = fake_quant(model, calib, 4)
     im = convert(q8, [(calib,)])
+    hand = _handwritten(q8, calib)
     fp_path = onnx_fp32(model, calib[:1], tmp / f"{kind}_fp32.onnx")
     int8_path = ort_int8(fp_path, calib, tmp / f"{kind}_int8.onnx")
     paths = {"ort_fp32": fp_path, "ort_quantize_static_int8": int8_path,
@@ -137,11 +141,33 @@ def bench_model(kind: str, batches: list[int], threads: int, iters: int, tmp: Pa
     out: dict = {}
     for b in batches:
         x = torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-        row = time_batch(x, {"torch_fp32": model, "torch_dynamic_int8": dyn, "integer": im},
-                         sessions, iters)  # fmt: skip
+        row = time_batch(x, {"torch_fp32": model, "torch_dynamic_int8": dyn, "integer": im,
+                             "handwritten": hand}, sessions, iters)  # fmt: skip
         out[f"batch{b}"] = {k: {"s": v, "img_s": b / v} for k, v in row.items()}
     out["onnx_ops"] = {k: _optimized_ops(p, threads) for k, p in paths.items() if "our" in k}
     return out
+
+
+def interleaved(fns: list, iters: int) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn (load changes hit all alike)."""
+    for fn in fns:
+        fn()
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):
+        for t, fn in zip(ts, fns):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in ts]
+
+
+def _handwritten(q8: torch.nn.Module, calib: torch.Tensor):
+    """The hand-written integer ViT/ResNet (now the tests' oracle), or None without tests/."""
+    try:
+        from tests.integer.cases import handwritten
+    except ImportError:
+        return None
+    return handwritten(q8, [(calib,)])
 
 
 def time_batch(x: torch.Tensor, models: dict, sessions: dict, iters: int) -> dict[str, float]:
@@ -157,6 +183,10 @@ def time_batch(x: torch.Tensor, models: dict, sessions: dict, iters: int) -> dic
             with ops.backend(name):
                 n = iters if name == "cpu" else max(2, iters // 5)
                 row[f"integer_{name}"] = median_s(lambda: im(x), n, warmup=1)
+        if models["handwritten"] is not None:  # the graph path vs the old classes, interleaved
+            with ops.backend("cpu"):
+                pair = interleaved([lambda: im(x), lambda: models["handwritten"](x)], 3 * iters)
+            row["integer_graph_interleaved"], row["integer_handwritten_interleaved"] = pair
     feed = {"input": x.numpy()}
     for k, sess in sessions.items():
         row[k] = median_s(lambda sess=sess: sess.run(None, feed), iters)
@@ -213,7 +243,15 @@ def ratios(res: dict) -> dict:
             "onnx_w8a8_vs_ort_fp32": img(v, "our_onnx_w8a8") / img(v, "ort_fp32"),
             "onnx_w4a4_vs_ort_fp32": img(v, "our_onnx_w4a4") / img(v, "ort_fp32"),
             "ort_int8_vs_fp32_b64": img(v, "ort_quantize_static_int8") / img(v, "torch_fp32"),
-            "resnet_onnx_w8a8_vs_ort_fp32": img(rn, "our_onnx_w8a8") / img(rn, "ort_fp32")}
+            "resnet_onnx_w8a8_vs_ort_fp32": img(rn, "our_onnx_w8a8") / img(rn, "ort_fp32"),
+            **{f"{m}_graph_vs_handwritten_b{b}": _graph_vs_hand(res[m][f"batch{b}"])
+               for m in ("vit", "resnet20") for b in (64, 1) if f"batch{b}" in res[m]}}
+
+
+def _graph_vs_hand(row: dict) -> float | None:
+    """Speed of the graph converter's model / the hand-written one (>1: faster)."""
+    g, h = row.get("integer_graph_interleaved"), row.get("integer_handwritten_interleaved")
+    return h["s"] / g["s"] if g and h else None
 
 
 def main() -> None:

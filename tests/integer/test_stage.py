@@ -60,3 +60,18 @@ def test_standalone_reader_reproduces_a_layer(tmp_path):
     assert ex.formats["model"] == "IntegerGraph" and ex.formats["residual_scale"] == im.s_r
     steps = {g["name"]: g for g in ex.doc["graph"]}  # the dataflow by op name
     assert any(g.get("implements") == "blocks.0.mlp.fc1" for g in steps.values())
+
+
+def test_own_model_runs_every_stage_to_an_integer_export(make_cfg, tmp_path):
+    """A model hawq did not write (nn.TransformerEncoderLayer, model=torch_vit_tiny) from
+    training to the integer-only export: the exported graph names the attention products
+    it runs."""
+    cfg = make_cfg("experiment=smoke", "model=torch_vit_tiny", "train.epochs=1",
+                   "data.train_subset=256", "data.test_subset=128", "data.batch_size=64",
+                   "quant.calib_batches=1", "integer.calib_batches=1",
+                   "stages=[train,ptq,integer,export]", "device=cpu")  # fmt: skip
+    res = run_pipeline(cfg)["stages"]  # W8A8 (no alloc: 4-bit grids magnify every rounding)
+    assert res["integer"]["model"] == "IntegerGraph" and res["integer"]["agreement"] >= 90.0
+    doc = json.loads((tmp_path / "run" / "export" / "integer.json").read_text())
+    done = {g.get("implements") for g in doc["graph"]}
+    assert {"encoder.layers.1.self_attn.qk", "encoder.layers.1.self_attn.av"} <= done
