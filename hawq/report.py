@@ -65,6 +65,7 @@ class Row:
     scale: float = 1.0  # e.g. 100 for a share stored as a fraction
     digits: int = 2
     note: str = ""
+    artifact: str = ""  # published folder (results.json + checkpoint): hawq.artifacts
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -308,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--pin-last", help="last op's fixed bits (8 or W,A): excluded from the range")
     b.add_argument("--pin", action="append", default=[], metavar="OP=BITS",
                    help="an op's fixed bits (repeatable): excluded from the range")  # fmt: skip
+    v = sub.add_parser("verify", help="re-evaluate the published checkpoints of rows.yaml")
+    v.add_argument("rows")
+    v.add_argument("--data", help="CIFAR-10 folder (default: HAWQ_DATA or the run's data.root)")
+    v.add_argument("--tol", type=float, default=0.05, help="allowed |difference| in points")
+    pb = sub.add_parser("publish", help="copy a run's results.json and checkpoint to a folder")
+    pb.add_argument("run_dir")
+    pb.add_argument("dest")
+    pb.add_argument("--checkpoint", default="model.pt")
     d = sub.add_parser("tradeoff", help="accuracy vs BOPs/size PNG over finished ptq/qat runs")
     d.add_argument("series", nargs="+", help="LABEL=GLOB of run directories, one per line")
     d.add_argument("--stage", default="ptq", choices=("ptq", "qat"))
@@ -317,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "table":
             sys.stdout.write(results_table(load_rows(args.rows), args.runs))
+        elif args.cmd in ("verify", "publish"):
+            return _artifacts(args)
         elif args.cmd == "tradeoff":
             from hawq.viz.report import plot_tradeoff
 
@@ -348,6 +359,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hawq: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def _artifacts(args: argparse.Namespace) -> int:
+    import os
+
+    from hawq import artifacts
+
+    if args.cmd == "publish":
+        print(artifacts.publish(args.run_dir, args.dest, args.checkpoint))
+        return 0
+    checks = artifacts.verify(load_rows(args.rows), args.data or os.environ.get("HAWQ_DATA"))
+    bad = [c for c in checks if abs(c.diff) > args.tol]
+    print(f"verify: {len(checks)} published checkpoint(s), {len(bad)} off by more than "
+          f"{args.tol} points")  # fmt: skip
+    for c in bad:
+        print(f"  {c.label}: published {c.published:.2f}, measured {c.measured:.2f}")
+    if not checks:
+        raise HawqError(f"{args.rows}: no row names an artifact")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
