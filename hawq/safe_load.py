@@ -35,6 +35,9 @@ TORCH_CLASSES: tuple[type, ...] = (
     nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Identity, nn.Dropout, nn.GELU,
     nn.ReLU, nn.Softmax, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Flatten,
     nn.AdaptiveAvgPool2d,
+    # float islands of integer graphs (hawq.integer.graph.islands.MODULES)
+    nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d, nn.Mish, nn.ELU,
+    nn.LeakyReLU,
 )  # fmt: skip
 PACKAGES = ("hawq.models", "hawq.quant", "hawq.integer", "hawq.integer.graph")
 

@@ -20,6 +20,7 @@ class IntegerConfig:
     margin: float = 1.25  # widening of those calibrated ranges
     backend: str = "auto"  # integer kernels: auto | reference | int_mm | triton
     onnx: bool = False  # stage export also writes export/model.onnx (QDQ) of the source model
+    float_islands: bool = False  # ops with no integer form stay float (reported) instead of failing
 
     def __post_init__(self) -> None:
         require(8 <= self.residual_bits <= 24, "residual_bits", self.residual_bits, "8-24")

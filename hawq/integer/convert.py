@@ -30,6 +30,7 @@ def convert(
     max_batches: int = 4,
     margin: float = 1.25,
     device: torch.device | str | None = None,
+    float_islands: bool = False,
 ) -> IntegerGraph:
     """Integer-only model equivalent to the fake-quant ``qmodel``.
 
@@ -41,6 +42,9 @@ def convert(
         max_batches: calibration batches to use.
         margin: widening of the calibrated ranges.
         device: unused (calibration runs on a CPU copy); kept for callers that pass it.
+        float_islands: leave ops with no integer form in float between a dequantize and a
+            quantize (:mod:`hawq.integer.graph.islands`) instead of failing; the model's
+            ``float_ops`` lists them.
 
     Returns:
         The integer model (eval mode, on the CPU): ``model(images)`` gives float logits,
@@ -48,4 +52,5 @@ def convert(
     """
     if not 8 <= residual_bits <= 24:
         raise HawqError(f"residual_bits={residual_bits} is invalid; allowed: 8-24")
-    return convert_graph(qmodel, batches, residual_bits, pack_int4, max_batches, margin)
+    return convert_graph(qmodel, batches, residual_bits, pack_int4, max_batches, margin,
+                         float_islands=float_islands)  # fmt: skip

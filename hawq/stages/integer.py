@@ -76,8 +76,9 @@ def run(ctx: Context) -> dict[str, Any]:
     else:
         calib = ctx.data.eval_loader("train", ctx.device, ic.calib_batch_size)
         imodel = convert(qmodel, calib, ic.residual_bits, ic.pack_int4, ic.calib_batches,
-                         ic.margin, ctx.device).to(ctx.device)  # fmt: skip
-        extra = {"residual_bits": ic.residual_bits}
+                         ic.margin, ctx.device, ic.float_islands).to(ctx.device)  # fmt: skip
+        extra = {"residual_bits": ic.residual_bits, "float_ops": imodel.float_ops,
+                 "integer_only": not imodel.float_ops}  # fmt: skip
     kernels = ops.kernel_report(ctx.device)
     log.info("integer: backend %s (%s), %s, GEMM %s", kernels["resolved"], kernels["requested"],
              kernels["isa"]["family_used"], kernels.get("gemm", "-"))  # fmt: skip

@@ -156,3 +156,43 @@ def test_a_float_op_left_by_the_plan_is_named():
                                                                     "a_bits": None}}))
     with pytest.raises(HawqError, match="conv2"):
         convert_graph(q, [(images(8, 1),)])
+
+
+class SiluNet(nn.Module):
+    """Patches -> Linear -> SiLU * sigmoid gate (no integer form) -> Linear -> token mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(48, 32), nn.SiLU(), nn.Linear(32, 10)
+
+    def forward(self, x):
+        b = x.shape[0]
+        p = x.reshape(b, 3, 8, 4, 8, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, 64, 48)
+        h = self.fc1(p)
+        return self.fc2(self.act(h) * torch.sigmoid(h)).mean(1)
+
+
+@pytest.mark.parametrize("case", ["silu_gate", "float_conv_bn", "float_attention_product"])
+def test_float_islands_run_in_float_and_are_reported(case, tmp_path):
+    if case == "silu_gate":
+        q = fake_quant(prepared(SiluNet()), images(32, 0))
+        expect = {"act (SiLU)", "call_function sigmoid in model (node sigmoid)"}
+    elif case == "float_conv_bn":
+        q = quantized_zoo("cnn_bn_residual", Plan.from_dict({"conv2": {"w_bits": None,
+                                                                        "a_bits": None}}))
+        expect = {"conv2 (Conv2d)", "bn2 (BatchNorm2d)"}  # the BN joins the float conv
+    else:
+        op = "encoder.layers.0.self_attn.qk"
+        q = quantized_zoo("transformer_encoder_layer", Plan.from_dict({op: {"w_bits": None,
+                                                                             "a_bits": None}}))
+        expect = {f"call_function matmul in model.{op} (node matmul)"}
+    with pytest.raises(HawqError, match="has no integer-only form"):
+        convert_graph(q, [(images(16, 1),)])  # off by default: no silent float
+    im = convert_graph(q, [(images(16, 1),)], float_islands=True)
+    assert expect <= set(im.float_ops)
+    x = images(8, 3)
+    with torch.no_grad():
+        fq, out = q(x), im(x)
+    assert (out - fq).abs().max() <= 0.1 * fq.abs().max()
+    back = load_torch(save_torch(tmp_path / "im.pt", im))  # allow-listed float ops only
+    assert torch.equal(back(x), out) and back.float_ops == im.float_ops

@@ -131,9 +131,14 @@ class Analysis:
         return node
 
 
-def analyze(gm: fx.GraphModule) -> Analysis:
-    """Kinds and roles of ``gm``'s nodes; raises :class:`Unsupported` at the first node
-    with no integer form."""
+#: nonlinear roles that cannot read a float island's output: they join the island
+JOINS_ISLAND = ("bn", "scale", "relu", "gelu", "softmax", "norm", "mean")
+
+
+def analyze(gm: fx.GraphModule, islands: bool = False) -> Analysis:
+    """Kinds and roles of ``gm``'s nodes. A node with no integer form raises
+    :class:`Unsupported`, or with ``islands`` becomes a float island (role and kind
+    ``island``: dequantized inputs, float op, quantized output; see :mod:`.islands`)."""
     kind: dict[fx.Node, str] = {}
     roles: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
@@ -146,9 +151,20 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         elif is_shape(node) or (is_pad(node) and _zero_pad(node)):
             kind[node] = kind[tensor_args(node)[0]]
         else:
-            r = role(node)
-            roles[node] = r
-            kind[node] = _kind_of(node, r, [kind[a] for a in tensor_args(node)])
+            inputs = [kind[a] for a in tensor_args(node)]
+            try:
+                r = role(node)
+                if islands and "island" in inputs and r in JOINS_ISLAND:
+                    raise Unsupported("reads a float island")
+                k = _kind_of(node, r, inputs)
+            except Unsupported:
+                if not islands:
+                    raise
+                from hawq.integer.graph.islands import check_float_op
+
+                check_float_op(gm, node)
+                r = k = "island"
+            roles[node], kind[node] = r, k
     return Analysis(kind, roles)
 
 

@@ -18,6 +18,7 @@ op's grid), ``forward_int`` (codes -> int32 logits), ``forward`` (float logits).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Iterable
 
@@ -27,10 +28,12 @@ from torch import fx, nn
 from hawq.errors import HawqError
 from hawq.integer.adapter import Grid
 from hawq.integer.graph import program
-from hawq.integer.graph.analyze import Unsupported, analyze, tensor_args
+from hawq.integer.graph.analyze import Unsupported, analyze, tensor_args, where
 from hawq.integer.graph.lower import GELU_BITS, LOGITS_D, WIDE_D, Lowering, Ranges
 from hawq.integer.graph.trace import trace
 from hawq.integer.layers import LOGIT_BITS, IntegerModel, residual_format
+
+log = logging.getLogger("hawq")
 
 
 class IntegerGraph(IntegerModel):
@@ -44,12 +47,14 @@ class IntegerGraph(IntegerModel):
         ops: step name -> the model's op or module it implements.
         s_r, limit: the residual stream's scale and code bound.
         op_paths: quantized op name -> path of its integer layer in :attr:`steps`.
+        float_ops: the float islands, where they sit (empty: the model is integer-only).
     """
 
     def __init__(self, steps: nn.Module, nodes: list[dict], in_grid: Grid, logit_scale: float,
-                 ops: dict[str, str], s_r: float, limit: int,
-                 op_paths: dict[str, str]) -> None:  # fmt: skip
+                 ops: dict[str, str], s_r: float, limit: int, op_paths: dict[str, str],
+                 float_ops: list[str] | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.float_ops = list(float_ops or [])  # float islands (empty: integer-only)
         self.steps, self.nodes = steps, nodes
         self.in_grid, self.logit_scale = in_grid, logit_scale
         self.ops, self.s_r, self.limit, self.op_paths = ops, s_r, limit, op_paths
@@ -87,7 +92,8 @@ class IntegerGraph(IntegerModel):
                 entry["implements"] = self.ops.get(r["target"])
             out.append(entry)
         return {"input_grid": self.in_grid.as_dict(), "logit_scale": self.logit_scale,
-                "residual": {"scale": self.s_r, "limit": self.limit}, "graph": out}  # fmt: skip
+                "residual": {"scale": self.s_r, "limit": self.limit},
+                "float_ops": self.float_ops, "graph": out}  # fmt: skip
 
 
 def clamp_points(lo: Lowering) -> list[fx.Node]:
@@ -136,17 +142,18 @@ def _finite(v: float) -> float:
 @torch.no_grad()
 def convert_graph(qmodel: nn.Module, batches: Iterable, residual_bits: int = 16,
                   pack_int4: bool = True, max_batches: int = 4, margin: float = 1.25,
-                  fuse: bool = True) -> IntegerGraph:  # fmt: skip
+                  fuse: bool = True, float_islands: bool = False) -> IntegerGraph:  # fmt: skip
     """Integer-only model equivalent to the fake-quant ``qmodel`` (see the module docstring).
 
     Raises:
-        HawqError: a node with no integer form (one line naming it and where it is), or a
-            model whose output is not one tensor.
+        HawqError: a node with no integer form (one line naming it and where it is;
+            ``float_islands`` leaves allow-listed ones in float instead, listed in
+            ``float_ops``), or a model whose output is not one tensor.
     """
     model = copy.deepcopy(qmodel).cpu().eval()
     batches = list(_take(batches, max_batches))
     gm = trace(model, batch_inputs(batches[0])[:2].cpu())
-    an = analyze(gm)
+    an = analyze(gm, float_islands)
     lo = Lowering(gm, an, None, pack_int4, fuse)
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     result = out.args[0]
@@ -165,8 +172,13 @@ def convert_graph(qmodel: nn.Module, batches: Iterable, residual_bits: int = 16,
     lo.r = Ranges(s_r, limit, residual_bits, gelu, logit_scale)
     lo.graph.output(lo.emit(result, LOGITS_D))
     nodes = program.encode(lo.graph)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    float_ops = [where(n) for n in sorted(lo.float_ops, key=order.__getitem__)]
+    if float_ops:
+        log.warning("integer conversion: %d op(s) left in float between dequantize and "
+                    "quantize: %s", len(float_ops), "; ".join(float_ops))  # fmt: skip
     return IntegerGraph(lo.root, nodes, lo.in_grid, logit_scale, lo.names, s_r, limit,
-                        lo.op_paths).eval()
+                        lo.op_paths, float_ops).eval()
 
 
 def batch_inputs(batch) -> torch.Tensor:

@@ -75,6 +75,7 @@ class Lowering:
         self.placeholder = self.graph.placeholder("codes")
         self.names: dict[str, str] = {}  # step -> the model's op / module it implements
         self.op_paths: dict[str, str] = {}  # quantized op name -> its integer layer's path
+        self.float_ops: list[fx.Node] = []  # float islands
 
     # ------------------------------------------------------------------ demands
 
@@ -101,6 +102,10 @@ class Lowering:
                 i = tensor_args(user).index(node)
                 return [codes(spec.a if i == 0 else spec.b)]
             return [codes(spec.act)]
+        if r == "island":
+            from hawq.integer.graph.islands import FLOAT_D
+
+            return [FLOAT_D]
         if r in ("bn", "scale") or (r == "relu" and self.an.kind[user] == "acc"):
             return [ACC_D]  # folded into the chain; materialised at its end
         if r == "gelu":
@@ -211,6 +216,13 @@ class Lowering:
 
     def _emit(self, node: fx.Node, demand: tuple) -> fx.Node:
         kind = self.an.kind[node]
+        if kind == "island" or (demand == ("float",) and node.op != "placeholder"
+                                and (node in self.an.role or node.op == "get_attr")):  # fmt: skip
+            from hawq.integer.graph import islands
+
+            if kind == "island":
+                return islands.value(self, node, demand)
+            return islands.dequantized(self, node, kind)
         if node.op == "placeholder":
             return self._input(node, demand)
         if node.op == "get_attr":

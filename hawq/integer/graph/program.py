@@ -19,13 +19,34 @@ from torch import fx, nn
 
 from hawq.errors import HawqError
 
-FUNCTIONS = {f"{f.__module__}.{f.__name__}": f for f in (
-    operator.getitem, builtins.getattr, torch.cat, torch.flatten, torch.reshape,
-    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk,
-    torch.split, torch.unbind, F.pad,
-    # shape arithmetic (``d // heads``, ``t * hd``) on sizes read from tensors
-    operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv,
-)}  # fmt: skip
+
+def _named(prefix: str, fns) -> dict:
+    return {f"{prefix}.{f.__name__}": f for f in fns}
+
+
+#: functions a stored graph may call: shape ops, shape arithmetic, float-island ops
+FUNCTIONS = {
+    **_named("operator", (operator.getitem, operator.floordiv, operator.mul, operator.add,
+                          operator.sub, operator.truediv, operator.pow, operator.neg,
+                          operator.matmul)),
+    **_named("builtins", (builtins.getattr,)),
+    **_named("torch", (torch.cat, torch.flatten, torch.reshape, torch.permute,
+                       torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk,
+                       torch.split, torch.unbind)),
+    "F.pad": F.pad,
+}  # fmt: skip
+
+
+def _add_island_ops() -> None:
+    from hawq.integer.graph import islands
+
+    for f in islands.FUNCTIONS:
+        mod = "F" if f.__module__ and "functional" in f.__module__ else \
+            "operator" if f.__module__ == "_operator" else "torch"  # fmt: skip
+        FUNCTIONS.setdefault(f"{mod}.{f.__name__}", f)
+
+
+_add_island_ops()
 NAMES = {f: name for name, f in FUNCTIONS.items()}
 
 
@@ -70,6 +91,13 @@ def _decode_arg(a: Any, env: dict[str, fx.Node]) -> Any:
     raise HawqError(f"integer graph: unknown argument record {a!r}")
 
 
+def _methods() -> set[str]:
+    from hawq.integer.graph.analyze import SHAPE_METHODS
+    from hawq.integer.graph.islands import METHODS
+
+    return SHAPE_METHODS | METHODS | {"size", "dim"}
+
+
 def encode(graph: fx.Graph) -> list[dict]:
     """The node records of ``graph``."""
     out = []
@@ -97,6 +125,8 @@ def decode(records: list[dict], root: nn.Module) -> fx.GraphModule:
             if target not in FUNCTIONS:
                 raise HawqError(f"integer graph: function {target} is not allowed")
             target = FUNCTIONS[target]
+        elif op == "call_method" and target not in _methods():
+            raise HawqError(f"integer graph: tensor method {target} is not allowed")
         if op == "output":
             node = graph.output(args[0])
         elif op == "placeholder":

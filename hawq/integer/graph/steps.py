@@ -159,3 +159,36 @@ class Attention(nn.Module):
         return ops.int_attention(h, q.weight, q.bias, q.rq.requant, self.heads, self.zq,
                                  self.zk, self.zv, self.zp, self.softmax, self.p_rq.requant,
                                  self.out_rq.requant, k=q.k)  # fmt: skip
+
+
+class Dequantize(nn.Module):
+    """Integers at real ``scale`` (per channel along ``channel_dim``) -> float32, for a
+    float island (:mod:`hawq.integer.graph.islands`); ``relu`` clamps at 0 first."""
+
+    def __init__(self, scale: Tensor, zero: int = 0, channel_dim: int = -1,
+                 relu: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float64))
+        self.zero, self.channel_dim, self.relu = int(zero), channel_dim, relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = x.to(torch.float64) - self.zero
+        if self.relu:
+            v = v.clamp(min=0)
+        s = self.scale
+        if s.dim() and self.channel_dim not in (-1, x.dim() - 1):
+            s = s.reshape(-1, *([1] * (x.dim() - self.channel_dim - 1)))
+        return (v * s).to(torch.float32)
+
+
+class Quantize(nn.Module):
+    """Float -> ``clamp(round(x / scale), lo, hi)`` integers (a float island's output onto
+    the residual stream, a GELU input grid or the logits)."""
+
+    def __init__(self, scale: float, lo: int, hi: int) -> None:
+        super().__init__()
+        self.scale, self.lo, self.hi = float(scale), int(lo), int(hi)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = torch.round(x.to(torch.float64) / self.scale)
+        return torch.clamp(q, self.lo, self.hi).to(torch.int32)
