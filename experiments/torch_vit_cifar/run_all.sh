@@ -37,14 +37,18 @@ run torch_vit_cifar_w8a8 $E stages='[ptq,integer]' "${CK[@]}" "${Q[@]}" "$@"
 run torch_vit_cifar_w4a4 $E stages='[ptq]' "${CK[@]}" "${Q[@]}" quant.default.w_bits=4 \
     quant.default.a_bits=4 "$@"
 
-# 3. mixed 4/8 at 0.25 / 0.5 / 0.75 of the BOPs range: Hessian ILP vs random sensitivities
-for f in 0.25 0.5 0.75; do
-  b=$(python -m hawq.report budget "$H" --kind bops --fraction "$f")
-  A=(alloc.int4_share=null alloc.bops="$b" alloc.hessian="$H")
-  run "torch_vit_cifar_hawq_bops$f" $E stages='[alloc,ptq]' "${CK[@]}" "${Q[@]}" "${A[@]}" "$@"
-  for s in $DRAWS; do
-    run "torch_vit_cifar_random${s}_bops$f" $E stages='[alloc,ptq]' "${CK[@]}" "${Q[@]}" \
-        "${A[@]}" alloc.method=random alloc.seed="$s" "$@"
+# 3. mixed 4/8 at 0.25 / 0.5 / 0.75 of the BOPs range: Hessian ILP, then random sensitivities
+#    (same ILP, same budgets), draw by draw (~2 min per run)
+B=()
+for f in 0.25 0.5 0.75; do B+=("$f=$(python -m hawq.report budget "$H" --kind bops --fraction "$f")"); done
+A() { echo alloc.int4_share=null "alloc.bops=${1#*=}" "alloc.hessian=$H"; }
+for fb in "${B[@]}"; do
+  run "torch_vit_cifar_hawq_bops${fb%%=*}" $E stages='[alloc,ptq]' "${CK[@]}" "${Q[@]}" $(A "$fb") "$@"
+done
+for s in $DRAWS; do
+  for fb in "${B[@]}"; do
+    run "torch_vit_cifar_random${s}_bops${fb%%=*}" $E stages='[alloc,ptq]' "${CK[@]}" "${Q[@]}" \
+        $(A "$fb") alloc.method=random alloc.seed="$s" "$@"
   done
 done
 
