@@ -30,16 +30,20 @@ from hawq.errors import HawqError
 from hawq.io import read_json
 
 #: checkpoint file per metric prefix (which stage's model the row measured)
-CHECKPOINTS = {"stages.evaluate.": "model.pt", "stages.ptq.": "ptq_model.pt",
-               "stages.qat.": "qat_model.pt"}  # fmt: skip
+CHECKPOINTS = {
+    "stages.evaluate.": "model.pt",
+    "stages.ptq.": "ptq_model.pt",
+    "stages.qat.": "qat_model.pt",
+}
 
 
 def checkpoint_for(metric: str) -> str:
     for prefix, name in CHECKPOINTS.items():
         if metric.startswith(prefix):
             return name
-    raise HawqError(f"verify: metric {metric} names no checkpoint; allowed prefixes: "
-                    f"{', '.join(CHECKPOINTS)}")  # fmt: skip
+    raise HawqError(
+        f"verify: metric {metric} names no checkpoint; allowed prefixes: {', '.join(CHECKPOINTS)}"
+    )
 
 
 def publish(run_dir: str | Path, dest: str | Path, checkpoint: str) -> Path:

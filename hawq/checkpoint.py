@@ -51,13 +51,17 @@ def restore_state(path: str | Path, state: Any, **objects: Any) -> None:
     """Resume: ``obj.load_state_dict(state[key])`` for each ``key=obj``; a state file of
     another model or recipe (wrong keys or shapes) is one :class:`HawqError` line."""
     if not isinstance(state, dict) or not all(k in state for k in (*objects, "epoch")):
-        raise HawqError(f"{path} is not a hawq training state; delete it (or force=true) to "
-                        "start the stage over")  # fmt: skip
+        raise HawqError(
+            f"{path} is not a hawq training state; delete it (or force=true) to "
+            "start the stage over"
+        )
     for key, obj in objects.items():
         try:
             obj.load_state_dict(state[key])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise HawqError(f"{path} does not fit this run's {key} (another model or recipe?): "
-                            f"{first}; allowed: the state this config wrote; delete it or "
-                            "force=true to start over") from e  # fmt: skip
+            raise HawqError(
+                f"{path} does not fit this run's {key} (another model or recipe?): "
+                f"{first}; allowed: the state this config wrote; delete it or "
+                "force=true to start over"
+            ) from e

@@ -68,14 +68,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
-                "0 <= warmup_epochs < epochs")  # fmt: skip
+        require(
+            0 <= self.warmup_epochs < self.epochs,
+            "warmup_epochs",
+            self.warmup_epochs,
+            "0 <= warmup_epochs < epochs",
+        )
         require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
         require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "0..1")
         require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "0..1")
-        require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
-                "null or > 0")  # fmt: skip
+        require(
+            self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "null or > 0"
+        )
 
 
 @dataclass
@@ -98,17 +103,26 @@ class DataConfig:
     val_size: int | None = None  # last N train images held out as split "val"
 
     def __post_init__(self) -> None:
-        require(self.val_size is None or self.val_size >= 1, "val_size", self.val_size,
-                "null or an integer >= 1")  # fmt: skip
+        require(
+            self.val_size is None or self.val_size >= 1,
+            "val_size",
+            self.val_size,
+            "null or an integer >= 1",
+        )
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size,
-                "an integer >= 1")  # fmt: skip
+        require(
+            self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1"
+        )
         require(self.padding >= 0, "padding", self.padding, "an integer >= 0")
         for key in ("train_subset", "test_subset"):
             v = getattr(self, key)
             require(v is None or v >= 1, key, v, "null or an integer >= 1")
-        require(self.root is not None or self.synthetic, "root", self.root,
-                "a folder with CIFAR-10, or data=synthetic")  # fmt: skip
+        require(
+            self.root is not None or self.synthetic,
+            "root",
+            self.root,
+            "a folder with CIFAR-10, or data=synthetic",
+        )
 
 
 @dataclass
@@ -131,8 +145,12 @@ class RunConfig:
     force: bool = False  # redo stages whose outputs exist
 
     def __post_init__(self) -> None:
-        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
-                "device", self.device, "auto, cpu, cuda or cuda:N")  # fmt: skip
+        require(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+            "device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
         require(len(self.stages) >= 1, "stages", self.stages, "a non-empty list of stage names")
 
 
@@ -151,10 +169,18 @@ def _schemas() -> dict[str, Any]:
     from hawq.models.config import validate_model
     from hawq.quant.config import QATConfig, QuantConfig, default_setting
 
-    groups = {"data": DataConfig, "train": TrainConfig, "hessian": HessianConfig,
-              "quant": QuantConfig, "qat": QATConfig, "alloc": AllocConfig,
-              "integer": IntegerConfig, "latency": LatencyConfig, "curve": CurveConfig,
-              "landscape": LandscapeConfig}  # fmt: skip
+    groups = {
+        "data": DataConfig,
+        "train": TrainConfig,
+        "hessian": HessianConfig,
+        "quant": QuantConfig,
+        "qat": QATConfig,
+        "alloc": AllocConfig,
+        "integer": IntegerConfig,
+        "latency": LatencyConfig,
+        "curve": CurveConfig,
+        "landscape": LandscapeConfig,
+    }
     out: dict[str, Any] = {k: (lambda node, s=s, k=k: typed(node, s, k)) for k, s in groups.items()}
     out["model"] = validate_model
     out["quant"] = lambda node: default_setting(typed(node, QuantConfig, "quant").default)
@@ -170,8 +196,11 @@ def validate_groups(cfg: DictConfig, groups: set[str] | list[str]) -> None:
         if group in schemas and group in cfg:
             schemas[group](cfg[group])
     if "train" in groups and "train" in cfg:
-        check_target(OmegaConf.select(cfg, "train.optimizer._target_"), "train.optimizer._target_",
-                     "a torch.optim class such as torch.optim.AdamW or torch.optim.SGD")
+        check_target(
+            OmegaConf.select(cfg, "train.optimizer._target_"),
+            "train.optimizer._target_",
+            "a torch.optim class such as torch.optim.AdamW or torch.optim.SGD",
+        )
 
 
 def check_target(target: Any, key: str, allowed: str) -> None:

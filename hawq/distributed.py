@@ -96,9 +96,11 @@ class ShardedBatches:
         for x, y in self.loader:
             b = y.shape[0]
             if b % self.world_size:
-                raise HawqError(f"a training batch of {b} samples does not split over "
-                                f"{self.world_size} processes; make data.batch_size (and the "
-                                f"last batch) divisible by the world size")  # fmt: skip
+                raise HawqError(
+                    f"a training batch of {b} samples does not split over "
+                    f"{self.world_size} processes; make data.batch_size (and the "
+                    f"last batch) divisible by the world size"
+                )
             c = b // self.world_size
             lo = self.rank * c
             self.seen += c
@@ -112,8 +114,9 @@ def shard_by_index(batches: Iterable[T], rank: int, world_size: int) -> Iterator
             yield b
 
 
-def all_reduce(values: list[float], op: str = "sum", device: torch.device | None = None
-               ) -> list[float]:  # fmt: skip
+def all_reduce(
+    values: list[float], op: str = "sum", device: torch.device | None = None
+) -> list[float]:
     """Sum (or max) Python numbers over ranks in float64 with one collective."""
     if world()[1] == 1:
         return list(values)
@@ -127,11 +130,17 @@ def reduce_train_metrics(m: dict[str, float], n: int, device: torch.device) -> d
     sample-weighted loss and accuracy, the slowest rank's seconds."""
     if world()[1] == 1:
         return m
-    loss_sum, correct, total = all_reduce([m["loss"] * n, m["acc"] * n / 100.0, float(n)],
-                                          device=device)  # fmt: skip
+    loss_sum, correct, total = all_reduce(
+        [m["loss"] * n, m["acc"] * n / 100.0, float(n)], device=device
+    )
     (seconds,) = all_reduce([m["seconds"]], "max", device)
-    return {**m, "loss": loss_sum / max(total, 1.0), "acc": 100.0 * round(correct) / max(total, 1),
-            "seconds": seconds, "img_per_s": total / seconds if seconds > 0 else float("nan")}
+    return {
+        **m,
+        "loss": loss_sum / max(total, 1.0),
+        "acc": 100.0 * round(correct) / max(total, 1),
+        "seconds": seconds,
+        "img_per_s": total / seconds if seconds > 0 else float("nan"),
+    }
 
 
 def reduce_eval_metrics(m: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -139,10 +148,14 @@ def reduce_eval_metrics(m: dict[str, float], device: torch.device) -> dict[str, 
     if world()[1] == 1:
         return m
     n = float(m["n"])
-    loss_sum, correct, total = all_reduce([m["loss"] * n, round(m["acc"] * n / 100.0), n],
-                                          device=device)  # fmt: skip
-    return {"acc": 100.0 * round(correct) / max(total, 1), "loss": loss_sum / max(total, 1),
-            "n": int(total)}
+    loss_sum, correct, total = all_reduce(
+        [m["loss"] * n, round(m["acc"] * n / 100.0), n], device=device
+    )
+    return {
+        "acc": 100.0 * round(correct) / max(total, 1),
+        "loss": loss_sum / max(total, 1),
+        "n": int(total),
+    }
 
 
 def broadcast_state(model: nn.Module, src: int = 0) -> None:
@@ -151,8 +164,11 @@ def broadcast_state(model: nn.Module, src: int = 0) -> None:
     if world()[1] == 1:
         return
     state = model.state_dict()
-    obj = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
-           if world()[0] == src else None]  # fmt: skip
+    obj = [
+        {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+        if world()[0] == src
+        else None
+    ]
     tdist.broadcast_object_list(obj, src=src)
     if world()[0] != src:
         model.load_state_dict(obj[0])

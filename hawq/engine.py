@@ -101,9 +101,16 @@ class StepTimer:
     estimated wall time before it gets far.
     """
 
-    def __init__(self, total: int, desc: str, every_s: float = 60.0, probe_steps: int = 5,
-                 on_estimate: Callable[[float], None] | None = None, first: int = 0,
-                 steps_after: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        every_s: float = 60.0,
+        probe_steps: int = 5,
+        on_estimate: Callable[[float], None] | None = None,
+        first: int = 0,
+        steps_after: int = 0,
+    ) -> None:
         self.total, self.desc, self.every_s = total, desc, every_s
         self.probe_steps, self.on_estimate = probe_steps, on_estimate
         self.first, self.steps_after = first, steps_after  # resumed at; steps of later loops
@@ -128,8 +135,16 @@ class StepTimer:
             run_eta = ""
             if self.steps_after:
                 run_eta = f", stage ETA {fmt_seconds(eta + per_step * self.steps_after)}"
-            log.info("%s: step %d/%d%s | elapsed %s, ETA %s%s", self.desc, done, self.total,
-                     extra, fmt_seconds(elapsed), fmt_seconds(eta), run_eta)  # fmt: skip
+            log.info(
+                "%s: step %d/%d%s | elapsed %s, ETA %s%s",
+                self.desc,
+                done,
+                self.total,
+                extra,
+                fmt_seconds(elapsed),
+                fmt_seconds(eta),
+                run_eta,
+            )
 
 
 def train_epoch(
@@ -177,8 +192,14 @@ def train_epoch(
         total = len(batches)  # type: ignore[arg-type]
     except TypeError:
         total = 0
-    timer = StepTimer(total, desc, every_s=progress_s, on_estimate=on_estimate, first=first,
-                      steps_after=steps_after)  # fmt: skip
+    timer = StepTimer(
+        total,
+        desc,
+        every_s=progress_s,
+        on_estimate=on_estimate,
+        first=first,
+        steps_after=steps_after,
+    )
     lval = float("nan")
     bar = tqdm(batches, desc=desc, leave=False, disable=None)
     for step, (x, y) in enumerate(bar, start=first):
@@ -204,9 +225,15 @@ def train_epoch(
         preempt.step_done()
         if preempt.requested():
             bar.close()
-            return {"stopped": {"step": step + 1, "total_loss": total_loss.detach().cpu(),
-                                "correct": correct.cpu(), "seen": seen,
-                                "seconds": time.perf_counter() - start}}  # fmt: skip
+            return {
+                "stopped": {
+                    "step": step + 1,
+                    "total_loss": total_loss.detach().cpu(),
+                    "correct": correct.cpu(),
+                    "seen": seen,
+                    "seconds": time.perf_counter() - start,
+                }
+            }
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -233,20 +260,30 @@ def start_epoch_streams(loader: Any, seed: int, epoch: int, partial: dict | None
     loader.set_epoch(epoch, partial["progress"]["step"], partial["loader_rng"])
 
 
-def training_state(epoch: int, history: list[dict], model: nn.Module, optimizer: Any,
-                   scheduler: Any, **extra: Any) -> dict:  # fmt: skip
+def training_state(
+    epoch: int, history: list[dict], model: nn.Module, optimizer: Any, scheduler: Any, **extra: Any
+) -> dict:
     """What a train/QAT state file holds after ``epoch`` finished epochs (``extra``: the
     stage's own keys, and ``partial`` of :func:`stopped_partial` when stopped inside the
     next one)."""
-    return {"epoch": epoch, "history": history, **extra, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    return {
+        "epoch": epoch,
+        "history": history,
+        **extra,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
 
 
 def stopped_partial(progress: dict, loader: Any) -> dict:
     """What resumes an epoch stopped after ``progress["step"]`` steps: the progress of
     :func:`train_epoch`, the dropout stream and the loader's augmentation stream."""
-    return {"progress": progress, "rng": torch.get_rng_state(),
-            "loader_rng": loader.generator.get_state()}  # fmt: skip
+    return {
+        "progress": progress,
+        "rng": torch.get_rng_state(),
+        "loader_rng": loader.generator.get_state(),
+    }
 
 
 @torch.no_grad()

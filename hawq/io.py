@@ -100,12 +100,14 @@ def _written(path: Path) -> None:
 
 def write_error(path: Path, e: OSError) -> HawqError:
     """One line for a failed write: the path, the OS reason and what helps."""
-    hint = {errno.ENOSPC: "free some space or point paths.run_dir elsewhere",
-            errno.EDQUOT: "free some space or point paths.run_dir elsewhere",
-            errno.EROFS: "the file system is read-only; set paths.run_dir to a writable folder",
-            errno.EACCES: "no write permission; set paths.run_dir to a writable folder",
-            errno.EPERM: "no write permission; set paths.run_dir to a writable folder",
-            errno.ENOTDIR: "a parent is a regular file, not a folder"}.get(e.errno, "")  # fmt: skip
+    hint = {
+        errno.ENOSPC: "free some space or point paths.run_dir elsewhere",
+        errno.EDQUOT: "free some space or point paths.run_dir elsewhere",
+        errno.EROFS: "the file system is read-only; set paths.run_dir to a writable folder",
+        errno.EACCES: "no write permission; set paths.run_dir to a writable folder",
+        errno.EPERM: "no write permission; set paths.run_dir to a writable folder",
+        errno.ENOTDIR: "a parent is a regular file, not a folder",
+    }.get(e.errno, "")
     reason = e.strerror or type(e).__name__
     return HawqError(f"cannot write {path}: {reason}" + (f"; {hint}" if hint else ""))
 
@@ -188,8 +190,9 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as e:
         raise HawqError(f"cannot read YAML {path}: {e.strerror or e}") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise HawqError(f"cannot read YAML {path}: {_yaml_problem(e)}; allowed: a YAML "
-                        "document") from e  # fmt: skip
+        raise HawqError(
+            f"cannot read YAML {path}: {_yaml_problem(e)}; allowed: a YAML document"
+        ) from e
 
 
 def _yaml_problem(e: Exception) -> str:

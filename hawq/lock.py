@@ -65,8 +65,11 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     if removed:
-        log.info("removed %d temp file(s) of killed writes: %s", len(removed),
-                 ", ".join(p.name for p in removed[:5]))  # fmt: skip
+        log.info(
+            "removed %d temp file(s) of killed writes: %s",
+            len(removed),
+            ", ".join(p.name for p in removed[:5]),
+        )
     return removed
 
 
@@ -92,9 +95,11 @@ class RunDirLock:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            raise HawqError(f"run directory {self.run_dir} is in use by another hawq process "
-                            f"(host/pid {holder}, lock {self.path}); wait for it, or give this "
-                            "run its own paths.run_dir=...")  # fmt: skip
+            raise HawqError(
+                f"run directory {self.run_dir} is in use by another hawq process "
+                f"(host/pid {holder}, lock {self.path}); wait for it, or give this "
+                "run its own paths.run_dir=..."
+            )
         f.seek(0)
         f.truncate()
         f.write(f"{socket.gethostname()}/{os.getpid()}\n")

@@ -35,8 +35,11 @@ def git_hash(src: Path | None = None) -> str:
             return "unknown"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-            cwd=src, capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
+            cwd=src,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -148,20 +148,29 @@ def _uniq(xs: Iterable[str]) -> str:
 
 def results_table(rows: Sequence[Row], runs_root: str | Path) -> str:
     """A Markdown table: label, value (mean ± std over runs), runs, command, commit, hardware."""
-    lines = ["| row | value | runs | command | commit | hardware |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| row | value | runs | command | commit | hardware |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         cell = collect(row, runs_root)
         label = row.label + (f" ({row.note})" if row.note else "")
         cmd = f"`{row.command}`" if row.command else "-"
-        lines.append(f"| {label} | {_fmt(cell, row.digits)} | {len(cell.values)} | {cmd} | "
-                     f"{_uniq(cell.commits)} | {_uniq(cell.hardware)} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {_fmt(cell, row.digits)} | {len(cell.values)} | {cmd} | "
+            f"{_uniq(cell.commits)} | {_uniq(cell.hardware)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def budget_range(hessian_json: str | Path, candidates: Sequence[Mapping[str, Any]],
-                 kind: str, pins: Mapping[str, Any] | None = None, pin_first: Any = None,
-                 pin_last: Any = None) -> tuple[float, float]:  # fmt: skip
+def budget_range(
+    hessian_json: str | Path,
+    candidates: Sequence[Mapping[str, Any]],
+    kind: str,
+    pins: Mapping[str, Any] | None = None,
+    pin_first: Any = None,
+    pin_last: Any = None,
+) -> tuple[float, float]:
     """``(B_min, B_max)`` of ``kind`` (``size_mb`` or ``bops``) over the ops the ILP decides.
 
     Pinned ops (``pins``, ``pin_first``, ``pin_last``, as in ``cfg.alloc``) have one
@@ -240,8 +249,9 @@ def run_stages(
     return results, Path(cfg.paths.run_dir).expanduser().resolve()
 
 
-def plan_costs(plan_path: str | Path, checkpoint: str | Path,
-               input_size: tuple[int, ...] = (3, 32, 32)) -> dict[str, float]:  # fmt: skip
+def plan_costs(
+    plan_path: str | Path, checkpoint: str | Path, input_size: tuple[int, ...] = (3, 32, 32)
+) -> dict[str, float]:
     """Size (MB), GBOPs per image and INT4 MAC share of the plan at ``plan_path``.
 
     ``BOPs = sum_l MACs_l * b_w * b_a`` (an FP operand counts 32 bits), size
@@ -303,12 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("hessian")
     b.add_argument("--kind", default="bops", choices=("bops", "size_mb"))
     b.add_argument("--fraction", type=float, required=True)
-    b.add_argument("--bits", type=int, nargs="+", default=[4, 8],
-                   help="candidate widths (every w x a combination)")  # fmt: skip
+    b.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        default=[4, 8],
+        help="candidate widths (every w x a combination)",
+    )
     b.add_argument("--pin-first", help="first op's fixed bits (8 or W,A): excluded from the range")
     b.add_argument("--pin-last", help="last op's fixed bits (8 or W,A): excluded from the range")
-    b.add_argument("--pin", action="append", default=[], metavar="OP=BITS",
-                   help="an op's fixed bits (repeatable): excluded from the range")  # fmt: skip
+    b.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="OP=BITS",
+        help="an op's fixed bits (repeatable): excluded from the range",
+    )
     v = sub.add_parser("verify", help="re-evaluate the published checkpoints of rows.yaml")
     v.add_argument("rows")
     v.add_argument("--data", help="CIFAR-10 folder (default: HAWQ_DATA or the run's data.root)")
@@ -339,10 +359,20 @@ def main(argv: list[str] | None = None) -> int:
                     ref["FP"] = fp
             if not any(series.values()):
                 raise HawqError(f"no finished {args.stage} run matches {' '.join(args.series)}")
-            xlabel = {"bops": "GBOPs / image", "size_mb": "size (MB)",
-                      "int4_share": "INT4 share of MACs"}[args.cost]  # fmt: skip
-            print(plot_tradeoff(series, xlabel, args.out, reference=ref,
-                                title=f"{args.stage} accuracy vs {args.cost}"))  # fmt: skip
+            xlabel = {
+                "bops": "GBOPs / image",
+                "size_mb": "size (MB)",
+                "int4_share": "INT4 share of MACs",
+            }[args.cost]
+            print(
+                plot_tradeoff(
+                    series,
+                    xlabel,
+                    args.out,
+                    reference=ref,
+                    title=f"{args.stage} accuracy vs {args.cost}",
+                )
+            )
         else:
             cands = [{"w_bits": w, "a_bits": a} for w in args.bits for a in args.bits]
             pins = {}
@@ -351,9 +381,14 @@ def main(argv: list[str] | None = None) -> int:
                 if not sep:
                     raise HawqError(f"--pin {item!r} is invalid; allowed: OP=BITS or OP=W,A")
                 pins[op] = _pin(bits)
-            lo, hi = budget_range(args.hessian, cands, args.kind, pins,
-                                  _pin(args.pin_first) if args.pin_first else None,
-                                  _pin(args.pin_last) if args.pin_last else None)  # fmt: skip
+            lo, hi = budget_range(
+                args.hessian,
+                cands,
+                args.kind,
+                pins,
+                _pin(args.pin_first) if args.pin_first else None,
+                _pin(args.pin_last) if args.pin_last else None,
+            )
             print(repr(budget_at(lo, hi, args.fraction)))  # all digits: B(0) stays feasible
     except HawqError as e:
         print(f"hawq: error: {e}", file=sys.stderr)
@@ -371,8 +406,10 @@ def _artifacts(args: argparse.Namespace) -> int:
         return 0
     checks = artifacts.verify(load_rows(args.rows), args.data or os.environ.get("HAWQ_DATA"))
     bad = [c for c in checks if abs(c.diff) > args.tol]
-    print(f"verify: {len(checks)} published checkpoint(s), {len(bad)} off by more than "
-          f"{args.tol} points")  # fmt: skip
+    print(
+        f"verify: {len(checks)} published checkpoint(s), {len(bad)} off by more than "
+        f"{args.tol} points"
+    )
     for c in bad:
         print(f"  {c.label}: published {c.published:.2f}, measured {c.measured:.2f}")
     if not checks:

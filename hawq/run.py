@@ -64,8 +64,10 @@ def honour_hydra_run_dir(argv: list[str]) -> list[str]:
         return argv
     run_dir = next((given[k] for k in _RUN_DIR_KEYS if k in given), None)
     if run_dir is not None and run_dir != hydra_dir:
-        raise HawqError(f"hydra.run.dir={hydra_dir} and paths.run_dir={run_dir} disagree; "
-                        "set only paths.run_dir (Hydra's log and .hydra/ follow it)")  # fmt: skip
+        raise HawqError(
+            f"hydra.run.dir={hydra_dir} and paths.run_dir={run_dir} disagree; "
+            "set only paths.run_dir (Hydra's log and .hydra/ follow it)"
+        )
     return argv if run_dir is not None else [*argv, f"paths.run_dir={hydra_dir}"]
 
 
@@ -75,8 +77,9 @@ def explicit_default_wins(argv: list[str]) -> list[str]:
     ``quant.plan=default`` is added, unless ``quant.plan`` is given too (``resolve_plan``
     logs that the file was not used)."""
     given = [a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a]
-    bits = [k for k in given if k in ("quant.default.w_bits", "quant.default.a_bits",
-                                      "quant.default")]  # fmt: skip
+    bits = [
+        k for k in given if k in ("quant.default.w_bits", "quant.default.a_bits", "quant.default")
+    ]
     if not bits or "quant.plan" in given:
         return argv
     return [*argv, "quant.plan=default"]
@@ -88,8 +91,10 @@ def _one_line(e: BaseException) -> str:
     if m:
         key = m.group(1)
         group = key.rsplit(".", 1)[0] if "." in key else "the top level"
-        return (f"unknown config key {key}: not in {group}; allowed: the keys it has "
-                f"(python -m hawq.run --cfg job), or {m.group(2)} to add a new one")
+        return (
+            f"unknown config key {key}: not in {group}; allowed: the keys it has "
+            f"(python -m hawq.run --cfg job), or {m.group(2)} to add a new one"
+        )
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "Set the env"))]
     return "; ".join(lines) or type(e).__name__
@@ -140,8 +145,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         if os.environ.get("HAWQ_DEBUG"):
             raise
-        print(f"hawq: interrupted (Ctrl-C); finished epochs are kept in {cfg.paths.run_dir}: "
-              "the same command resumes", file=sys.stderr)  # fmt: skip
+        print(
+            f"hawq: interrupted (Ctrl-C); finished epochs are kept in {cfg.paths.run_dir}: "
+            "the same command resumes",
+            file=sys.stderr,
+        )
         sys.exit(130)
     except preempt.Stopped as e:
         if os.environ.get("HAWQ_DEBUG"):

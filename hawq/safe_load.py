@@ -32,13 +32,31 @@ from hawq.errors import HawqError
 
 # torch.nn layers the hawq models, fake-quant and integer models are made of.
 TORCH_CLASSES: tuple[type, ...] = (
-    nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Identity, nn.Dropout, nn.GELU,
-    nn.ReLU, nn.Softmax, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Flatten,
+    nn.Linear,
+    nn.Conv2d,
+    nn.BatchNorm2d,
+    nn.LayerNorm,
+    nn.Identity,
+    nn.Dropout,
+    nn.GELU,
+    nn.ReLU,
+    nn.Softmax,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.Flatten,
     nn.AdaptiveAvgPool2d,
     # float islands of integer graphs (hawq.integer.graph.islands.MODULES)
-    nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d, nn.Mish, nn.ELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.Mish,
+    nn.ELU,
     nn.LeakyReLU,
-)  # fmt: skip
+)
 PACKAGES = ("hawq.models", "hawq.quant", "hawq.integer", "hawq.integer.graph")
 
 
@@ -82,9 +100,11 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     except pickle.UnpicklingError as e:
         offender = _offender(str(e)) or _pickled_global(path)
         if offender is not None:
-            raise HawqError(f"refusing to load {path}: {offender} is not allowed in a "
-                            "checkpoint (weights_only=True; only hawq models, tensors and "
-                            "plain data are unpickled)") from e  # fmt: skip
+            raise HawqError(
+                f"refusing to load {path}: {offender} is not allowed in a "
+                "checkpoint (weights_only=True; only hawq models, tensors and "
+                "plain data are unpickled)"
+            ) from e
         raise HawqError(f"corrupt checkpoint {path}: not a torch checkpoint") from e
     except Exception as e:  # noqa: BLE001 - zip/pickle/storage errors vary
         raise HawqError(f"corrupt checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from e
@@ -104,8 +124,11 @@ def _allowing(classes: list[type]) -> Any:
 def _offender(message: str) -> str | None:
     """The global a refused pickle asked for (torch's multi-line message), or None when
     the unpickler stopped on bytes that are no pickle at all (a corrupt file)."""
-    patterns = (r"GLOBAL ([\w.]+)", r"Trying to call reduce for ([\w.]+)",
-                r"[Uu]nsupported class ([\w.]+)")  # fmt: skip
+    patterns = (
+        r"GLOBAL ([\w.]+)",
+        r"Trying to call reduce for ([\w.]+)",
+        r"[Uu]nsupported class ([\w.]+)",
+    )
     for pattern in patterns:
         m = re.search(pattern, message)
         if m:

@@ -131,9 +131,11 @@ def use_job_dir(cfg: DictConfig) -> None:
     claim = run_dir / POINT_FILE
     point = hc.job.override_dirname or "(no overrides)"
     if claim.is_file() and (owner := claim.read_text().strip()) != point:
-        raise HawqError(f"run directory {run_dir} already holds sweep point {owner!r}, not "
-                        f"{point!r}: make name depend on the swept keys (e.g. "
-                        "'name=x_${seed}') or drop the name/paths.run_dir override")  # fmt: skip
+        raise HawqError(
+            f"run directory {run_dir} already holds sweep point {owner!r}, not "
+            f"{point!r}: make name depend on the swept keys (e.g. "
+            "'name=x_${seed}') or drop the name/paths.run_dir override"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     claim.write_text(point + "\n")
 

@@ -113,9 +113,11 @@ def sensitivities(
     folded weight (as :func:`hawq.quant.quantize_` with ``fold_bn``).
     """
     if method not in METHODS or method == "measured":
-        raise HawqError(f"sensitivities: method {method!r}; allowed: "
-                        f"{choices(m for m in METHODS if m != 'measured')} "
-                        "(measured drops are passed in)")  # fmt: skip
+        raise HawqError(
+            f"sensitivities: method {method!r}; allowed: "
+            f"{choices(m for m in METHODS if m != 'measured')} "
+            "(measured drops are passed in)"
+        )
     kinds = [c.kind for c in report.ops.values()]
     if method == "uniform":
         return uniform_sensitivity(kinds, cands), {}
@@ -123,8 +125,9 @@ def sensitivities(
         return random_sensitivity(kinds, cands, seed), {}
     needs_acts = method in ACT_METHODS
     if model is None or (needs_acts and calib_batches is None):
-        raise HawqError(f"{method} needs the model" +
-                        (" and calibration batches" if needs_acts else ""))  # fmt: skip
+        raise HawqError(
+            f"{method} needs the model" + (" and calibration batches" if needs_acts else "")
+        )
     base = base or OpSetting()
     modules = dict(model.named_modules())
     missing = [n for n in report.ops if n not in modules]
@@ -135,8 +138,9 @@ def sensitivities(
     info: dict[str, float] = {}
     if needs_acts:
         batches = itertools.islice(iter(calib_batches), max_batches)
-        a_err, info = activation_errors(model, batches, op_cands, base, images=images,
-                                        max_images=10**9, rel_se=rel_se)  # fmt: skip
+        a_err, info = activation_errors(
+            model, batches, op_cands, base, images=images, max_images=10**9, rel_se=rel_se
+        )
     else:
         a_err = {n: {} for n in report.ops}
     t1 = time.perf_counter()
@@ -170,8 +174,14 @@ def build_problem(
     """The ILP instance (ties merged transitively; ``tie_level`` see :class:`Problem`), with
     the exact rational costs (:func:`~hawq.alloc.costs.exact_costs`) budgets are met in."""
     ops = list(report.ops)
-    return Problem(ops, cands, sens, exact_costs(costs, cands, latency, avg_bits_by),
-                   merge_groups(ties, ops), tie_level)  # fmt: skip
+    return Problem(
+        ops,
+        cands,
+        sens,
+        exact_costs(costs, cands, latency, avg_bits_by),
+        merge_groups(ties, ops),
+        tie_level,
+    )
 
 
 def to_plan(problem: Problem, solution: Solution, base: OpSetting) -> Plan:
@@ -241,19 +251,36 @@ def allocate(
     cands = choices_per_op(report, candidates, pinned)
     timings: dict[str, float] = {}
     if sens is None:
-        sens, timings = sensitivities(method, report, cands, model, calib_batches, max_batches,
-                                      base, seed, calib_images, calib_rel_se,
-                                      fold_bn)  # fmt: skip
+        sens, timings = sensitivities(
+            method,
+            report,
+            cands,
+            model,
+            calib_batches,
+            max_batches,
+            base,
+            seed,
+            calib_images,
+            calib_rel_se,
+            fold_bn,
+        )
     groups = list(tie_groups)
     if ties and model is not None:
         groups += shared_input_groups(model, input_size)
-    problem = build_problem(report, cands, sens, op_costs(report, model, input_size), groups,
-                            latency, avg_bits_by, tie_level(method))  # fmt: skip
+    problem = build_problem(
+        report,
+        cands,
+        sens,
+        op_costs(report, model, input_size),
+        groups,
+        latency,
+        avg_bits_by,
+        tie_level(method),
+    )
     solution = solve(problem, budgets)
     plan = to_plan(problem, solution, base)
     total = time.perf_counter() - t_start
-    timings.update(solve_s=solution.solve_s,
-                   alloc_s=total - timings.get("calibration_s", 0.0))  # fmt: skip
+    timings.update(solve_s=solution.solve_s, alloc_s=total - timings.get("calibration_s", 0.0))
     meta = {
         "method": method,
         "setting": SETTINGS.get(method, method),
@@ -261,16 +288,25 @@ def allocate(
         "budgets": budgets,
         "objective": solution.objective,
         "totals": solution.totals,
-        "solver": {"name": "scipy.optimize.milp (HiGHS)", "status": solution.status,
-                   "solve_s": round(solution.solve_s, 6)},  # fmt: skip
+        "solver": {
+            "name": "scipy.optimize.milp (HiGHS)",
+            "status": solution.status,
+            "solve_s": round(solution.solve_s, 6),
+        },
         "candidates": [c.key for c in parse_candidates(candidates)],
         "ties": problem.ties,
         "pins": {n: c.key for n, c in pinned.items()},
         "avg_bits_by": avg_bits_by,
-        "hessian": {"path": report.path, **{k: report.meta.get(k) for k in
-                    ("model", "checkpoint", "estimator", "seed", "batches", "batch_size")}},
-        "ops": {n: {"setting": problem.choices[i][c].key, "sensitivity": float(problem.sens[i][c])}
-                for i, (n, c) in enumerate(zip(ops, solution.index, strict=True))},
-    }  # fmt: skip
+        "hessian": {
+            "path": report.path,
+            **{
+                k: report.meta.get(k)
+                for k in ("model", "checkpoint", "estimator", "seed", "batches", "batch_size")
+            },
+        },
+        "ops": {
+            n: {"setting": problem.choices[i][c].key, "sensitivity": float(problem.sens[i][c])}
+            for i, (n, c) in enumerate(zip(ops, solution.index, strict=True))
+        },
+    }
     return Allocation(problem, solution, plan, meta, timings)
-

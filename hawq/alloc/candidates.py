@@ -36,11 +36,14 @@ class Candidate:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 8):
                 raise HawqError(
-                    f"candidate {key}={v!r} is invalid; allowed: an integer 1-8 or null")
+                    f"candidate {key}={v!r} is invalid; allowed: an integer 1-8 or null"
+                )
         for key in ("w_format", "a_format"):
             if getattr(self, key) not in FORMATS:
-                raise HawqError(f"candidate {key}={getattr(self, key)!r} is invalid; "
-                                f"allowed: {choices(FORMATS)}")  # fmt: skip
+                raise HawqError(
+                    f"candidate {key}={getattr(self, key)!r} is invalid; "
+                    f"allowed: {choices(FORMATS)}"
+                )
 
     @classmethod
     def parse(cls, entry: Mapping[str, Any] | Candidate, where: str = "candidate") -> Candidate:
@@ -51,8 +54,10 @@ class Candidate:
             raise HawqError(f"{where}: expected a mapping with w_bits and a_bits, got {entry!r}")
         unknown = set(entry) - {"w_bits", "a_bits", "w_format", "a_format"}
         if unknown:
-            raise HawqError(f"{where}: unknown key(s) {choices(unknown)}; "
-                            "allowed: a_bits, a_format, w_bits, w_format")  # fmt: skip
+            raise HawqError(
+                f"{where}: unknown key(s) {choices(unknown)}; "
+                "allowed: a_bits, a_format, w_bits, w_format"
+            )
         try:
             return cls(**{k: entry[k] for k in entry})
         except HawqError as e:
@@ -94,8 +99,13 @@ class Candidate:
 
     def to_setting(self, base: OpSetting) -> OpSetting:
         """``base`` with this candidate's bits and formats."""
-        return replace(base, w_bits=self.w_bits, a_bits=self.a_bits,
-                       w_format=self.w_format, a_format=self.a_format)  # fmt: skip
+        return replace(
+            base,
+            w_bits=self.w_bits,
+            a_bits=self.a_bits,
+            w_format=self.w_format,
+            a_format=self.a_format,
+        )
 
 
 def parse_candidates(entries: Iterable[Mapping[str, Any] | Candidate]) -> list[Candidate]:

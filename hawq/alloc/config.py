@@ -58,19 +58,35 @@ class AllocConfig:
         require(self.method in METHODS, "method", self.method, ", ".join(METHODS))
         require(self.avg_bits_by in AVG_BY, "avg_bits_by", self.avg_bits_by, ", ".join(AVG_BY))
         require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")
-        require(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size,
-                "an integer >= 1")  # fmt: skip
-        require(isinstance(self.calib_images, int) and self.calib_images >= 1, "calib_images",
-                self.calib_images, "an integer >= 1")  # fmt: skip
+        require(
+            self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size, "an integer >= 1"
+        )
+        require(
+            isinstance(self.calib_images, int) and self.calib_images >= 1,
+            "calib_images",
+            self.calib_images,
+            "an integer >= 1",
+        )
         require(self.calib_rel_se > 0, "calib_rel_se", self.calib_rel_se, "a number > 0")
-        require(self.measured_split in ("train", "test"), "measured_split", self.measured_split,
-                "train, test")  # fmt: skip
-        require(self.frontier_budget is None or self.frontier_budget in BUDGET_KINDS,
-                "frontier_budget", self.frontier_budget,
-                "null or " + ", ".join(BUDGET_KINDS))  # fmt: skip
+        require(
+            self.measured_split in ("train", "test"),
+            "measured_split",
+            self.measured_split,
+            "train, test",
+        )
+        require(
+            self.frontier_budget is None or self.frontier_budget in BUDGET_KINDS,
+            "frontier_budget",
+            self.frontier_budget,
+            "null or " + ", ".join(BUDGET_KINDS),
+        )
         require(self.frontier_points >= 0, "frontier_points", self.frontier_points, ">= 0")
-        require(self.int4_share is None or 0 <= self.int4_share <= 1, "int4_share",
-                self.int4_share, "null or 0..1")  # fmt: skip
+        require(
+            self.int4_share is None or 0 <= self.int4_share <= 1,
+            "int4_share",
+            self.int4_share,
+            "null or 0..1",
+        )
         for key in ("avg_bits", "size_mb", "bops", "latency_us"):
             v = getattr(self, key)
             require(v is None or v >= 0, key, v, "null or a number >= 0")

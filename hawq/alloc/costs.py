@@ -98,9 +98,12 @@ class LatencyTable:
     Setting keys are :attr:`Candidate.key`; shape keys come from :func:`gemm_shape`.
     """
 
-    def __init__(self, by_op: Mapping[str, Mapping[str, float]] | None = None,
-                 by_shape: Mapping[str, Mapping[str, float]] | None = None,
-                 source: str = "latency table") -> None:  # fmt: skip
+    def __init__(
+        self,
+        by_op: Mapping[str, Mapping[str, float]] | None = None,
+        by_shape: Mapping[str, Mapping[str, float]] | None = None,
+        source: str = "latency table",
+    ) -> None:
         self.by_op = {k: dict(v) for k, v in (by_op or {}).items()}
         self.by_shape = {k: dict(v) for k, v in (by_shape or {}).items()}
         self.source = source
@@ -118,8 +121,9 @@ class LatencyTable:
         for table, key in ((self.by_op, op.name), (self.by_shape, op.shape)):
             if key is not None and key in table and c.key in table[key]:
                 return float(table[key][c.key])
-        raise HawqError(f"{self.source}: no latency for op {op.name} (shape {op.shape}) at "
-                        f"setting {c.key}")  # fmt: skip
+        raise HawqError(
+            f"{self.source}: no latency for op {op.name} (shape {op.shape}) at setting {c.key}"
+        )
 
 
 def exact_size_mb(op: OpCost, c: Candidate) -> Fraction:
@@ -154,8 +158,9 @@ def exact_costs(
         out["avg_bits"].append([w * Fraction(mean_bits(op, c, avg_bits_by)) for c in cands])
         out["size_mb"].append([exact_size_mb(op, c) for c in cands])
         out["bops"].append([exact_bops(op, c) for c in cands])
-        out["int4_share"].append([Fraction(op.macs * (c.max_bits(op.kind) <= 4), total_m)
-                                  for c in cands])  # fmt: skip
+        out["int4_share"].append(
+            [Fraction(op.macs * (c.max_bits(op.kind) <= 4), total_m) for c in cands]
+        )
         if latency is not None:
             out["latency_us"].append([Fraction(latency.lookup(op, c)) for c in cands])
     return out

@@ -99,35 +99,66 @@ class CurveConfig:
     all_int2: bool = False  # also the PTQ accuracy of every op at W2A2
 
     def __post_init__(self) -> None:
-        ok = (len(self.orders) >= 1 and len(set(self.orders)) == len(self.orders)
-              and set(self.orders) <= set(ORDERS))  # fmt: skip
+        ok = (
+            len(self.orders) >= 1
+            and len(set(self.orders)) == len(self.orders)
+            and set(self.orders) <= set(ORDERS)
+        )
         require(ok, "orders", self.orders, "a non-empty list of distinct " + ", ".join(ORDERS))
         require(self.method in HESSIAN_METHODS, "method", self.method, ", ".join(HESSIAN_METHODS))
         rest_ok = self.rest == "fp" or (
-            _SPEC.match(self.rest) is not None and parse_rest(self.rest).max_bits("linear") > 4)
+            _SPEC.match(self.rest) is not None and parse_rest(self.rest).max_bits("linear") > 4
+        )
         require(rest_ok, "rest", self.rest, "fp or w<bits>a<bits> with a width above 4 (w8a8)")
         require(self.step >= 1, "step", self.step, "an integer >= 1")
-        require(len(self.thresholds) >= 1 and all(t >= 0 for t in self.thresholds),
-                "thresholds", self.thresholds, "a non-empty list of points >= 0")  # fmt: skip
+        require(
+            len(self.thresholds) >= 1 and all(t >= 0 for t in self.thresholds),
+            "thresholds",
+            self.thresholds,
+            "a non-empty list of points >= 0",
+        )
         require(self.split in ("train", "test"), "split", self.split, "train, test")
-        require(self.order_split in ("val", "train", "test"), "order_split", self.order_split,
-                "val, train, test")  # fmt: skip
-        require(self.order_subset is None or self.order_subset >= 1, "order_subset",
-                self.order_subset, "null or an integer >= 1")  # fmt: skip
-        require(self.random_orders >= 1, "random_orders", self.random_orders,
-                "an integer >= 1")  # fmt: skip
-        require(self.random_step is None or self.random_step >= 1, "random_step",
-                self.random_step, "null or an integer >= 1")  # fmt: skip
+        require(
+            self.order_split in ("val", "train", "test"),
+            "order_split",
+            self.order_split,
+            "val, train, test",
+        )
+        require(
+            self.order_subset is None or self.order_subset >= 1,
+            "order_subset",
+            self.order_subset,
+            "null or an integer >= 1",
+        )
+        require(self.random_orders >= 1, "random_orders", self.random_orders, "an integer >= 1")
+        require(
+            self.random_step is None or self.random_step >= 1,
+            "random_step",
+            self.random_step,
+            "null or an integer >= 1",
+        )
         for key in ("batch_size", "calib_batches", "calib_batch_size"):
             v = getattr(self, key)
             require(v is None or v >= 1, key, v, "null or an integer >= 1")
-        require(self.int2_plan_k is None or self.int2_plan_k >= 1, "int2_plan_k",
-                self.int2_plan_k, "null or an integer >= 1")  # fmt: skip
-        require(self.int2_plan_k is None or self.int2_order in self.orders, "int2_order",
-                self.int2_order, "one of curve.orders " + ", ".join(self.orders))  # fmt: skip
+        require(
+            self.int2_plan_k is None or self.int2_plan_k >= 1,
+            "int2_plan_k",
+            self.int2_plan_k,
+            "null or an integer >= 1",
+        )
+        require(
+            self.int2_plan_k is None or self.int2_order in self.orders,
+            "int2_order",
+            self.int2_order,
+            "one of curve.orders " + ", ".join(self.orders),
+        )
         picks = self.int2_orders or []
-        require(self.int2_plan_k is None or set(picks) <= set(self.orders), "int2_orders",
-                self.int2_orders, "null or a list of curve.orders " + ", ".join(self.orders))
+        require(
+            self.int2_plan_k is None or set(picks) <= set(self.orders),
+            "int2_orders",
+            self.int2_orders,
+            "null or a list of curve.orders " + ", ".join(self.orders),
+        )
 
     @property
     def int2_picks(self) -> list[str]:
@@ -162,8 +193,17 @@ def hessian_sensitivity(
     batches = list(calib_batches)
     cands = choices_per_op(report, [low, high], {})  # per op: [low, high] in canonical form
     n_images = sum(int((b[0] if isinstance(b, (tuple, list)) else b).shape[0]) for b in batches)
-    sens, _ = sensitivities(method, report, cands, model, batches, len(batches), base,
-                            images=max(n_images, 1), rel_se=float("inf"))  # all images
+    sens, _ = sensitivities(
+        method,
+        report,
+        cands,
+        model,
+        batches,
+        len(batches),
+        base,
+        images=max(n_images, 1),
+        rel_se=float("inf"),
+    )  # all images
     return {n: float(s[0] - s[1]) for n, s in zip(report.ops, sens, strict=True)}
 
 
@@ -214,8 +254,9 @@ def int2_plan(order: Sequence[str], k: int, base: OpSetting, bits: int = 2) -> P
     """The first ``k`` ops of ``order`` at ``W<bits>A<bits>``, every other op floating point
     (the seed study's "INT2 on the six least sensitive ops")."""
     if not 1 <= k <= len(order):
-        raise HawqError(f"curve.int2_plan_k={k} is invalid; allowed: 1..{len(order)} (the "
-                        "model's op count)")  # fmt: skip
+        raise HawqError(
+            f"curve.int2_plan_k={k} is invalid; allowed: 1..{len(order)} (the model's op count)"
+        )
     low = replace(base, w_bits=bits, a_bits=bits)
     return Plan(replace(base, w_bits=None, a_bits=None), {n: low for n in order[:k]})
 
@@ -236,9 +277,16 @@ class PrefixEvaluator:
         fold_bn: fold BatchNorm into quantized convs.
     """
 
-    def __init__(self, model: nn.Module, ops: Sequence[str], low: OpSetting, high: OpSetting,
-                 calib: list, evaluate_fn: Callable[[nn.Module], float],
-                 fold_bn: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        ops: Sequence[str],
+        low: OpSetting,
+        high: OpSetting,
+        calib: list,
+        evaluate_fn: Callable[[nn.Module], float],
+        fold_bn: bool = True,
+    ) -> None:
         self.model, self.ops, self.low, self.high = model, list(ops), low, high
         self.calib, self.evaluate_fn, self.fold_bn = calib, evaluate_fn, fold_bn
         self.cache: dict[frozenset[str], float] = {}
@@ -260,9 +308,14 @@ class PrefixEvaluator:
         if key not in self.cache:
             t0 = time.perf_counter()
             self.cache[key] = self.ptq_accuracy(self.plan(key))
-            log.info("curve: evaluation %d (%d of %d ops low): acc %.2f in %.1f s",
-                     len(self.cache), len(key), len(self.ops), self.cache[key],
-                     time.perf_counter() - t0)  # fmt: skip
+            log.info(
+                "curve: evaluation %d (%d of %d ops low): acc %.2f in %.1f s",
+                len(self.cache),
+                len(key),
+                len(self.ops),
+                self.cache[key],
+                time.perf_counter() - t0,
+            )
         return self.cache[key]
 
     def single_op_drops(self) -> tuple[float, dict[str, float]]:
@@ -293,11 +346,12 @@ def order_entry(
         "op_shares": [p / n for p in points],  # of ops (the seed study's 37/38)
         "accuracies": [float(a) for a in accs],
         "fp_acc": fp_acc,
-        "max_share_within": {f"{t:g}": max_share_within(shares, accs, fp_acc, t)
-                             for t in thresholds},  # fmt: skip
-        "max_op_share_within": {f"{t:g}": max_share_within([p / n for p in points], accs,
-                                                            fp_acc, t)
-                                for t in thresholds},  # fmt: skip
+        "max_share_within": {
+            f"{t:g}": max_share_within(shares, accs, fp_acc, t) for t in thresholds
+        },
+        "max_op_share_within": {
+            f"{t:g}": max_share_within([p / n for p in points], accs, fp_acc, t) for t in thresholds
+        },
     }
 
 
@@ -310,9 +364,11 @@ def band(entries: Sequence[Mapping[str, Any]], thresholds: Sequence[float]) -> d
     def stats(values: Sequence[float | None]) -> dict[str, Any]:
         v = np.array([np.nan if x is None else x for x in values], dtype=float)
         ok = v[~np.isnan(v)]
-        return {"mean": float(ok.mean()) if ok.size else None,
-                "std": float(ok.std(ddof=ddof if ok.size > 1 else 0)) if ok.size else None,
-                "values": list(values)}  # fmt: skip
+        return {
+            "mean": float(ok.mean()) if ok.size else None,
+            "std": float(ok.std(ddof=ddof if ok.size > 1 else 0)) if ok.size else None,
+            "values": list(values),
+        }
 
     return {
         "n": len(entries),
@@ -320,8 +376,11 @@ def band(entries: Sequence[Mapping[str, Any]], thresholds: Sequence[float]) -> d
         "op_shares": list(entries[0]["op_shares"]),
         "acc_mean": accs.mean(axis=0).tolist(),
         "acc_std": accs.std(axis=0, ddof=ddof).tolist(),
-        "max_share_within": {f"{t:g}": stats([e["max_share_within"][f"{t:g}"] for e in entries])
-                             for t in thresholds},  # fmt: skip
-        "max_op_share_within": {f"{t:g}": stats([e["max_op_share_within"][f"{t:g}"]
-                                                 for e in entries]) for t in thresholds},
+        "max_share_within": {
+            f"{t:g}": stats([e["max_share_within"][f"{t:g}"] for e in entries]) for t in thresholds
+        },
+        "max_op_share_within": {
+            f"{t:g}": stats([e["max_op_share_within"][f"{t:g}"] for e in entries])
+            for t in thresholds
+        },
     }

@@ -166,8 +166,9 @@ def _check_budgets(problem: Problem, budgets: dict[str, float]) -> dict[str, flo
         if v is None:
             continue
         if b not in problem.costs:
-            raise HawqError(f"budget {b} has no cost model here; available: "
-                            f"{choices(problem.costs)}")  # fmt: skip
+            raise HawqError(
+                f"budget {b} has no cost model here; available: {choices(problem.costs)}"
+            )
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise HawqError(f"alloc.{b}={v!r} is invalid; allowed: a finite number or null")
         out[b] = float(v)
@@ -205,8 +206,13 @@ def _constraints(problem: Problem, bounds: Bounds) -> list[LinearConstraint]:
                             rows.append(r), cols.append(off[op] + c), vals.append(sign)
                 r += 1
     eq = coo_array((vals, (rows, cols)), shape=(r, n_var)).tocsr()
-    cons = [LinearConstraint(eq, np.r_[np.ones(n_ops), np.zeros(r - n_ops)],
-                             np.r_[np.ones(n_ops), np.zeros(r - n_ops)])]  # fmt: skip
+    cons = [
+        LinearConstraint(
+            eq,
+            np.r_[np.ones(n_ops), np.zeros(r - n_ops)],
+            np.r_[np.ones(n_ops), np.zeros(r - n_ops)],
+        )
+    ]
     for b, (lo, hi) in bounds.items():  # widened by TOL: the exact check sorts them out
         row = np.concatenate(problem.costs[b])
         scale = _scale(row, lo, hi)  # rows of order 1 for HiGHS
@@ -231,7 +237,7 @@ def _objective(problem: Problem, objective: np.ndarray) -> np.ndarray:
     off = problem.offsets
     out = np.asarray(objective, dtype=float).copy()
     for i in range(len(problem.ops)):
-        block = out[off[i]:off[i + 1]]
+        block = out[off[i] : off[i + 1]]
         block -= block.min()
     gaps = out[out > 0]
     return out / np.median(gaps) if gaps.size else out
@@ -244,13 +250,23 @@ def _milp(problem: Problem, objective: np.ndarray, bounds: Bounds, cuts: list[np
     off, n_ops = problem.offsets, len(problem.ops)
     if cuts:
         cons.append(LinearConstraint(np.array(cuts, dtype=float), -np.inf, n_ops - 1))
-    options = {"mip_rel_gap": 0.0, "presolve": True, "mip_abs_gap": 0.0,
-               "mip_feasibility_tolerance": TOL, "primal_feasibility_tolerance": TOL,
-               "dual_feasibility_tolerance": TOL}  # fmt: skip
+    options = {
+        "mip_rel_gap": 0.0,
+        "presolve": True,
+        "mip_abs_gap": 0.0,
+        "mip_feasibility_tolerance": TOL,
+        "primal_feasibility_tolerance": TOL,
+        "dual_feasibility_tolerance": TOL,
+    }
     with warnings.catch_warnings():  # scipy warns that the tolerances go to HiGHS verbatim
         warnings.simplefilter("ignore", RuntimeWarning)
-        return milp(_objective(problem, objective), integrality=np.ones(int(off[-1])),
-                    bounds=(0, 1), constraints=cons, options=options)  # fmt: skip
+        return milp(
+            _objective(problem, objective),
+            integrality=np.ones(int(off[-1])),
+            bounds=(0, 1),
+            constraints=cons,
+            options=options,
+        )
 
 
 def exact_total(problem: Problem, kind: str, index: list[int]) -> Fraction:
@@ -293,14 +309,21 @@ def _cut(problem: Problem, index: list[int], miss: dict[str, Fraction]) -> np.nd
             mask[off[i] + c] = 1.0
             continue
         row = problem.exact[b][i]
-        mask[off[i]:off[i + 1]] = [(v <= row[c]) if b in LOWER_BOUNDS else (v >= row[c])
-                                   for v in row]  # fmt: skip
+        mask[off[i] : off[i + 1]] = [
+            (v <= row[c]) if b in LOWER_BOUNDS else (v >= row[c]) for v in row
+        ]
     return mask
 
 
-def _search(problem: Problem, objective: np.ndarray, budgets: dict[str, float], bounds: Bounds,
-            cuts: list[np.ndarray], tries: int,
-            stop: Fraction | None = None) -> tuple[list[int] | None, bool, str]:  # fmt: skip
+def _search(
+    problem: Problem,
+    objective: np.ndarray,
+    budgets: dict[str, float],
+    bounds: Bounds,
+    cuts: list[np.ndarray],
+    tries: int,
+    stop: Fraction | None = None,
+) -> tuple[list[int] | None, bool, str]:
     """Best plan meeting ``budgets`` and ties exactly among those HiGHS sees within ``bounds``.
 
     HiGHS optimises over a superset of the exactly feasible plans (its tolerance); an
@@ -332,8 +355,13 @@ def _margin(problem: Problem, kind: str, limit: float) -> float:
     return 1e-7 * (_scale(row, limit, limit) + float(np.abs(row).sum()))
 
 
-def _near_limits(problem: Problem, objective: np.ndarray, budgets: dict[str, float],
-                 cuts: list[np.ndarray], tries: int) -> tuple[list[int] | None, str]:  # fmt: skip
+def _near_limits(
+    problem: Problem,
+    objective: np.ndarray,
+    budgets: dict[str, float],
+    cuts: list[np.ndarray],
+    tries: int,
+) -> tuple[list[int] | None, str]:
     """Optimum when many plans lie within HiGHS' tolerance beyond a limit.
 
     Every limit moved inward by :func:`_margin` leaves HiGHS only exactly feasible plans;
@@ -341,12 +369,15 @@ def _near_limits(problem: Problem, objective: np.ndarray, budgets: dict[str, flo
     better plan (:func:`_search` with ``stop``, ``4 * tries`` solves). Both parts together
     cover every plan; a band whose search runs out of solves is named in a warning.
     """
-    inward = {b: v + _margin(problem, b, v) * (1 if b in LOWER_BOUNDS else -1)
-              for b, v in budgets.items()}  # fmt: skip
+    inward = {
+        b: v + _margin(problem, b, v) * (1 if b in LOWER_BOUNDS else -1) for b, v in budgets.items()
+    }
     best, done, status = _search(problem, objective, budgets, _sides(inward), cuts, tries)
     if not done:
-        raise HawqError("the ILP solver returns plans that miss a budget even with every "
-                        f"limit moved inward (to {inward}); budgets {budgets}")  # fmt: skip
+        raise HawqError(
+            "the ILP solver returns plans that miss a budget even with every "
+            f"limit moved inward (to {inward}); budgets {budgets}"
+        )
     for b, v in budgets.items():
         band = {**_sides(budgets), b: (v, inward[b]) if b in LOWER_BOUNDS else (inward[b], v)}
         stop = None if best is None else _value(problem, objective, best)
@@ -354,14 +385,18 @@ def _near_limits(problem: Problem, objective: np.ndarray, budgets: dict[str, flo
         if found is not None:  # below ``stop``: better than the inward plan
             best = found
         if not done:
-            warnings.warn(f"alloc: exact optimality not certified within {v - inward[b]:+.3g} "
-                          f"of {b}={v!r} ({why}); the plan meets every budget exactly",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"alloc: exact optimality not certified within {v - inward[b]:+.3g} "
+                f"of {b}={v!r} ({why}); the plan meets every budget exactly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return best, status
 
 
-def _exact_milp(problem: Problem, objective: np.ndarray,
-                budgets: dict[str, float]) -> tuple[list[int] | None, str]:  # fmt: skip
+def _exact_milp(
+    problem: Problem, objective: np.ndarray, budgets: dict[str, float]
+) -> tuple[list[int] | None, str]:
     """Optimal plan that meets every budget and tie *exactly*, or None (see :func:`_search`;
     :func:`_near_limits` when :data:`TRIES` solves do not settle it)."""
     cuts: list[np.ndarray] = []
@@ -371,7 +406,7 @@ def _exact_milp(problem: Problem, objective: np.ndarray,
 
 def _index(problem: Problem, x: np.ndarray) -> list[int]:
     off = problem.offsets
-    return [int(np.argmax(x[off[i]:off[i + 1]])) for i in range(len(problem.ops))]
+    return [int(np.argmax(x[off[i] : off[i + 1]])) for i in range(len(problem.ops))]
 
 
 def _round(v: Fraction, up: bool) -> float:
@@ -406,8 +441,12 @@ def _shown(v: Fraction, up: bool, gap: Fraction | float = math.inf) -> str:
     return _num(f)
 
 
-def extreme_exact(problem: Problem, kind: str, budgets: dict[str, float | None] | None = None,
-                  maximize: bool = False) -> Fraction | None:  # fmt: skip
+def extreme_exact(
+    problem: Problem,
+    kind: str,
+    budgets: dict[str, float | None] | None = None,
+    maximize: bool = False,
+) -> Fraction | None:
     """Smallest (largest with ``maximize``) exact total of cost ``kind`` any allocation
     meeting ``budgets`` (exactly), ties and pins can reach; None when none meets them."""
     budgets = _check_budgets(problem, budgets or {})
@@ -416,8 +455,12 @@ def extreme_exact(problem: Problem, kind: str, budgets: dict[str, float | None] 
     return None if index is None else exact_total(problem, kind, index)
 
 
-def extreme(problem: Problem, kind: str, budgets: dict[str, float | None] | None = None,
-            maximize: bool = False) -> float | None:  # fmt: skip
+def extreme(
+    problem: Problem,
+    kind: str,
+    budgets: dict[str, float | None] | None = None,
+    maximize: bool = False,
+) -> float | None:
     """:func:`extreme_exact` rounded inward (up for the smallest total, down for the
     largest): as a budget of that direction it is feasible."""
     v = extreme_exact(problem, kind, budgets, maximize)
@@ -441,8 +484,9 @@ def _diagnose(problem: Problem, budgets: dict[str, float]) -> InfeasibleBudget:
     cannot be met either, printed with the digits that show how far the budget misses it
     (and the miss itself); ``bounds`` holds it rounded to a feasible float."""
     if _exact_milp(problem, np.zeros(int(problem.offsets[-1])), {})[0] is None:
-        return InfeasibleBudget("no allocation satisfies the tie groups and pins alone "
-                                f"(ties: {problem.ties})", {})  # fmt: skip
+        return InfeasibleBudget(
+            f"no allocation satisfies the tie groups and pins alone (ties: {problem.ties})", {}
+        )
     parts, bounds = [], {}
     for b, limit in budgets.items():
         found = _unmet(problem, b, budgets)
@@ -455,17 +499,20 @@ def _diagnose(problem: Problem, budgets: dict[str, float]) -> InfeasibleBudget:
             bounds[b] = _round(best, up=not lower)
             word, side = ("largest", "below") if lower else ("smallest", "above")
             ctx = f"; {where}, ties and pins" if len(budgets) > 1 or problem.ties else ""
-            parts.append(f"alloc.{b}={_num(limit)} is infeasible; the {word} feasible value is "
-                         f"{_shown(best, not lower, gap)} ({float(gap):.3g} {side} the "
-                         f"budget{ctx})")  # fmt: skip
+            parts.append(
+                f"alloc.{b}={_num(limit)} is infeasible; the {word} feasible value is "
+                f"{_shown(best, not lower, gap)} ({float(gap):.3g} {side} the "
+                f"budget{ctx})"
+            )
     if not parts:  # each budget is met given the others' bounds on their own: name them all
         for b in budgets:
             lower = b in LOWER_BOUNDS
             best = extreme_exact(problem, b, {}, maximize=lower)
             if best is not None:
                 bounds[b] = _round(best, up=not lower)
-                parts.append(f"alloc.{b} {'<=' if lower else '>='} {_shown(best, not lower)}"
-                             " on its own")  # fmt: skip
+                parts.append(
+                    f"alloc.{b} {'<=' if lower else '>='} {_shown(best, not lower)} on its own"
+                )
         msg = f"budgets {budgets} are jointly infeasible; feasible alone: " + ", ".join(parts)
         return InfeasibleBudget(msg, bounds)
     return InfeasibleBudget("; ".join(parts), bounds)

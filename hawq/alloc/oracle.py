@@ -60,8 +60,9 @@ def brute_force(
     if best is None:
         return None
     totals = {b: problem.total(b, best) for b in problem.costs}
-    return Solution(best, problem.total("sens", best), totals, "enumerated",
-                    time.perf_counter() - start)  # fmt: skip
+    return Solution(
+        best, problem.total("sens", best), totals, "enumerated", time.perf_counter() - start
+    )
 
 
 def greedy(problem: Problem, budgets: dict[str, float | None] | None = None) -> Solution | None:
@@ -70,9 +71,14 @@ def greedy(problem: Problem, budgets: dict[str, float | None] | None = None) -> 
     budget holds; None when it gets stuck."""
     budgets = _check_budgets(problem, budgets or {})
     start = time.perf_counter()
-    index = [int(np.lexsort((sum(problem.costs[b][i] for b in budgets) if budgets
-                             else np.zeros(len(s)), s))[0])  # fmt: skip
-             for i, s in enumerate(problem.sens)]
+    index = [
+        int(
+            np.lexsort(
+                (sum(problem.costs[b][i] for b in budgets) if budgets else np.zeros(len(s)), s)
+            )[0]
+        )
+        for i, s in enumerate(problem.sens)
+    ]
     sign = {b: (-1.0 if b in LOWER_BOUNDS else 1.0) for b in budgets}
     while True:
         over = {b: sign[b] * (problem.total(b, index) - v) for b, v in budgets.items()}
@@ -82,8 +88,12 @@ def greedy(problem: Problem, budgets: dict[str, float | None] | None = None) -> 
         best, best_ratio = None, math.inf
         for i, cur in enumerate(index):
             for c in range(len(problem.choices[i])):
-                gain = sum(sign[b] * (problem.costs[b][i][cur] - problem.costs[b][i][c])
-                           / max(abs(budgets[b]), 1e-300) for b in over)  # fmt: skip
+                gain = sum(
+                    sign[b]
+                    * (problem.costs[b][i][cur] - problem.costs[b][i][c])
+                    / max(abs(budgets[b]), 1e-300)
+                    for b in over
+                )
                 if gain <= 0:
                     continue
                 ratio = (problem.sens[i][c] - problem.sens[i][cur]) / gain
@@ -93,5 +103,6 @@ def greedy(problem: Problem, budgets: dict[str, float | None] | None = None) -> 
             return None
         index[best[0]] = best[1]
     totals = {b: problem.total(b, index) for b in problem.costs}
-    return Solution(index, problem.total("sens", index), totals, "greedy",
-                    time.perf_counter() - start)  # fmt: skip
+    return Solution(
+        index, problem.total("sens", index), totals, "greedy", time.perf_counter() - start
+    )

@@ -26,8 +26,13 @@ class FrontierPoint:
     index: list[int] | None
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "budget": self.budget, "objective": self.objective,
-                "cost": self.cost, "index": self.index}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "budget": self.budget,
+            "objective": self.objective,
+            "cost": self.cost,
+            "index": self.index,
+        }
 
 
 def budget_range(

@@ -38,8 +38,14 @@ from hawq.quant.plan import OpSetting
 WLevel = tuple[int | None, str]  # (w_bits, w_format)
 ALevel = tuple[int | None, str]  # (a_bits, a_format)
 #: (kind, operand) -> the dim the op reduces over: MX blocks run along it
-BLOCK_AXIS = {("linear", "w"): -1, ("conv2d", "w"): 1, ("linear", "x"): -1, ("conv2d", "x"): 1,
-              ("matmul", "a"): -1, ("matmul", "b"): -2}  # fmt: skip
+BLOCK_AXIS = {
+    ("linear", "w"): -1,
+    ("conv2d", "w"): 1,
+    ("linear", "x"): -1,
+    ("conv2d", "x"): 1,
+    ("matmul", "a"): -1,
+    ("matmul", "b"): -2,
+}
 
 
 @torch.no_grad()
@@ -66,10 +72,18 @@ def weight_errors(
         w = module.weight.detach().float()
         inv = None
         if bn is not None:
-            w, _ = fold_weight_bias(w, None, bn.running_mean, bn.running_var, bn.weight.detach(),
-                                    bn.bias.detach(), bn.eps)  # fmt: skip
+            w, _ = fold_weight_bias(
+                w,
+                None,
+                bn.running_mean,
+                bn.running_var,
+                bn.weight.detach(),
+                bn.bias.detach(),
+                bn.eps,
+            )
             inv = fold_factor(bn.weight.detach(), bn.running_var, bn.eps).reshape(
-                -1, *([1] * (w.dim() - 1)))  # fmt: skip
+                -1, *([1] * (w.dim() - 1))
+            )
         setting = replace(base, w_bits=c.w_bits, w_format=c.w_format)
         q = weight_quantizer(setting, w, None, BLOCK_AXIS[(kind, "w")])
         q.init_from_weight(w)
@@ -86,12 +100,14 @@ def _act_quantizer(base: OpSetting, level: ALevel, kind: str, operand: str):
     from hawq.quant.modules import act_quantizer
 
     bits, fmt = level
-    return act_quantizer(replace(base, a_bits=bits, a_format=fmt), None,
-                         BLOCK_AXIS[(kind, operand)])  # fmt: skip
+    return act_quantizer(
+        replace(base, a_bits=bits, a_format=fmt), None, BLOCK_AXIS[(kind, operand)]
+    )
 
 
-def _per_sample_error(a: torch.Tensor, base: OpSetting, level: ALevel, kind: str,
-                      operand: str) -> torch.Tensor:  # fmt: skip
+def _per_sample_error(
+    a: torch.Tensor, base: OpSetting, level: ALevel, kind: str, operand: str
+) -> torch.Tensor:
     """``||Q(a_s) - a_s||^2`` per sample ``s`` (dim 0), with the deployed quantizer."""
     q = _act_quantizer(base, level, kind, operand)
     if not q.dynamic and (not bool(q.ready) or q.fmt.startswith("fp8")):
@@ -103,8 +119,9 @@ def _per_sample_error(a: torch.Tensor, base: OpSetting, level: ALevel, kind: str
 
 
 def _nonfinite(a: torch.Tensor, where: str) -> HawqError:
-    return HawqError(f"{where} has {int(torch.isnan(a).sum())} NaN and "
-                     f"{int(torch.isinf(a).sum())} Inf value(s)")  # fmt: skip
+    return HawqError(
+        f"{where} has {int(torch.isnan(a).sum())} NaN and {int(torch.isinf(a).sum())} Inf value(s)"
+    )
 
 
 def _images(it: Iterator, n: int, have: list[torch.Tensor]) -> torch.Tensor | None:
@@ -142,8 +159,10 @@ def activation_errors(
         The errors and ``{"images": n, "rel_se": worst relative standard error}``.
     """
     modules = dict(model.named_modules())
-    levels = {n: sorted({c.a_level for c in cs if c.a_bits is not None}, key=str)
-              for n, (_, cs) in op_cands.items()}  # fmt: skip
+    levels = {
+        n: sorted({c.a_level for c in cs if c.a_bits is not None}, key=str)
+        for n, (_, cs) in op_cands.items()
+    }
     pool: list[torch.Tensor] = []
     it = iter(batches)
     per: dict[tuple[str, str, ALevel], torch.Tensor] = {}  # (op, operand, level) -> e_s
@@ -170,10 +189,14 @@ def activation_errors(
                             if not bool(torch.isfinite(e).all()):  # ... show in the error
                                 raise _nonfinite(a, where)
                             per[(name, k, lv)] = e
+
                 return hook
 
-            handles = [modules[name].register_forward_hook(hook_for(name, kind))
-                       for name, (kind, _) in op_cands.items() if levels[name]]  # fmt: skip
+            handles = [
+                modules[name].register_forward_hook(hook_for(name, kind))
+                for name, (kind, _) in op_cands.items()
+                if levels[name]
+            ]
             try:
                 model(x)
             finally:
@@ -189,6 +212,10 @@ def activation_errors(
             n = min(2 * n, max_images)
     finally:
         model.train(was_training)
-    out = {name: {k: {lv: float(per[(name, k, lv)].mean()) for lv in levels[name]}
-                  for k in OPERANDS[kind]} for name, (kind, _) in op_cands.items()}  # fmt: skip
+    out = {
+        name: {
+            k: {lv: float(per[(name, k, lv)].mean()) for lv in levels[name]} for k in OPERANDS[kind]
+        }
+        for name, (kind, _) in op_cands.items()
+    }
     return out, {"images": int(x.shape[0]), "rel_se": worst}

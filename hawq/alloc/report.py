@@ -63,11 +63,16 @@ def parse_hessian(d: dict[str, Any], where: str = "hessian.json") -> HessianRepo
     which = d.get("eig_which")
     if which not in (None, "LA", "LM"):
         raise HawqError(f"{where}: eig_which {which!r} is invalid; allowed: LA, LM")
-    if which != "LA" and any((e or {}).get("eigenvalues") for e in (d.get("ops") or {}).values()
-                             if isinstance(e, dict)):  # fmt: skip
-        log.warning("%s: eigenvalues are ordered by magnitude (eig_which %s): lambda_max is "
-                    "taken as the largest listed value, which misses it when every listed "
-                    "value is negative; rerun the hessian stage (eig_which=LA)", where, which)
+    if which != "LA" and any(
+        (e or {}).get("eigenvalues") for e in (d.get("ops") or {}).values() if isinstance(e, dict)
+    ):
+        log.warning(
+            "%s: eigenvalues are ordered by magnitude (eig_which %s): lambda_max is "
+            "taken as the largest listed value, which misses it when every listed "
+            "value is negative; rerun the hessian stage (eig_which=LA)",
+            where,
+            which,
+        )
     ops_d = _need(d, "ops", where)
     if not isinstance(ops_d, dict) or not ops_d:
         raise HawqError(f"{where}: 'ops' must be a non-empty mapping of op name -> entry")
@@ -81,23 +86,29 @@ def parse_hessian(d: dict[str, Any], where: str = "hessian.json") -> HessianRepo
         for operand in OPERANDS[kind]:
             for key, d_ in (("act_trace", act_trace), ("act_numel", act_numel)):
                 if not isinstance(d_, dict) or d_.get(operand) is None:
-                    raise HawqError(f"{at}: {key}.{operand} is missing or null (the "
-                                    "activation sensitivity needs it)")  # fmt: skip
+                    raise HawqError(
+                        f"{at}: {key}.{operand} is missing or null (the "
+                        "activation sensitivity needs it)"
+                    )
         eig = e.get("eigenvalues")
         trace = _need(e, "trace", at)
         if kind != "matmul" and trace is None and not eig:
             raise HawqError(f"{at}: needs a weight 'trace' or 'eigenvalues' (both are null)")
         ops[name] = OpCurvature(
-            name=name, kind=kind, numel=int(_need(e, "numel", at)), macs=int(_need(e, "macs", at)),
+            name=name,
+            kind=kind,
+            numel=int(_need(e, "numel", at)),
+            macs=int(_need(e, "macs", at)),
             trace=None if trace is None else float(trace),
             top_eig=float(max(eig)) if eig else None,
             act_trace={k: float(act_trace[k]) for k in OPERANDS[kind]},
             act_numel={k: int(act_numel[k]) for k in OPERANDS[kind]},
             trace_numel=None if e.get("trace_numel") is None else int(e["trace_numel"]),
             trace_stderr=None if e.get("trace_stderr") is None else float(e["trace_stderr"]),
-            act_trace_stderr={k: float(v) for k, v in (e.get("act_trace_stderr") or {}).items()
-                              if v is not None},
-        )  # fmt: skip
+            act_trace_stderr={
+                k: float(v) for k, v in (e.get("act_trace_stderr") or {}).items() if v is not None
+            },
+        )
     meta = {k: v for k, v in d.items() if k != "ops"}
     return HessianReport(where, meta, ops)
 
@@ -136,13 +147,31 @@ def synthetic_report(
         trace = None if info.kind == "matmul" else draw() * info.params / 100
         acts = numel[info.name]
         ops[info.name] = {
-            "kind": info.kind, "numel": 0 if info.kind == "matmul" else info.params,
-            "macs": info.macs, "trace": trace, "trace_stderr": None, "trace_samples": None,
-            "eigenvalues": None if trace is None else [trace / 10], "eig_residuals": None,
-            "eig_iterations": None, "act_trace": {k: draw() for k in acts},
-            "act_trace_stderr": {k: 0.0 for k in acts}, "act_numel": acts,
-        }  # fmt: skip
-    return {"schema": 1, "model": type(model).__name__, "checkpoint": None,
-            "estimator": "hutchinson", "backend": "func", "synthetic": True, "seed": seed,
-            "dtype": "float32", "batches": 0, "batch_size": 0, "wall_s": 0.0,
-            "eig_which": "LA", "ops": ops}  # fmt: skip
+            "kind": info.kind,
+            "numel": 0 if info.kind == "matmul" else info.params,
+            "macs": info.macs,
+            "trace": trace,
+            "trace_stderr": None,
+            "trace_samples": None,
+            "eigenvalues": None if trace is None else [trace / 10],
+            "eig_residuals": None,
+            "eig_iterations": None,
+            "act_trace": {k: draw() for k in acts},
+            "act_trace_stderr": {k: 0.0 for k in acts},
+            "act_numel": acts,
+        }
+    return {
+        "schema": 1,
+        "model": type(model).__name__,
+        "checkpoint": None,
+        "estimator": "hutchinson",
+        "backend": "func",
+        "synthetic": True,
+        "seed": seed,
+        "dtype": "float32",
+        "batches": 0,
+        "batch_size": 0,
+        "wall_s": 0.0,
+        "eig_which": "LA",
+        "ops": ops,
+    }

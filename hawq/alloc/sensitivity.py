@@ -62,9 +62,20 @@ from hawq.errors import HawqError
 from hawq.quant.plan import OpSetting, Plan
 
 log = logging.getLogger("hawq")
-__all__ = ["ACT_METHODS", "METHODS", "SETTINGS", "activation_errors", "curvature",
-           "hawq_sensitivity", "measured_sensitivity", "noise_proxy", "random_sensitivity",
-           "tie_level", "uniform_sensitivity", "weight_errors"]  # fmt: skip
+__all__ = [
+    "ACT_METHODS",
+    "METHODS",
+    "SETTINGS",
+    "activation_errors",
+    "curvature",
+    "hawq_sensitivity",
+    "measured_sensitivity",
+    "noise_proxy",
+    "random_sensitivity",
+    "tie_level",
+    "uniform_sensitivity",
+    "weight_errors",
+]
 
 METHODS = ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act", "measured", "uniform", "random")
 #: methods whose objective has activation terms (they need calibration images)
@@ -72,16 +83,16 @@ ACT_METHODS = ("hawq_v1", "hawq_v2", "hawq_v3_act")
 #: one line per method, written into bits.yaml (meta.setting)
 SETTINGS = {
     "hawq_v3": "HAWQ-V3 exactly: weight-only objective sum_i Tr(H_i)/n_i ||Q(W_i)-W_i||^2, "
-               "whole-layer ties",
+    "whole-layer ties",
     "hawq_v3_act": "ours: HAWQ-V3 + activation terms sum_a Tr(H_a)/n_a E||Q(a)-a||^2, "
-                   "activation-level ties",
+    "activation-level ties",
     "hawq_v2": "HAWQ-V2 traces with activation terms, activation-level ties",
     "hawq_v1": "HAWQ-V1 top eigenvalue in place of the trace, activation terms, "
-               "activation-level ties",
+    "activation-level ties",
     "measured": "measured single-op PTQ accuracy drop, activation-level ties",
     "uniform": "noise proxy 4^-w + 4^-a (costs decide), activation-level ties",
     "random": "random op order r_i (4^-w + 4^-a), activation-level ties",
-}  # fmt: skip
+}
 
 
 def tie_level(method: str) -> str:
@@ -96,8 +107,14 @@ def curvature(mean: float, stderr: float | None, what: str = "") -> float:
     if stderr is None or stderr != stderr:
         return max(mean, 0.0)
     if abs(mean) < 2 * stderr:
-        log.info("alloc: %s: curvature sign undetermined (%.3g +- %.3g); using the upper "
-                 "2-stderr bound %.3g", what, mean, stderr, mean + 2 * stderr)  # fmt: skip
+        log.info(
+            "alloc: %s: curvature sign undetermined (%.3g +- %.3g); using the upper "
+            "2-stderr bound %.3g",
+            what,
+            mean,
+            stderr,
+            mean + 2 * stderr,
+        )
         return mean + 2 * stderr
     if mean < 0:
         log.info("alloc: %s: negative curvature %.3g +- %.3g counts as 0", what, mean, stderr)
@@ -118,8 +135,9 @@ def hawq_sensitivity(
     negative -> 0, undetermined sign -> the upper 2-stderr bound).
     """
     if method not in ("hawq_v1", "hawq_v2", "hawq_v3", "hawq_v3_act"):
-        raise HawqError(f"hawq_sensitivity: method {method!r}; allowed: hawq_v1, hawq_v2, "
-                        "hawq_v3, hawq_v3_act")  # fmt: skip
+        raise HawqError(
+            f"hawq_sensitivity: method {method!r}; allowed: hawq_v1, hawq_v2, hawq_v3, hawq_v3_act"
+        )
     n_w = curv.numel if curv.trace_numel is None else curv.trace_numel
     if curv.kind == "matmul":
         w_curv = 0.0
@@ -131,9 +149,11 @@ def hawq_sensitivity(
         if curv.trace is None:
             raise HawqError(f"{method} needs the trace of op {curv.name} in hessian.json")
         w_curv = curvature(curv.trace, curv.trace_stderr, f"op {curv.name} weight") / max(n_w, 1)
-    a_curv = {k: curvature(curv.act_trace[k], curv.act_trace_stderr.get(k),
-                           f"op {curv.name} operand {k}") / max(curv.act_numel[k], 1)
-              for k in OPERANDS[curv.kind]}  # fmt: skip
+    a_curv = {
+        k: curvature(curv.act_trace[k], curv.act_trace_stderr.get(k), f"op {curv.name} operand {k}")
+        / max(curv.act_numel[k], 1)
+        for k in OPERANDS[curv.kind]
+    }
     out = np.zeros(len(cands))
     for j, c in enumerate(cands):
         if curv.kind != "matmul":

@@ -39,22 +39,44 @@ class LandscapeConfig:
         require(self.split in ("train", "test"), "split", self.split, "train, test")
         require(self.batches >= 1, "batches", self.batches, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        require(len(self.directions) >= 1 and set(self.directions) <= set(DIRECTIONS),
-                "directions", self.directions, "a non-empty list of eigen, random")  # fmt: skip
-        require(self.eig_method in ("lanczos", "power"), "eig_method", self.eig_method,
-                "lanczos, power")  # fmt: skip
+        require(
+            len(self.directions) >= 1 and set(self.directions) <= set(DIRECTIONS),
+            "directions",
+            self.directions,
+            "a non-empty list of eigen, random",
+        )
+        require(
+            self.eig_method in ("lanczos", "power"), "eig_method", self.eig_method, "lanczos, power"
+        )
         require(self.eig_tol > 0, "eig_tol", self.eig_tol, "> 0")
         require(self.eig_max_iter >= 2, "eig_max_iter", self.eig_max_iter, "an integer >= 2")
         require(self.points_1d >= 3, "points_1d", self.points_1d, "an integer >= 3")
-        require(self.points_2d == 0 or self.points_2d >= 3, "points_2d", self.points_2d,
-                "0 or an integer >= 3")  # fmt: skip
+        require(
+            self.points_2d == 0 or self.points_2d >= 3,
+            "points_2d",
+            self.points_2d,
+            "0 or an integer >= 3",
+        )
         require(self.span_random > 0, "span_random", self.span_random, "> 0")
         require(self.eigen_rise > 0, "eigen_rise", self.eigen_rise, "> 0")
-        require(all(isinstance(b, int) and 1 <= b <= 8 for b in self.bits), "bits", self.bits,
-                "a list of integers 1-8")  # fmt: skip
-        require(self.a_bits is None or 1 <= self.a_bits <= 8, "a_bits", self.a_bits,
-                "null or an integer 1-8")  # fmt: skip
-        require(self.per_op_eig_iter >= 0, "per_op_eig_iter", self.per_op_eig_iter,
-                "an integer >= 0")  # fmt: skip
-        require(self.quant_path_points >= 2, "quant_path_points", self.quant_path_points,
-                "an integer >= 2")  # fmt: skip
+        require(
+            all(isinstance(b, int) and 1 <= b <= 8 for b in self.bits),
+            "bits",
+            self.bits,
+            "a list of integers 1-8",
+        )
+        require(
+            self.a_bits is None or 1 <= self.a_bits <= 8,
+            "a_bits",
+            self.a_bits,
+            "null or an integer 1-8",
+        )
+        require(
+            self.per_op_eig_iter >= 0, "per_op_eig_iter", self.per_op_eig_iter, "an integer >= 0"
+        )
+        require(
+            self.quant_path_points >= 2,
+            "quant_path_points",
+            self.quant_path_points,
+            "an integer >= 2",
+        )

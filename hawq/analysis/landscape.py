@@ -122,8 +122,9 @@ def filter_normalized(
 
 
 @contextmanager
-def shifted(model: nn.Module, moves: Sequence[tuple[float, Mapping[str, torch.Tensor]]]
-            ) -> Iterator[nn.Module]:  # fmt: skip
+def shifted(
+    model: nn.Module, moves: Sequence[tuple[float, Mapping[str, torch.Tensor]]]
+) -> Iterator[nn.Module]:
     """Temporarily set :math:`\\theta \\leftarrow \\theta + \\sum_j c_j d_j` (restored exactly)."""
     params = dict(model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
@@ -211,8 +212,12 @@ def surface_2d(
             row_a.append(ac)
         loss.append(row_l)
         acc.append(row_a)
-    return {"alpha": [float(a) for a in alphas], "beta": [float(b) for b in betas],
-            "loss": loss, "acc": acc}  # fmt: skip
+    return {
+        "alpha": [float(a) for a in alphas],
+        "beta": [float(b) for b in betas],
+        "loss": loss,
+        "acc": acc,
+    }
 
 
 @dataclass
@@ -244,7 +249,7 @@ def _blocks(params: Mapping[str, nn.Parameter]) -> dict[str, list[nn.Parameter]]
 def _unflatten(v: torch.Tensor, params: Mapping[str, torch.Tensor]) -> Direction:
     out, start = {}, 0
     for name, p in params.items():
-        out[name] = v[start:start + p.numel()].view_as(p).detach().clone()
+        out[name] = v[start : start + p.numel()].view_as(p).detach().clone()
         start += p.numel()
     return out
 
@@ -290,8 +295,7 @@ def eigen_directions(
     target = hop if op is None else hop.block(op)
     res = EIG_METHODS[method](target, top_k=top_k, tol=tol, max_iter=max_iter, seed=seed)
     hop.release()
-    span = params if op is None else {n: p for n, p in params.items()
-                                      if n.rsplit(".", 1)[0] == op}  # fmt: skip
+    span = params if op is None else {n: p for n, p in params.items() if n.rsplit(".", 1)[0] == op}
     dirs = []
     for v in res.vectors:
         d = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
@@ -350,8 +354,13 @@ def quant_point(
     norm2 = dot(delta, delta)
     inside = sum(dot(delta, b) ** 2 for b in basis)
     outside = max(norm2 - inside, 0.0) ** 0.5 / norm2**0.5 if norm2 > 0 else 0.0
-    return {"loss": loss, "acc": acc, "norm": norm2**0.5, "outside": outside,
-            "coords": {name: project(delta, d) for name, d in directions.items()}}  # fmt: skip
+    return {
+        "loss": loss,
+        "acc": acc,
+        "norm": norm2**0.5,
+        "outside": outside,
+        "coords": {name: project(delta, d) for name, d in directions.items()},
+    }
 
 
 def loss_gradient(
@@ -409,9 +418,13 @@ def op_quant_rise(
     weights = {k: params[k] for k in keys}
     loss0, _ = probe(model)
     grad = loss_gradient(model, probe.loss_fn, probe.batches, weights)
-    hop = HessianOperator(model, probe.loss_fn, list(probe.batches),
-                          blocks={k.rsplit(".", 1)[0]: [weights[k]] for k in keys},
-                          backend="double_backward")  # fmt: skip
+    hop = HessianOperator(
+        model,
+        probe.loss_fn,
+        list(probe.batches),
+        blocks={k.rsplit(".", 1)[0]: [weights[k]] for k in keys},
+        backend="double_backward",
+    )
     out: dict[str, dict[str, float]] = {}
     # all products first: shifting the weights in place would invalidate the cached graph
     for k in keys:
@@ -420,8 +433,13 @@ def op_quant_rise(
         quad = 0.5 * float(torch.dot(v, hop.block(op) @ v))
         lin = float((grad[k] * delta[k]).sum())
         norm2 = float(torch.dot(v, v))
-        out[op] = {"linear": lin, "quadratic": quad, "predicted": lin + quad, "norm": norm2**0.5,
-                   "curvature": 2 * quad / norm2 if norm2 > 0 else 0.0}  # fmt: skip
+        out[op] = {
+            "linear": lin,
+            "quadratic": quad,
+            "predicted": lin + quad,
+            "norm": norm2**0.5,
+            "curvature": 2 * quad / norm2 if norm2 > 0 else 0.0,
+        }
         if eig_max_iter > 0:
             res = lanczos(hop.block(op), top_k=1, tol=eig_tol, max_iter=eig_max_iter, seed=seed)
             out[op]["lambda"] = res.values[0]
@@ -440,7 +458,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(stats.spearmanr(x, y).statistic)
 
 
-
 def second_order(
     model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], delta: Mapping[str, torch.Tensor]
 ) -> tuple[float, float]:
@@ -453,8 +470,13 @@ def second_order(
     keys = [k for k in delta if k in params]
     weights = {k: params[k] for k in keys}
     grad = loss_gradient(model, loss_fn, batches, weights)
-    hop = HessianOperator(model, loss_fn, list(batches), blocks={"delta": list(weights.values())},
-                          backend="double_backward")  # fmt: skip
+    hop = HessianOperator(
+        model,
+        loss_fn,
+        list(batches),
+        blocks={"delta": list(weights.values())},
+        backend="double_backward",
+    )
     v = _flatten(delta, keys).to(hop.dtype)
     quad = float(torch.dot(v, hop @ v))
     hop.release()

@@ -6,5 +6,10 @@ from hawq.data.loader import BatchLoader
 from hawq.data.synthetic import make_synthetic
 
 __all__ = [
-    "BatchLoader", "ImageSplit", "Splits", "download_cifar10", "load_cifar10", "make_synthetic",
-]  # fmt: skip
+    "BatchLoader",
+    "ImageSplit",
+    "Splits",
+    "download_cifar10",
+    "load_cifar10",
+    "make_synthetic",
+]

@@ -30,13 +30,23 @@ from hawq.errors import HawqError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation: a stalled connection fails instead of hanging
-OFFLINE_HINT = ("offline? copy cifar-10-batches-py (or the npz shards) into a folder and set "
-                "HAWQ_DATA=<folder> or data.root=<folder>")  # fmt: skip
+OFFLINE_HINT = (
+    "offline? copy cifar-10-batches-py (or the npz shards) into a folder and set "
+    "HAWQ_DATA=<folder> or data.root=<folder>"
+)
 MD5 = "c58f30108f718f92721af3b95e74349a"
 CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 #: Per-channel mean / std of the training images on the [0, 1] scale.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -87,10 +97,12 @@ def _find_batches(root: Path, partial: bool = False) -> Path | None:
             continue
         if len(have) < len(_TRAIN_BATCHES) and not partial:
             missing = sorted(set(_TRAIN_BATCHES) - set(have))
-            raise HawqError(f"CIFAR-10 in {cand} is incomplete: {len(have)} of "
-                            f"{len(_TRAIN_BATCHES)} train batches ({', '.join(missing)} missing); "
-                            "allowed: all of them, or data.partial=true to train on the "
-                            "rest")  # fmt: skip
+            raise HawqError(
+                f"CIFAR-10 in {cand} is incomplete: {len(have)} of "
+                f"{len(_TRAIN_BATCHES)} train batches ({', '.join(missing)} missing); "
+                "allowed: all of them, or data.partial=true to train on the "
+                "rest"
+            )
         return cand
     return None
 
@@ -110,9 +122,11 @@ def _find_npz(root: Path, partial: bool = False) -> tuple[list[Path], Path] | No
     missing = sorted(set(range(1, n + 1)) - {int(m.group(1)) for m in parts})
     if missing and not partial:
         names = ", ".join(f"cifar10_train_part{k}of{n}.npz" for k in missing)
-        raise HawqError(f"CIFAR-10 in {root} is incomplete: {n - len(missing)} of {n} train "
-                        f"shards ({names} missing); allowed: all of them, or data.partial=true "
-                        "to train on the rest")  # fmt: skip
+        raise HawqError(
+            f"CIFAR-10 in {root} is incomplete: {n - len(missing)} of {n} train "
+            f"shards ({names} missing); allowed: all of them, or data.partial=true "
+            "to train on the rest"
+        )
     return train, test
 
 
@@ -147,8 +161,11 @@ def load_cifar10(root: str | Path, download: bool = False, partial: bool = False
                 )
             download_cifar10(root)
             batches = root / _BATCH_DIR
-        parts = [_read_pickle(batches / b) for b in _TRAIN_BATCHES
-                 if (batches / b).is_file() or not partial]  # fmt: skip
+        parts = [
+            _read_pickle(batches / b)
+            for b in _TRAIN_BATCHES
+            if (batches / b).is_file() or not partial
+        ]
         xtr = np.concatenate([p[0] for p in parts])
         ytr = np.concatenate([p[1] for p in parts])
         xte, yte = _read_pickle(batches / "test_batch")
@@ -157,8 +174,10 @@ def load_cifar10(root: str | Path, download: bool = False, partial: bool = False
     test = ImageSplit(*_check(xte, yte, source))
     for split, data in (("train", train), ("test", test)):
         if len(data) == 0:
-            raise HawqError(f"CIFAR-10 in {source}: the {split} split has 0 images; allowed: "
-                            "a data set with images (data.root=<folder holding CIFAR-10>)")
+            raise HawqError(
+                f"CIFAR-10 in {source}: the {split} split has 0 images; allowed: "
+                "a data set with images (data.root=<folder holding CIFAR-10>)"
+            )
     return Splits(train=train, test=test, classes=CLASSES, mean=MEAN, std=STD)
 
 
@@ -198,8 +217,9 @@ def download_cifar10(
                         bar.update(len(chunk))
             got = _md5(tmp)
             if got != md5:
-                raise HawqError(f"download of {url} is corrupt: md5 {got}, expected {md5}; "
-                                f"{OFFLINE_HINT}")  # fmt: skip
+                raise HawqError(
+                    f"download of {url} is corrupt: md5 {got}, expected {md5}; {OFFLINE_HINT}"
+                )
             tmp.replace(archive)
         except OSError as e:  # includes socket timeouts and refused/reset connections
             reason = getattr(e, "reason", None) or e

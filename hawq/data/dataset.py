@@ -22,8 +22,10 @@ class ImageSplit:
         if not 1 <= n < len(self):
             raise ValueError(f"cannot hold out {n} of {len(self)} samples")
         k = len(self) - n
-        return (ImageSplit(self.images[:k], self.labels[:k]),
-                ImageSplit(self.images[k:], self.labels[k:]))  # fmt: skip
+        return (
+            ImageSplit(self.images[:k], self.labels[:k]),
+            ImageSplit(self.images[k:], self.labels[k:]),
+        )
 
     def subset(self, n: int | None) -> ImageSplit:
         """The first ``n`` samples (all when ``n`` is None or larger)."""

@@ -57,8 +57,9 @@ class BatchLoader:
         self._resume_state: torch.Tensor | None = None
         self.generator: torch.Generator | None = None  # of the running iteration
 
-    def set_epoch(self, epoch: int, start_step: int = 0,
-                  generator_state: torch.Tensor | None = None) -> None:  # fmt: skip
+    def set_epoch(
+        self, epoch: int, start_step: int = 0, generator_state: torch.Tensor | None = None
+    ) -> None:
         """Pick epoch ``epoch``'s order; with ``start_step`` the next iteration begins at
         that batch, its augmentation drawn from ``generator_state`` (what
         :attr:`generator` held after the first ``start_step`` batches of that epoch): the

@@ -51,12 +51,15 @@ class ImageData:
         if self.root is not None:
             s = load_cifar10(self.root, download=self.download, partial=self.partial)
         else:
-            s = make_synthetic(n_train=self.train_subset or 1024, n_test=self.test_subset or 512,
-                               seed=self.seed)  # fmt: skip
+            s = make_synthetic(
+                n_train=self.train_subset or 1024, n_test=self.test_subset or 512, seed=self.seed
+            )
         if self.val_size:  # the last val_size train images, never trained on
             if self.val_size >= len(s.train):
-                raise HawqError(f"data.val_size={self.val_size} is invalid; allowed: fewer "
-                                f"than the {len(s.train)} train images")  # fmt: skip
+                raise HawqError(
+                    f"data.val_size={self.val_size} is invalid; allowed: fewer "
+                    f"than the {len(s.train)} train images"
+                )
             s.train, s.val = s.train.split_off(self.val_size)
         s.train = s.train.subset(self.train_subset)
         s.test = s.test.subset(self.test_subset)
@@ -73,9 +76,18 @@ class ImageData:
     def train_loader(self, device: torch.device | str = "cpu", seed: int = 0) -> BatchLoader:
         """Shuffled, augmented batches; epoch ``e`` is reproducible from ``seed``."""
         s = self.splits
-        return BatchLoader(s.train, self.batch_size, s.mean, s.std, shuffle=True,
-                           augment=self.augment, drop_last=len(s.train) > self.batch_size,
-                           device=device, seed=seed, padding=self.padding)  # fmt: skip
+        return BatchLoader(
+            s.train,
+            self.batch_size,
+            s.mean,
+            s.std,
+            shuffle=True,
+            augment=self.augment,
+            drop_last=len(s.train) > self.batch_size,
+            device=device,
+            seed=seed,
+            padding=self.padding,
+        )
 
     def eval_loader(
         self, split: str = "test", device: torch.device | str = "cpu", batch_size: int | None = None
@@ -84,8 +96,8 @@ class ImageData:
         of the train split, ``data.val_size``)."""
         s = self.splits
         if split == "val" and s.val is None:
-            raise HawqError("the val split needs data.val_size=N (the last N train images "
-                            "held out of training)")  # fmt: skip
+            raise HawqError(
+                "the val split needs data.val_size=N (the last N train images held out of training)"
+            )
         data = {"test": s.test, "train": s.train, "val": s.val}[split]
-        return BatchLoader(data, batch_size or self.eval_batch_size, s.mean, s.std,
-                           device=device)  # fmt: skip
+        return BatchLoader(data, batch_size or self.eval_batch_size, s.mean, s.std, device=device)

@@ -106,12 +106,17 @@ class ActivationGraph:
                     outs.append(g)
                     gos.append(v)
             ins.extend(self.taps[k])
-        hv = torch.autograd.grad(outs, ins, grad_outputs=gos, retain_graph=True,
-                                 allow_unused=True) if outs else [None] * len(ins)  # fmt: skip
+        hv = (
+            torch.autograd.grad(outs, ins, grad_outputs=gos, retain_graph=True, allow_unused=True)
+            if outs
+            else [None] * len(ins)
+        )
         res, it = {}, iter(hv)
         for k in self.keys:
-            res[k] = [h.detach() if h is not None else torch.zeros_like(t)
-                      for t, h in zip(self.taps[k], (next(it) for _ in self.taps[k]))]  # fmt: skip
+            res[k] = [
+                h.detach() if h is not None else torch.zeros_like(t)
+                for t, h in zip(self.taps[k], (next(it) for _ in self.taps[k]))
+            ]
         return res
 
     def numel_per_sample(self) -> dict[Key, int]:
@@ -147,8 +152,12 @@ class ActivationHessian:
         probe = self._graph(*self.local[0]) if self.local else None
         keys = probe.keys if probe else []
         numel = probe.numel_per_sample() if probe else {}
-        self.keys: list[Key] = [(n, o) for n, m in self.ops.items() for o in OPERANDS[op_kind(m)]
-                                if (n, o) in keys or not keys]  # fmt: skip
+        self.keys: list[Key] = [
+            (n, o)
+            for n, m in self.ops.items()
+            for o in OPERANDS[op_kind(m)]
+            if (n, o) in keys or not keys
+        ]
         self.numel = {k: numel.get(k, 0) for k in self.keys}
         self.n_products = 0
 
@@ -171,13 +180,16 @@ class ActivationHessian:
         for i, batch in self.local:
             graph = self._graph(i, batch)
             gen = torch.Generator().manual_seed(((seed * 1_000_003) + index) * 10_007 + i)
-            vs = {k: [rademacher(t.numel(), gen, t.dtype, t.device).view_as(t)
-                      for t in graph.taps[k]] for k in graph.keys}  # fmt: skip
+            vs = {
+                k: [rademacher(t.numel(), gen, t.dtype, t.device).view_as(t) for t in graph.taps[k]]
+                for k in graph.keys
+            }
             hv = graph.hvp(vs)
             for j, k in enumerate(self.keys):
                 if k in hv:
-                    acc[j] += graph.n * sum(float(torch.dot(v.reshape(-1), h.reshape(-1)))
-                                            for v, h in zip(vs[k], hv[k]))  # fmt: skip
+                    acc[j] += graph.n * sum(
+                        float(torch.dot(v.reshape(-1), h.reshape(-1))) for v, h in zip(vs[k], hv[k])
+                    )
             count += graph.n
             del graph
         self.n_products += 1
@@ -209,8 +221,9 @@ def operand_traces(
         drawn += k
         return rows
 
-    res = cross_fit(draw, len(act.keys), aggregate_rel_stderr, rtol, min_samples, max_samples,
-                    callback=callback)  # fmt: skip
+    res = cross_fit(
+        draw, len(act.keys), aggregate_rel_stderr, rtol, min_samples, max_samples, callback=callback
+    )
     out: dict[str, dict[str, TraceEstimate]] = {}
     for j, (name, operand) in enumerate(act.keys):
         out.setdefault(name, {})[operand] = TraceEstimate(

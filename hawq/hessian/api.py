@@ -67,9 +67,17 @@ def layer_traces(
         op name -> :class:`TraceEstimate` (mean, stderr, n_samples, numel).
     """
     op, _ = hessian_operator(model, loss_fn, batches, backend=backend)
-    res = block_traces(op, rtol=rtol, max_samples=max_samples, min_samples=min_samples,
-                       seed=seed, estimator=estimator, sketch=sketch, callback=callback,
-                       chunk=chunk)  # fmt: skip
+    res = block_traces(
+        op,
+        rtol=rtol,
+        max_samples=max_samples,
+        min_samples=min_samples,
+        seed=seed,
+        estimator=estimator,
+        sketch=sketch,
+        callback=callback,
+        chunk=chunk,
+    )
     return res.blocks
 
 
@@ -91,8 +99,9 @@ def layer_eigenpairs(
     solve = EIG_METHODS[method]
     out = {}
     for name in op.blocks:
-        out[name] = solve(op.block(name), top_k=top_k, tol=tol, max_iter=max_iter, seed=seed,
-                          which=which)  # fmt: skip
+        out[name] = solve(
+            op.block(name), top_k=top_k, tol=tol, max_iter=max_iter, seed=seed, which=which
+        )
         warn_unconverged(name, out[name], tol)
     return out
 
@@ -148,8 +157,14 @@ def activation_traces(
         -> :class:`TraceEstimate` whose ``numel`` is the operand's elements per sample.
     """
     act = ActivationHessian(model, loss_fn, batches)
-    return operand_traces(act, rtol=rtol, max_samples=max_samples, min_samples=min_samples,
-                          seed=seed, callback=callback)  # fmt: skip
+    return operand_traces(
+        act,
+        rtol=rtol,
+        max_samples=max_samples,
+        min_samples=min_samples,
+        seed=seed,
+        callback=callback,
+    )
 
 
 def spectral_density(

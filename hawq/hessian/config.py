@@ -44,21 +44,35 @@ class HessianConfig:
         require(self.split in ("train", "test"), "split", self.split, "train, test")
         require(0 < self.rtol < 1, "rtol", self.rtol, "0 < rtol < 1")
         require(self.min_samples >= 2, "min_samples", self.min_samples, "an integer >= 2")
-        require(self.max_samples >= self.min_samples, "max_samples", self.max_samples,
-                "an integer >= min_samples")  # fmt: skip
-        require(self.estimator in ("sandwich", "hutchpp", "hutchinson"), "estimator",
-                self.estimator, "sandwich, hutchpp, hutchinson")  # fmt: skip
+        require(
+            self.max_samples >= self.min_samples,
+            "max_samples",
+            self.max_samples,
+            "an integer >= min_samples",
+        )
+        require(
+            self.estimator in ("sandwich", "hutchpp", "hutchinson"),
+            "estimator",
+            self.estimator,
+            "sandwich, hutchpp, hutchinson",
+        )
         require(self.eig_which in ("LA", "LM"), "eig_which", self.eig_which, "LA, LM")
         require(self.sketch >= 1, "sketch", self.sketch, "an integer >= 1")
         require(self.chunk >= 1, "chunk", self.chunk, "an integer >= 1")
         require(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0")
-        require(self.eig_method in ("lanczos", "power"), "eig_method", self.eig_method,
-                "lanczos, power")  # fmt: skip
+        require(
+            self.eig_method in ("lanczos", "power"), "eig_method", self.eig_method, "lanczos, power"
+        )
         require(self.tol > 0, "tol", self.tol, "> 0")
         require(self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
-        require(self.backend in ("auto", "double_backward", "func"), "backend", self.backend,
-                "auto, double_backward, func")  # fmt: skip
+        require(
+            self.backend in ("auto", "double_backward", "func"),
+            "backend",
+            self.backend,
+            "auto, double_backward, func",
+        )
         require(self.dtype in ("float32", "float64"), "dtype", self.dtype, "float32, float64")
         require(self.density_steps >= 2, "density_steps", self.density_steps, "an integer >= 2")
-        require(self.density_vectors >= 1, "density_vectors", self.density_vectors,
-                "an integer >= 1")  # fmt: skip
+        require(
+            self.density_vectors >= 1, "density_vectors", self.density_vectors, "an integer >= 1"
+        )

@@ -52,8 +52,12 @@ class SpectralDensity:
         return kernel @ self.weights
 
     def as_dict(self) -> dict:
-        return {"nodes": self.nodes.tolist(), "weights": self.weights.tolist(),
-                "n_vectors": self.n_vectors, "steps": self.steps}  # fmt: skip
+        return {
+            "nodes": self.nodes.tolist(),
+            "weights": self.weights.tolist(),
+            "n_vectors": self.n_vectors,
+            "steps": self.steps,
+        }
 
 
 def slq(op: Any, n_vectors: int = 1, steps: int = 80, seed: int = 0) -> SpectralDensity:

@@ -49,14 +49,21 @@ def _estimate(values: list[torch.Tensor], numel: int) -> TraceEstimate:
     return TraceEstimate(float(v.mean()), stderr, n, numel)
 
 
-def weight_fisher(model: nn.Module, loss_fn: Callable, batches: Iterable[Batch],
-                  ops: Mapping[str, nn.Module] | None = None,
-                  chunk: int = 16) -> dict[str, TraceEstimate]:  # fmt: skip
+def weight_fisher(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable[Batch],
+    ops: Mapping[str, nn.Module] | None = None,
+    chunk: int = 16,
+) -> dict[str, TraceEstimate]:
     """:math:`\\mathrm{tr} F_W` of every op's weight (ops without a trainable weight are
     omitted), from per-sample gradients in chunks of ``chunk`` samples."""
     ops = dict(quantizable_ops(model) if ops is None else ops)
-    names = {f"{n}.weight": n for n, m in ops.items()
-             if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.requires_grad}
+    names = {
+        f"{n}.weight": n
+        for n, m in ops.items()
+        if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.requires_grad
+    }
     if not names:
         return {}
     fixed = {k: v.detach() for k, v in model.named_parameters()}
@@ -72,15 +79,18 @@ def weight_fisher(model: nn.Module, loss_fn: Callable, batches: Iterable[Batch],
     with evaluating(model), torch.enable_grad():
         for x, y in batches:
             for i in range(0, len(y), chunk):
-                g = per_sample(weights, x[i:i + chunk], y[i:i + chunk])
+                g = per_sample(weights, x[i : i + chunk], y[i : i + chunk])
                 for key, op in names.items():
                     values[op].append(g[key].flatten(1).pow(2).sum(1).detach())
     return {op: _estimate(v, ops[op].weight.numel()) for op, v in values.items()}
 
 
-def operand_fisher(model: nn.Module, loss_fn: Callable, batches: Iterable[Batch],
-                   ops: Mapping[str, nn.Module] | None = None
-                   ) -> dict[str, dict[str, TraceEstimate]]:  # fmt: skip
+def operand_fisher(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable[Batch],
+    ops: Mapping[str, nn.Module] | None = None,
+) -> dict[str, dict[str, TraceEstimate]]:
     """:math:`\\mathrm{tr} F_{x_k}` of every op operand (``loss_fn`` a mean over the
     batch; every operand's leading dimension is the sample)."""
     ops = dict(quantizable_ops(model) if ops is None else ops)
@@ -100,8 +110,10 @@ def operand_fisher(model: nn.Module, loss_fn: Callable, batches: Iterable[Batch]
                 for t in taps[k]:
                     g = next(grads)
                     if t.shape[0] != n:
-                        raise HawqError(f"fisher: operand {k[1]} of {k[0]} has leading "
-                                        f"dimension {t.shape[0]}, not the batch's {n}")  # fmt: skip
+                        raise HawqError(
+                            f"fisher: operand {k[1]} of {k[0]} has leading "
+                            f"dimension {t.shape[0]}, not the batch's {n}"
+                        )
                     if g is not None:
                         per += (g.double() * n).flatten(1).pow(2).sum(1)
                 values.setdefault(k, []).append(per)

@@ -59,8 +59,15 @@ import torch
 
 from hawq.hessian.sampling import RunningStats, aggregate_rel_stderr, cross_fit
 
-__all__ = ["ESTIMATORS", "BlockTraces", "RunningStats", "TraceEstimate", "aggregate_rel_stderr",
-           "block_traces", "rademacher"]  # fmt: skip
+__all__ = [
+    "ESTIMATORS",
+    "BlockTraces",
+    "RunningStats",
+    "TraceEstimate",
+    "aggregate_rel_stderr",
+    "block_traces",
+    "rademacher",
+]
 ESTIMATORS = ("sandwich", "hutchpp", "hutchinson")
 
 
@@ -149,8 +156,9 @@ class _Sketched:
     m: int
 
 
-def _exact_part(op: Any, estimator: str, sketch: int, ids: torch.Tensor, nb: int,
-                gen: torch.Generator) -> _Sketched:  # fmt: skip
+def _exact_part(
+    op: Any, estimator: str, sketch: int, ids: torch.Tensor, nb: int, gen: torch.Generator
+) -> _Sketched:
     """The sketch (``2m`` products) and the block traces it gives exactly: of
     :math:`QCQ^\\top` (``hutchpp``) and also of :math:`QZ^\\top + ZQ^\\top` (``sandwich``)."""
     if estimator == "hutchinson":
@@ -236,8 +244,11 @@ def block_traces(
 
     res = cross_fit(draw, nb + 1, statistic, rtol, min_samples, max_samples, chunk, callback)
     mean, se = res.mean[:nb] + sk.exact, res.stderr
-    est = {k: TraceEstimate(float(mean[i]), float(se[i]), res.n, blocks[k].stop - blocks[k].start)
-           for i, k in enumerate(names)}  # fmt: skip
+    est = {
+        k: TraceEstimate(float(mean[i]), float(se[i]), res.n, blocks[k].stop - blocks[k].start)
+        for i, k in enumerate(names)
+    }
     whole = TraceEstimate(float(res.mean[nb]) + sk.exact_total, float(se[nb]), res.n, n)
-    return BlockTraces(est, whole, 2 * sk.m + res.drawn, estimator, sk.m,
-                       statistic(res.mean, res.stderr))  # fmt: skip
+    return BlockTraces(
+        est, whole, 2 * sk.m + res.drawn, estimator, sk.m, statistic(res.mean, res.stderr)
+    )

@@ -67,9 +67,12 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 def note_train_mode(model: nn.Module, who: str) -> None:
     """Log (warning) that a train-mode model is analysed in eval mode."""
     if any(m.training for m in model.modules()):
-        log.warning("hessian: %s: the model is in train mode; its curvature is taken in eval "
-                    "mode (BatchNorm running statistics, no dropout): each forward runs under "
-                    "model.eval(), the mode is restored and no buffer is changed", who)  # fmt: skip
+        log.warning(
+            "hessian: %s: the model is in train mode; its curvature is taken in eval "
+            "mode (BatchNorm running statistics, no dropout): each forward runs under "
+            "model.eval(), the mode is restored and no buffer is changed",
+            who,
+        )
 
 
 def reiterable(batches: Iterable[Batch], who: str) -> Iterable[Batch]:
@@ -77,8 +80,12 @@ def reiterable(batches: Iterable[Batch], who: str) -> Iterable[Batch]:
     generator, which would be exhausted after one pass) its items as a list."""
     if iter(batches) is batches:
         batches = list(batches)
-        log.info("hessian: %s: batches is a one-shot iterator; materialised its %d batches "
-                 "(every product iterates them again)", who, len(batches))  # fmt: skip
+        log.info(
+            "hessian: %s: batches is a one-shot iterator; materialised its %d batches "
+            "(every product iterates them again)",
+            who,
+            len(batches),
+        )
     return batches
 
 
@@ -123,8 +130,9 @@ class DoubleBackwardHVP(BatchHVP):
         super().__init__(model, loss_fn, params, batch)
         with torch.enable_grad(), evaluating(model):
             loss = loss_fn(model(self.x), self.y)
-            self.grads = torch.autograd.grad(loss, self.params, create_graph=True,
-                                             allow_unused=True)  # fmt: skip
+            self.grads = torch.autograd.grad(
+                loss, self.params, create_graph=True, allow_unused=True
+            )
 
     def __call__(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
         return self._grad_of_grad(vs, idx, batched=False)
@@ -136,13 +144,17 @@ class DoubleBackwardHVP(BatchHVP):
         every node's backward-of-backward runs on a batch of ``k``)."""
         return self._grad_of_grad(vs, idx, batched=True)
 
-    def _grad_of_grad(self, vs: Sequence[torch.Tensor], idx: Sequence[int],
-                      batched: bool) -> list[torch.Tensor]:  # fmt: skip
+    def _grad_of_grad(
+        self, vs: Sequence[torch.Tensor], idx: Sequence[int], batched: bool
+    ) -> list[torch.Tensor]:
         """Double backward of the kept first-order graph for params ``idx``, batched over
         the leading dim of ``vs`` when ``batched`` (zeros where a param does not reach
         the loss)."""
-        live = [k for k, i in enumerate(idx) if self.grads[i] is not None and
-                self.grads[i].requires_grad]  # fmt: skip
+        live = [
+            k
+            for k, i in enumerate(idx)
+            if self.grads[i] is not None and self.grads[i].requires_grad
+        ]
         out = [torch.zeros_like(v) for v in vs]
         if not live:
             return out

@@ -103,9 +103,14 @@ def _orthonormal_columns(x: torch.Tensor, q: torch.Tensor, scale: float) -> torc
 
 
 def lanczos(
-    op: Any, top_k: int = 1, tol: float = 1e-4, max_iter: int = 200, seed: int = 0,
-    which: str = "LM", block: int | None = None,
-) -> EigenResult:  # fmt: skip
+    op: Any,
+    top_k: int = 1,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    which: str = "LM",
+    block: int | None = None,
+) -> EigenResult:
     """Top-``top_k`` eigenpairs of symmetric ``op`` (with multiplicity) by block Lanczos.
 
     Args:

@@ -47,8 +47,7 @@ def op_params(module: nn.Module, include_bias: bool = False) -> list[nn.Paramete
     (default: what quantization perturbs and the allocator multiplies by
     :math:`\\lVert \\Delta W \\rVert^2`), or weight and bias."""
     ends = ("weight", "bias") if include_bias else ("weight",)
-    return [p for n, p in module.named_parameters() if n.endswith(ends)
-            and p.requires_grad]  # fmt: skip
+    return [p for n, p in module.named_parameters() if n.endswith(ends) and p.requires_grad]
 
 
 def op_blocks(model: nn.Module, include_bias: bool = False) -> dict[str, list[nn.Parameter]]:
@@ -130,8 +129,9 @@ class HessianOperator:
     # -- internals ---------------------------------------------------------------------------
     def _apply(self, v: torch.Tensor, idx: list[int]) -> torch.Tensor:
         if v.ndim == 2 and v.shape[1] > 1 and self._batchable():
-            return torch.cat([self._apply_batched(c, idx) for c in v.split(self.vmap_columns, 1)],
-                             dim=1)  # fmt: skip
+            return torch.cat(
+                [self._apply_batched(c, idx) for c in v.split(self.vmap_columns, 1)], dim=1
+            )
         if v.ndim == 2:
             return torch.stack([self._apply(c, idx) for c in v.unbind(1)], dim=1)
         shapes = [self.params[i].shape for i in idx]
@@ -144,23 +144,32 @@ class HessianOperator:
         return torch.cat([o.reshape(-1) for o in out])
 
     def _batchable(self) -> bool:
-        return (self.vmap_columns > 1 and self._fixed is not None and dist.world()[1] == 1
-                and self.backend == "double_backward")  # fmt: skip
+        return (
+            self.vmap_columns > 1
+            and self._fixed is not None
+            and dist.world()[1] == 1
+            and self.backend == "double_backward"
+        )
 
     def _apply_batched(self, v: torch.Tensor, idx: list[int]) -> torch.Tensor:
         """Columns of ``v`` (n, k) in one vmapped double backward (one batch, no ranks)."""
         shapes = [self.params[i].shape for i in idx]
         k = v.shape[1]
-        vs = [c.T.reshape(k, *s) for c, s in
-              zip(v.to(self.dtype).split([s.numel() for s in shapes]), shapes)]  # fmt: skip
+        vs = [
+            c.T.reshape(k, *s)
+            for c, s in zip(v.to(self.dtype).split([s.numel() for s in shapes]), shapes)
+        ]
         if self._cache is None:
-            self._cache = make_batch_hvp(self.backend, self.model, self.loss_fn, self.params,
-                                         self._fixed)  # fmt: skip
+            self._cache = make_batch_hvp(
+                self.backend, self.model, self.loss_fn, self.params, self._fixed
+            )
         try:
             out = self._cache.batched(vs, idx)
         except RuntimeError as e:  # an op without a batching rule for its double backward
-            log.info("hessian: vmapped products unavailable (%s); one product per column",
-                     str(e).splitlines()[0][:120])  # fmt: skip
+            log.info(
+                "hessian: vmapped products unavailable (%s); one product per column",
+                str(e).splitlines()[0][:120],
+            )
             self.vmap_columns = 1
             return torch.stack([self._apply(c, idx) for c in v.unbind(1)], dim=1)
         self.n_hvp += k
@@ -171,8 +180,9 @@ class HessianOperator:
         self.n_hvp += 1
         if self._fixed is not None and self.backend == "double_backward":
             if self._cache is None:
-                self._cache = make_batch_hvp(self.backend, self.model, self.loss_fn, self.params,
-                                             self._fixed)  # fmt: skip
+                self._cache = make_batch_hvp(
+                    self.backend, self.model, self.loss_fn, self.params, self._fixed
+                )
             acc = self._cache(vs, idx)
             count = torch.tensor(float(len(self._fixed[1])), device=self.device, dtype=self.dtype)
             acc = [a * count for a in acc]
@@ -259,4 +269,5 @@ def hessian_operator(
         return op, "auto: double backward runs"
     log.warning("hessian: double backward fails (%s); using the func backend", err)
     return HessianOperator(model, loss_fn, op.batches, blocks, "func"), (
-        f"auto: double backward fails ({err})")  # fmt: skip
+        f"auto: double backward fails ({err})"
+    )

@@ -83,9 +83,15 @@ def warn_unconverged(name: str, res: EigenResult, tol: float) -> None:
     """Log a warning naming the pairs of ``res`` whose residual exceeds ``tol``."""
     bad = [i for i, c in enumerate(res.converged) if not c]
     if bad:
-        log.warning("hessian: op %s: eigenpair(s) %s not converged (residuals %s > tol %.1e "
-                    "after %d products); raise max_iter", name, bad,
-                    [f"{res.residuals[i]:.1e}" for i in bad], tol, res.iterations)  # fmt: skip
+        log.warning(
+            "hessian: op %s: eigenpair(s) %s not converged (residuals %s > tol %.1e "
+            "after %d products); raise max_iter",
+            name,
+            bad,
+            [f"{res.residuals[i]:.1e}" for i in bad],
+            tol,
+            res.iterations,
+        )
 
 
 def _project(v: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
@@ -116,9 +122,13 @@ def _power(
 
 
 def power_iteration(
-    op: Any, top_k: int = 1, tol: float = 1e-4, max_iter: int = 200, seed: int = 0,
+    op: Any,
+    top_k: int = 1,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
     which: str = "LM",
-) -> EigenResult:  # fmt: skip
+) -> EigenResult:
     """Top-``top_k`` eigenpairs of symmetric ``op`` in the order ``which``.
 
     Args:

@@ -44,8 +44,19 @@ from hawq.errors import HawqError
 from hawq.io import read_json, write_json
 
 SCHEMA = 1
-TOP_KEYS = ("schema", "model", "checkpoint", "estimator", "backend", "seed", "dtype",
-            "batches", "batch_size", "wall_s", "ops")  # fmt: skip
+TOP_KEYS = (
+    "schema",
+    "model",
+    "checkpoint",
+    "estimator",
+    "backend",
+    "seed",
+    "dtype",
+    "batches",
+    "batch_size",
+    "wall_s",
+    "ops",
+)
 OP_KEYS = (
     "kind",
     "numel",
@@ -141,11 +152,15 @@ def validate(report: Any, source: str = "hessian report") -> dict:
             fail(f"matmul op {name!r} has numel {e['numel']}")
         for key in ("act_trace", "act_trace_stderr", "act_numel"):
             if e[key] and set(e[key]) != set(OPERANDS[e["kind"]]):
-                fail(f"op {name!r} {key} keys {sorted(e[key])}, expected "
-                     f"{list(OPERANDS[e['kind']])}")  # fmt: skip
+                fail(
+                    f"op {name!r} {key} keys {sorted(e[key])}, expected {list(OPERANDS[e['kind']])}"
+                )
         for key, value in _numbers(e):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value)):  # fmt: skip
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 fail(f"op {name!r} {key}={value!r}; allowed: a finite number or null")
     return report
 
@@ -184,9 +199,14 @@ def load_hessian_report(path: str | Path) -> dict:
     return validate(read_json(path), str(path))
 
 
-def curvature_report(inventory: list, traces: dict | None = None, acts: dict | None = None,
-                     eigs: dict | None = None, trace_numel: dict[str, int] | None = None,
-                     **meta: Any) -> dict:  # fmt: skip
+def curvature_report(
+    inventory: list,
+    traces: dict | None = None,
+    acts: dict | None = None,
+    eigs: dict | None = None,
+    trace_numel: dict[str, int] | None = None,
+    **meta: Any,
+) -> dict:
     """A validated ``hessian.json`` mapping from the library's results: the public path
     from :func:`~hawq.hessian.api.layer_traces` / ``activation_traces`` /
     ``layer_eigenpairs`` (or :mod:`hawq.hessian.fisher`) to
@@ -207,11 +227,28 @@ def curvature_report(inventory: list, traces: dict | None = None, acts: dict | N
     """
     traces, acts, eigs = traces or {}, acts or {}, eigs or {}
     numel = trace_numel or {n: e.numel for n, e in traces.items()}
-    defaults = {"model": None, "checkpoint": None, "estimator": "hutchinson",
-                "backend": "double_backward", "seed": 0, "dtype": "float32", "batches": 1,
-                "batch_size": 0, "wall_s": 0.0, "trace_block": "weight"}  # fmt: skip
-    ops = {info.name: op_entry(info.kind, 0 if info.kind == "matmul" else info.params,
-                               info.macs, traces.get(info.name), eigs.get(info.name),
-                               acts.get(info.name), trace_numel=numel.get(info.name, 0))
-           for info in inventory}  # fmt: skip
+    defaults = {
+        "model": None,
+        "checkpoint": None,
+        "estimator": "hutchinson",
+        "backend": "double_backward",
+        "seed": 0,
+        "dtype": "float32",
+        "batches": 1,
+        "batch_size": 0,
+        "wall_s": 0.0,
+        "trace_block": "weight",
+    }
+    ops = {
+        info.name: op_entry(
+            info.kind,
+            0 if info.kind == "matmul" else info.params,
+            info.macs,
+            traces.get(info.name),
+            eigs.get(info.name),
+            acts.get(info.name),
+            trace_numel=numel.get(info.name, 0),
+        )
+        for info in inventory
+    }
     return validate({"schema": SCHEMA, **defaults, **meta, "ops": ops}, "curvature report")

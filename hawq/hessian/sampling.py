@@ -121,14 +121,21 @@ class _Drawer:
     ``callback``, reports every probe with the statistic of all probes so far (progress
     only: it decides nothing)."""
 
-    def __init__(self, draw: Draw, size: int, statistic: Statistic, chunk: int,
-                 callback: Callable[[int, float], None] | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        draw: Draw,
+        size: int,
+        statistic: Statistic,
+        chunk: int,
+        callback: Callable[[int, float], None] | None,
+    ) -> None:
         self.draw, self.statistic, self.chunk = draw, statistic, max(chunk, 1)
         self.callback, self.pooled, self.drawn = callback, RunningStats(size), 0
 
     def __call__(self, k: int) -> torch.Tensor:
-        rows = torch.cat([self.draw(min(self.chunk, k - i)).double().cpu()
-                          for i in range(0, k, self.chunk)])  # fmt: skip
+        rows = torch.cat(
+            [self.draw(min(self.chunk, k - i)).double().cpu() for i in range(0, k, self.chunk)]
+        )
         self.drawn += k
         if self.callback is not None:
             for row in rows:
@@ -143,13 +150,15 @@ def _fixed(drawer: _Drawer, n: int) -> Sampled:
     return Sampled(rows.mean(dim=0), _stderr(rows), n, n)
 
 
-def _stream_stops(stats: RunningStats, statistic: Statistic, target: float, n_min: int,
-                  cap: int) -> bool:  # fmt: skip
+def _stream_stops(
+    stats: RunningStats, statistic: Statistic, target: float, n_min: int, cap: int
+) -> bool:
     return stats.n >= cap or (stats.n >= n_min and _stat(stats, statistic) <= target)
 
 
-def _cross_fit_rows(drawer: _Drawer, size: int, target: float, n_min: int,
-                    cap: int) -> tuple[list[torch.Tensor], list[int]]:  # fmt: skip
+def _cross_fit_rows(
+    drawer: _Drawer, size: int, target: float, n_min: int, cap: int
+) -> tuple[list[torch.Tensor], list[int]]:
     """Pairs of probes (even -> stream 0, odd -> stream 1) until both streams' rules fired:
     every stream's rows and its stop time."""
     rows: list[list[torch.Tensor]] = [[], []]

@@ -12,7 +12,20 @@ from hawq.integer.ops import backend, int_conv2d, int_linear, int_matmul, pack_i
 from hawq.integer.softmax import IntSoftmax
 
 __all__ = [
-    "IntGELU", "IntLayerNorm", "IntSoftmax", "IntegerGraph", "Requant", "backend", "convert",
-    "dyadic", "export", "int_conv2d", "int_linear", "int_matmul", "isqrt", "pack_int4",
-    "rshift_round", "unpack_int4",
+    "IntGELU",
+    "IntLayerNorm",
+    "IntSoftmax",
+    "IntegerGraph",
+    "Requant",
+    "backend",
+    "convert",
+    "dyadic",
+    "export",
+    "int_conv2d",
+    "int_linear",
+    "int_matmul",
+    "isqrt",
+    "pack_int4",
+    "rshift_round",
+    "unpack_int4",
 ]

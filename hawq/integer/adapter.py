@@ -60,8 +60,14 @@ class Grid:
         return (q.to(torch.float32) - self.zero) * self.scale
 
     def as_dict(self) -> dict:
-        return {"scale": self.scale, "zero": self.zero, "lo": self.lo, "hi": self.hi,
-                "bits": self.bits, "shift": self.shift}  # fmt: skip
+        return {
+            "scale": self.scale,
+            "zero": self.zero,
+            "lo": self.lo,
+            "hi": self.hi,
+            "bits": self.bits,
+            "shift": self.shift,
+        }
 
 
 @dataclass
@@ -89,9 +95,11 @@ class MatMulSpec:
 
 
 def _unsupported(name: str, what: str) -> HawqError:
-    return HawqError(f"op {name}: {what} has no integer-only form; the integer stage needs "
-                     "static int activations (2-8 bits) and symmetric int weights "
-                     "(per tensor or per channel)")  # fmt: skip
+    return HawqError(
+        f"op {name}: {what} has no integer-only form; the integer stage needs "
+        "static int activations (2-8 bits) and symmetric int weights "
+        "(per tensor or per channel)"
+    )
 
 
 def act_grid(q: nn.Module | None, name: str) -> Grid:
@@ -149,8 +157,9 @@ def weight_codes(wq: nn.Module, w_hat: Tensor, name: str) -> tuple[Tensor, Tenso
     return codes.to(torch.int8), s, bits
 
 
-def fit_bias(codes: Tensor, scale: Tensor, bias: Tensor | None, act: Grid,
-             bits: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+def fit_bias(
+    codes: Tensor, scale: Tensor, bias: Tensor | None, act: Grid, bits: int
+) -> tuple[Tensor, Tensor]:
     """Coarsen the weight scale of channels whose bias would overflow the int32 accumulator.
 
     The kernel adds ``round(b_n / (s_x s_n))`` to an accumulator bounded by ``A = acc_bound(K)``;
@@ -221,8 +230,9 @@ def conv_spec(name: str, op: nn.Module, bn: nn.Module | None = None) -> WeightSp
         s = s * inv
     act = act_grid(op.a_quant, name)
     codes, s = fit_bias(codes, s, bias, act, bits)
-    return WeightSpec(name, "conv2d", codes, s, bits, bias, act,
-                      int(op.stride[0]), int(op.padding[0]))  # fmt: skip
+    return WeightSpec(
+        name, "conv2d", codes, s, bits, bias, act, int(op.stride[0]), int(op.padding[0])
+    )
 
 
 def matmul_spec(name: str, op: nn.Module) -> MatMulSpec:
@@ -234,5 +244,7 @@ def matmul_spec(name: str, op: nn.Module) -> MatMulSpec:
 
 def _expect(op: nn.Module, kind: str, name: str) -> None:
     if type(op).__name__ != kind:
-        raise HawqError(f"op {name}: expected a quantized {kind}, got {type(op).__name__} "
-                        "(is every op quantized by the plan?)")  # fmt: skip
+        raise HawqError(
+            f"op {name}: expected a quantized {kind}, got {type(op).__name__} "
+            "(is every op quantized by the plan?)"
+        )

@@ -56,8 +56,11 @@ def owned(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
-            log.warning("hawq: waiting for process %s, which is building the C++ integer "
-                        "kernels in %s", holder, folder)  # fmt: skip
+            log.warning(
+                "hawq: waiting for process %s, which is building the C++ integer kernels in %s",
+                holder,
+                folder,
+            )
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
@@ -66,8 +69,11 @@ def owned(folder: Path) -> Iterator[None]:
         stale = folder / "lock"
         if stale.exists():
             stale.unlink(missing_ok=True)
-            log.warning("hawq: removed a stale build lock %s (left by a build that was "
-                        "killed); rebuilding the C++ integer kernels", stale)  # fmt: skip
+            log.warning(
+                "hawq: removed a stale build lock %s (left by a build that was "
+                "killed); rebuilding the C++ integer kernels",
+                stale,
+            )
         try:
             yield
         finally:

@@ -25,8 +25,9 @@ class IntegerConfig:
     def __post_init__(self) -> None:
         require(8 <= self.residual_bits <= 24, "residual_bits", self.residual_bits, "8-24")
         require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")
-        require(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size,
-                "an integer >= 1")  # fmt: skip
+        require(
+            self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size, "an integer >= 1"
+        )
         require(self.margin >= 1.0, "margin", self.margin, ">= 1.0")
         require(self.backend in BACKENDS, "backend", self.backend, ", ".join(BACKENDS))
 

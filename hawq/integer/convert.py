@@ -52,5 +52,6 @@ def convert(
     """
     if not 8 <= residual_bits <= 24:
         raise HawqError(f"residual_bits={residual_bits} is invalid; allowed: 8-24")
-    return convert_graph(qmodel, batches, residual_bits, pack_int4, max_batches, margin,
-                         float_islands=float_islands)  # fmt: skip
+    return convert_graph(
+        qmodel, batches, residual_bits, pack_int4, max_batches, margin, float_islands=float_islands
+    )

@@ -57,9 +57,17 @@ def ext() -> Any:
     keep_freed_memory()
 
     flags = ["-O3", "-march=native", "-fno-strict-aliasing", "-fopenmp"]
-    return guarded_build("hawq_int_cpu", lambda name, folder: load(
-        name, [str(_SRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-        build_directory=str(folder), verbose=False))  # fmt: skip
+    return guarded_build(
+        "hawq_int_cpu",
+        lambda name, folder: load(
+            name,
+            [str(_SRC)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            verbose=False,
+        ),
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,8 +89,9 @@ def keep_freed_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
-                    and libc.mallopt(m_trim_threshold, 1 << 30))  # fmt: skip
+        return bool(
+            libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+        )
     except (OSError, AttributeError):  # not glibc
         return False
 
@@ -254,14 +263,37 @@ def conv2d(x: Tensor, w: Tensor, stride: tuple[int, int], padding: int, pad_valu
         ),
     )
     one, zero = _unit(n)
-    return torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 128, wp, one, zero, None,
-                                              list(stride), [0, 0], [1, 1], 1, 1.0, 0,
-                                              torch.float32, "none", [], "")  # fmt: skip
+    return torch.ops.onednn.qconv2d_pointwise(
+        xu,
+        1.0,
+        128,
+        wp,
+        one,
+        zero,
+        None,
+        list(stride),
+        [0, 0],
+        [1, 1],
+        1,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
 
 
-def requant(acc: Tensor, bias: Tensor | None, rq: Any, lut: Tensor | None = None,
-            residual: Tensor | None = None, limit: int = 0, relu: bool = False,
-            split: tuple[int, int, int, int] | None = None) -> Tensor:  # fmt: skip
+def requant(
+    acc: Tensor,
+    bias: Tensor | None,
+    rq: Any,
+    lut: Tensor | None = None,
+    residual: Tensor | None = None,
+    limit: int = 0,
+    relu: bool = False,
+    split: tuple[int, int, int, int] | None = None,
+) -> Tensor:
     """Fused ``lut?[requant(acc + bias)]`` (+ residual, clamped to ``+-limit``, or to
     ``[0, limit]`` with ``relu``) over the last dim; ``rq`` a
     :class:`~hawq.integer.dyadic.Requant` (fields () or (N,)). Output dtype: int32 with a
@@ -281,8 +313,15 @@ def requant(acc: Tensor, bias: Tensor | None, rq: Any, lut: Tensor | None = None
     )
 
 
-def softmax(q: Tensor, shift: int, q_ln2: int, table: Tensor, out_bits: int,
-            rq: Any = None, sub: int | None = None) -> Tensor:  # fmt: skip
+def softmax(
+    q: Tensor,
+    shift: int,
+    q_ln2: int,
+    table: Tensor,
+    out_bits: int,
+    rq: Any = None,
+    sub: int | None = None,
+) -> Tensor:
     """:class:`~hawq.integer.softmax.IntSoftmax` rows, then the scalar ``rq`` if given.
     With ``sub`` the output is float32 ``codes - sub`` (exact: the zero-point-corrected
     operand of the next product)."""
@@ -293,8 +332,20 @@ def softmax(q: Tensor, shift: int, q_ln2: int, table: Tensor, out_bits: int,
     return ext().softmax(q, shift, q_ln2, t32, out_bits, fields, dt, int(sub or 0))
 
 
-def attention(h: Tensor, w: Tensor, bias: Tensor, qkv_rq: Any, heads: int, zq: int, zk: int,
-              zv: int, zp: int, softmax_mod: Any, p_rq: Any, out_rq: Any) -> Tensor:  # fmt: skip
+def attention(
+    h: Tensor,
+    w: Tensor,
+    bias: Tensor,
+    qkv_rq: Any,
+    heads: int,
+    zq: int,
+    zk: int,
+    zv: int,
+    zp: int,
+    softmax_mod: Any,
+    p_rq: Any,
+    out_rq: Any,
+) -> Tensor:
     """:func:`hawq.integer.ops.int_attention` on the CPU, after the qkv GEMM + requant:
 
     * with AVX-512 VNNI (and per-tensor ``p_rq``/``out_rq``): one fused C++ kernel per
@@ -316,11 +367,29 @@ def attention(h: Tensor, w: Tensor, bias: Tensor, qkv_rq: Any, heads: int, zq: i
         qkv = requant(acc, bias, qkv_rq).reshape(b, t, 3, heads, hd)
         t32 = _cached(sm.exp_table, ("t32",), lambda: sm.exp_table.to(torch.int32))
         fields = lambda rq: [int(x) for x in (rq.m, rq.e, rq.z, rq.lo, rq.hi)]  # noqa: E731
-        return ext().attention_int8(qkv, zq, zk, zv, zp, sm.shift, sm.q_ln2_int, t32,
-                                    sm.out_bits, fields(p_rq), fields(out_rq))  # fmt: skip
+        return ext().attention_int8(
+            qkv,
+            zq,
+            zk,
+            zv,
+            zp,
+            sm.shift,
+            sm.q_ln2_int,
+            t32,
+            sm.out_bits,
+            fields(p_rq),
+            fields(out_rq),
+        )
     q, k, v = requant(acc, bias, _centred(qkv_rq, n), split=(b, t, heads, hd))
-    p = softmax(torch.matmul(q, k.transpose(-2, -1)), sm.shift, sm.q_ln2_int, sm.exp_table,
-                sm.out_bits, p_rq, sub=zp)  # fmt: skip
+    p = softmax(
+        torch.matmul(q, k.transpose(-2, -1)),
+        sm.shift,
+        sm.q_ln2_int,
+        sm.exp_table,
+        sm.out_bits,
+        p_rq,
+        sub=zp,
+    )
     out = requant(torch.matmul(p, v), None, out_rq)  # (B, H, T, hd) int8
     return out.transpose(1, 2).reshape(b, t, -1)
 

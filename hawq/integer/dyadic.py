@@ -150,14 +150,19 @@ class Requant:
         return dyadic_value(self.m, self.e)
 
     def to(self, device: torch.device | str) -> Requant:
-        return Requant(*(t.to(device) for t in (self.m, self.e, self.z, self.lo, self.hi)),
-                       self.out_dtype)  # fmt: skip
+        return Requant(
+            *(t.to(device) for t in (self.m, self.e, self.z, self.lo, self.hi)), self.out_dtype
+        )
 
     def channels(self, n: int) -> Requant:
         """Every field expanded to ``(n,)`` (what a per-channel kernel epilogue reads)."""
-        return Requant(*(t.expand(n).contiguous() if t.dim() == 0 else t
-                         for t in (self.m, self.e, self.z, self.lo, self.hi)),
-                       self.out_dtype)  # fmt: skip
+        return Requant(
+            *(
+                t.expand(n).contiguous() if t.dim() == 0 else t
+                for t in (self.m, self.e, self.z, self.lo, self.hi)
+            ),
+            self.out_dtype,
+        )
 
     def __call__(self, acc: Tensor) -> Tensor:
         """Apply to an integer accumulator (any integer dtype; computed in int64)."""
@@ -190,8 +195,9 @@ def check_accumulator(
     b = int(bias.abs().max().item()) if bias is not None and bias.numel() else 0
     bound = acc_bound(k, a_bits, w_bits) + b
     if bound > INT32_MAX:
-        raise OverflowError(f"{where}: int32 accumulator may overflow: K={k}, "
-                            f"|acc| <= {bound} > 2^31-1")  # fmt: skip
+        raise OverflowError(
+            f"{where}: int32 accumulator may overflow: K={k}, |acc| <= {bound} > 2^31-1"
+        )
     return bound
 
 

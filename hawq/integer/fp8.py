@@ -95,8 +95,10 @@ class _Fp8Op(nn.Module):
         self.register_buffer("a_scale", aq.scale.detach().float().reshape(()).clone())
 
     def extra_repr(self) -> str:
-        return (f"weight={tuple(self.weight.shape)} {self.w_fmt}, a_format={self.a_fmt}, "
-                f"dynamic={self.dynamic}, per_channel={self.w_scale.dim() > 0}")  # fmt: skip
+        return (
+            f"weight={tuple(self.weight.shape)} {self.w_fmt}, a_format={self.a_fmt}, "
+            f"dynamic={self.dynamic}, per_channel={self.w_scale.dim() > 0}"
+        )
 
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return quantize_act(x, self.a_fmt, None if self.dynamic else self.a_scale)
@@ -110,8 +112,13 @@ def _weight_scale(op: QuantLinear | QuantConv2d, wq: Quantizer) -> Tensor:
     if not wq.dynamic:
         return wq.scale.detach().float()
     gran = "per_tensor" if wq.granularity == "per_group" else wq.granularity
-    return fp8_scale(op.folded()[0] if isinstance(op, QuantConv2d) else op.weight, wq.fmt,
-                     gran, wq.axis).detach().float()  # fmt: skip
+    return (
+        fp8_scale(
+            op.folded()[0] if isinstance(op, QuantConv2d) else op.weight, wq.fmt, gran, wq.axis
+        )
+        .detach()
+        .float()
+    )
 
 
 class Fp8Linear(_Fp8Op):
@@ -126,8 +133,9 @@ class Fp8Conv2d(_Fp8Op):
 
     def __init__(self, name: str, op: QuantConv2d) -> None:
         super().__init__(name, op)
-        self.geometry = {k: getattr(op, k) for k in ("kernel_size", "dilation", "padding",
-                                                     "stride")}  # fmt: skip
+        self.geometry = {
+            k: getattr(op, k) for k in ("kernel_size", "dilation", "padding", "stride")
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         x8, s = self.quantize_input(x)
@@ -159,7 +167,9 @@ def convert_fp8(qmodel: nn.Module) -> nn.Module:
         _set_module(model, name, cls(name, op))
         fp8.append(name)
     if not fp8:
-        raise HawqError("no op has fp8 weight and activation formats; the fp8 path needs a plan "
-                        "with w_format and a_format fp8_e4m3 or fp8_e5m2")  # fmt: skip
+        raise HawqError(
+            "no op has fp8 weight and activation formats; the fp8 path needs a plan "
+            "with w_format and a_format fp8_e4m3 or fp8_e5m2"
+        )
     model.fp8_ops, model.fake_quant_ops = fp8, rest
     return model

@@ -78,8 +78,10 @@ class IntGELU(nn.Module):
             raise HawqError(f"IntGELU: input scale must be finite and > 0, got {scale!r}")
         q_b, q_1, out_scale = gelu_constants(float(scale))
         if q_b < 2 or q_1 < 2:  # the knee b of the fit below two codes: no resolution left
-            raise HawqError(f"IntGELU: scale {scale:.3g} is too coarse for the polynomial "
-                            f"(q_b={q_b}, q_1={q_1}); use a finer GELU grid")  # fmt: skip
+            raise HawqError(
+                f"IntGELU: scale {scale:.3g} is too coarse for the polynomial "
+                f"(q_b={q_b}, q_1={q_1}); use a finer GELU grid"
+            )
         if in_max * 2 * q_1 >= INT64_SAFE:
             raise HawqError(f"IntGELU: scale {scale:.3g} with |q| <= {in_max} overflows int64")
         self.t = max(0, (in_max * 2 * q_1).bit_length() - 31)
@@ -98,8 +100,9 @@ class IntGELU(nn.Module):
 MAX_TABLE = 2**20  # entries
 
 
-def gelu_table(scale: float, lo: int, hi: int, out_scale: float, out_zero: int, out_lo: int,
-               out_hi: int) -> Tensor:  # fmt: skip
+def gelu_table(
+    scale: float, lo: int, hi: int, out_scale: float, out_zero: int, out_lo: int, out_hi: int
+) -> Tensor:
     """The exact integer GELU: ``table[q - lo] = clamp(round(GELU(S q) / s_out) + z, lo', hi')``
     for every input code ``q in [lo, hi]``, GELU in float64 (``x/2 (1 + erf(x / sqrt 2))``),
     round half to even. At run time GELU and the requantization onto the next grid are one

@@ -77,9 +77,14 @@ def op_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str, OpShape]
             out[name] = OpShape(kind, key, tuple(inputs[0].shape[1:]), tuple(inputs[1].shape[1:]))
         else:
             conv = kind == "conv2d"
-            out[name] = OpShape(kind, key, tuple(inputs[0].shape[1:]), tuple(m.weight.shape),
-                                tuple(m.stride) if conv else (1, 1),
-                                tuple(m.padding) if conv else (0, 0))  # fmt: skip
+            out[name] = OpShape(
+                kind,
+                key,
+                tuple(inputs[0].shape[1:]),
+                tuple(m.weight.shape),
+                tuple(m.stride) if conv else (1, 1),
+                tuple(m.padding) if conv else (0, 0),
+            )
 
     probe_ops(model, record, tuple(input_size), batch=1)
     return out
@@ -154,8 +159,10 @@ def kernel(op: OpShape, c: Candidate, batch: int, device: torch.device) -> Calla
         return _float_kernel(op, batch, device)
     formats = {c.a_format} if op.kind == "matmul" else {c.w_format, c.a_format}
     if formats != {"int"}:
-        raise HawqError(f"no latency kernel for setting {c.key} of {op.key}: integer grids "
-                        "only (float formats run as fake quantization)")  # fmt: skip
+        raise HawqError(
+            f"no latency kernel for setting {c.key} of {op.key}: integer grids "
+            "only (float formats run as fake quantization)"
+        )
     if op.kind == "conv2d" and op.padding[0] != op.padding[1]:
         raise HawqError(f"{op.key}: asymmetric padding {op.padding} has no integer kernel")
     return _int_kernel(op, c, batch, device)
@@ -203,10 +210,19 @@ def measure_latency(
                 row[c.key] = sec * 1e6 / batch
             by_shape[op.key] = row
     kernels = ops.kernel_report(device)  # the backend that ran, the CPU, its ISA, the GEMM
-    return {"unit": "us", "per": "image", "batch": batch, "iters": iters,
-            "device": _device_name(device), "backend": kernels["resolved"], "kernels": kernels,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "by_shape": by_shape, "ops": {n: s.key for n, s in shapes.items()}}  # fmt: skip
+    return {
+        "unit": "us",
+        "per": "image",
+        "batch": batch,
+        "iters": iters,
+        "device": _device_name(device),
+        "backend": kernels["resolved"],
+        "kernels": kernels,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "by_shape": by_shape,
+        "ops": {n: s.key for n, s in shapes.items()},
+    }
 
 
 def _device_name(device: torch.device) -> str:

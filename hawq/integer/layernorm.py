@@ -92,8 +92,9 @@ def precision_shift(dim: int, in_bits: int) -> tuple[int, int]:
     return f, t
 
 
-def error_bound(c: Tensor, sigma: Tensor, r: Tensor, v: Tensor, f: int,
-                k: int = FRAC_BITS) -> Tensor:  # fmt: skip
+def error_bound(
+    c: Tensor, sigma: Tensor, r: Tensor, v: Tensor, f: int, k: int = FRAC_BITS
+) -> Tensor:
     """Bound on ``|y - 2^k (q - mean) / sigma|`` (module docstring): with
     ``delta = 2^-(f+1)``, ``rho = delta^2 / sigma^2 + 2 / r + 1 / v``::
 
@@ -156,8 +157,12 @@ class IntLayerNorm(nn.Module):
         s = torch.bitwise_left_shift(q.sum(-1, keepdim=True), self.f + 1)
         mu = torch.div(s + d, 2 * d, rounding_mode="floor")  # round(2^f sum / D), half up
         c = torch.bitwise_left_shift(q, self.f) - mu
-        v = torch.bitwise_left_shift(torch.div((c * c).sum(-1, keepdim=True), d,
-                                               rounding_mode="floor"), 2 * self.t) + self.eps_q
+        v = (
+            torch.bitwise_left_shift(
+                torch.div((c * c).sum(-1, keepdim=True), d, rounding_mode="floor"), 2 * self.t
+            )
+            + self.eps_q
+        )
         r = torch.clamp(isqrt(v), min=1)  # v = 0 only for a constant row with eps = 0
         return c, v, r
 
@@ -173,9 +178,21 @@ class IntLayerNorm(nn.Module):
         if ops.resolve(q) == "cpu" and q.dtype in (torch.int8, torch.int32, torch.int64):
             from hawq.integer import cpu
 
-            return cpu.ext().layernorm(q, self.f, self.t, self.k, int(self.eps_q), self.m,
-                                       self.e, self.b, int(self.z), self.out_lo, self.out_hi,
-                                       NEWTON_STEPS, self.out_dtype)  # fmt: skip
+            return cpu.ext().layernorm(
+                q,
+                self.f,
+                self.t,
+                self.k,
+                int(self.eps_q),
+                self.m,
+                self.e,
+                self.b,
+                int(self.z),
+                self.out_lo,
+                self.out_hi,
+                NEWTON_STEPS,
+                self.out_dtype,
+            )
         y = self.normalize(q)
         out = rshift_round(y * self.m + self.b, self.e) + self.z
         return torch.clamp(out, self.out_lo, self.out_hi).to(self.out_dtype)

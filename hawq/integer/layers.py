@@ -34,8 +34,14 @@ class IntRequant(nn.Module):
         out_dtype: int8 between kernels, int32 for wide intermediates.
     """
 
-    def __init__(self, scale: float | Tensor, zero: int | Tensor = 0, lo: int | Tensor = -128,
-                 hi: int | Tensor = 127, out_dtype: torch.dtype = torch.int8) -> None:  # fmt: skip
+    def __init__(
+        self,
+        scale: float | Tensor,
+        zero: int | Tensor = 0,
+        lo: int | Tensor = -128,
+        hi: int | Tensor = 127,
+        out_dtype: torch.dtype = torch.int8,
+    ) -> None:
         super().__init__()
         rq = Requant.from_scale(scale, zero, lo, hi, out_dtype)
         for key, t in rq.state().items():
@@ -92,11 +98,20 @@ class IntLinear(nn.Module):
         self.register_buffer("acc_scale", _acc_scale(spec))  # for export / inspection only
         self.rq = out
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, limit: int = 0,
-                lut: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, limit: int = 0, lut: Tensor | None = None
+    ) -> Tensor:
         """``requant(x W^T + b)``, then ``lut`` and a residual add clamped to ``+-limit``."""
-        return ops.int_linear(x, self.weight, self.bias, self.rq.requant if self.rq else None,
-                              k=self.k, lut=lut, residual=residual, limit=limit)  # fmt: skip
+        return ops.int_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.rq.requant if self.rq else None,
+            k=self.k,
+            lut=lut,
+            residual=residual,
+            limit=limit,
+        )
 
 
 class IntConv2d(IntLinear):
@@ -115,14 +130,24 @@ class IntConv2d(IntLinear):
             self._w4_of = self.weight
         return self._w4
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, limit: int = 0,
-                relu: bool = False) -> Tensor:  # fmt: skip
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, limit: int = 0, relu: bool = False
+    ) -> Tensor:
         """``requant(conv(x) + b)``, then optionally ``clamp(. + residual)`` (see
         :func:`~hawq.integer.ops.int_conv2d`)."""
         w = self.weight4()
-        return ops.int_conv2d(x, w, self.bias, self.rq.requant if self.rq else None,
-                              self.stride, self.padding, self.pad_value, residual, limit,
-                              relu)  # fmt: skip
+        return ops.int_conv2d(
+            x,
+            w,
+            self.bias,
+            self.rq.requant if self.rq else None,
+            self.stride,
+            self.padding,
+            self.pad_value,
+            residual,
+            limit,
+            relu,
+        )
 
 
 class IntMatMul(nn.Module):

@@ -260,8 +260,9 @@ def int_linear(
     return _finish(acc, requant).reshape(*lead, -1)
 
 
-def _table_residual(out: Tensor, rq: Requant, lut: Tensor | None, residual: Tensor | None,
-                    limit: int) -> Tensor:  # fmt: skip
+def _table_residual(
+    out: Tensor, rq: Requant, lut: Tensor | None, residual: Tensor | None, limit: int
+) -> Tensor:
     """The reference semantics of ``int_linear``'s ``lut`` and ``residual``."""
     if lut is not None:
         out = lut[(out.to(torch.int64) - rq.lo.to(out.device))]
@@ -341,12 +342,30 @@ def int_attention(
     b, t, kx = h.shape
     n = w.shape[0]
     hd = n // (3 * heads)
-    if (_resolve(h) == "cpu" and max(hd, t) <= _FP32_EXACT_K and kx <= 1024 and b * t
-            and p_requant.out_dtype == torch.int8 and requant.out_dtype == torch.int8):  # fmt: skip
+    if (
+        _resolve(h) == "cpu"
+        and max(hd, t) <= _FP32_EXACT_K
+        and kx <= 1024
+        and b * t
+        and p_requant.out_dtype == torch.int8
+        and requant.out_dtype == torch.int8
+    ):
         from hawq.integer import cpu
 
-        return cpu.attention(h, _unpacked(w, k or kx), bias, qkv_requant, heads, zq, zk, zv, zp,
-                             softmax, p_requant, requant)  # fmt: skip
+        return cpu.attention(
+            h,
+            _unpacked(w, k or kx),
+            bias,
+            qkv_requant,
+            heads,
+            zq,
+            zk,
+            zv,
+            zp,
+            softmax,
+            p_requant,
+            requant,
+        )
     qkv = int_linear(h, w, bias, qkv_requant, k)
     q, kk, v = qkv.reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
     scores = int_matmul(q, kk.transpose(-2, -1), zq, zk)  # (B, nh, T, T) int32
@@ -392,8 +411,9 @@ def int_conv2d(
         return out.permute(0, 3, 1, 2)
     if residual is not None:
         out = int_conv2d(x, w, bias, requant, stride, padding, pad_value)
-        return torch.clamp(out.to(torch.int32) + residual.to(torch.int32), 0 if relu else -limit,
-                           limit)  # fmt: skip
+        return torch.clamp(
+            out.to(torch.int32) + residual.to(torch.int32), 0 if relu else -limit, limit
+        )
     if padding:
         x = F.pad(x.to(torch.int16), (padding,) * 4, value=pad_value).to(torch.int8)
     if be == "reference":
@@ -471,8 +491,13 @@ def _fp8_scaled_mm(
         x2, w8 = _pad16(x2, 1), _pad16(_pad16(w8, 1), 0)
     per_channel = w_scale.numel() > 1
     s_b = torch.ones((), device=w8.device) if per_channel else w_scale.reshape(())
-    out = torch._scaled_mm(x2.contiguous(), w8.contiguous().t(), scale_a=x_scale.float(),
-                           scale_b=s_b.float(), out_dtype=torch.float32)[:, :n]  # fmt: skip
+    out = torch._scaled_mm(
+        x2.contiguous(),
+        w8.contiguous().t(),
+        scale_a=x_scale.float(),
+        scale_b=s_b.float(),
+        out_dtype=torch.float32,
+    )[:, :n]
     if per_channel:
         out = out * w_scale.float()
     return out if bias is None else out + bias.float()

@@ -77,8 +77,12 @@ def compile_blocks(
         with torch.no_grad():
             block(*args)  # compiles now
         done += 1
-    return {"regions": len(blocks), "compiled": done, "seconds": time.perf_counter() - t0,
-            "graphs": compiled_graph_count() - graphs0}  # fmt: skip
+    return {
+        "regions": len(blocks),
+        "compiled": done,
+        "seconds": time.perf_counter() - t0,
+        "graphs": compiled_graph_count() - graphs0,
+    }
 
 
 def regions(model: nn.Module) -> list[nn.Module]:

@@ -86,11 +86,14 @@ class IntSoftmax(nn.Module):
             raise HawqError(f"IntSoftmax: out_bits must lie in [1, 30], got {out_bits}")
         self.shift = softmax_shift(self.scale)
         if self.shift > 0 and int(in_max) << self.shift >= 2**62:
-            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too large: |q| <= {in_max} "
-                            f"shifted left by {self.shift} overflows int64")  # fmt: skip
+            raise HawqError(
+                f"IntSoftmax: scale {scale:.3g} is too large: |q| <= {in_max} "
+                f"shifted left by {self.shift} overflows int64"
+            )
         if self.shift < -62:
-            raise HawqError(f"IntSoftmax: scale {scale:.3g} is too small (a right shift by "
-                            f"{-self.shift} > 62)")  # fmt: skip
+            raise HawqError(
+                f"IntSoftmax: scale {scale:.3g} is too small (a right shift by {-self.shift} > 62)"
+            )
         q_ln2, table = exp_table(self.scale * 2.0**-self.shift)
         self.register_buffer("q_ln2", torch.tensor(q_ln2, dtype=torch.int64))  # for export
         self.register_buffer("exp_table", table)

@@ -46,12 +46,39 @@ Tensor = torch.Tensor
 
 @triton.jit
 def _bmm_kernel(
-    a_ptr, b_ptr, m_ptr, e_ptr, z_ptr, lo_ptr, hi_ptr, out_ptr,
-    B1, M, N, K, za, zb,
-    sa0, sa1, sam, sak, sb0, sb1, sbk, sbn, so0, so1, som, son,
-    ZA: tl.constexpr, ZB: tl.constexpr, REQUANT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    m_ptr,
+    e_ptr,
+    z_ptr,
+    lo_ptr,
+    hi_ptr,
+    out_ptr,
+    B1,
+    M,
+    N,
+    K,
+    za,
+    zb,
+    sa0,
+    sa1,
+    sam,
+    sak,
+    sb0,
+    sb1,
+    sbk,
+    sbn,
+    so0,
+    so1,
+    som,
+    son,
+    ZA: tl.constexpr,
+    ZB: tl.constexpr,
+    REQUANT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     pid = tl.program_id(0)
     i0, i1 = (pid // B1).to(tl.int64), (pid % B1).to(tl.int64)
     a_ptr += i0 * sa0 + i1 * sa1
@@ -90,8 +117,7 @@ def _bmm_kernel(
         res = res.to(out_ptr.dtype.element_ty)
     else:
         res = acc
-    tl.store(out_ptr + tile_offsets(rm, rn, som, son), res,
-             mask=(rm[:, None] < M) & nmask[None, :])
+    tl.store(out_ptr + tile_offsets(rm, rn, som, son), res, mask=(rm[:, None] < M) & nmask[None, :])
 
 
 # (BM, BN, BK, num_warps, num_stages): the autotune set on CUDA, keyed by (M, N, K). Attention
@@ -152,8 +178,10 @@ def bmm_requant(
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise ValueError(f"bmm_requant: int8 operands only, got {a.dtype} and {b.dtype}")
     if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"bmm_requant: shapes {tuple(a.shape)} @ {tuple(b.shape)} need equal "
-                         "leading dims and a.shape[-1] == b.shape[-2]")  # fmt: skip
+        raise ValueError(
+            f"bmm_requant: shapes {tuple(a.shape)} @ {tuple(b.shape)} need equal "
+            "leading dims and a.shape[-1] == b.shape[-2]"
+        )
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     dev = a.device
     dtype = requant.out_dtype if requant is not None else torch.int32
@@ -162,8 +190,21 @@ def bmm_requant(
     rq = _channels(requant, n, dev) if requant is not None else None
     fields = (rq.m, rq.e, rq.z, rq.lo, rq.hi) if rq is not None else (out,) * 5  # unread
     za, zb = int(za), int(zb)
-    args = (a4, b4, *fields, o4, a4.shape[1], m, n, k, za, zb,
-            *a4.stride(), *b4.stride(), *o4.stride())  # fmt: skip
+    args = (
+        a4,
+        b4,
+        *fields,
+        o4,
+        a4.shape[1],
+        m,
+        n,
+        k,
+        za,
+        zb,
+        *a4.stride(),
+        *b4.stride(),
+        *o4.stride(),
+    )
     flags = {"ZA": za != 0, "ZB": zb != 0, "REQUANT": rq is not None}
     batch = a4.shape[0] * a4.shape[1]
     if config is None and a.is_cuda and autotune_enabled():

@@ -64,12 +64,32 @@ def requant_tile(acc, rn, nmask, m_ptr, e_ptr, z_ptr, lo_ptr, hi_ptr):
 
 @triton.jit
 def _gemm_requant_kernel(
-    x_ptr, w_ptr, bias_ptr, m_ptr, e_ptr, z_ptr, lo_ptr, hi_ptr, out_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr, W_INT4: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    m_ptr,
+    e_ptr,
+    z_ptr,
+    lo_ptr,
+    hi_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    REQUANT: tl.constexpr,
+    W_INT4: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # grouped tile order: neighbouring programs share W tiles in L2
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
@@ -98,8 +118,9 @@ def _gemm_requant_kernel(
     for k0 in range(0, K, BK):
         x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
         if W_INT4:
-            p = tl.load(w_ptrs, mask=(rn[None, :] < N) & (k0 // 2 + rj[:, None] < (K + 1) // 2),
-                        other=0)
+            p = tl.load(
+                w_ptrs, mask=(rn[None, :] < N) & (k0 // 2 + rj[:, None] < (K + 1) // 2), other=0
+            )
             p = p.to(tl.int32)
             lo = ((p & 15) ^ 8) - 8
             hi = (((p >> 4) & 15) ^ 8) - 8
@@ -117,8 +138,11 @@ def _gemm_requant_kernel(
         res = res.to(out_ptr.dtype.element_ty)
     else:
         res = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + tile_offsets(rm, rn, stride_om, stride_on), res,
-             mask=(rm[:, None] < M) & nmask[None, :])
+    tl.store(
+        out_ptr + tile_offsets(rm, rn, stride_om, stride_on),
+        res,
+        mask=(rm[:, None] < M) & nmask[None, :],
+    )
 
 
 # (BM, BN, BK, GROUP_M, num_warps, num_stages): the autotune set on CUDA, keyed by (M, N, K).
@@ -149,8 +173,9 @@ def launch_kwargs(c: tuple[int, ...], names: tuple[str, ...]) -> dict[str, int]:
 def as_config(c: tuple[int, ...], names: tuple[str, ...]) -> triton.Config:
     """A ``(tiles..., num_warps, num_stages)`` row -> :class:`triton.Config`."""
     kw = launch_kwargs(c, names)
-    return triton.Config({n: kw[n] for n in names}, num_warps=kw["num_warps"],
-                         num_stages=kw["num_stages"])  # fmt: skip
+    return triton.Config(
+        {n: kw[n] for n in names}, num_warps=kw["num_warps"], num_stages=kw["num_stages"]
+    )
 
 
 _gemm_tuned = triton.autotune(
@@ -193,10 +218,21 @@ def gemm_requant(
     b = bias.to(device=dev, dtype=torch.int32).contiguous() if bias is not None else None
     fields = (rq.m, rq.e, rq.z, rq.lo, rq.hi) if rq is not None else (dummy,) * 5
     args = (
-        x, w, b if b is not None else dummy, *fields,
-        out, m_, n, kx, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1),
-    )  # fmt: skip
+        x,
+        w,
+        b if b is not None else dummy,
+        *fields,
+        out,
+        m_,
+        n,
+        kx,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
     flags = {"HAS_BIAS": b is not None, "REQUANT": rq is not None, "W_INT4": int4}
     if config is None and x.is_cuda and autotune_enabled():
         grid = lambda meta: (triton.cdiv(m_, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731

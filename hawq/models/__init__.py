@@ -5,5 +5,13 @@ from hawq.models.ops import MatMul, OpInfo, op_inventory, quantizable_ops
 from hawq.models.resnet import ResNet
 from hawq.models.vit import ViT
 
-__all__ = ["CaptureReport", "MatMul", "OpInfo", "ResNet", "ViT", "op_inventory", "prepare",
-           "quantizable_ops"]
+__all__ = [
+    "CaptureReport",
+    "MatMul",
+    "OpInfo",
+    "ResNet",
+    "ViT",
+    "op_inventory",
+    "prepare",
+    "quantizable_ops",
+]

@@ -85,9 +85,11 @@ class CaptureReport:
         return self.captured_flops / self.total_flops if self.total_flops else 1.0
 
     def summary(self) -> str:
-        lines = [f"{len(self.ops)} quantizable ops ({len(self.added)} added, "
-                 f"{len(self.replaced)} attention modules replaced); captured "
-                 f"{self.share:.1%} of {self.total_flops} product FLOPs"]  # fmt: skip
+        lines = [
+            f"{len(self.ops)} quantizable ops ({len(self.added)} added, "
+            f"{len(self.replaced)} attention modules replaced); captured "
+            f"{self.share:.1%} of {self.total_flops} product FLOPs"
+        ]
         lines += [f"  left out: {x}" for x in self.left_out]
         lines += [f"  not traced: {n or '<root>'}: {why}" for n, why in self.untraced.items()]
         return "\n".join(lines)
@@ -162,8 +164,11 @@ def should_trace(module: nn.Module) -> bool:
     """User modules only: not ``torch.nn``'s own (fx cannot see inside their kernels
     anyway), not an op, not already captured."""
     cls = type(module)
-    return not (cls.__module__.startswith("torch.") or is_quantizable(module)
-                or getattr(module, "captured", False))  # fmt: skip
+    return not (
+        cls.__module__.startswith("torch.")
+        or is_quantizable(module)
+        or getattr(module, "captured", False)
+    )
 
 
 def _check_signature(sig: inspect.Signature) -> None:
@@ -195,9 +200,11 @@ class _GraphForward:
         bound.apply_defaults()
         for name, value in bound.arguments.items():  # traced as a tensor: must stay one
             if name not in self.concrete and not _has_tensor(value):
-                raise HawqError(f"{type(self.module).__name__}.forward was captured with a "
-                                f"tensor {name}, got {value!r}; prepare() with example inputs "
-                                "that pass the same arguments as this call")  # fmt: skip
+                raise HawqError(
+                    f"{type(self.module).__name__}.forward was captured with a "
+                    f"tensor {name}, got {value!r}; prepare() with example inputs "
+                    "that pass the same arguments as this call"
+                )
         return self.fns[self.module.training](self.module, *bound.arguments.values())
 
     def __reduce__(self):
@@ -269,13 +276,26 @@ def _max_abs_diff(out, ref) -> float:
     ta = [t for t in a if isinstance(t, torch.Tensor)]
     tb = [t for t in b if isinstance(t, torch.Tensor)]
     if len(ta) != len(tb):
-        raise HawqError(f"prepare: the prepared model returns {len(ta)} tensors, the original "
-                        f"{len(tb)}")  # fmt: skip
+        raise HawqError(
+            f"prepare: the prepared model returns {len(ta)} tensors, the original {len(tb)}"
+        )
     for x, y in zip(ta, tb):
-        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL, equal_nan=True,
-                                   msg=lambda m: f"prepare: outputs differ: {m}")  # fmt: skip
-    return max((float((x.float() - y.float()).abs().nan_to_num().max()) for x, y in zip(ta, tb)
-                if x.numel()), default=0.0)  # fmt: skip
+        torch.testing.assert_close(
+            x,
+            y,
+            rtol=RTOL,
+            atol=ATOL,
+            equal_nan=True,
+            msg=lambda m: f"prepare: outputs differ: {m}",
+        )
+    return max(
+        (
+            float((x.float() - y.float()).abs().nan_to_num().max())
+            for x, y in zip(ta, tb)
+            if x.numel()
+        ),
+        default=0.0,
+    )
 
 
 def _capture_all(model: nn.Module, args: tuple, kwargs: dict, report: CaptureReport) -> None:
@@ -324,8 +344,12 @@ def prepare(
         torch.backends.mha.set_fastpath_enabled(fastpath)
     prepared = model if inplace else copy.deepcopy(model)
     prepared, replaced, skipped = swap_attention(prepared)
-    report = CaptureReport(ops=[], replaced=replaced, untraced=dict(skipped),
-                           original_flops=sum(counts0.get("", {}).values()))  # fmt: skip
+    report = CaptureReport(
+        ops=[],
+        replaced=replaced,
+        untraced=dict(skipped),
+        original_flops=sum(counts0.get("", {}).values()),
+    )
     _capture_all(prepared, args, kwargs, report)
     out, counts = count_flops(prepared, args, kwargs)
     report.max_abs_diff = _max_abs_diff(out, ref)
@@ -334,8 +358,12 @@ def prepare(
     if report.left_out:
         where = "; ".join(str(x) for x in report.left_out)
         if strict:
-            raise HawqError(f"prepare: {1 - report.share:.1%} of the product FLOPs stay float "
-                            f"(strict): {where}")  # fmt: skip
-        log.warning("prepare: %.1f%% of the product FLOPs are not captured and stay float: %s",
-                    100 * (1 - report.share), where)  # fmt: skip
+            raise HawqError(
+                f"prepare: {1 - report.share:.1%} of the product FLOPs stay float (strict): {where}"
+            )
+        log.warning(
+            "prepare: %.1f%% of the product FLOPs are not captured and stay float: %s",
+            100 * (1 - report.share),
+            where,
+        )
     return prepared, report

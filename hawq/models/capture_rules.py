@@ -34,8 +34,16 @@ Tensor = torch.Tensor
 
 MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
 MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
-SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
-               "enable_gqa")  # fmt: skip
+SDPA_PARAMS = (
+    "query",
+    "key",
+    "value",
+    "attn_mask",
+    "dropout_p",
+    "is_causal",
+    "scale",
+    "enable_gqa",
+)
 SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 
 
@@ -62,8 +70,14 @@ def _gqa(query: Tensor, kv: Tensor, enable_gqa: bool) -> Tensor:
     return kv
 
 
-def sdpa_probs(scores: Tensor, query: Tensor, attn_mask: Tensor | None, dropout_p: float,
-               is_causal: bool, scale: float | None) -> Tensor:  # fmt: skip
+def sdpa_probs(
+    scores: Tensor,
+    query: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+) -> Tensor:
     """The reference SDPA between the products: ``softmax(scores * scale + bias)``, then
     dropout with ``dropout_p`` (always, like SDPA: callers pass 0 in eval).
 
@@ -126,8 +140,12 @@ def einsum_operands(equation: str, ta: Tensor, tb: Tensor) -> tuple[Tensor, Tens
     """``(A, B)`` with ``A`` (batch, left, contract) and ``B`` (batch, contract, right)
     flattened to 3-D, so ``einsum(equation, ta, tb)`` is a reshape of ``A @ B``."""
     a, b, _out, batch, left, contract, right = einsum_plan(equation)
-    sz = {c: n for c, n in zip(batch + left + contract + right,
-                               _sizes(batch + left + contract + right, a, ta, b, tb))}  # fmt: skip
+    sz = {
+        c: n
+        for c, n in zip(
+            batch + left + contract + right, _sizes(batch + left + contract + right, a, ta, b, tb)
+        )
+    }
     n_b, n_l, n_k, n_r = (math.prod(sz[c] for c in g) for g in (batch, left, contract, right))
     pa = ta.permute([a.index(c) for c in batch + left + contract])
     pb = tb.permute([b.index(c) for c in batch + contract + right])
@@ -194,8 +212,9 @@ def rewrite_sdpa(g: fx.Graph, node: fx.Node, namer: Namer) -> fx.Node:
     kt = g.call_function(sdpa_key_t, (q, k, a["enable_gqa"]))
     vv = g.call_function(sdpa_value, (q, v, a["enable_gqa"]))
     scores = g.call_module(namer.get("qk", MatMul), (q, kt))
-    probs = g.call_function(sdpa_probs, (scores, q, a["attn_mask"], a["dropout_p"],
-                                         a["is_causal"], a["scale"]))  # fmt: skip
+    probs = g.call_function(
+        sdpa_probs, (scores, q, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"])
+    )
     return g.call_module(namer.get("av", MatMul), (probs, vv))
 
 
@@ -253,8 +272,11 @@ def product_rule(node: fx.Node) -> Callable[[fx.Graph, fx.Node, Namer], fx.Node 
         return None
     if node.target in MATMUL_FUNCS:
         return rewrite_matmul
-    return {F.scaled_dot_product_attention: rewrite_sdpa, F.linear: rewrite_linear,
-            torch.einsum: rewrite_einsum}.get(node.target)  # fmt: skip
+    return {
+        F.scaled_dot_product_attention: rewrite_sdpa,
+        F.linear: rewrite_linear,
+        torch.einsum: rewrite_einsum,
+    }.get(node.target)
 
 
 def rewrite_graph(g: fx.Graph, namer: Namer) -> int:

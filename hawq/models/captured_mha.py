@@ -33,8 +33,9 @@ def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding copies of ``weight`` (out, in) and ``bias``, trainable where
     they were (``requires_grad`` of each source is kept)."""
     out_features, in_features = weight.shape
-    lin = nn.Linear(in_features, out_features, bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)  # fmt: skip
+    lin = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         lin.weight.copy_(weight)
         if bias is not None:
@@ -59,9 +60,15 @@ class CapturedMultiheadAttention(nn.Module):
     in_proj_bias = None
     _qkv_same_embed_dim = False
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0,
-                 kdim: int | None = None, vdim: int | None = None,
-                 batch_first: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -85,8 +92,10 @@ class CapturedMultiheadAttention(nn.Module):
         Raises:
             NotImplementedError: ``add_bias_kv`` or ``add_zero_attn`` was set.
         """
-        for arg, used in (("add_bias_kv", mha.bias_k is not None),
-                          ("add_zero_attn", mha.add_zero_attn)):  # fmt: skip
+        for arg, used in (
+            ("add_bias_kv", mha.bias_k is not None),
+            ("add_zero_attn", mha.add_zero_attn),
+        ):
             if used:
                 raise NotImplementedError(f"CapturedMultiheadAttention: {arg}=True is unsupported")
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.kdim, mha.vdim, mha.batch_first)
@@ -99,8 +108,16 @@ class CapturedMultiheadAttention(nn.Module):
         new.out_proj = _linear(mha.out_proj.weight, mha.out_proj.bias)
         return new.train(mha.training)
 
-    def _bias(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
-              n: int, l: int, s: int, dtype: torch.dtype) -> Tensor | None:  # fmt: skip
+    def _bias(
+        self,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+        n: int,
+        l: int,
+        s: int,
+        dtype: torch.dtype,
+    ) -> Tensor | None:
         """One additive mask broadcastable to the scores (N, H, L, S), or None."""
         bias = None
         if attn_mask is None and is_causal:
@@ -162,7 +179,8 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Bool mask (True = do not attend) -> 0 / -inf; float masks are added as they are."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            mask, float("-inf"))  # fmt: skip
+            mask, float("-inf")
+        )
     return mask.to(dtype)
 
 

@@ -34,13 +34,29 @@ class ViTConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for key in ("image_size", "patch_size", "in_chans", "num_classes", "dim", "depth",
-                    "heads", "mlp_dim"):  # fmt: skip
+        for key in (
+            "image_size",
+            "patch_size",
+            "in_chans",
+            "num_classes",
+            "dim",
+            "depth",
+            "heads",
+            "mlp_dim",
+        ):
             require(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
-        require(self.image_size % self.patch_size == 0, "patch_size", self.patch_size,
-                f"a divisor of image_size={self.image_size}")  # fmt: skip
-        require(self.dim % self.heads == 0, "heads", self.heads,
-                f"a divisor of dim={self.dim} (head width dim/heads)")  # fmt: skip
+        require(
+            self.image_size % self.patch_size == 0,
+            "patch_size",
+            self.patch_size,
+            f"a divisor of image_size={self.image_size}",
+        )
+        require(
+            self.dim % self.heads == 0,
+            "heads",
+            self.heads,
+            f"a divisor of dim={self.dim} (head width dim/heads)",
+        )
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0 <= dropout < 1")
 
 
@@ -55,14 +71,20 @@ class ResNetConfig:
     in_chans: int = 3
 
     def __post_init__(self) -> None:
-        require(self.depth >= 8 and (self.depth - 2) % 6 == 0, "depth", self.depth,
-                "6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110)")  # fmt: skip
+        require(
+            self.depth >= 8 and (self.depth - 2) % 6 == 0,
+            "depth",
+            self.depth,
+            "6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110)",
+        )
         for key in ("width", "num_classes", "in_chans"):
             require(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
 
 
-SCHEMAS: dict[str, type] = {"hawq.models.vit.ViT": ViTConfig,
-                            "hawq.models.resnet.ResNet": ResNetConfig}  # fmt: skip
+SCHEMAS: dict[str, type] = {
+    "hawq.models.vit.ViT": ViTConfig,
+    "hawq.models.resnet.ResNet": ResNetConfig,
+}
 
 
 def validate_model(node: DictConfig | dict | None) -> Any:
@@ -79,6 +101,8 @@ def validate_model(node: DictConfig | dict | None) -> Any:
     try:
         get_object(target)  # a class or a factory function
     except Exception as e:  # noqa: BLE001 - import errors vary
-        raise HawqError(f"bad config model._target_={target!r}: cannot import it; built in: "
-                        f"{', '.join(sorted(SCHEMAS))}") from e  # fmt: skip
+        raise HawqError(
+            f"bad config model._target_={target!r}: cannot import it; built in: "
+            f"{', '.join(sorted(SCHEMAS))}"
+        ) from e
     return node

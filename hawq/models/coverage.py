@@ -91,6 +91,10 @@ def split_flops(model: nn.Module, counts: dict[str, dict]) -> tuple[int, int, li
             parent = exclusive[_parent(name, names)]
             for op, f in c.items():
                 parent[op] = parent.get(op, 0) - f
-    left = [LeftOut(n, op, f) for n, c in exclusive.items() for op, f in c.items()
-            if f > 0 and n not in ops and not n.startswith(inside)]  # fmt: skip
+    left = [
+        LeftOut(n, op, f)
+        for n, c in exclusive.items()
+        for op, f in c.items()
+        if f > 0 and n not in ops and not n.startswith(inside)
+    ]
     return total, captured, sorted(left, key=lambda x: -x.flops)

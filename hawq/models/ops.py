@@ -149,8 +149,9 @@ def probe_ops(
             h.remove()
 
 
-def op_inventory(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
-                 example: Any = None) -> list[OpInfo]:  # fmt: skip
+def op_inventory(
+    model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32), example: Any = None
+) -> list[OpInfo]:
     """List the quantizable ops in execution order with their MACs for one input.
 
     Args:
@@ -175,7 +176,8 @@ def op_inventory(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32),
     infos = []
     for name in [*macs, *(n for n in ops if n not in macs)]:
         # weight and bias only: quantized wrappers also hold scales/zero points
-        params = sum(p.numel() for n, p in ops[name].named_parameters()
-                     if n.endswith(("weight", "bias")))  # fmt: skip
+        params = sum(
+            p.numel() for n, p in ops[name].named_parameters() if n.endswith(("weight", "bias"))
+        )
         infos.append(OpInfo(name, op_kind(ops[name]), params, macs.get(name, 0)))
     return infos

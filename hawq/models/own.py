@@ -29,8 +29,12 @@ from hawq.models.capture import CaptureReport, prepare
 log = logging.getLogger("hawq")
 
 
-def prepared(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
-             min_share: float = 1.0, example_batch: int = 2) -> nn.Module:  # fmt: skip
+def prepared(
+    model: nn.Module,
+    input_shape: Sequence[int] = (3, 32, 32),
+    min_share: float = 1.0,
+    example_batch: int = 2,
+) -> nn.Module:
     """``model`` prepared on a random example batch of ``input_shape``.
 
     Args:
@@ -45,8 +49,10 @@ def prepared(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
         ``model.hawq_capture``.
     """
     if not isinstance(model, nn.Module):
-        raise HawqError(f"bad config model.model: built a {type(model).__name__}, allowed: an "
-                        "nn.Module (a _target_ to a model class or factory)")  # fmt: skip
+        raise HawqError(
+            f"bad config model.model: built a {type(model).__name__}, allowed: an "
+            "nn.Module (a _target_ to a model class or factory)"
+        )
     if not 0.0 <= min_share <= 1.0:
         raise HawqError(f"bad config model.min_share={min_share}: allowed 0 <= min_share <= 1")
     gen = torch.Generator().manual_seed(0)
@@ -63,5 +69,7 @@ def prepared(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32),
 def _check_share(report: CaptureReport, min_share: float, name: str) -> None:
     if report.share + 1e-12 < min_share:
         left = "; ".join(str(x) for x in report.left_out)
-        raise HawqError(f"{name}: {report.share:.1%} of the product FLOPs captured, below "
-                        f"model.min_share={min_share}; left float: {left}")  # fmt: skip
+        raise HawqError(
+            f"{name}: {report.share:.1%} of the product FLOPs captured, below "
+            f"model.min_share={min_share}; left float: {left}"
+        )

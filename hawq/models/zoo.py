@@ -42,13 +42,23 @@ class TorchViT(nn.Module):
         dropout: dropout inside the encoder layers.
     """
 
-    def __init__(self, image_size: int = 32, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 10, dim: int = 128, depth: int = 6, heads: int = 4,
-                 mlp_dim: int = 256, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        dim: int = 128,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_dim: int = 256,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.stem = PatchStem(image_size, patch_size, in_chans, dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, mlp_dim, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, mlp_dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -87,13 +97,23 @@ class SdpaBlock(nn.Module):
 class SdpaViT(nn.Module):
     """A ViT of :class:`SdpaBlock` s (the functional-attention spelling)."""
 
-    def __init__(self, image_size: int = 32, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 10, dim: int = 64, depth: int = 2, heads: int = 4,
-                 mlp_dim: int = 128, use_sdpa: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_dim: int = 128,
+        use_sdpa: bool = True,
+    ) -> None:
         super().__init__()
         self.stem = PatchStem(image_size, patch_size, in_chans, dim)
-        self.blocks = nn.Sequential(*(SdpaBlock(dim, heads, mlp_dim, use_sdpa)
-                                      for _ in range(depth)))  # fmt: skip
+        self.blocks = nn.Sequential(
+            *(SdpaBlock(dim, heads, mlp_dim, use_sdpa) for _ in range(depth))
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -107,14 +127,16 @@ class SmallCNN(nn.Module):
     def __init__(self, in_chans: int = 3, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, w, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(w), nn.ReLU())  # fmt: skip
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()
+        )
         self.conv1 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(2 * w)
         self.conv2 = nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(2 * w)
-        self.short = nn.Sequential(nn.Conv2d(w, 2 * w, 1, stride=2, bias=False),
-                                   nn.BatchNorm2d(2 * w))  # fmt: skip
+        self.short = nn.Sequential(
+            nn.Conv2d(w, 2 * w, 1, stride=2, bias=False), nn.BatchNorm2d(2 * w)
+        )
         self.fc = nn.Linear(2 * w, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -40,8 +40,10 @@ def check_setting(name: str, s: OpSetting) -> None:
     for key, fmt in (("w_bits", s.w_format), ("a_bits", s.a_format)):
         bits = getattr(s, key)
         if fmt != "int" and bits is not None and bits != FORMAT_BITS[fmt]:
-            raise HawqError(f"op {name}: {key}={bits} but {fmt} stores {FORMAT_BITS[fmt]} bits; "
-                            f"set {key}={FORMAT_BITS[fmt]}")  # fmt: skip
+            raise HawqError(
+                f"op {name}: {key}={bits} but {fmt} stores {FORMAT_BITS[fmt]} bits; "
+                f"set {key}={FORMAT_BITS[fmt]}"
+            )
 
 
 def quantize_(
@@ -62,8 +64,10 @@ def quantize_(
     if method not in METHODS:
         raise HawqError(f"QAT method={method!r} is invalid; allowed: {choices(METHODS[1:])}")
     if not isinstance(plan, Plan):
-        raise HawqError(f"quantize_: plan is a {type(plan).__name__}, not a Plan; build one "
-                        "with Plan.from_dict({'_default': {...}, '<op>': {...}}) or load_plan")
+        raise HawqError(
+            f"quantize_: plan is a {type(plan).__name__}, not a Plan; build one "
+            "with Plan.from_dict({'_default': {...}, '<op>': {...}}) or load_plan"
+        )
     ops = quantizable_ops(model)
     done = [n for n, m in ops.items() if isinstance(m, QUANT_TYPES)]
     if done:
@@ -117,8 +121,10 @@ def nonfinite_message(x: torch.Tensor, what: str) -> str | None:
     if bool(torch.isfinite(x).all()):
         return None
     n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-    return (f"{what} has {n_nan} NaN and {n_inf} Inf value(s) of {x.numel()}; calibration "
-            "needs finite values (check the data and the layers upstream)")
+    return (
+        f"{what} has {n_nan} NaN and {n_inf} Inf value(s) of {x.numel()}; calibration "
+        "needs finite values (check the data and the layers upstream)"
+    )
 
 
 @torch.no_grad()
@@ -136,10 +142,12 @@ def init_weight_qparams(model: nn.Module) -> None:
 
 def _finite_input_hook(op_name: str, operand: str, counter: list[int]):
     def hook(_m: nn.Module, args: tuple) -> None:
-        msg = nonfinite_message(args[0], f"calibration batch {counter[0]}: op {op_name} "
-                                f"operand {operand}")  # fmt: skip
+        msg = nonfinite_message(
+            args[0], f"calibration batch {counter[0]}: op {op_name} operand {operand}"
+        )
         if msg:
             raise HawqError(msg)
+
     return hook
 
 
@@ -156,9 +164,14 @@ def calibrate(
     quantized) with the calibrator of their setting. Returns the batches used.
     """
     init_weight_qparams(model)
-    acts = {n: q for n, q in quantizers(model).items()
-            if not q.is_weight and not q.dynamic and not bool(q.ready) or
-            (not q.is_weight and q.fmt.startswith("fp8") and not q.dynamic)}  # fmt: skip
+    acts = {
+        n: q
+        for n, q in quantizers(model).items()
+        if not q.is_weight
+        and not q.dynamic
+        and not bool(q.ready)
+        or (not q.is_weight and q.fmt.startswith("fp8") and not q.dynamic)
+    }
     ops = quant_ops(model)
     counter = [0]  # the batch being observed, for messages
     handles = []
@@ -166,8 +179,11 @@ def calibrate(
         max_batches = 0  # forward; the eval/train round trip still refreshes folded-BN state
     for n, q in acts.items():
         op_name, _, qname = n.rpartition(".")
-        handles.append(q.register_forward_pre_hook(
-            _finite_input_hook(op_name, operand_name(ops[op_name], qname), counter)))
+        handles.append(
+            q.register_forward_pre_hook(
+                _finite_input_hook(op_name, operand_name(ops[op_name], qname), counter)
+            )
+        )
     for q in acts.values():
         q.start_observe()
 
@@ -204,8 +220,7 @@ def set_bits_(model: nn.Module, plan: Plan, floor_bits: int | None) -> list[str]
     changed = []
     for name, op in quant_ops(model).items():
         s = plan.setting(name)
-        for qname, target in (("w_quant", s.w_bits), ("a_quant", s.a_bits),
-                              ("b_quant", s.a_bits)):  # fmt: skip
+        for qname, target in (("w_quant", s.w_bits), ("a_quant", s.a_bits), ("b_quant", s.a_bits)):
             q = getattr(op, qname, None)
             if q is None or q.fmt != "int" or target is None:
                 continue
@@ -239,8 +254,9 @@ def refit_(
     for n, q in chosen.items():
         if q.is_weight:
             op = ops[n.rpartition(".")[0]]
-            q.init_from_weight((op.folded()[0] if isinstance(op, QuantConv2d) else op.weight)
-                               .detach())  # fmt: skip
+            q.init_from_weight(
+                (op.folded()[0] if isinstance(op, QuantConv2d) else op.weight).detach()
+            )
         else:
             q.signed = q.symmetric
             q.q_min, q.q_max = qrange(q.bits, q.symmetric, q.signed)
@@ -287,10 +303,16 @@ def summary(model: nn.Module) -> dict[str, dict[str, Any]]:
         for key in ("w_quant", "a_quant", "b_quant"):
             q = getattr(op, key, None)
             if q is not None:
-                row[key[0]] = {"bits": q.bits, "format": q.fmt, "symmetric": q.symmetric,
-                               "signed": q.signed, "granularity": q.granularity,
-                               "dynamic": q.dynamic, "calibrator": q.calibrator_name,
-                               "learn": q.learn}  # fmt: skip
+                row[key[0]] = {
+                    "bits": q.bits,
+                    "format": q.fmt,
+                    "symmetric": q.symmetric,
+                    "signed": q.signed,
+                    "granularity": q.granularity,
+                    "dynamic": q.dynamic,
+                    "calibrator": q.calibrator_name,
+                    "learn": q.learn,
+                }
         if isinstance(op, QuantConv2d):
             row["bn_folded"] = op.bn is not None
         out[name] = row

@@ -57,11 +57,20 @@ def fold_weight_bias(
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new conv (with bias) equal to ``bn(conv(x))`` in eval mode; inputs unchanged."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=True,
-                      padding_mode=conv.padding_mode).to(conv.weight.device)  # fmt: skip
-    w, b = fold_weight_bias(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
-                            bn.bias, bn.eps)  # fmt: skip
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    ).to(conv.weight.device)
+    w, b = fold_weight_bias(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+    )
     fused.weight.copy_(w)
     fused.bias.copy_(b)
     return fused

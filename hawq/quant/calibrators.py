@@ -61,8 +61,10 @@ class Calibrator:
         x = x.detach().float()
         lo, hi = x.min().cpu(), x.max().cpu()
         if not (torch.isfinite(lo) and torch.isfinite(hi)):  # NaN propagates into min/max
-            raise HawqError(f"calibration input has NaN/Inf values (min {float(lo)}, max "
-                            f"{float(hi)}); calibration needs finite values")  # fmt: skip
+            raise HawqError(
+                f"calibration input has NaN/Inf values (min {float(lo)}, max "
+                f"{float(hi)}); calibration needs finite values"
+            )
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         self.n_batches += 1

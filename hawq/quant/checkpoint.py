@@ -37,11 +37,22 @@ def save_quantized(
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    state = {k: (v.detach().cpu() if torch.is_tensor(v) else v)
-             for k, v in model.state_dict().items()}  # fmt: skip
-    return save_torch(path, {"schema": SCHEMA, "kind": "quantized", "model_cfg": model_cfg,
-                             "plan": plan.to_dict(), "method": method, "fold_bn": fold_bn,
-                             "state_dict": state, "meta": meta})  # fmt: skip
+    state = {
+        k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()
+    }
+    return save_torch(
+        path,
+        {
+            "schema": SCHEMA,
+            "kind": "quantized",
+            "model_cfg": model_cfg,
+            "plan": plan.to_dict(),
+            "method": method,
+            "fold_bn": fold_bn,
+            "state_dict": state,
+            "meta": meta,
+        },
+    )
 
 
 def load_quantized(
@@ -57,6 +68,7 @@ def load_quantized(
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise HawqError(f"{path} does not fit its model config and plan: "
-                        f"{str(e).splitlines()[0]}") from e  # fmt: skip
+        raise HawqError(
+            f"{path} does not fit its model config and plan: {str(e).splitlines()[0]}"
+        ) from e
     return model.to(device), plan, ckpt.get("meta", {})

@@ -45,8 +45,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         require(self.calib_batches >= 1, "calib_batches", self.calib_batches, "an integer >= 1")
         require(0.0 <= self.equalize <= 1.0, "equalize", self.equalize, "a number in [0, 1]")
-        require(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size,
-                "an integer >= 1")  # fmt: skip
+        require(
+            self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size, "an integer >= 1"
+        )
 
 
 @dataclass
@@ -76,23 +77,45 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        require(self.method in ("lsq", "lsqplus", "pact", "ste"), "method", self.method,
-                "lsq, lsqplus, pact, ste")  # fmt: skip
+        require(
+            self.method in ("lsq", "lsqplus", "pact", "ste"),
+            "method",
+            self.method,
+            "lsq, lsqplus, pact, ste",
+        )
         require(self.lr >= 0 and self.qparam_lr >= 0, "lr", self.lr, ">= 0")
-        require(self.qparam_space in ("log", "linear"), "qparam_space", self.qparam_space,
-                "log, linear")  # fmt: skip
+        require(
+            self.qparam_space in ("log", "linear"), "qparam_space", self.qparam_space, "log, linear"
+        )
         require(self.epochs_per_step >= 1, "epochs_per_step", self.epochs_per_step, ">= 1")
         require(0.0 <= self.distill <= 1.0, "distill", self.distill, "a weight in [0, 1]")
-        require(not (self.distill > 0 and self.compile), "distill", self.distill,
-                "0 with qat.compile=true (the teacher reads the batch through a forward hook)")
-        require(self.refit_on_drop or not self.reconstruct_on_drop, "reconstruct_on_drop",
-                self.reconstruct_on_drop, "false without qat.refit_on_drop")
-        require(not (self.init and self.schedule), "init", self.init,
-                "null with qat.schedule (a progressive run starts wider than the checkpoint)")
-        require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature,
-                "> 0")  # fmt: skip
-        require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
-                "0 <= warmup_epochs < epochs")  # fmt: skip
+        require(
+            not (self.distill > 0 and self.compile),
+            "distill",
+            self.distill,
+            "0 with qat.compile=true (the teacher reads the batch through a forward hook)",
+        )
+        require(
+            self.refit_on_drop or not self.reconstruct_on_drop,
+            "reconstruct_on_drop",
+            self.reconstruct_on_drop,
+            "false without qat.refit_on_drop",
+        )
+        require(
+            not (self.init and self.schedule),
+            "init",
+            self.init,
+            "null with qat.schedule (a progressive run starts wider than the checkpoint)",
+        )
+        require(
+            self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "> 0"
+        )
+        require(
+            0 <= self.warmup_epochs < self.epochs,
+            "warmup_epochs",
+            self.warmup_epochs,
+            "0 <= warmup_epochs < epochs",
+        )
         if self.schedule is not None:
             s = list(self.schedule)
             ok = len(s) >= 1 and all(1 <= b <= 8 for b in s)
@@ -118,9 +141,12 @@ def resolve_plan(qc: QuantConfig, run_dir: Path) -> tuple[Plan, str]:
     """
     if qc.plan == DEFAULT_PLAN:
         if (run_dir / BITS_FILE).is_file():
-            log.warning("quant.plan=default (quant.default bits given explicitly): %s is not "
-                        "used; quant.plan=%s would use it", run_dir / BITS_FILE,
-                        run_dir / BITS_FILE)  # fmt: skip
+            log.warning(
+                "quant.plan=default (quant.default bits given explicitly): %s is not "
+                "used; quant.plan=%s would use it",
+                run_dir / BITS_FILE,
+                run_dir / BITS_FILE,
+            )
         return Plan(default_setting(qc.default)), "quant.default"
     if qc.plan:
         path = Path(qc.plan).expanduser()

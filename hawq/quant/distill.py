@@ -27,12 +27,19 @@ class DistillLoss(nn.Module):
         label_smoothing: of the CE term.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 1.0,
-                 temperature: float = 1.0, label_smoothing: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        weight: float = 1.0,
+        temperature: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         if not 0.0 <= weight <= 1.0 or temperature <= 0:
-            raise ValueError(f"DistillLoss: weight in [0, 1] and temperature > 0, got "
-                             f"{weight}, {temperature}")  # fmt: skip
+            raise ValueError(
+                f"DistillLoss: weight in [0, 1] and temperature > 0, got {weight}, {temperature}"
+            )
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight, self.temperature = weight, temperature
         self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -55,7 +62,15 @@ class DistillLoss(nn.Module):
             with torch.no_grad():
                 t = self.teacher(self._x).to(out.dtype)
             T = self.temperature
-            kl = F.kl_div(F.log_softmax(out / T, dim=-1), F.log_softmax(t / T, dim=-1),
-                          log_target=True, reduction="batchmean") * T * T  # fmt: skip
+            kl = (
+                F.kl_div(
+                    F.log_softmax(out / T, dim=-1),
+                    F.log_softmax(t / T, dim=-1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+                * T
+                * T
+            )
             loss = (1.0 - self.weight) * loss + self.weight * kl
         return loss

@@ -52,8 +52,9 @@ def ln_consumers(model: nn.Module) -> list[tuple[str, nn.LayerNorm, str, nn.Line
 
 
 @torch.no_grad()
-def channel_ranges(model: nn.Module, consumers: list[nn.Linear], batches: Iterable,
-                   max_batches: int) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+def channel_ranges(
+    model: nn.Module, consumers: list[nn.Linear], batches: Iterable, max_batches: int
+) -> list[tuple[Tensor, Tensor]]:
     """Per-channel (min, max) of each consumer's input over ``max_batches`` batches."""
     stats: list[list[Tensor | None]] = [[None, None] for _ in consumers]
 
@@ -87,8 +88,9 @@ def channel_ranges(model: nn.Module, consumers: list[nn.Linear], batches: Iterab
 
 
 @torch.no_grad()
-def equalize_pair(norm: nn.LayerNorm, linear: nn.Linear, lo: Tensor, hi: Tensor,
-                  alpha: float) -> Tensor:  # fmt: skip
+def equalize_pair(
+    norm: nn.LayerNorm, linear: nn.Linear, lo: Tensor, hi: Tensor, alpha: float
+) -> Tensor:
     """Apply the reparametrisation of the module docstring to one pair in place; returns
     ``a`` (the per-channel factors)."""
     centre, half = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-8)
@@ -123,7 +125,11 @@ def equalize_(model: nn.Module, batches: Iterable, alpha: float, max_batches: in
     for (_, norm, cname, lin), (lo, hi) in zip(pairs, ranges, strict=True):
         a = equalize_pair(norm, lin, lo.to(norm.weight.device), hi.to(norm.weight.device), alpha)
         spread[cname] = float(a.max() / a.min())
-    log.info("equalize: %d LayerNorm -> Linear pairs, alpha %.2f, channel factor spread "
-             "median %.1f (max/min of a)", len(pairs), alpha,
-             float(torch.tensor(list(spread.values())).median()))  # fmt: skip
+    log.info(
+        "equalize: %d LayerNorm -> Linear pairs, alpha %.2f, channel factor spread "
+        "median %.1f (max/min of a)",
+        len(pairs),
+        alpha,
+        float(torch.tensor(list(spread.values())).median()),
+    )
     return spread

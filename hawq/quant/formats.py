@@ -143,8 +143,9 @@ def mx_unblock(xb: Tensor, info: tuple) -> Tensor:
     return xb.reshape(xb.shape[0], -1)[:, :n].reshape(moved_shape).movedim(-1, axis)
 
 
-def mx_fake_quantize(x: Tensor, fmt: str = "mxfp4", block: int = MX_BLOCK,
-                     axis: int = -1) -> Tensor:  # fmt: skip
+def mx_fake_quantize(
+    x: Tensor, fmt: str = "mxfp4", block: int = MX_BLOCK, axis: int = -1
+) -> Tensor:
     """MXFP4 / MXINT8: shared power-of-two scale per ``block`` elements, OCP MX v1.0.
 
     Blocks run along ``axis``, the dimension a dot product reduces over (spec section

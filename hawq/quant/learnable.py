@@ -86,8 +86,9 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     if len(shape) == 0 or math.prod(shape) == 1:
         return t.sum().reshape(shape)
     lead = t.dim() - len(shape)
-    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape)
-                                if n == 1 and t.shape[lead + i] != 1]  # fmt: skip
+    dims = list(range(lead)) + [
+        lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1
+    ]
     return t.sum(dims, keepdim=True).reshape(shape) if dims else t
 
 
@@ -112,8 +113,9 @@ def _needs_graph(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _lsq_forward(x: Tensor, s: Tensor, z: Tensor | None, q_min: int, q_max: int,
-                 with_mask: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def _lsq_forward(
+    x: Tensor, s: Tensor, z: Tensor | None, q_min: int, q_max: int, with_mask: bool
+) -> tuple[Tensor, Tensor | None]:
     """``x_hat`` (in-place chain on one buffer) and the in-range mask ``[r == v]`` (float,
     written over ``v``): two allocations, five or six passes."""
     v = x / s if z is None else (x / s).add_(z)
@@ -137,8 +139,16 @@ class LSQFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int,
-                q_max: int, g: float, min_scale: float | None) -> Tensor:  # fmt: skip
+    def forward(
+        ctx,
+        x: Tensor,
+        scale: Tensor,
+        zero_point: Tensor | None,
+        q_min: int,
+        q_max: int,
+        g: float,
+        min_scale: float | None,
+    ) -> Tensor:
         s = _positive(scale, min_scale)
         out, mask = _lsq_forward(x, s, zero_point, q_min, q_max, True)
         ctx.save_for_backward(x, out, mask, scale, s)
@@ -207,13 +217,13 @@ def lsq_fake_quantize_reference(
 # ---------------------------------------------------------------- LSQ+
 
 
-def _lsqplus_forward(x: Tensor, s: Tensor, beta: Tensor, q_min: int, q_max: int,
-                     with_mask: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def _lsqplus_forward(
+    x: Tensor, s: Tensor, beta: Tensor, q_min: int, q_max: int, with_mask: bool
+) -> tuple[Tensor, Tensor | None]:
     v = (x - beta).div_(s)
     r = torch.clamp(v, q_min, q_max)
     mask = _float_mask(torch.eq, r, v, out=v) if with_mask else None
     return r.round_().mul_(s).add_(beta), mask
-
 
 
 class LSQPlusFunction(torch.autograd.Function):
@@ -228,8 +238,16 @@ class LSQPlusFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, offset: Tensor, q_min: int, q_max: int,
-                g: float, min_scale: float | None) -> Tensor:  # fmt: skip
+    def forward(
+        ctx,
+        x: Tensor,
+        scale: Tensor,
+        offset: Tensor,
+        q_min: int,
+        q_max: int,
+        g: float,
+        min_scale: float | None,
+    ) -> Tensor:
         s = _positive(scale, min_scale)
         out, mask = _lsqplus_forward(x, s, offset, q_min, q_max, True)
         ctx.save_for_backward(x, out, mask, scale, s, offset)

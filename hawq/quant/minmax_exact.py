@@ -91,8 +91,9 @@ def exact_minmax_fake_quantize(
         if bool((scale > 0).all()):  # one in-place chain: ((x/s + z).round().clamp() - z) s
             x_hat = _fake_quantize_forward(xv.detach(), scale, zero, 0, q_max)
         else:  # some constant slice: the defined pass-through
-            x_hat = exact_minmax_dequantize(exact_minmax_codes(xv, scale, zero, q_max), scale,
-                                            zero, xv)  # fmt: skip
+            x_hat = exact_minmax_dequantize(
+                exact_minmax_codes(xv, scale, zero, q_max), scale, zero, xv
+            )
         if granularity == "per_group":
             x_hat = ungroup(x_hat, x.shape)
     if not (torch.is_grad_enabled() and x.requires_grad):

@@ -20,8 +20,9 @@ from hawq.quant.quantizer import Quantizer
 Tensor = torch.Tensor
 
 
-def weight_quantizer(setting: OpSetting, weight: Tensor, learn: str | None,
-                     block_axis: int = -1) -> Quantizer | None:  # fmt: skip
+def weight_quantizer(
+    setting: OpSetting, weight: Tensor, learn: str | None, block_axis: int = -1
+) -> Quantizer | None:
     """The weight quantizer of a setting (per its granularity, output channel = axis 0;
     MX blocks along ``block_axis``, the reduction dim).
 
@@ -29,10 +30,19 @@ def weight_quantizer(setting: OpSetting, weight: Tensor, learn: str | None,
     ``dynamic``: the seed study recomputes both operands' qparams before every product."""
     if setting.w_bits is None:
         return None
-    return Quantizer(setting.w_bits, setting.w_format, setting.symmetric, setting.granularity,
-                     0, setting.group_size, dynamic=learn == "ste" or setting.dynamic,
-                     calibrator=setting.calibrator, learn=_learn(learn),
-                     weight=weight, block_axis=block_axis)  # fmt: skip
+    return Quantizer(
+        setting.w_bits,
+        setting.w_format,
+        setting.symmetric,
+        setting.granularity,
+        0,
+        setting.group_size,
+        dynamic=learn == "ste" or setting.dynamic,
+        calibrator=setting.calibrator,
+        learn=_learn(learn),
+        weight=weight,
+        block_axis=block_axis,
+    )
 
 
 def act_quantizer(setting: OpSetting, learn: str | None, block_axis: int = -1) -> Quantizer | None:
@@ -40,10 +50,17 @@ def act_quantizer(setting: OpSetting, learn: str | None, block_axis: int = -1) -
     blocks along ``block_axis``, the dim the consuming op reduces over."""
     if setting.a_bits is None:
         return None
-    return Quantizer(setting.a_bits, setting.a_format, setting.a_symmetric, "per_tensor",
-                     dynamic=setting.dynamic, calibrator=setting.calibrator,
-                     learn=_learn(learn), group_size=setting.group_size,
-                     block_axis=block_axis)  # fmt: skip
+    return Quantizer(
+        setting.a_bits,
+        setting.a_format,
+        setting.a_symmetric,
+        "per_tensor",
+        dynamic=setting.dynamic,
+        calibrator=setting.calibrator,
+        learn=_learn(learn),
+        group_size=setting.group_size,
+        block_axis=block_axis,
+    )
 
 
 def _learn(method: str | None) -> str | None:
@@ -98,8 +115,15 @@ class QuantConv2d(nn.Module):
         bn: nn.BatchNorm2d | None = None,
     ) -> None:
         super().__init__()
-        for key in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                    "dilation", "groups"):  # fmt: skip
+        for key in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+        ):
             setattr(self, key, getattr(conv, key))
         if conv.padding_mode != "zeros":
             raise ValueError("QuantConv2d supports padding_mode='zeros' only")
@@ -142,8 +166,9 @@ class QuantConv2d(nn.Module):
         if self.bn is None:
             return self.weight, self.bias
         bn = self.bn
-        return fold_weight_bias(self.weight, self.bias, bn.running_mean, bn.running_var,
-                                bn.weight, bn.bias, bn.eps)  # fmt: skip
+        return fold_weight_bias(
+            self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+        )
 
     def quantized_weight(self) -> Tensor:
         return _q(self.w_quant, self.folded()[0])

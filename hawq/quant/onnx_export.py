@@ -85,8 +85,15 @@ class QDQ(nn.Module):
             added after; or None.
     """
 
-    def __init__(self, scale: Tensor, zero_point: Tensor, q_min: int, q_max: int,
-                 axis: int | None = None, offset: Tensor | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        scale: Tensor,
+        zero_point: Tensor,
+        q_min: int,
+        q_max: int,
+        axis: int | None = None,
+        offset: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.q_min, self.q_max, self.axis = int(q_min), int(q_max), axis
         self.store = (-128, 127) if q_min < 0 else (0, 255)  # int8 / uint8 storage
@@ -124,10 +131,12 @@ class QDQ(nn.Module):
             out = torch.fake_quantize_per_tensor_affine(x, self.s, self.z, *self.store)
         else:
             if self.clip:
-                x = torch.minimum(torch.maximum(x, self._channels(self.lo, x)),
-                                  self._channels(self.hi, x))  # fmt: skip
-            out = torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point,
-                                                         self.axis, *self.store)
+                x = torch.minimum(
+                    torch.maximum(x, self._channels(self.lo, x)), self._channels(self.hi, x)
+                )
+            out = torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.axis, *self.store
+            )
         return out if offset is None else out + offset
 
 
@@ -164,8 +173,11 @@ def to_qdq(q: Quantizer, name: str) -> nn.Module:
         q_min, q_max = (-n if q.signed else 0), n
     elif q.learn in ("lsq", "lsqplus"):
         scale = q.scale.detach().abs().clamp(min=MIN_SCALE)
-        zero = torch.zeros_like(scale) if q.learn == "lsqplus" or q._zero(q.zero_point) is None \
-            else q.zero_point  # fmt: skip
+        zero = (
+            torch.zeros_like(scale)
+            if q.learn == "lsqplus" or q._zero(q.zero_point) is None
+            else q.zero_point
+        )
         offset = q.offset.detach() if q.learn == "lsqplus" else None
     else:
         scale = q.scale.detach()
@@ -173,13 +185,25 @@ def to_qdq(q: Quantizer, name: str) -> nn.Module:
     if not torch.equal(zero, zero.round()):
         raise fail("its zero point is not an integer")
     if scale.numel() == 1:
-        return QDQ(scale.reshape(()), zero.reshape(()), q_min, q_max, None,
-                   None if offset is None else offset.reshape(()))  # fmt: skip
+        return QDQ(
+            scale.reshape(()),
+            zero.reshape(()),
+            q_min,
+            q_max,
+            None,
+            None if offset is None else offset.reshape(()),
+        )
     axes = [d for d, n in enumerate(scale.shape) if n > 1]
     if len(axes) != 1:
         raise fail(f"scale of shape {tuple(scale.shape)} is not per tensor or per channel")
-    return QDQ(scale.flatten(), zero.expand_as(scale).flatten(), q_min, q_max, axes[0],
-               None if offset is None else offset.expand_as(scale).flatten())  # fmt: skip
+    return QDQ(
+        scale.flatten(),
+        zero.expand_as(scale).flatten(),
+        q_min,
+        q_max,
+        axes[0],
+        None if offset is None else offset.expand_as(scale).flatten(),
+    )
 
 
 def qdq_model(qmodel: nn.Module) -> nn.Module:
@@ -199,8 +223,10 @@ def _onnx() -> Any:
     try:
         import onnx
     except ImportError:
-        raise HawqError("int8 ONNX weights need the onnx package: pip install onnx "
-                        "(or export_onnx(..., weights='float'))") from None  # fmt: skip
+        raise HawqError(
+            "int8 ONNX weights need the onnx package: pip install onnx "
+            "(or export_onnx(..., weights='float'))"
+        ) from None
     return onnx
 
 
@@ -255,8 +281,9 @@ def _evaluate(model: Any, nodes: list[Any], producer: dict[str, Any]) -> list[An
     outputs = [onnx.helper.make_empty_tensor_value_info(n.output[0]) for n in nodes]
     consts = [t for t in model.graph.initializer if t.name in read]
     graph = onnx.helper.make_graph(chain, "weights", [], outputs, consts)
-    sub = onnx.helper.make_model(graph, opset_imports=model.opset_import,
-                                 ir_version=model.ir_version)  # fmt: skip
+    sub = onnx.helper.make_model(
+        graph, opset_imports=model.opset_import, ir_version=model.ir_version
+    )
     return ReferenceEvaluator(sub).run(None, {})
 
 
@@ -277,8 +304,7 @@ def quantize_weights(model: Any) -> Any:
     for node in graph.node:
         if node.op_type in FOLDABLE and const.issuperset(node.input):
             const.update(node.output)
-    targets = [n for n in graph.node if n.op_type == "QuantizeLinear"
-               and const.issuperset(n.input)]  # fmt: skip
+    targets = [n for n in graph.node if n.op_type == "QuantizeLinear" and const.issuperset(n.input)]
     producer = {o: n for n in graph.node for o in n.output}
     taken = {t.name for t in graph.initializer} | set(producer)
     renames = {}
@@ -330,14 +356,23 @@ def export_onnx(
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
-    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters \
-        else {}  # fmt: skip
+    kwargs = (
+        {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    )
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, args, buf, input_names=names, output_names=["output"],
-                          opset_version=opset, dynamic_axes=axes, do_constant_folding=True,
-                          **kwargs)  # fmt: skip
+        torch.onnx.export(
+            model,
+            args,
+            buf,
+            input_names=names,
+            output_names=["output"],
+            opset_version=opset,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+            **kwargs,
+        )
     data = buf.getvalue()
     if onnx is not None:
         model = ort_int8_form(quantize_weights(onnx.load_from_string(data)))

@@ -44,8 +44,10 @@ def integer_clips(model: Any) -> int:
         if lo_r is None or hi_r is None or s is None or z is None or s.size != 1:
             continue
         info = np.iinfo(z.dtype)
-        codes = [np.clip(np.round(np.float32(v) / np.float32(s)) + int(z), info.min, info.max)
-                 for v in (lo_r, hi_r)]  # fmt: skip
+        codes = [
+            np.clip(np.round(np.float32(v) / np.float32(s)) + int(z), info.min, info.max)
+            for v in (lo_r, hi_r)
+        ]
         names = [f"{clip.name}_code_{k}" for k in ("lo", "hi")]
         for name, c in zip(names, codes, strict=True):
             graph.initializer.append(numpy_helper.from_array(np.array(c, dtype=z.dtype), name))
@@ -72,8 +74,12 @@ def gemm_to_matmul(model: Any) -> int:
     done = 0
     for gemm in [n for n in graph.node if n.op_type == "Gemm"]:
         att = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        if att.get("transA", 0) or not att.get("transB", 0) or att.get("alpha", 1.0) != 1.0 \
-                or att.get("beta", 1.0) != 1.0:  # fmt: skip
+        if (
+            att.get("transA", 0)
+            or not att.get("transB", 0)
+            or att.get("alpha", 1.0) != 1.0
+            or att.get("beta", 1.0) != 1.0
+        ):
             continue
         dq = producer.get(gemm.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
@@ -95,15 +101,24 @@ def gemm_to_matmul(model: Any) -> int:
         graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
         _unsqueeze_activation(graph, _quantizer(gemm.input[0], producer, users), axes)
         mm_out, add_out = f"{gemm.output[0]}_matmul", f"{gemm.output[0]}_3d"
-        nodes = [helper.make_node("MatMul", [gemm.input[0], dq.output[0]], [mm_out],
-                                  name=f"{gemm.name}_matmul")]  # fmt: skip
+        nodes = [
+            helper.make_node(
+                "MatMul", [gemm.input[0], dq.output[0]], [mm_out], name=f"{gemm.name}_matmul"
+            )
+        ]
         if len(gemm.input) > 2 and gemm.input[2]:
-            nodes.append(helper.make_node("Add", [mm_out, gemm.input[2]], [add_out],
-                                          name=f"{gemm.name}_bias"))  # fmt: skip
+            nodes.append(
+                helper.make_node(
+                    "Add", [mm_out, gemm.input[2]], [add_out], name=f"{gemm.name}_bias"
+                )
+            )
         else:
             add_out = mm_out
-        nodes.append(helper.make_node("Squeeze", [add_out, axes], [gemm.output[0]],
-                                      name=f"{gemm.name}_squeeze"))  # fmt: skip
+        nodes.append(
+            helper.make_node(
+                "Squeeze", [add_out, axes], [gemm.output[0]], name=f"{gemm.name}_squeeze"
+            )
+        )
         idx = list(graph.node).index(gemm)
         for k, node in enumerate(nodes):
             graph.node.insert(idx + k, node)
@@ -121,8 +136,7 @@ def _unsqueeze_activation(graph: Any, q: Any, axes: str) -> None:
     out = f"{src}_unsqueezed"
     q.input[0] = out
     idx = list(graph.node).index(q)
-    graph.node.insert(idx, helper.make_node("Unsqueeze", [src, axes], [out],
-                                            name=f"{out}_node"))  # fmt: skip
+    graph.node.insert(idx, helper.make_node("Unsqueeze", [src, axes], [out], name=f"{out}_node"))
 
 
 def _quantizer(a: str, producer: dict, users: dict) -> Any:

@@ -63,8 +63,12 @@ class OpSetting:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 8):
                 raise HawqError(f"{key}={v!r} is invalid; allowed: an integer 1-8 or null")
-        enums = (("w_format", FORMATS), ("a_format", FORMATS),
-                 ("granularity", GRANULARITIES), ("calibrator", CALIBRATORS))  # fmt: skip
+        enums = (
+            ("w_format", FORMATS),
+            ("a_format", FORMATS),
+            ("granularity", GRANULARITIES),
+            ("calibrator", CALIBRATORS),
+        )
         for key, allowed in enums:
             v = getattr(self, key)
             if v not in allowed:
@@ -76,8 +80,11 @@ class OpSetting:
         for key in ("w_format", "a_format", "granularity", "calibrator"):
             if not isinstance(getattr(self, key), str):
                 raise HawqError(f"{key}={getattr(self, key)!r} is invalid; allowed: a string")
-        if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
-                or self.group_size < 1):  # fmt: skip
+        if (
+            not isinstance(self.group_size, int)
+            or isinstance(self.group_size, bool)
+            or self.group_size < 1
+        ):
             raise HawqError(f"group_size={self.group_size!r} is invalid; allowed: an integer >= 1")
 
     @property
@@ -97,8 +104,10 @@ def _setting(base: OpSetting, entry: Any, where: str) -> OpSetting:
     if isinstance(entry, OpSetting):
         return entry
     if not isinstance(entry, Mapping):
-        raise HawqError(f"{where}={entry!r} is invalid; allowed: a mapping of setting keys "
-                        f"({choices(_KEYS)}), e.g. {{w_bits: 4, a_bits: 8}}")  # fmt: skip
+        raise HawqError(
+            f"{where}={entry!r} is invalid; allowed: a mapping of setting keys "
+            f"({choices(_KEYS)}), e.g. {{w_bits: 4, a_bits: 8}}"
+        )
     entry = dict(entry)
     bad = [k for k in entry if not isinstance(k, str)]
     if bad:
@@ -121,28 +130,37 @@ class Plan:
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, OpSetting):
-            raise HawqError(f"plan.{DEFAULT_KEY}={self.default!r} is invalid; allowed: an "
-                            "OpSetting (build plans from mappings with Plan.from_dict)")
+            raise HawqError(
+                f"plan.{DEFAULT_KEY}={self.default!r} is invalid; allowed: an "
+                "OpSetting (build plans from mappings with Plan.from_dict)"
+            )
         if not isinstance(self.ops, Mapping):
-            raise HawqError(f"plan ops={self.ops!r} is invalid; allowed: a mapping of op name "
-                            "-> OpSetting")  # fmt: skip
+            raise HawqError(
+                f"plan ops={self.ops!r} is invalid; allowed: a mapping of op name -> OpSetting"
+            )
         for name, s in self.ops.items():
             if not isinstance(name, str) or not isinstance(s, OpSetting):
-                raise HawqError(f"plan.{name}={s!r} is invalid; allowed: an OpSetting (build "
-                                "plans from mappings with Plan.from_dict)")  # fmt: skip
+                raise HawqError(
+                    f"plan.{name}={s!r} is invalid; allowed: an OpSetting (build "
+                    "plans from mappings with Plan.from_dict)"
+                )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "plan") -> Plan:
         """Build from ``{"_default": {...}, "<op>": {...}}`` (op entries may be partial)."""
         if not isinstance(d, Mapping):
-            raise HawqError(f"{where}: expected a mapping of op name -> settings, got "
-                            f"{type(d).__name__}")  # fmt: skip
+            raise HawqError(
+                f"{where}: expected a mapping of op name -> settings, got {type(d).__name__}"
+            )
         bad = [k for k in d if not isinstance(k, str)]
         if bad:
             raise HawqError(f"{where}: op name {bad[0]!r} is not a string")
         default = _setting(OpSetting(), d.get(DEFAULT_KEY), f"{where}.{DEFAULT_KEY}")
-        ops = {name: _setting(default, entry, f"{where}.{name}")
-               for name, entry in d.items() if name != DEFAULT_KEY}  # fmt: skip
+        ops = {
+            name: _setting(default, entry, f"{where}.{name}")
+            for name, entry in d.items()
+            if name != DEFAULT_KEY
+        }
         return cls(default, ops)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,8 +179,10 @@ class Plan:
         """Every op the plan names must exist in the model."""
         missing = [n for n in self.ops if n not in set(op_names)]
         if missing:
-            raise HawqError(f"plan names op(s) not in the model: {choices(missing)}; "
-                            f"model ops: {choices(op_names)}")  # fmt: skip
+            raise HawqError(
+                f"plan names op(s) not in the model: {choices(missing)}; "
+                f"model ops: {choices(op_names)}"
+            )
 
     def resolved(self, op_names: list[str]) -> dict[str, OpSetting]:
         """Effective setting of every op of a model, in the given order."""

@@ -159,8 +159,9 @@ def fake_quantize_reference(
     return x_hat + (x_c - x_c.detach())  # forward value exactly x_hat
 
 
-def _fake_quantize_forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int,
-                           q_max: int) -> Tensor:  # fmt: skip
+def _fake_quantize_forward(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int, q_max: int
+) -> Tensor:
     q = x / scale if zero_point is None else (x / scale).add_(zero_point)
     q = q.round_().clamp_(q_min, q_max)
     return (q if zero_point is None else q.sub_(zero_point)).mul_(scale)
@@ -176,8 +177,9 @@ class FakeQuantizeSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int,
-                q_max: int) -> Tensor:  # fmt: skip
+    def forward(
+        ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, q_min: int, q_max: int
+    ) -> Tensor:
         lo = q_min * scale if zero_point is None else (q_min - zero_point) * scale
         hi = q_max * scale if zero_point is None else (q_max - zero_point) * scale
         x_c = torch.clamp(x, lo, hi)

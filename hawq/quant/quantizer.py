@@ -101,9 +101,14 @@ class Quantizer(nn.Module):
         self.q_min, self.q_max = qrange(bits, symmetric, self.signed)
         self.mode = "quant"
         self.calib = None
-        shape = qparam_shape(weight, granularity if fmt == "int" else
-                             ("per_tensor" if granularity == "per_group" else granularity),
-                             axis, group_size)  # fmt: skip
+        shape = qparam_shape(
+            weight,
+            granularity
+            if fmt == "int"
+            else ("per_tensor" if granularity == "per_group" else granularity),
+            axis,
+            group_size,
+        )
         dev = weight.device if weight is not None else None
         scale = torch.ones(shape, device=dev)
         zero = torch.zeros(shape, device=dev)
@@ -128,16 +133,19 @@ class Quantizer(nn.Module):
         self.q_min, self.q_max = qrange(self.bits, self.symmetric, self.signed)
 
     def extra_repr(self) -> str:
-        return (f"bits={self.bits}, fmt={self.fmt}, symmetric={self.symmetric}, "
-                f"granularity={self.granularity}, dynamic={self.dynamic}, learn={self.learn}")
+        return (
+            f"bits={self.bits}, fmt={self.fmt}, symmetric={self.symmetric}, "
+            f"granularity={self.granularity}, dynamic={self.dynamic}, learn={self.learn}"
+        )
 
     def _set_qparams(self, lo: Tensor, hi: Tensor) -> None:
         """Store scale/zero point (or PACT alpha, LSQ+ offset) for the real range [lo, hi]."""
         lo, hi = lo.to(self.zero_point.device), hi.to(self.zero_point.device)
         if self.fmt.startswith("fp8"):
             amax = torch.maximum(-lo, hi)
-            self.scale.data.copy_(torch.clamp(amax / MINIFLOATS[self.fmt][2], min=1e-12)
-                                  .expand_as(self.scale))  # fmt: skip
+            self.scale.data.copy_(
+                torch.clamp(amax / MINIFLOATS[self.fmt][2], min=1e-12).expand_as(self.scale)
+            )
         else:
             scale, zp = choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
             self.scale.data.copy_(scale.expand_as(self.scale))
@@ -174,8 +182,9 @@ class Quantizer(nn.Module):
         if self.fmt != "int":
             return
         if self.calibrator_name == "mse":
-            lo, hi = mse_range(weight, self.bits, self.symmetric, self.granularity, self.axis,
-                               self.group_size)  # fmt: skip
+            lo, hi = mse_range(
+                weight, self.bits, self.symmetric, self.granularity, self.axis, self.group_size
+            )
         else:
             lo, hi = reduce_range(weight.detach(), self.granularity, self.axis, self.group_size)
         self._set_qparams(lo, hi)
@@ -238,32 +247,42 @@ class Quantizer(nn.Module):
             return x
         if self.fmt != "int":
             scale = None if (self.dynamic or not self.fmt.startswith("fp8")) else self.scale
-            return format_fake_quantize(x, self.fmt, scale, self.granularity, self.axis,
-                                        self.group_size, self.block_axis)  # fmt: skip
+            return format_fake_quantize(
+                x, self.fmt, scale, self.granularity, self.axis, self.group_size, self.block_axis
+            )
         if self.learn == "pact":
             return pact_fake_quantize(x, self.alpha, self.bits, self.signed)
         grouped = self.granularity == "per_group" and self.is_weight
         if self.dynamic:
             gran = self.granularity if self.is_weight else "per_tensor"
             if not self.symmetric:  # the seed study's min/max: no widening to 0, z unclamped
-                return exact_minmax_fake_quantize(x, self.q_max, gran, self.axis,
-                                                  self.group_size)  # fmt: skip
+                return exact_minmax_fake_quantize(x, self.q_max, gran, self.axis, self.group_size)
             lo, hi = reduce_range(x.detach(), gran, self.axis, self.group_size)
             scale, zp = choose_qparams(lo, hi, self.bits, self.symmetric, self.signed)
-            return fake_quantize_grouped(x, scale, self._zero(zp), self.q_min, self.q_max, gran,
-                                         self.group_size)  # fmt: skip
+            return fake_quantize_grouped(
+                x, scale, self._zero(zp), self.q_min, self.q_max, gran, self.group_size
+            )
         if self.learn is None:
             gran = self.granularity if self.is_weight else "per_tensor"
-            return fake_quantize_grouped(x, self.scale, self._zero(self.zero_point), self.q_min,
-                                         self.q_max, gran, self.group_size)  # fmt: skip
+            return fake_quantize_grouped(
+                x,
+                self.scale,
+                self._zero(self.zero_point),
+                self.q_min,
+                self.q_max,
+                gran,
+                self.group_size,
+            )
         xv = group_view(x, self.group_size) if grouped else x
         g = self._grad_scale(xv if self.is_weight else x)
         if self.learn == "lsq":
-            out = lsq_fake_quantize(xv, self.scale, self.q_min, self.q_max, g,
-                                    self._zero(self.zero_point), MIN_SCALE)  # fmt: skip
+            out = lsq_fake_quantize(
+                xv, self.scale, self.q_min, self.q_max, g, self._zero(self.zero_point), MIN_SCALE
+            )
         else:
-            out = lsqplus_fake_quantize(xv, self.scale, self.offset, self.q_min, self.q_max, g,
-                                        MIN_SCALE)  # fmt: skip
+            out = lsqplus_fake_quantize(
+                xv, self.scale, self.offset, self.q_min, self.q_max, g, MIN_SCALE
+            )
         return ungroup(out, x.shape) if grouped else out
 
     def _zero(self, zero_point: Tensor) -> Tensor | None:

@@ -87,12 +87,24 @@ class ReconstructSettings:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         require(0.0 <= self.drop < 1.0, "drop", self.drop, "a probability in [0, 1)")
         require(0.0 <= self.warmup < 1.0, "warmup", self.warmup, "a fraction in [0, 1)")
-        require(0.0 <= self.hard_tail < 1.0 - self.warmup, "hard_tail", self.hard_tail,
-                "a fraction in [0, 1 - warmup)")  # fmt: skip
-        require(min(self.lr, self.act_lr, self.bias_lr, self.reg) >= 0, "lr", self.lr,
-                "learning rates and reg >= 0")  # fmt: skip
-        require(self.beta_start > 0 and self.beta_end > 0, "beta_start", self.beta_start,
-                "> 0 (and beta_end > 0)")  # fmt: skip
+        require(
+            0.0 <= self.hard_tail < 1.0 - self.warmup,
+            "hard_tail",
+            self.hard_tail,
+            "a fraction in [0, 1 - warmup)",
+        )
+        require(
+            min(self.lr, self.act_lr, self.bias_lr, self.reg) >= 0,
+            "lr",
+            self.lr,
+            "learning rates and reg >= 0",
+        )
+        require(
+            self.beta_start > 0 and self.beta_end > 0,
+            "beta_start",
+            self.beta_start,
+            "> 0 (and beta_end > 0)",
+        )
 
 
 def unit_of(model: nn.Module, op_name: str) -> str:
@@ -146,8 +158,9 @@ class AdaRoundWeight(nn.Module):
     def codes(self, w: Tensor, hard: bool) -> Tensor:
         s = self.q.scale.detach()
         frac = (self.v >= 0).to(w.dtype) if hard else _h(self.v)
-        return torch.clamp(torch.floor(w.detach() / s) + frac + self._zero(), self.q.q_min,
-                           self.q.q_max)  # fmt: skip
+        return torch.clamp(
+            torch.floor(w.detach() / s) + frac + self._zero(), self.q.q_min, self.q.q_max
+        )
 
     def forward(self, w: Tensor) -> Tensor:
         return (self.codes(w, hard=not self.training) - self._zero()) * self.q.scale.detach()
@@ -166,8 +179,9 @@ class LearnedStep(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.q
-        out = lsq_fake_quantize(x, self.log_s.exp(), q.q_min, q.q_max, 1.0,
-                                q._zero(q.zero_point), MIN_SCALE)  # fmt: skip
+        out = lsq_fake_quantize(
+            x, self.log_s.exp(), q.q_min, q.q_max, 1.0, q._zero(q.zero_point), MIN_SCALE
+        )
         if self.training and self.drop > 0:
             keep_fp = torch.rand_like(x) < self.drop
             out = torch.where(keep_fp, x, out)
@@ -177,8 +191,9 @@ class LearnedStep(nn.Module):
 def _static_int(q: Any) -> bool:
     """An int quantizer with a stored step size: PTQ's, or LSQ's during QAT (LSQ+ offsets
     and PACT clips parametrise the grid differently and are left alone)."""
-    return (isinstance(q, Quantizer) and q.fmt == "int" and not q.dynamic
-            and q.learn in (None, "lsq"))  # fmt: skip
+    return (
+        isinstance(q, Quantizer) and q.fmt == "int" and not q.dynamic and q.learn in (None, "lsq")
+    )
 
 
 class _Stop(Exception):
@@ -186,8 +201,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, unit: nn.Module, images: Tensor, batch: int,
-             what: str) -> list[Any]:  # fmt: skip
+def _capture(model: nn.Module, unit: nn.Module, images: Tensor, batch: int, what: str) -> list[Any]:
     """The unit's inputs (``what="in"``: (args, kwargs) per batch) or outputs over ``images``."""
     got: list[Any] = []
 
@@ -200,12 +214,15 @@ def _capture(model: nn.Module, unit: nn.Module, images: Tensor, batch: int,
         got.append(_detached(out))
         raise _Stop
 
-    h = (unit.register_forward_pre_hook(pre, with_kwargs=True) if what == "in"
-         else unit.register_forward_hook(post))  # fmt: skip
+    h = (
+        unit.register_forward_pre_hook(pre, with_kwargs=True)
+        if what == "in"
+        else unit.register_forward_hook(post)
+    )
     try:
         for i in range(0, images.shape[0], batch):
             try:
-                model(images[i: i + batch])
+                model(images[i : i + batch])
             except _Stop:
                 pass
     finally:
@@ -314,8 +331,15 @@ class _Swap:
     def groups(self, st: ReconstructSettings) -> list[dict]:
         v = [m.v for *_, m in self.items if isinstance(m, AdaRoundWeight)]
         s = [m.log_s for *_, m in self.items if isinstance(m, LearnedStep)]
-        return [g for g in ({"params": v, "lr": st.lr}, {"params": s, "lr": st.act_lr},
-                            {"params": self.biases, "lr": st.bias_lr}) if g["params"]]
+        return [
+            g
+            for g in (
+                {"params": v, "lr": st.lr},
+                {"params": s, "lr": st.act_lr},
+                {"params": self.biases, "lr": st.bias_lr},
+            )
+            if g["params"]
+        ]
 
     def regulariser(self, beta: float) -> Tensor:
         """``sum_i 1 - |2 h(V_i) - 1|^beta`` over the unit's rounding variables (0 once all
@@ -371,8 +395,15 @@ def _beta(st: ReconstructSettings, it: int) -> float | None:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
 
 
-def _optimise(unit: nn.Module, swap: _Swap, inputs: Any, target: Any,
-              st: ReconstructSettings, gen: torch.Generator, desc: str) -> float:  # fmt: skip
+def _optimise(
+    unit: nn.Module,
+    swap: _Swap,
+    inputs: Any,
+    target: Any,
+    st: ReconstructSettings,
+    gen: torch.Generator,
+    desc: str,
+) -> float:
     """Adam over the unit's stand-ins; returns the last step's reconstruction error."""
     opt = torch.optim.Adam(swap.groups(st))
     n = _batch_size(target)
@@ -398,9 +429,13 @@ def _optimise(unit: nn.Module, swap: _Swap, inputs: Any, target: Any,
     return float(rec.detach())
 
 
-def reconstruct_(model: nn.Module, fp_model: nn.Module, images: Tensor,
-                 st: ReconstructSettings | None = None, eval_batch: int = 256
-                 ) -> dict[str, dict[str, Any]]:  # fmt: skip
+def reconstruct_(
+    model: nn.Module,
+    fp_model: nn.Module,
+    images: Tensor,
+    st: ReconstructSettings | None = None,
+    eval_batch: int = 256,
+) -> dict[str, dict[str, Any]]:
     """Reconstruct a calibrated quantized ``model`` unit by unit against ``fp_model``.
 
     Args:
@@ -422,8 +457,10 @@ def reconstruct_(model: nn.Module, fp_model: nn.Module, images: Tensor,
     fp_names = dict(fp_model.named_modules())
     missing = [u for u in plan if u not in fp_names]
     if missing:
-        raise HawqError(f"reconstruct: fp_model has no module {missing[0]!r}; pass the FP "
-                        "model the quantized one was made from")  # fmt: skip
+        raise HawqError(
+            f"reconstruct: fp_model has no module {missing[0]!r}; pass the FP "
+            "model the quantized one was made from"
+        )
     was = model.training, fp_model.training
     model.eval()
     fp_model.eval()
@@ -438,8 +475,9 @@ def reconstruct_(model: nn.Module, fp_model: nn.Module, images: Tensor,
             t0 = time.perf_counter()
             unit = model.get_submodule(uname)
             inputs = _cat(_capture(model, unit, images, eval_batch, "in"))
-            target = _cat(_capture(fp_model, fp_model.get_submodule(uname), images, eval_batch,
-                                   "out"))  # fmt: skip
+            target = _cat(
+                _capture(fp_model, fp_model.get_submodule(uname), images, eval_batch, "out")
+            )
             before = _unit_error(unit, inputs, target, eval_batch)
             saved = copy.deepcopy(unit.state_dict())
             swap = _Swap(model, ops, st)
@@ -464,9 +502,15 @@ def reconstruct_(model: nn.Module, fp_model: nn.Module, images: Tensor,
                 after = before
             row.update(after=after, kept=kept, seconds=time.perf_counter() - t0)
             report[uname] = row
-            log.info("reconstruct %s: error %.4g -> %.4g%s, %.1f%% of roundings unsettled "
-                     "(%.1f s)", uname, before, after, "" if kept else " (worse: restored)",
-                     100 * row.get("unsettled", 0.0), row["seconds"])  # fmt: skip
+            log.info(
+                "reconstruct %s: error %.4g -> %.4g%s, %.1f%% of roundings unsettled (%.1f s)",
+                uname,
+                before,
+                after,
+                "" if kept else " (worse: restored)",
+                100 * row.get("unsettled", 0.0),
+                row["seconds"],
+            )
     finally:
         for p, g in grads.items():
             p.requires_grad_(g)

@@ -69,12 +69,24 @@ class QATAdam(torch.optim.Optimizer):
     shapes, so an Adam state dict loads into it.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, log_space: bool = False,
-                 min_ratio: float = 1e-3) -> None:  # fmt: skip
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "log_space": log_space, "min_ratio": min_ratio}  # fmt: skip
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        log_space: bool = False,
+        min_ratio: float = 1e-3,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "log_space": log_space,
+            "min_ratio": min_ratio,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()

@@ -67,8 +67,10 @@ def _latency_table(ctx: Context, cfg: AllocConfig) -> LatencyTable | None:
         return None
     path = table_path(ctx)
     if not path.is_file():
-        raise HawqError(f"alloc.latency_us needs a latency table: none at {path}; run stage "
-                        "latency first (stages=[latency,alloc]) or set alloc.latency_table")
+        raise HawqError(
+            f"alloc.latency_us needs a latency table: none at {path}; run stage "
+            "latency first (stages=[latency,alloc]) or set alloc.latency_table"
+        )
     return LatencyTable.load(path)
 
 
@@ -83,8 +85,7 @@ def _measured(ctx: Context, cfg: AllocConfig, report, model, base: OpSetting):
     pins = resolve_pins(list(report.ops), cfg.pins, cfg.pin_first, cfg.pin_last)
     cands = choices_per_op(report, cfg.candidates, pins)
     calib = ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
-    test = ctx.data.eval_loader(cfg.measured_split, ctx.device,
-                                batch_size=cfg.measured_batch_size)  # fmt: skip
+    test = ctx.data.eval_loader(cfg.measured_split, ctx.device, batch_size=cfg.measured_batch_size)
 
     def quantize_fn(m, plan):
         quantize_(m, plan)
@@ -94,8 +95,9 @@ def _measured(ctx: Context, cfg: AllocConfig, report, model, base: OpSetting):
     def evaluate_fn(m) -> float:
         return evaluate(m, test, ctx.device, desc="measured")["acc"]
 
-    fp_acc, drops = measured_sensitivity(model, dict(zip(report.ops, cands, strict=True)), base,
-                                         quantize_fn, evaluate_fn)  # fmt: skip
+    fp_acc, drops = measured_sensitivity(
+        model, dict(zip(report.ops, cands, strict=True)), base, quantize_fn, evaluate_fn
+    )
     return [drops[n] for n in report.ops], fp_acc
 
 
@@ -103,25 +105,35 @@ def _at_lowest_bits(problem, kinds: dict[str, str]) -> dict[str, float]:
     """Each op's sensitivity at its candidate with the fewest operand bits."""
     out = {}
     for i, (name, cs) in enumerate(zip(problem.ops, problem.choices, strict=True)):
-        j = min(range(len(cs)), key=lambda j: (sum(cs[j].operand_bits(kinds[name])),
-                                               -problem.sens[i][j]))  # fmt: skip
+        j = min(
+            range(len(cs)),
+            key=lambda j: (sum(cs[j].operand_bits(kinds[name])), -problem.sens[i][j]),
+        )
         out[name] = float(problem.sens[i][j])
     return out
 
 
-def _cache_key(ctx: Context, cfg: AllocConfig, base: OpSetting, fold_bn: bool,
-               hessian_path: Path) -> str:  # fmt: skip
+def _cache_key(
+    ctx: Context, cfg: AllocConfig, base: OpSetting, fold_bn: bool, hessian_path: Path
+) -> str:
     """Hash of everything the sensitivities depend on (inputs' contents, not budgets)."""
     ckpt = Path(str(ctx.cfg.paths.checkpoint)).expanduser()
     st = ckpt.stat() if ckpt.is_file() else None
     data = ctx.cfg.get("data")
-    d = {"method": cfg.method, "candidates": _plain(cfg.candidates), "pins": _plain(cfg.pins),
-         "pin_first": _plain(cfg.pin_first), "pin_last": _plain(cfg.pin_last),
-         "base": base.as_dict(), "fold_bn": fold_bn, "seed": cfg.seed,
-         "calib": [cfg.calib_batches, cfg.calib_batch_size, cfg.calib_images, cfg.calib_rel_se],
-         "hessian": hashlib.sha256(hessian_path.read_bytes()).hexdigest(),
-         "checkpoint": [str(ckpt.resolve()), st.st_size, st.st_mtime_ns] if st else None,
-         "data": _plain(data) if data is not None else None}  # fmt: skip
+    d = {
+        "method": cfg.method,
+        "candidates": _plain(cfg.candidates),
+        "pins": _plain(cfg.pins),
+        "pin_first": _plain(cfg.pin_first),
+        "pin_last": _plain(cfg.pin_last),
+        "base": base.as_dict(),
+        "fold_bn": fold_bn,
+        "seed": cfg.seed,
+        "calib": [cfg.calib_batches, cfg.calib_batch_size, cfg.calib_images, cfg.calib_rel_se],
+        "hessian": hashlib.sha256(hessian_path.read_bytes()).hexdigest(),
+        "checkpoint": [str(ckpt.resolve()), st.st_size, st.st_mtime_ns] if st else None,
+        "data": _plain(data) if data is not None else None,
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -153,9 +165,11 @@ def run(ctx: Context) -> dict:
     load_s = time.perf_counter() - t_stage
     names = list(quantizable_ops(model))
     if set(names) != set(report.ops):
-        raise HawqError(f"{hessian_path} does not match the model's ops: only in the report "
-                        f"{choices(set(report.ops) - set(names)) or '-'}; only in the model "
-                        f"{choices(set(names) - set(report.ops)) or '-'}")  # fmt: skip
+        raise HawqError(
+            f"{hessian_path} does not match the model's ops: only in the report "
+            f"{choices(set(report.ops) - set(names)) or '-'}; only in the model "
+            f"{choices(set(names) - set(report.ops)) or '-'}"
+        )
     base = _base(ctx, cfg)
     quant = ctx.cfg.get("quant")
     fold_bn = bool(quant.get("fold_bn", True)) if quant is not None else True
@@ -171,58 +185,112 @@ def run(ctx: Context) -> dict:
         key = _cache_key(ctx, cfg, base, fold_bn, hessian_path)
         sens = _cached_sens(cache_path, key, list(report.ops))
         extra["sensitivity_cache"] = "hit" if sens is not None else "miss"
-    calib = (ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
-             if cfg.method in ACT_METHODS and sens is None else None)  # fmt: skip
-    alloc = allocate(report, cfg.candidates, cfg.method, cfg.budgets, model=model,
-                     calib_batches=calib, max_batches=cfg.calib_batches,
-                     calib_images=cfg.calib_images, calib_rel_se=cfg.calib_rel_se,
-                     fold_bn=fold_bn, input_size=tuple(ctx.data.input_size), base=base,
-                     sens=sens, ties=cfg.ties, tie_groups=cfg.tie_groups, pins=cfg.pins,
-                     pin_first=cfg.pin_first, pin_last=cfg.pin_last, latency=latency,
-                     avg_bits_by=cfg.avg_bits_by, seed=cfg.seed)  # fmt: skip
+    calib = (
+        ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
+        if cfg.method in ACT_METHODS and sens is None
+        else None
+    )
+    alloc = allocate(
+        report,
+        cfg.candidates,
+        cfg.method,
+        cfg.budgets,
+        model=model,
+        calib_batches=calib,
+        max_batches=cfg.calib_batches,
+        calib_images=cfg.calib_images,
+        calib_rel_se=cfg.calib_rel_se,
+        fold_bn=fold_bn,
+        input_size=tuple(ctx.data.input_size),
+        base=base,
+        sens=sens,
+        ties=cfg.ties,
+        tie_groups=cfg.tie_groups,
+        pins=cfg.pins,
+        pin_first=cfg.pin_first,
+        pin_last=cfg.pin_last,
+        latency=latency,
+        avg_bits_by=cfg.avg_bits_by,
+        seed=cfg.seed,
+    )
     if key is not None and sens is None:
-        write_json(cache_path, {"key": key, "method": cfg.method,
-                                "sens": {n: [float(v) for v in alloc.problem.sens[i]]
-                                         for i, n in enumerate(alloc.problem.ops)}})  # fmt: skip
+        write_json(
+            cache_path,
+            {
+                "key": key,
+                "method": cfg.method,
+                "sens": {
+                    n: [float(v) for v in alloc.problem.sens[i]]
+                    for i, n in enumerate(alloc.problem.ops)
+                },
+            },
+        )
     budgets = cfg.budgets
     kind = cfg.frontier_budget or next(iter(budgets), "bops")
     t0 = time.perf_counter()
-    points = (frontier(alloc.problem, kind, cfg.frontier_points,
-                       {k: v for k, v in budgets.items() if k != kind})
-              if cfg.frontier_points else [])  # fmt: skip
+    points = (
+        frontier(
+            alloc.problem,
+            kind,
+            cfg.frontier_points,
+            {k: v for k, v in budgets.items() if k != kind},
+        )
+        if cfg.frontier_points
+        else []
+    )
     frontier_s = time.perf_counter() - t0
-    meta = {**alloc.meta, "config": _config_dict(cfg), **extra,
-            "frontier": {"budget": kind, "points": [p.as_dict() for p in points]}}
+    meta = {
+        **alloc.meta,
+        "config": _config_dict(cfg),
+        **extra,
+        "frontier": {"budget": kind, "points": [p.as_dict() for p in points]},
+    }
     out = ctx.path(cfg.out)
     stem = out.with_suffix("")
     chosen = alloc.chosen
     t_plots = time.perf_counter()
     low = _at_lowest_bits(alloc.problem, {n: c.kind for n, c in report.ops.items()})
     if cfg.plots:
-        plot_allocation({n: c.w_bits for n, c in chosen.items()},
-                        {n: c.a_bits for n, c in chosen.items()}, low, alloc.op_sensitivity,
-                        path=f"{stem}_per_op.png",
-                        title=budget_title(cfg.method, budgets))  # fmt: skip
+        plot_allocation(
+            {n: c.w_bits for n, c in chosen.items()},
+            {n: c.a_bits for n, c in chosen.items()},
+            low,
+            alloc.op_sensitivity,
+            path=f"{stem}_per_op.png",
+            title=budget_title(cfg.method, budgets),
+        )
     if points and cfg.plots:
-        plot_frontier(kind, [p.cost for p in points], [p.objective for p in points],
-                      (alloc.solution.totals[kind], alloc.solution.objective),
-                      path=f"{stem}_frontier.png",
-                      title=f"{cfg.method}: exact ILP frontier")  # fmt: skip
+        plot_frontier(
+            kind,
+            [p.cost for p in points],
+            [p.objective for p in points],
+            (alloc.solution.totals[kind], alloc.solution.objective),
+            path=f"{stem}_frontier.png",
+            title=f"{cfg.method}: exact ILP frontier",
+        )
     plots_s = time.perf_counter() - t_plots
     save_plan(out, alloc.plan, meta)  # last: the plan exists only when everything succeeded
-    log.info("alloc: %s under %s -> objective %.4g, totals %s (solve %.3f s)", cfg.method,
-             budgets, alloc.solution.objective, alloc.solution.totals,
-             alloc.solution.solve_s)  # fmt: skip
+    log.info(
+        "alloc: %s under %s -> objective %.4g, totals %s (solve %.3f s)",
+        cfg.method,
+        budgets,
+        alloc.solution.objective,
+        alloc.solution.totals,
+        alloc.solution.solve_s,
+    )
     return {
         "method": cfg.method,
         "budgets": budgets,
         "objective": alloc.solution.objective,
         "totals": alloc.solution.totals,
         "ops": len(report.ops),
-        "timings": {**{k: round(v, 4) for k, v in alloc.timings.items()},
-                    "frontier_s": round(frontier_s, 4), "load_s": round(load_s, 4),
-                    "plots_s": round(plots_s, 4),
-                    "stage_s": round(time.perf_counter() - t_stage, 4)},  # fmt: skip
+        "timings": {
+            **{k: round(v, 4) for k, v in alloc.timings.items()},
+            "frontier_s": round(frontier_s, 4),
+            "load_s": round(load_s, 4),
+            "plots_s": round(plots_s, 4),
+            "stage_s": round(time.perf_counter() - t_stage, 4),
+        },
         "bits": str(out),
         "hessian": str(hessian_path),
         **extra,

@@ -35,13 +35,17 @@ def check_run_dir(value: object) -> Path:
             writable (read-only file system, no permission).
     """
     if value is None or not str(value).strip():
-        raise HawqError("paths.run_dir is empty (an unset shell variable?); allowed: a folder "
-                        "path, e.g. paths.run_dir=runs/mine, or leave it and set name=<run name>")
+        raise HawqError(
+            "paths.run_dir is empty (an unset shell variable?); allowed: a folder "
+            "path, e.g. paths.run_dir=runs/mine, or leave it and set name=<run name>"
+        )
     run_dir = Path(str(value)).expanduser().resolve()
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not existing.is_dir():
-        raise HawqError(f"paths.run_dir={value}: {existing} is a regular file, not a folder; "
-                        "allowed: a folder path (or one that can be created)")  # fmt: skip
+        raise HawqError(
+            f"paths.run_dir={value}: {existing} is a regular file, not a folder; "
+            "allowed: a folder path (or one that can be created)"
+        )
     try:  # a real probe: access(2) says yes to root on a read-only mount's chmod 555 folder
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".hawq-write-probe.")
         os.close(fd)

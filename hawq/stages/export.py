@@ -56,10 +56,13 @@ def _export_integer(ctx: Context) -> dict[str, Any]:
     model = load_torch(ctx.path(OUT))
     res = ctx.stage_result("integer") or {}
     if hasattr(model, "fp8_ops"):
-        raise HawqError(f"{ctx.path(OUT)} is an FP8 model (the integer stage took the fp8 path): "
-                        "export writes integer-only models; FP8 plans have no integer graph")
-    out = export(model, ctx.path(DIR), {"source": res.get("source"),
-                                        "integer_acc": res.get("integer_acc")})  # fmt: skip
+        raise HawqError(
+            f"{ctx.path(OUT)} is an FP8 model (the integer stage took the fp8 path): "
+            "export writes integer-only models; FP8 plans have no integer graph"
+        )
+    out = export(
+        model, ctx.path(DIR), {"source": res.get("source"), "integer_acc": res.get("integer_acc")}
+    )
     back = load(out)  # the standalone reader must accept what was written
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"dir": str(out), "nodes": len(back.nodes), "tensors": len(back.tensors), "bytes": size}
@@ -91,8 +94,12 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
         agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-        res.update({f"{prefix}_max_abs_diff": float((got - ref).abs().max()),
-                    f"{prefix}_argmax_agreement": 100.0 * agree})  # fmt: skip
+        res.update(
+            {
+                f"{prefix}_max_abs_diff": float((got - ref).abs().max()),
+                f"{prefix}_argmax_agreement": 100.0 * agree,
+            }
+        )
     res["ort_n"] = x.shape[0]
     res["ort_integer_ops"] = _integer_ops(ctx.path(DIR) / "model.ort_optimized.onnx")
     return res
@@ -104,6 +111,12 @@ def _integer_ops(path: Any) -> int:
         return 0
     import onnx
 
-    kinds = {"MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger",
-             "ConvInteger"}  # fmt: skip
+    kinds = {
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "QLinearConv",
+        "QGemm",
+        "MatMulInteger",
+        "ConvInteger",
+    }
     return sum(n.op_type in kinds for n in onnx.load(str(path)).graph.node)

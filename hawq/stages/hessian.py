@@ -84,8 +84,10 @@ def _run(ctx: Context) -> dict:
     model = model.to(dtype).eval()
     loader = data.eval_loader(hc.split, ctx.device, hc.batch_size)
     if hc.batches > len(loader):
-        raise HawqError(f"hessian.batches={hc.batches} but the {hc.split} split has only "
-                        f"{len(loader)} batches of {hc.batch_size}")  # fmt: skip
+        raise HawqError(
+            f"hessian.batches={hc.batches} but the {hc.split} split has only "
+            f"{len(loader)} batches of {hc.batch_size}"
+        )
     batches = [(x.to(dtype), y) for _, (x, y) in zip(range(hc.batches), loader)]
     loss_fn = nn.CrossEntropyLoss()
     if hc.method == "fisher":
@@ -93,53 +95,89 @@ def _run(ctx: Context) -> dict:
     start = time.perf_counter()
 
     op, why = hessian_operator(model, loss_fn, batches, backend=hc.backend)
-    log.info("hessian: backend %s (%s) over %d parameters in %d ops", op.backend, why, op.size,
-             len(op.blocks))  # fmt: skip
+    log.info(
+        "hessian: backend %s (%s) over %d parameters in %d ops",
+        op.backend,
+        why,
+        op.size,
+        len(op.blocks),
+    )
     bar, update = _progress("hessian traces", hc.max_samples)
-    traces = block_traces(op, rtol=hc.rtol, max_samples=hc.max_samples,
-                          min_samples=hc.min_samples, seed=hc.seed, estimator=hc.estimator,
-                          sketch=hc.sketch, callback=update, chunk=hc.chunk)  # fmt: skip
+    traces = block_traces(
+        op,
+        rtol=hc.rtol,
+        max_samples=hc.max_samples,
+        min_samples=hc.min_samples,
+        seed=hc.seed,
+        estimator=hc.estimator,
+        sketch=hc.sketch,
+        callback=update,
+        chunk=hc.chunk,
+    )
     bar.close()
     t_traces = time.perf_counter() - start
 
     eigs = {}
     if hc.top_k:
-        eigs = layer_eigenpairs(op, hc.top_k, hc.tol, hc.max_iter, hc.seed, hc.eig_method,
-                                hc.eig_which)  # fmt: skip
+        eigs = layer_eigenpairs(
+            op, hc.top_k, hc.tol, hc.max_iter, hc.seed, hc.eig_method, hc.eig_which
+        )
     densities = {}
     if hc.density:
         densities[""] = slq(op, hc.density_vectors, hc.density_steps, hc.seed)
         if hc.density_per_layer:
             for name in op.blocks:
-                densities[name] = slq(op.block(name), hc.density_vectors, hc.density_steps,
-                                      hc.seed)  # fmt: skip
+                densities[name] = slq(op.block(name), hc.density_vectors, hc.density_steps, hc.seed)
     op.release()
     acts = {}
     if hc.activation:
         bar, update = _progress("activation traces", hc.max_samples)
-        acts = operand_traces(ActivationHessian(model, loss_fn, batches), rtol=hc.rtol,
-                              max_samples=hc.max_samples, min_samples=hc.min_samples,
-                              seed=hc.seed, callback=update)  # fmt: skip
+        acts = operand_traces(
+            ActivationHessian(model, loss_fn, batches),
+            rtol=hc.rtol,
+            max_samples=hc.max_samples,
+            min_samples=hc.min_samples,
+            seed=hc.seed,
+            callback=update,
+        )
         bar.close()
     wall = time.perf_counter() - start
 
     report = curvature_report(
-        inventory, traces.blocks, acts, eigs, trace_numel=op.numel,
-        model=ctx.cfg.model.get("_target_"), checkpoint=str(ctx.checkpoint),
-        estimator=hc.estimator, method="hessian", backend=op.backend, seed=hc.seed,
-        dtype=hc.dtype, batches=hc.batches, batch_size=hc.batch_size, wall_s=round(wall, 3),
-        eig_which=hc.eig_which, sketch=traces.sketch,
-        trace_rel_stderr=_finite_or_none(traces.rel_stderr), split=hc.split,
-        world_size=dist.world()[1], backend_requested=hc.backend,
+        inventory,
+        traces.blocks,
+        acts,
+        eigs,
+        trace_numel=op.numel,
+        model=ctx.cfg.model.get("_target_"),
+        checkpoint=str(ctx.checkpoint),
+        estimator=hc.estimator,
+        method="hessian",
+        backend=op.backend,
+        seed=hc.seed,
+        dtype=hc.dtype,
+        batches=hc.batches,
+        batch_size=hc.batch_size,
+        wall_s=round(wall, 3),
+        eig_which=hc.eig_which,
+        sketch=traces.sketch,
+        trace_rel_stderr=_finite_or_none(traces.rel_stderr),
+        split=hc.split,
+        world_size=dist.world()[1],
+        backend_requested=hc.backend,
         backend_choice=why,  # auto: decided by trying double backward, never by timing
         hvp_products=op.n_hvp,
-        whole_trace={"mean": traces.total.mean, "stderr": traces.total.stderr})  # fmt: skip
+        whole_trace={"mean": traces.total.mean, "stderr": traces.total.stderr},
+    )
     _write(ctx, report, densities)
     rel = [e.rel_stderr for e in traces.blocks.values()]
     undetermined = [k for k, e in traces.blocks.items() if e.sign_undetermined]
     if undetermined:
-        log.warning("hessian: trace sign undetermined (|trace| < 2 stderr) for %d op(s): %s",
-                    len(undetermined), ", ".join(undetermined))  # fmt: skip
+        log.warning(
+            "hessian: trace sign undetermined (|trace| < 2 stderr) for %d op(s): %s",
+            len(undetermined),
+            ", ".join(undetermined),
+        )
     return {
         "report": str(ctx.path(REPORT)),
         "backend": op.backend,
@@ -153,8 +191,14 @@ def _run(ctx: Context) -> dict:
     }
 
 
-def _run_fisher(ctx: Context, hc: HessianConfig, model: nn.Module, loss_fn: nn.Module,
-                batches: list, inventory: list) -> dict:  # fmt: skip
+def _run_fisher(
+    ctx: Context,
+    hc: HessianConfig,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batches: list,
+    inventory: list,
+) -> dict:
     """``hessian.method=fisher``: empirical Fisher traces (:mod:`hawq.hessian.fisher`) in
     the same ``hessian.json`` shape: ``trace`` / ``act_trace`` per op, no eigenvalues."""
     start = time.perf_counter()
@@ -162,23 +206,46 @@ def _run_fisher(ctx: Context, hc: HessianConfig, model: nn.Module, loss_fn: nn.M
     t_traces = time.perf_counter() - start
     acts = operand_fisher(model, loss_fn, batches) if hc.activation else {}
     wall = time.perf_counter() - start
-    log.info("hessian: empirical Fisher traces of %d weights and %d ops' operands from %d "
-             "samples in %.1f s (no Hessian-vector products)", len(weights), len(acts),
-             sum(len(y) for _, y in batches), wall)  # fmt: skip
+    log.info(
+        "hessian: empirical Fisher traces of %d weights and %d ops' operands from %d "
+        "samples in %.1f s (no Hessian-vector products)",
+        len(weights),
+        len(acts),
+        sum(len(y) for _, y in batches),
+        wall,
+    )
     total = sum(e.mean for e in weights.values())
     # as if the ops' estimates were independent (they share samples): an indicative spread
     total_se = sum(e.stderr**2 for e in weights.values()) ** 0.5
     report = curvature_report(
-        inventory, weights, acts, model=ctx.cfg.model.get("_target_"),
-        checkpoint=str(ctx.checkpoint), estimator="fisher", method="fisher",
-        backend="per_sample_grad", seed=hc.seed, dtype=hc.dtype, batches=hc.batches,
-        batch_size=hc.batch_size, wall_s=round(wall, 3), split=hc.split,
-        world_size=dist.world()[1], hvp_products=0,
-        whole_trace={"mean": total, "stderr": total_se})  # fmt: skip
+        inventory,
+        weights,
+        acts,
+        model=ctx.cfg.model.get("_target_"),
+        checkpoint=str(ctx.checkpoint),
+        estimator="fisher",
+        method="fisher",
+        backend="per_sample_grad",
+        seed=hc.seed,
+        dtype=hc.dtype,
+        batches=hc.batches,
+        batch_size=hc.batch_size,
+        wall_s=round(wall, 3),
+        split=hc.split,
+        world_size=dist.world()[1],
+        hvp_products=0,
+        whole_trace={"mean": total, "stderr": total_se},
+    )
     _write(ctx, report)
-    return {"report": str(ctx.path(REPORT)), "method": "fisher", "backend": "per_sample_grad",
-            "trace_samples": sum(len(y) for _, y in batches), "whole_trace": total,
-            "hvp_products": 0, "traces_s": round(t_traces, 3)}  # fmt: skip
+    return {
+        "report": str(ctx.path(REPORT)),
+        "method": "fisher",
+        "backend": "per_sample_grad",
+        "trace_samples": sum(len(y) for _, y in batches),
+        "whole_trace": total,
+        "hvp_products": 0,
+        "traces_s": round(t_traces, 3),
+    }
 
 
 def _write(ctx: Context, report: dict, densities: dict | None = None) -> None:

@@ -103,8 +103,9 @@ def run(ctx: Context) -> dict[str, Any]:
     ops = list(macs)
     if cfg.int2_plan_k is not None and cfg.int2_plan_k > len(ops):
         int2_plan(ops, cfg.int2_plan_k, base)  # raises before any evaluation
-    calib_loader = ctx.data.eval_loader("train", ctx.device,
-                                        cfg.calib_batch_size or qc.calib_batch_size)  # fmt: skip
+    calib_loader = ctx.data.eval_loader(
+        "train", ctx.device, cfg.calib_batch_size or qc.calib_batch_size
+    )
     calib = list(islice(calib_loader, cfg.calib_batches or qc.calib_batches))
     test = ctx.data.eval_loader(cfg.split, ctx.device, cfg.batch_size)
 
@@ -131,26 +132,33 @@ def run(ctx: Context) -> dict[str, Any]:
     for name in cfg.orders:
         t0 = time.perf_counter()
         if name == "hessian":
-            hessian_path = (Path(cfg.hessian).expanduser() if cfg.hessian
-                            else ctx.path("hessian.json"))  # fmt: skip
+            hessian_path = (
+                Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
+            )
             report = read_hessian(hessian_path)
             if set(report.ops) != set(ops):
-                raise HawqError(f"{hessian_path} does not match the model's ops: only in the "
-                                f"report {choices(set(report.ops) - set(ops)) or '-'}; only in "
-                                f"the model {choices(set(ops) - set(report.ops)) or '-'}")
+                raise HawqError(
+                    f"{hessian_path} does not match the model's ops: only in the "
+                    f"report {choices(set(report.ops) - set(ops)) or '-'}; only in "
+                    f"the model {choices(set(ops) - set(report.ops)) or '-'}"
+                )
             delta = hessian_sensitivity(report, model, calib, base, cfg.high, LOW, cfg.method)
             sens["hessian"] = {n: delta[n] for n in ops}
-            ranking["hessian"] = {"evaluations": 0, "seconds": time.perf_counter() - t0,
-                                  "hessian_stage_s": _hessian_stage_seconds(hessian_path)}
+            ranking["hessian"] = {
+                "evaluations": 0,
+                "seconds": time.perf_counter() - t0,
+                "hessian_stage_s": _hessian_stage_seconds(hessian_path),
+            }
         elif name == "measured":
             n_before = len(order_ev.cache)
             _, drops = order_ev.single_op_drops()
             sens["measured"] = drops
-            ranking["measured"] = {"evaluations": len(order_ev.cache) - n_before,
-                                   "seconds": time.perf_counter() - t0,
-                                   "split": cfg.order_split,
-                                   "images": sum(int(y.shape[0]) for _, y in (
-                                       held if order_ev is not ev else test))}  # fmt: skip
+            ranking["measured"] = {
+                "evaluations": len(order_ev.cache) - n_before,
+                "seconds": time.perf_counter() - t0,
+                "split": cfg.order_split,
+                "images": sum(int(y.shape[0]) for _, y in (held if order_ev is not ev else test)),
+            }
         if name == "random":
             sequences[name] = random_order(ops, cfg.seed)
         else:
@@ -172,13 +180,19 @@ def run(ctx: Context) -> dict[str, Any]:
         extra = [random_order(ops, cfg.seed + r) for r in range(1, cfg.random_orders)]
         runs = [entries["random"]] + [
             order_entry(seq, rpoints, ev.curve(seq, rpoints), macs, fp_acc, cfg.thresholds)
-            for seq in extra]  # fmt: skip
-        random_band = {**band(runs, cfg.thresholds),
-                       "seeds": [cfg.seed + r for r in range(cfg.random_orders)],
-                       "runs": runs}  # fmt: skip
+            for seq in extra
+        ]
+        random_band = {
+            **band(runs, cfg.thresholds),
+            "seeds": [cfg.seed + r for r in range(cfg.random_orders)],
+            "runs": runs,
+        }
         timings["random_band_s"] = time.perf_counter() - t0
-    rho = (spearman([sens["hessian"][n] for n in ops], [sens["measured"][n] for n in ops])
-           if {"hessian", "measured"} <= set(sens) else None)  # fmt: skip
+    rho = (
+        spearman([sens["hessian"][n] for n in ops], [sens["measured"][n] for n in ops])
+        if {"hessian", "measured"} <= set(sens)
+        else None
+    )
     out = ctx.path(cfg.out)
     int2, int2_by = None, {}
     if cfg.int2_plan_k is not None:
@@ -186,11 +200,25 @@ def run(ctx: Context) -> dict[str, Any]:
         for i, pick in enumerate(cfg.int2_picks):
             plan = int2_plan(sequences[pick], k, base)
             path = ctx.path(f"int2_k{k}_bits.yaml" if i == 0 else f"int2_k{k}_{pick}_bits.yaml")
-            rec = {"k": k, "order": pick, "ops": list(plan.ops), "acc": ev.ptq_accuracy(plan),
-                   "plan": str(path)}  # fmt: skip
-            save_plan(path, plan, {"source": "int4_curve", "k": k, "order": pick,
-                                   "ops": list(plan.ops), "ptq_acc": rec["acc"],
-                                   "fp_acc": fp_acc})  # fmt: skip
+            rec = {
+                "k": k,
+                "order": pick,
+                "ops": list(plan.ops),
+                "acc": ev.ptq_accuracy(plan),
+                "plan": str(path),
+            }
+            save_plan(
+                path,
+                plan,
+                {
+                    "source": "int4_curve",
+                    "k": k,
+                    "order": pick,
+                    "ops": list(plan.ops),
+                    "ptq_acc": rec["acc"],
+                    "fp_acc": fp_acc,
+                },
+            )
             int2_by[pick] = rec
             int2 = int2 or rec
     all_int2 = None
@@ -222,8 +250,14 @@ def run(ctx: Context) -> dict[str, Any]:
         "evaluations": n_test_evals + (0 if order_ev is ev else len(order_ev.cache)),
     }
     png = out.with_suffix(".png")
-    plot_int4_share_curves(entries, random_band, fp_acc, cfg.thresholds, path=png,
-                           title=f"W4A4 op by op, rest {cfg.rest} ({len(ops)} ops)")  # fmt: skip
+    plot_int4_share_curves(
+        entries,
+        random_band,
+        fp_acc,
+        cfg.thresholds,
+        path=png,
+        title=f"W4A4 op by op, rest {cfg.rest} ({len(ops)} ops)",
+    )
     write_json(out, result)  # last: done() sees the JSON only when everything succeeded
     return {
         "fp_acc": fp_acc,
@@ -232,15 +266,16 @@ def run(ctx: Context) -> dict[str, Any]:
         "all_int2_acc": all_int2,
         "max_share_within": {n: e["max_share_within"] for n, e in entries.items()},
         "max_op_share_within": {n: e["max_op_share_within"] for n, e in entries.items()},
-        "random_band": None if random_band is None else {
-            k: random_band[k] for k in ("n", "seeds", "max_share_within",
-                                        "max_op_share_within")},  # fmt: skip
-        "ranking": {n: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
-                    for n, r in ranking.items()},  # fmt: skip
+        "random_band": None
+        if random_band is None
+        else {k: random_band[k] for k in ("n", "seeds", "max_share_within", "max_op_share_within")},
+        "ranking": {
+            n: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+            for n, r in ranking.items()
+        },
         "spearman": rho,
         "int2": None if int2 is None else {k: int2[k] for k in ("k", "order", "acc", "plan")},
-        "int2_by_order": {n: {k: r[k] for k in ("k", "acc", "ops")}
-                          for n, r in int2_by.items()},  # fmt: skip
+        "int2_by_order": {n: {k: r[k] for k in ("k", "acc", "ops")} for n, r in int2_by.items()},
         "evaluations": result["evaluations"],
         "ops": len(ops),
         "timings": {k: round(v, 3) for k, v in timings.items()},

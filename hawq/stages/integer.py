@@ -44,8 +44,10 @@ def source(ctx: Context, ic: IntegerConfig) -> Path:
     for name in SOURCES:
         if ctx.path(name).is_file():
             return ctx.path(name)
-    raise HawqError(f"no quantized checkpoint in {ctx.run_dir} ({' or '.join(SOURCES)}); "
-                    "run the ptq or qat stage first, or set integer.source")  # fmt: skip
+    raise HawqError(
+        f"no quantized checkpoint in {ctx.run_dir} ({' or '.join(SOURCES)}); "
+        "run the ptq or qat stage first, or set integer.source"
+    )
 
 
 @torch.no_grad()
@@ -75,18 +77,46 @@ def run(ctx: Context) -> dict[str, Any]:
         extra = {"fp8_ops": len(imodel.fp8_ops), "fake_quant_ops": len(imodel.fake_quant_ops)}
     else:
         calib = ctx.data.eval_loader("train", ctx.device, ic.calib_batch_size)
-        imodel = convert(qmodel, calib, ic.residual_bits, ic.pack_int4, ic.calib_batches,
-                         ic.margin, ctx.device, ic.float_islands).to(ctx.device)  # fmt: skip
-        extra = {"residual_bits": ic.residual_bits, "float_ops": imodel.float_ops,
-                 "integer_only": not imodel.float_ops}  # fmt: skip
+        imodel = convert(
+            qmodel,
+            calib,
+            ic.residual_bits,
+            ic.pack_int4,
+            ic.calib_batches,
+            ic.margin,
+            ctx.device,
+            ic.float_islands,
+        ).to(ctx.device)
+        extra = {
+            "residual_bits": ic.residual_bits,
+            "float_ops": imodel.float_ops,
+            "integer_only": not imodel.float_ops,
+        }
     kernels = ops.kernel_report(ctx.device)
-    log.info("integer: backend %s (%s), %s, GEMM %s", kernels["resolved"], kernels["requested"],
-             kernels["isa"]["family_used"], kernels.get("gemm", "-"))  # fmt: skip
+    log.info(
+        "integer: backend %s (%s), %s, GEMM %s",
+        kernels["resolved"],
+        kernels["requested"],
+        kernels["isa"]["family_used"],
+        kernels.get("gemm", "-"),
+    )
     res = compare(qmodel, imodel, ctx.data.eval_loader("test", ctx.device), ctx.device)
     save_torch(ctx.path(OUT), imodel.cpu())
-    log.info("integer (%s path): fake-quant acc %.2f, integer acc %.2f, argmax agreement %.2f%%",
-             path, res["fake_quant_acc"], res["integer_acc"], res["agreement"])  # fmt: skip
-    return {**res, **extra, "acc_gap": res["fake_quant_acc"] - res["integer_acc"], "path": path,
-            "source": str(src), "backend": ops.get_backend(), "kernels": kernels,
-            "model": type(imodel).__name__,
-            "checkpoint": str(ctx.path(OUT))}  # fmt: skip
+    log.info(
+        "integer (%s path): fake-quant acc %.2f, integer acc %.2f, argmax agreement %.2f%%",
+        path,
+        res["fake_quant_acc"],
+        res["integer_acc"],
+        res["agreement"],
+    )
+    return {
+        **res,
+        **extra,
+        "acc_gap": res["fake_quant_acc"] - res["integer_acc"],
+        "path": path,
+        "source": str(src),
+        "backend": ops.get_backend(),
+        "kernels": kernels,
+        "model": type(imodel).__name__,
+        "checkpoint": str(ctx.path(OUT)),
+    }

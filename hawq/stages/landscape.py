@@ -103,8 +103,10 @@ def run(ctx: Context) -> dict[str, Any]:
     model = ctx.load_fp_model()
     loader = ctx.data.eval_loader(lc.split, ctx.device, lc.batch_size)
     if lc.batches > len(loader):
-        raise HawqError(f"landscape.batches={lc.batches} but the {lc.split} split has only "
-                        f"{len(loader)} batches of {lc.batch_size}")  # fmt: skip
+        raise HawqError(
+            f"landscape.batches={lc.batches} but the {lc.split} split has only "
+            f"{len(loader)} batches of {lc.batch_size}"
+        )
     batches = [b for _, b in zip(range(lc.batches), loader)]
     loss_fn = nn.CrossEntropyLoss()
     probe = LossProbe(batches, loss_fn)
@@ -115,14 +117,29 @@ def run(ctx: Context) -> dict[str, Any]:
     directions, base_span, eig_meta = {}, {}, None
     op_names = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in op_parameters(model)))
     if lc.eigen_op is not None and lc.eigen_op not in op_names:
-        raise HawqError(f"landscape.eigen_op={lc.eigen_op!r} is not an op with weights; "
-                        f"available: {choices(op_names)}")  # fmt: skip
+        raise HawqError(
+            f"landscape.eigen_op={lc.eigen_op!r} is not an op with weights; "
+            f"available: {choices(op_names)}"
+        )
     if "eigen" in lc.directions:
-        ed = eigen_directions(model, loss_fn, batches, top_k=2, op=lc.eigen_op,
-                              method=lc.eig_method, tol=lc.eig_tol, max_iter=lc.eig_max_iter,
-                              seed=lc.seed)  # fmt: skip
-        eig_meta = {"values": ed.values, "residuals": ed.residuals, "products": ed.products,
-                    "scope": ed.scope, "method": lc.eig_method}  # fmt: skip
+        ed = eigen_directions(
+            model,
+            loss_fn,
+            batches,
+            top_k=2,
+            op=lc.eigen_op,
+            method=lc.eig_method,
+            tol=lc.eig_tol,
+            max_iter=lc.eig_max_iter,
+            seed=lc.seed,
+        )
+        eig_meta = {
+            "values": ed.values,
+            "residuals": ed.residuals,
+            "products": ed.products,
+            "scope": ed.scope,
+            "method": lc.eig_method,
+        }
         for i, (lam, d) in enumerate(zip(ed.values, ed.directions), start=1):
             directions[f"eig{i}"] = d
             base_span[f"eig{i}"] = math.sqrt(2 * lc.eigen_rise / abs(lam)) if lam else 1.0
@@ -132,8 +149,10 @@ def run(ctx: Context) -> dict[str, Any]:
             directions[f"rand{i}"] = filter_normalized(weights, seed=lc.seed + i)
             base_span[f"rand{i}"] = lc.span_random
     points = {name: quant_point(model, probe, d, directions) for name, d in deltas.items()}
-    spans = {k: _span(base_span[k], [p["coords"][k] for p in points.values()], lc.cover_quant)
-             for k in directions}  # fmt: skip
+    spans = {
+        k: _span(base_span[k], [p["coords"][k] for p in points.values()], lc.cover_quant)
+        for k in directions
+    }
 
     models = {"fp": model, **versions}
     out_dir = ctx.run_dir
@@ -143,74 +162,119 @@ def run(ctx: Context) -> dict[str, Any]:
         ts = np.linspace(-spans[k], spans[k], lc.points_1d).tolist()
         curves = {v: surface_1d(m, probe, d, ts) for v, m in models.items()}
         surf1[k] = {"t": ts, "span": spans[k], "curves": curves}
-        plots.append(plot_1d(
-            {"t": ts, "label": f"t along {k}"},
-            {v: c["loss"] for v, c in surf1[k]["curves"].items()},
-            {v: (p["coords"][k], p["loss"]) for v, p in points.items()},
-            f"loss along {k} (probe: {lc.batches}x{lc.batch_size} {lc.split})",
-            out_dir / f"landscape_1d_{k}.png"))  # fmt: skip
+        plots.append(
+            plot_1d(
+                {"t": ts, "label": f"t along {k}"},
+                {v: c["loss"] for v, c in surf1[k]["curves"].items()},
+                {v: (p["coords"][k], p["loss"]) for v, p in points.items()},
+                f"loss along {k} (probe: {lc.batches}x{lc.batch_size} {lc.split})",
+                out_dir / f"landscape_1d_{k}.png",
+            )
+        )
 
     surf2 = {}
-    pairs = [(a, b) for a, b in (("eig1", "eig2"), ("rand1", "rand2"))
-             if a in directions and b in directions]  # fmt: skip
+    pairs = [
+        (a, b)
+        for a, b in (("eig1", "eig2"), ("rand1", "rand2"))
+        if a in directions and b in directions
+    ]
     for a, b in pairs if lc.points_2d else []:
         al = np.linspace(-spans[a], spans[a], lc.points_2d).tolist()
         be = np.linspace(-spans[b], spans[b], lc.points_2d).tolist()
-        grids = {v: surface_2d(m, probe, directions[a], directions[b], al, be)
-                 for v, m in models.items()}  # fmt: skip
+        grids = {
+            v: surface_2d(m, probe, directions[a], directions[b], al, be) for v, m in models.items()
+        }
         key = f"{a}_{b}"
-        surf2[key] = {"alpha": al, "beta": be, "axes": [a, b],
-                      "loss": {v: g["loss"] for v, g in grids.items()},
-                      "acc": {v: g["acc"] for v, g in grids.items()}}  # fmt: skip
-        plots.append(plot_2d(surf2[key], surf2[key]["loss"],
-                             {v: (p["coords"][a], p["coords"][b]) for v, p in points.items()},
-                             f"loss on ({a}, {b})", out_dir / f"landscape_2d_{key}.png",
-                             labels=(a, b)))  # fmt: skip
+        surf2[key] = {
+            "alpha": al,
+            "beta": be,
+            "axes": [a, b],
+            "loss": {v: g["loss"] for v, g in grids.items()},
+            "acc": {v: g["acc"] for v, g in grids.items()},
+        }
+        plots.append(
+            plot_2d(
+                surf2[key],
+                surf2[key]["loss"],
+                {v: (p["coords"][a], p["coords"][b]) for v, p in points.items()},
+                f"loss on ({a}, {b})",
+                out_dir / f"landscape_2d_{key}.png",
+                labels=(a, b),
+            )
+        )
 
     paths = {}
     for v, d in deltas.items():
         ts = np.linspace(0.0, 1.5, lc.quant_path_points).tolist()
         lin, quad = second_order(model, loss_fn, batches, d)
-        paths[v] = {**surface_1d(model, probe, d, ts), "g_dot_delta": lin, "delta_H_delta": quad,
-                    "quadratic": [loss0 + t * lin + 0.5 * t * t * quad for t in ts]}  # fmt: skip
+        paths[v] = {
+            **surface_1d(model, probe, d, ts),
+            "g_dot_delta": lin,
+            "delta_H_delta": quad,
+            "quadratic": [loss0 + t * lin + 0.5 * t * t * quad for t in ts],
+        }
     if paths:
-        plots.append(plot_quant_path(paths, "FP -> quantized weights: measured vs 2nd order",
-                                     out_dir / "landscape_quant_path.png"))  # fmt: skip
+        plots.append(
+            plot_quant_path(
+                paths,
+                "FP -> quantized weights: measured vs 2nd order",
+                out_dir / "landscape_quant_path.png",
+            )
+        )
 
     per_op, corr = {}, {}
     if lc.per_op:
         lams = {} if lc.per_op_eig_iter else _eigenvalues_from_report(ctx)
         for v, d in deltas.items():
-            rows = op_quant_rise(model, probe, d, eig_max_iter=lc.per_op_eig_iter,
-                                 eig_tol=lc.eig_tol, seed=lc.seed)  # fmt: skip
+            rows = op_quant_rise(
+                model, probe, d, eig_max_iter=lc.per_op_eig_iter, eig_tol=lc.eig_tol, seed=lc.seed
+            )
             for op, r in rows.items():
                 r.setdefault("lambda", lams.get(op))
             per_op[v] = rows
             with_lam = [r for r in rows.values() if r["lambda"] is not None]
             corr[v] = {
-                "rise_vs_lambda": spearman([abs(r["lambda"]) for r in with_lam],
-                                           [r["rise"] for r in with_lam]),
-                "rise_vs_curvature": spearman([r["curvature"] for r in rows.values()],
-                                              [r["rise"] for r in rows.values()]),
-                "rise_vs_predicted": spearman([r["predicted"] for r in rows.values()],
-                                              [r["rise"] for r in rows.values()]),
-            }  # fmt: skip
+                "rise_vs_lambda": spearman(
+                    [abs(r["lambda"]) for r in with_lam], [r["rise"] for r in with_lam]
+                ),
+                "rise_vs_curvature": spearman(
+                    [r["curvature"] for r in rows.values()], [r["rise"] for r in rows.values()]
+                ),
+                "rise_vs_predicted": spearman(
+                    [r["predicted"] for r in rows.values()], [r["rise"] for r in rows.values()]
+                ),
+            }
         has_lam = any(r["lambda"] is not None for rows in per_op.values() for r in rows.values())
         key = "lambda" if has_lam else "curvature"
         if per_op:
-            plots.append(plot_op_rise(per_op, key, f"quantizing one op: loss rise vs {key}",
-                                      out_dir / "landscape_op_rise.png"))  # fmt: skip
+            plots.append(
+                plot_op_rise(
+                    per_op,
+                    key,
+                    f"quantizing one op: loss rise vs {key}",
+                    out_dir / "landscape_op_rise.png",
+                )
+            )
 
     report = {
         "schema": SCHEMA,
         "checkpoint": str(ctx.checkpoint),
-        "probe": {"split": lc.split, "batches": lc.batches, "batch_size": lc.batch_size,
-                  "samples": sum(len(y) for _, y in batches)},  # fmt: skip
+        "probe": {
+            "split": lc.split,
+            "batches": lc.batches,
+            "batch_size": lc.batch_size,
+            "samples": sum(len(y) for _, y in batches),
+        },
         "seed": lc.seed,
         "fp": {"loss": loss0, "acc": acc0},
         "eigen": eig_meta,
-        "random": {"seed": [lc.seed + 1, lc.seed + 2], "normalisation": "filter (Li et al. 2018)",
-                   "bias": "zero"} if "random" in lc.directions else None,  # fmt: skip
+        "random": {
+            "seed": [lc.seed + 1, lc.seed + 2],
+            "normalisation": "filter (Li et al. 2018)",
+            "bias": "zero",
+        }
+        if "random" in lc.directions
+        else None,
         "versions": list(models),
         "quant_points": points,
         "surfaces_1d": surf1,
@@ -222,8 +286,12 @@ def run(ctx: Context) -> dict[str, Any]:
         "plots": [p.name for p in plots],
     }
     write_json(ctx.path(OUT), report)
-    log.info("landscape: %d loss evaluations, wrote %s and %d plots", probe.calls,
-             ctx.path(OUT), len(plots))  # fmt: skip
+    log.info(
+        "landscape: %d loss evaluations, wrote %s and %d plots",
+        probe.calls,
+        ctx.path(OUT),
+        len(plots),
+    )
     return {
         "report": str(ctx.path(OUT)),
         "fp_loss": loss0,

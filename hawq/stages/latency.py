@@ -46,9 +46,16 @@ def run(ctx: Context) -> dict[str, Any]:
     names = list(quantizable_ops(model))
     pins = resolve_pins(names, ac.pins, ac.pin_first, ac.pin_last)
     cands = parse_candidates([*ac.candidates, *pins.values()])
-    table = measure_latency(model, cands, tuple(ctx.data.input_size), cfg.batch, cfg.iters,
-                            cfg.warmup, ctx.device,
-                            progress=lambda key: log.info("latency: timing %s", key))  # fmt: skip
+    table = measure_latency(
+        model,
+        cands,
+        tuple(ctx.data.input_size),
+        cfg.batch,
+        cfg.iters,
+        cfg.warmup,
+        ctx.device,
+        progress=lambda key: log.info("latency: timing %s", key),
+    )
     out = write_latency_table(table, table_path(ctx))
     plot_latency(table, ctx.path(out.stem + ".png"))
     per_setting = {c.key: 0.0 for c in cands}
@@ -56,8 +63,18 @@ def run(ctx: Context) -> dict[str, Any]:
         for key, us in table["by_shape"][shape].items():
             if key in per_setting:
                 per_setting[key] += us
-    log.info("latency: %d ops, %d shapes on %s -> %s", len(table["ops"]), len(table["by_shape"]),
-             table["device"], out)  # fmt: skip
-    return {"table": str(out), "device": table["device"], "backend": table["backend"],
-            "batch": cfg.batch, "shapes": len(table["by_shape"]),
-            "total_us_per_image": per_setting}  # fmt: skip
+    log.info(
+        "latency: %d ops, %d shapes on %s -> %s",
+        len(table["ops"]),
+        len(table["by_shape"]),
+        table["device"],
+        out,
+    )
+    return {
+        "table": str(out),
+        "device": table["device"],
+        "backend": table["backend"],
+        "batch": cfg.batch,
+        "shapes": len(table["by_shape"]),
+        "total_us_per_image": per_setting,
+    }

@@ -97,20 +97,40 @@ def run(ctx: Context) -> dict[str, Any]:
     if fp_model is not None:
         images = calibration_images(calib, qc.calib_batches)
         before = evaluate(model, test, ctx.device)
-        log.info("ptq: calibrated %.2f; reconstructing %d units on %d images", before["acc"],
-                 len(units(model)), images.shape[0])  # fmt: skip
+        log.info(
+            "ptq: calibrated %.2f; reconstructing %d units on %d images",
+            before["acc"],
+            len(units(model)),
+            images.shape[0],
+        )
         per_unit = reconstruct_(model, fp_model, images, rc, qc.calib_batch_size)
-        recon = {"calibrated": before, "units": per_unit, "images": images.shape[0],
-                 "seconds": sum(u.get("seconds", 0.0) for u in per_unit.values())}  # fmt: skip
+        recon = {
+            "calibrated": before,
+            "units": per_unit,
+            "images": images.shape[0],
+            "seconds": sum(u.get("seconds", 0.0) for u in per_unit.values()),
+        }
     q = evaluate(model, test, ctx.device)
     if recon is not None:
-        plot_reconstruction(recon["units"], ctx.path(RECON_PLOT),
-                            f"block reconstruction: test acc {recon['calibrated']['acc']:.2f} -> "
-                            f"{q['acc']:.2f} (FP {fp['acc']:.2f})")  # fmt: skip
+        plot_reconstruction(
+            recon["units"],
+            ctx.path(RECON_PLOT),
+            f"block reconstruction: test acc {recon['calibrated']['acc']:.2f} -> "
+            f"{q['acc']:.2f} (FP {fp['acc']:.2f})",
+        )
     log.info("ptq: FP acc %.2f -> quantized %.2f (plan from %s)", fp["acc"], q["acc"], source)
     save_plan(ctx.path(PLAN), plan, {"source": source})
-    save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, None, qc.fold_bn,
-                   fp_acc=fp["acc"], acc=q["acc"], plan_source=source)  # fmt: skip
+    save_quantized(
+        ctx.path(CKPT),
+        model,
+        model_cfg or ctx.cfg.model,
+        plan,
+        None,
+        qc.fold_bn,
+        fp_acc=fp["acc"],
+        acc=q["acc"],
+        plan_source=source,
+    )
     return {
         "fp": fp,
         "quantized": q,

@@ -90,24 +90,41 @@ CKPT = "qat_model.pt"
 PLAN = "qat_bits.yaml"
 STATE = "qat_state.pt"
 CSV = "qat_metrics.csv"
-FIELDS = ["epoch", "floor_bits", "bn_frozen", "train_loss", "train_acc", "test_loss", "test_acc",
-          "lr", "seconds", "img_per_s"]  # fmt: skip
+FIELDS = [
+    "epoch",
+    "floor_bits",
+    "bn_frozen",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "seconds",
+    "img_per_s",
+]
 
 
 def check_schedule(tc: QATConfig, plan: Plan, op_names: list[str]) -> None:
     """The schedule's last floor must reach every int op's plan bits."""
     if not tc.schedule:
         return
-    lowest = [b for s in plan.resolved(op_names).values()
-              for b, f in ((s.w_bits, s.w_format), (s.a_bits, s.a_format))
-              if b is not None and f == "int"]
+    lowest = [
+        b
+        for s in plan.resolved(op_names).values()
+        for b, f in ((s.w_bits, s.w_format), (s.a_bits, s.a_format))
+        if b is not None and f == "int"
+    ]
     if lowest and tc.schedule[-1] > min(lowest):
-        raise HawqError(f"qat.schedule={tc.schedule} ends at {tc.schedule[-1]} bits but the "
-                        f"plan has {min(lowest)}-bit operands; end it at <= {min(lowest)}")
+        raise HawqError(
+            f"qat.schedule={tc.schedule} ends at {tc.schedule[-1]} bits but the "
+            f"plan has {min(lowest)}-bit operands; end it at <= {min(lowest)}"
+        )
     needed = tc.epochs_per_step * (len(tc.schedule) - 1) + 1
     if needed > tc.epochs:
-        raise HawqError(f"qat.schedule={tc.schedule} with epochs_per_step={tc.epochs_per_step} "
-                        f"needs qat.epochs >= {needed}")  # fmt: skip
+        raise HawqError(
+            f"qat.schedule={tc.schedule} with epochs_per_step={tc.epochs_per_step} "
+            f"needs qat.epochs >= {needed}"
+        )
 
 
 POSITIVE = ("scale", "alpha")  # quantizer parameters that must stay > 0 (log-space group)
@@ -124,15 +141,20 @@ def load_init(model: nn.Module, path: str, plan: Plan) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "quantized":
         raise HawqError(f"qat.init={path} is not a hawq quantized checkpoint (ptq_model.pt)")
     if Plan.from_dict(ckpt["plan"], where=f"{p}:plan").to_dict() != plan.to_dict():
-        raise HawqError(f"qat.init={path} was quantized with another plan than this run's; "
-                        "start from a checkpoint of the same plan")  # fmt: skip
+        raise HawqError(
+            f"qat.init={path} was quantized with another plan than this run's; "
+            "start from a checkpoint of the same plan"
+        )
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise HawqError(f"qat.init={path} does not fit qat.method={model_method(model)}: "
-                        f"{str(e).splitlines()[0]}") from e  # fmt: skip
-    log.info("qat: weights and qparams from %s (accuracy there %s)", p,
-             ckpt.get("meta", {}).get("acc"))  # fmt: skip
+        raise HawqError(
+            f"qat.init={path} does not fit qat.method={model_method(model)}: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+    log.info(
+        "qat: weights and qparams from %s (accuracy there %s)", p, ckpt.get("meta", {}).get("acc")
+    )
 
 
 def model_method(model: nn.Module) -> str | None:
@@ -142,20 +164,30 @@ def model_method(model: nn.Module) -> str | None:
 def param_groups(model: nn.Module, tc: QATConfig) -> list[dict]:
     """Weights at ``lr`` (with weight decay); step sizes and clips at ``qparam_lr`` in log
     space (``qparam_space=log``); LSQ+ offsets at ``qparam_lr`` (no weight decay)."""
-    kinds = {id(p): name for m in model.modules() if isinstance(m, Quantizer)
-             for name, p in m.named_parameters(recurse=False)}  # fmt: skip
+    kinds = {
+        id(p): name
+        for m in model.modules()
+        if isinstance(m, Quantizer)
+        for name, p in m.named_parameters(recurse=False)
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     weights = [p for p in params if id(p) not in kinds]
     pos = [p for p in params if kinds.get(id(p)) in POSITIVE]
     other = [p for p in params if id(p) in kinds and kinds[id(p)] not in POSITIVE]
-    groups = [{"params": weights, "lr": tc.lr, "weight_decay": tc.weight_decay,
-               "log_space": False}]  # fmt: skip
+    groups = [{"params": weights, "lr": tc.lr, "weight_decay": tc.weight_decay, "log_space": False}]
     if pos:
-        groups.append({"params": pos, "lr": tc.qparam_lr, "weight_decay": 0.0,
-                       "log_space": tc.qparam_space == "log"})  # fmt: skip
+        groups.append(
+            {
+                "params": pos,
+                "lr": tc.qparam_lr,
+                "weight_decay": 0.0,
+                "log_space": tc.qparam_space == "log",
+            }
+        )
     if other:
-        groups.append({"params": other, "lr": tc.qparam_lr, "weight_decay": 0.0,
-                       "log_space": False})  # fmt: skip
+        groups.append(
+            {"params": other, "lr": tc.qparam_lr, "weight_decay": 0.0, "log_space": False}
+        )
     return groups
 
 
@@ -172,8 +204,9 @@ def load_optimizer(optimizer: QATAdam, saved: dict) -> None:
             optimizer.reset_state(g["params"])
 
 
-def refit_after_drop(model: nn.Module, optimizer: QATAdam, changed: list[str], batches,
-                     max_batches: int) -> list[str]:  # fmt: skip
+def refit_after_drop(
+    model: nn.Module, optimizer: QATAdam, changed: list[str], batches, max_batches: int
+) -> list[str]:
     """:func:`~hawq.quant.api.refit_` the changed quantizers, reset their moments."""
     done = refit_(model, changed, batches, max_batches)
     qs = quantizers(model)
@@ -181,14 +214,16 @@ def refit_after_drop(model: nn.Module, optimizer: QATAdam, changed: list[str], b
     return done
 
 
-def reconstruct_after_drop(model: nn.Module, fp_model: nn.Module, optimizer: QATAdam, batches,
-                           qc: QuantConfig) -> None:  # fmt: skip
+def reconstruct_after_drop(
+    model: nn.Module, fp_model: nn.Module, optimizer: QATAdam, batches, qc: QuantConfig
+) -> None:
     """Block reconstruction (:mod:`hawq.quant.reconstruct`) of the re-fitted model against the
     FP model on the calibration images; moments of every quantizer parameter reset."""
     images = calibration_images(batches, qc.calib_batches)
     reconstruct_(model, fp_model, images, qc.reconstruct, qc.calib_batch_size)
-    optimizer.reset_state([p for q in quantizers(model).values()
-                           for p in q.parameters(recurse=False)])  # fmt: skip
+    optimizer.reset_state(
+        [p for q in quantizers(model).values() for p in q.parameters(recurse=False)]
+    )
 
 
 class NonFiniteWatch:
@@ -211,8 +246,10 @@ class NonFiniteWatch:
                 # one read-only pass: a NaN/Inf anywhere makes the sum non-finite (a finite
                 # output overflowing the fp32/bf16 range in the sum is divergence anyway)
                 bad = ~torch.isfinite(out.detach().sum())
-                self.first[name] = torch.where(bad & (self.step < self.first[name]), self.step,
-                                               self.first[name])  # fmt: skip
+                self.first[name] = torch.where(
+                    bad & (self.step < self.first[name]), self.step, self.first[name]
+                )
+
         return hook
 
     def origin(self) -> list[str]:
@@ -225,9 +262,19 @@ class NonFiniteWatch:
             h.remove()
 
 
-def qat_epoch(model: nn.Module, batches, optimizer, loss_fn, device, scheduler, tc: QATConfig,
-              epoch: int, train_model: nn.Module | None = None,
-              watch: NonFiniteWatch | None = None, **resume: Any) -> dict[str, Any]:  # fmt: skip
+def qat_epoch(
+    model: nn.Module,
+    batches,
+    optimizer,
+    loss_fn,
+    device,
+    scheduler,
+    tc: QATConfig,
+    epoch: int,
+    train_model: nn.Module | None = None,
+    watch: NonFiniteWatch | None = None,
+    **resume: Any,
+) -> dict[str, Any]:
     """One training epoch; a NaN/Inf loss becomes a HawqError naming the collapsed ops.
 
     Named: the ops whose output went non-finite first (step-wise) and whose own scales
@@ -245,15 +292,26 @@ def qat_epoch(model: nn.Module, batches, optimizer, loss_fn, device, scheduler, 
     watch = watch or NonFiniteWatch(model)
     train_model = model if train_model is None else train_model
     try:
-        return train_epoch(train_model, batches, optimizer, loss_fn, device, scheduler,
-                           amp=tc.amp, grad_clip=tc.grad_clip, desc=f"qat {epoch + 1}",
-                           **resume)  # fmt: skip
+        return train_epoch(
+            train_model,
+            batches,
+            optimizer,
+            loss_fn,
+            device,
+            scheduler,
+            amp=tc.amp,
+            grad_clip=tc.grad_clip,
+            desc=f"qat {epoch + 1}",
+            **resume,
+        )
     except FloatingPointError as e:
         origin = watch.origin()
         bad = [n for n in origin if n in collapsed_ops(model)] or origin or collapsed_ops(model)
         names = ", ".join(bad) if bad else "none (weights and scales finite)"
-        raise HawqError(f"QAT diverged in epoch {epoch + 1}: {e}; ops with collapsed or "
-                        f"non-finite scales: {names}; lower qat.lr/qat.qparam_lr") from e
+        raise HawqError(
+            f"QAT diverged in epoch {epoch + 1}: {e}; ops with collapsed or "
+            f"non-finite scales: {names}; lower qat.lr/qat.qparam_lr"
+        ) from e
     finally:
         if own:
             watch.remove()
@@ -315,12 +373,14 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     if world > 1:
         train = dist.ShardedBatches(train, rank, world)
     steps = len(train)
-    scheduler = cosine_scheduler(optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps),
-                                 tc.min_lr_ratio)  # fmt: skip
+    scheduler = cosine_scheduler(
+        optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps), tc.min_lr_ratio
+    )
     loss_fn: nn.Module = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
     if teacher is not None:
-        loss_fn = DistillLoss(model, teacher, tc.distill, tc.distill_temperature,
-                              tc.label_smoothing)  # fmt: skip
+        loss_fn = DistillLoss(
+            model, teacher, tc.distill, tc.distill_temperature, tc.label_smoothing
+        )
 
     state_path = ctx.path(STATE)
     start, history, drops, partial = 0, [], [], None
@@ -358,38 +418,90 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
                         reconstruct_after_drop(model, fp_ref, optimizer, calib, qc)
                     dist.broadcast_state(model)
                     ev = evaluate_all(model)
-                    drops.append({"epoch": epoch, "floor_bits": floor, "acc": ev["acc"],
-                                  "loss": ev["loss"], "refitted": len(changed)})  # fmt: skip
-                    log.info("qat: floor %s bits: %d quantizers re-fitted, acc %.2f loss %.4f",
-                             floor, len(changed), ev["acc"], ev["loss"])  # fmt: skip
+                    drops.append(
+                        {
+                            "epoch": epoch,
+                            "floor_bits": floor,
+                            "acc": ev["acc"],
+                            "loss": ev["loss"],
+                            "refitted": len(changed),
+                        }
+                    )
+                    log.info(
+                        "qat: floor %s bits: %d quantizers re-fitted, acc %.2f loss %.4f",
+                        floor,
+                        len(changed),
+                        ev["acc"],
+                        ev["loss"],
+                    )
                 frozen = tc.freeze_bn_epoch is not None and epoch >= tc.freeze_bn_epoch
                 if frozen:
                     freeze_bn_(model)
                 start_epoch_streams(train, ctx.run.seed, epoch, partial)
-                tr = qat_epoch(model, train, optimizer, loss_fn, device, scheduler, tc, epoch,
-                               train_model, watch, resume=partial and partial["progress"],
-                               steps_after=(tc.epochs - epoch - 1) * steps)  # fmt: skip
+                tr = qat_epoch(
+                    model,
+                    train,
+                    optimizer,
+                    loss_fn,
+                    device,
+                    scheduler,
+                    tc,
+                    epoch,
+                    train_model,
+                    watch,
+                    resume=partial and partial["progress"],
+                    steps_after=(tc.epochs - epoch - 1) * steps,
+                )
                 partial = None
                 if "stopped" in tr:  # one process (graceful only then): state at its step
-                    save_torch(state_path, training_state(
-                        epoch, history, model, optimizer, scheduler, init=init, drops=drops,
-                        partial=stopped_partial(tr["stopped"], train)))  # fmt: skip
+                    save_torch(
+                        state_path,
+                        training_state(
+                            epoch,
+                            history,
+                            model,
+                            optimizer,
+                            scheduler,
+                            init=init,
+                            drops=drops,
+                            partial=stopped_partial(tr["stopped"], train),
+                        ),
+                    )
                     preempt.stop_if_requested("qat", epoch, state_path, tr["stopped"]["step"])
                 if world > 1:
                     tr = dist.reduce_train_metrics(tr, train.seen, device)
                 ev = evaluate_all(model)
-                history.append({"epoch": epoch + 1, "floor_bits": floor, "bn_frozen": frozen,
-                                "train_loss": tr["loss"], "train_acc": tr["acc"],
-                                "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
-                                "seconds": tr["seconds"],
-                                "img_per_s": tr["img_per_s"]})  # fmt: skip
-                log.info("qat epoch %d/%d (floor %s bits): train loss %.4f | test loss %.4f "
-                         "acc %.2f", epoch + 1, tc.epochs, floor, tr["loss"], ev["loss"],
-                         ev["acc"])  # fmt: skip
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "floor_bits": floor,
+                        "bn_frozen": frozen,
+                        "train_loss": tr["loss"],
+                        "train_acc": tr["acc"],
+                        "test_loss": ev["loss"],
+                        "test_acc": ev["acc"],
+                        "lr": tr["lr"],
+                        "seconds": tr["seconds"],
+                        "img_per_s": tr["img_per_s"],
+                    }
+                )
+                log.info(
+                    "qat epoch %d/%d (floor %s bits): train loss %.4f | test loss %.4f acc %.2f",
+                    epoch + 1,
+                    tc.epochs,
+                    floor,
+                    tr["loss"],
+                    ev["loss"],
+                    ev["acc"],
+                )
                 if main:
                     _write_csv(ctx, history)
-                    save_torch(state_path, training_state(epoch + 1, history, model, optimizer,
-                                                          scheduler, init=init, drops=drops))
+                    save_torch(
+                        state_path,
+                        training_state(
+                            epoch + 1, history, model, optimizer, scheduler, init=init, drops=drops
+                        ),
+                    )
                 # a signal during the evaluation or the save: stop here
                 preempt.stop_if_requested("qat", epoch + 1, state_path)
     finally:
@@ -400,9 +512,17 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
     last = history[-1]
     if main:
         save_plan(ctx.path(PLAN), plan, {"source": source, "method": tc.method})
-        save_quantized(ctx.path(CKPT), model, model_cfg or ctx.cfg.model, plan, tc.method,
-                       qc.fold_bn, fp_acc=fp["acc"], acc=last["test_acc"],
-                       plan_source=source)  # fmt: skip
+        save_quantized(
+            ctx.path(CKPT),
+            model,
+            model_cfg or ctx.cfg.model,
+            plan,
+            tc.method,
+            qc.fold_bn,
+            fp_acc=fp["acc"],
+            acc=last["test_acc"],
+            plan_source=source,
+        )
         ctx.remove_after_record(state_path)
     dist.barrier()  # the checkpoint exists before any rank reports done
     return {

@@ -99,20 +99,36 @@ SPECS: dict[str, Spec] = {
     "train": Spec(("seed", "model", "data", "train")),
     "evaluate": Spec(("data",), (_ckpt,)),
     "hessian": Spec(("data", "hessian"), (_ckpt,)),
-    "latency": Spec(("model", "latency", "alloc.candidates", "alloc.pins", "alloc.pin_first",
-                     "alloc.pin_last", "integer.backend"), (_ckpt,), machine=True),  # fmt: skip
-    "alloc": Spec(("seed", "data", "alloc", "quant.default"),
-                  (_ckpt, _cfg_path("alloc.hessian", "hessian.json"), _latency)),  # fmt: skip
+    "latency": Spec(
+        (
+            "model",
+            "latency",
+            "alloc.candidates",
+            "alloc.pins",
+            "alloc.pin_first",
+            "alloc.pin_last",
+            "integer.backend",
+        ),
+        (_ckpt,),
+        machine=True,
+    ),
+    "alloc": Spec(
+        ("seed", "data", "alloc", "quant.default"),
+        (_ckpt, _cfg_path("alloc.hessian", "hessian.json"), _latency),
+    ),
     "ptq": Spec(("seed", "data", "quant"), (_ckpt, _plan)),
     "qat": Spec(("seed", "data", "quant", "qat"), (_ckpt, _plan)),
-    "integer": Spec(("data", "integer"),
-                    (_cfg_path("integer.source", "qat_model.pt"),
-                     _run_file("qat_model.pt", "ptq_model.pt"))),  # fmt: skip
+    "integer": Spec(
+        ("data", "integer"),
+        (_cfg_path("integer.source", "qat_model.pt"), _run_file("qat_model.pt", "ptq_model.pt")),
+    ),
     "export": Spec(("integer",), (_run_file("integer_model.pt", "qat_model.pt", "ptq_model.pt"),)),
-    "landscape": Spec(("seed", "data", "quant", "landscape"),
-                      (_ckpt, _run_file("ptq_model.pt", "hessian.json"))),  # fmt: skip
-    "int4_curve": Spec(("seed", "data", "quant", "curve"),
-                       (_ckpt, _cfg_path("curve.hessian", "hessian.json"))),  # fmt: skip
+    "landscape": Spec(
+        ("seed", "data", "quant", "landscape"), (_ckpt, _run_file("ptq_model.pt", "hessian.json"))
+    ),
+    "int4_curve": Spec(
+        ("seed", "data", "quant", "curve"), (_ckpt, _cfg_path("curve.hessian", "hessian.json"))
+    ),
 }
 #: A stage without a spec (added later) depends on every config key but these.
 _NOT_READ = ("stages", "force", "name", "device", "paths", "hydra")
@@ -134,8 +150,19 @@ def spec_keys(stage: str) -> tuple[str, ...]:
     """The config keys ``stage`` reads (every group for a stage without a spec)."""
     if stage in SPECS:
         return SPECS[stage].keys
-    return ("model", "data", "train", "hessian", "quant", "qat", "alloc", "integer", "latency",
-            "curve", "landscape")  # fmt: skip
+    return (
+        "model",
+        "data",
+        "train",
+        "hessian",
+        "quant",
+        "qat",
+        "alloc",
+        "integer",
+        "latency",
+        "curve",
+        "landscape",
+    )
 
 
 def spec(stage: str, ctx: Context) -> Spec:
@@ -254,8 +281,11 @@ def changed_keys(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[s
     """Dotted keys whose values differ, as ``key=old -> new`` (but those in ``ignore``)."""
     a, b = _flat(old), _flat(new)
     keys = sorted((set(a) | set(b)) - set(ignore))
-    return [f"{k}={a.get(k, _MISSING)!r} -> {b.get(k, _MISSING)!r}"
-            for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING)]  # fmt: skip
+    return [
+        f"{k}={a.get(k, _MISSING)!r} -> {b.get(k, _MISSING)!r}"
+        for k in keys
+        if a.get(k, _MISSING) != b.get(k, _MISSING)
+    ]
 
 
 def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
@@ -274,21 +304,35 @@ def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
     old_config = rec.get("config", {})
     if config_only:
         changed = changed_keys(old_config, config, added_at_default(old_config, config))
-        return Status(not changed, "config changed" if changed else "config unchanged", changed,
-                      outputs_intact=True)  # fmt: skip
+        return Status(
+            not changed,
+            "config changed" if changed else "config unchanged",
+            changed,
+            outputs_intact=True,
+        )
     inputs = input_hashes(stage, ctx)
     if fingerprint(config, inputs) == rec["fingerprint"]:
         return Status(True, "up to date", outputs_intact=True)
     newer = added_at_default(old_config, config)  # keys hawq gained since, at their defaults
     changed = changed_keys(old_config, config, newer)
     old_inputs = rec.get("inputs", {})
-    changed += [f"input {Path(p).name} changed" for p in sorted(set(old_inputs) | set(inputs))
-                if old_inputs.get(p, _MISSING) != inputs.get(p, _MISSING)]  # fmt: skip
+    changed += [
+        f"input {Path(p).name} changed"
+        for p in sorted(set(old_inputs) | set(inputs))
+        if old_inputs.get(p, _MISSING) != inputs.get(p, _MISSING)
+    ]
     if not changed and newer:
-        return Status(True, f"up to date ({len(newer)} newer config key(s) at their defaults)",
-                      outputs_intact=True)  # fmt: skip
-    return Status(False, "made with a different config or inputs", changed or ["(unknown)"],
-                  outputs_intact=True)  # fmt: skip
+        return Status(
+            True,
+            f"up to date ({len(newer)} newer config key(s) at their defaults)",
+            outputs_intact=True,
+        )
+    return Status(
+        False,
+        "made with a different config or inputs",
+        changed or ["(unknown)"],
+        outputs_intact=True,
+    )
 
 
 def done(ctx: Context, stage: str) -> bool:
@@ -301,9 +345,11 @@ def refuse_or_redo(ctx: Context, stage: str, status: Status) -> None:
     intact but were made with other config/inputs)."""
     what = ", ".join(status.changed[:6]) + (" ..." if len(status.changed) > 6 else "")
     if stage in KEEP and status.outputs_intact and status.changed:
-        raise HawqError(f"{stage}: the outputs in {ctx.run_dir} were made with other settings "
-                        f"({what}); force=true redoes {stage} and overwrites them, a new name= "
-                        "(or paths.run_dir=) keeps both")  # fmt: skip
+        raise HawqError(
+            f"{stage}: the outputs in {ctx.run_dir} were made with other settings "
+            f"({what}); force=true redoes {stage} and overwrites them, a new name= "
+            "(or paths.run_dir=) keeps both"
+        )
     if status.changed:
         log.info("%s: redone, %s: %s", stage, status.reason, what)
     else:
@@ -315,8 +361,13 @@ def begin(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str | Non
     return config_values(stage, ctx), input_hashes(stage, ctx)
 
 
-def commit(ctx: Context, stage: str, before: tuple[dict, dict], written: list[Path],
-           metrics: dict[str, Any]) -> Path:
+def commit(
+    ctx: Context,
+    stage: str,
+    before: tuple[dict, dict],
+    written: list[Path],
+    metrics: dict[str, Any],
+) -> Path:
     """Write the record of a finished stage: last, atomically; hashes of what it wrote."""
     config, inputs = before
     skip = {ctx.path(ctx.RESULTS).resolve(), ctx.path(DIR).resolve()}
@@ -325,8 +376,14 @@ def commit(ctx: Context, stage: str, before: tuple[dict, dict], written: list[Pa
         p = Path(p).resolve()
         if p.is_file() and p not in skip and p.parent not in skip:
             outputs[_key(ctx, p)] = sha256(p)
-    rec = {"stage": stage, "fingerprint": fingerprint(config, inputs), "config": config,
-           "inputs": inputs, "outputs": outputs, "metrics": metrics}  # fmt: skip
+    rec = {
+        "stage": stage,
+        "fingerprint": fingerprint(config, inputs),
+        "config": config,
+        "inputs": inputs,
+        "outputs": outputs,
+        "metrics": metrics,
+    }
     return write_json(path(ctx, stage), rec)
 
 
@@ -358,6 +415,10 @@ def adopt(ctx: Context, stage: str) -> bool:
         return False
     metrics = ctx.stage_result(stage) or {"adopted": [str(p) for p in outputs]}
     commit(ctx, stage, begin(ctx, stage), outputs, metrics)
-    log.warning("%s: %s has no completion record (older hawq or a given file); kept as is "
-                "(force=true retrains)", stage, ", ".join(str(p) for p in outputs))  # fmt: skip
+    log.warning(
+        "%s: %s has no completion record (older hawq or a given file); kept as is "
+        "(force=true retrains)",
+        stage,
+        ", ".join(str(p) for p in outputs),
+    )
     return True

@@ -39,8 +39,16 @@ from hawq.stages.context import Context
 log = logging.getLogger("hawq")
 STATE = "train_state.pt"
 CSV = "metrics.csv"
-CSV_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
-              "img_per_s"]  # fmt: skip
+CSV_FIELDS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "seconds",
+    "img_per_s",
+]
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
@@ -60,12 +68,18 @@ def _announcer(ctx: Context, steps: int, epochs: int):
 
     def announce(seconds_per_step: float) -> None:
         estimate = seconds_per_step * steps * epochs
-        log.info("train: %.3f s/step -> estimated %s for %d epochs on this machine",
-                 seconds_per_step, fmt_seconds(estimate), epochs)  # fmt: skip
+        log.info(
+            "train: %.3f s/step -> estimated %s for %d epochs on this machine",
+            seconds_per_step,
+            fmt_seconds(estimate),
+            epochs,
+        )
         if estimate > LONG_RUN_S and ctx.device.type == "cpu":
-            log.warning("train: ~%s on this CPU (no CUDA GPU); experiment=vit_cifar_cpu trains "
-                        "the seed topology, narrower, in under an hour on 2 cores",
-                        fmt_seconds(estimate))  # fmt: skip
+            log.warning(
+                "train: ~%s on this CPU (no CUDA GPU); experiment=vit_cifar_cpu trains "
+                "the seed topology, narrower, in under an hour on 2 cores",
+                fmt_seconds(estimate),
+            )
 
     return announce
 
@@ -79,8 +93,9 @@ def run(ctx: Context) -> dict:
     train_loader = data.train_loader(ctx.device, seed=ctx.run.seed)
     test_loader = data.eval_loader("test", ctx.device)
     steps = len(train_loader)
-    scheduler = cosine_scheduler(optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps),
-                                 tc.min_lr_ratio)  # fmt: skip
+    scheduler = cosine_scheduler(
+        optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps), tc.min_lr_ratio
+    )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
     state_path = ctx.path(STATE)
@@ -99,28 +114,56 @@ def run(ctx: Context) -> dict:
 
     step_model = torch.compile(model) if tc.compile else model
     precision = "bf16 autocast" if amp_enabled(ctx.device, tc.amp) else "fp32"
-    log.info("train: %d epochs x %d steps of batch %d on %s (%s)%s", tc.epochs, steps,
-             data.batch_size, ctx.device, precision,
-             f", resuming at epoch {start_epoch + 1}" if start_epoch else "")  # fmt: skip
+    log.info(
+        "train: %d epochs x %d steps of batch %d on %s (%s)%s",
+        tc.epochs,
+        steps,
+        data.batch_size,
+        ctx.device,
+        precision,
+        f", resuming at epoch {start_epoch + 1}" if start_epoch else "",
+    )
     announce = _announcer(ctx, steps, tc.epochs - start_epoch)
     stage_start = time.perf_counter()
-    bar = tqdm(range(start_epoch, tc.epochs), desc="epochs", initial=start_epoch,
-               total=tc.epochs, disable=None)  # fmt: skip
+    bar = tqdm(
+        range(start_epoch, tc.epochs),
+        desc="epochs",
+        initial=start_epoch,
+        total=tc.epochs,
+        disable=None,
+    )
     with preempt.graceful():  # a stop signal ends the epoch after its current step
         for epoch in bar:
             start_epoch_streams(train_loader, ctx.run.seed, epoch, partial)
             try:
-                tr = train_epoch(step_model, train_loader, optimizer, loss_fn, ctx.device,
-                                 scheduler, amp=tc.amp, grad_clip=tc.grad_clip,
-                                 log_every=tc.log_every, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                                 on_estimate=announce if epoch == start_epoch else None,
-                                 resume=partial and partial["progress"],
-                                 steps_after=(tc.epochs - epoch - 1) * steps)  # fmt: skip
+                tr = train_epoch(
+                    step_model,
+                    train_loader,
+                    optimizer,
+                    loss_fn,
+                    ctx.device,
+                    scheduler,
+                    amp=tc.amp,
+                    grad_clip=tc.grad_clip,
+                    log_every=tc.log_every,
+                    desc=f"epoch {epoch + 1}/{tc.epochs}",
+                    on_estimate=announce if epoch == start_epoch else None,
+                    resume=partial and partial["progress"],
+                    steps_after=(tc.epochs - epoch - 1) * steps,
+                )
                 partial = None
                 if "stopped" in tr:  # a stop signal inside the epoch: state at its step
-                    save_torch(state_path, training_state(
-                        epoch, history, model, optimizer, scheduler,
-                        partial=stopped_partial(tr["stopped"], train_loader)))  # fmt: skip
+                    save_torch(
+                        state_path,
+                        training_state(
+                            epoch,
+                            history,
+                            model,
+                            optimizer,
+                            scheduler,
+                            partial=stopped_partial(tr["stopped"], train_loader),
+                        ),
+                    )
                     preempt.stop_if_requested("train", epoch, state_path, tr["stopped"]["step"])
             except FloatingPointError as e:
                 raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
@@ -129,27 +172,51 @@ def run(ctx: Context) -> dict:
                 ev = evaluate(model, test_loader, ctx.device)
             else:  # skipped: an fp32 pass over the test set costs ~1/3 of a bf16 epoch on a CPU
                 ev = {"loss": None, "acc": None}
-            row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                   "test_loss": ev["loss"], "test_acc": ev["acc"], "lr": tr["lr"],
-                   "seconds": tr["seconds"], "img_per_s": tr["img_per_s"]}  # fmt: skip
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": tr["loss"],
+                "train_acc": tr["acc"],
+                "test_loss": ev["loss"],
+                "test_acc": ev["acc"],
+                "lr": tr["lr"],
+                "seconds": tr["seconds"],
+                "img_per_s": tr["img_per_s"],
+            }
             history.append(row)
-            test = "not evaluated" if ev["acc"] is None else \
-                f"test loss {ev['loss']:.4f} acc {ev['acc']:.2f}"
+            test = (
+                "not evaluated"
+                if ev["acc"] is None
+                else f"test loss {ev['loss']:.4f} acc {ev['acc']:.2f}"
+            )
             bar.set_postfix(loss=f"{tr['loss']:.3f}", test=test)
             elapsed = time.perf_counter() - stage_start
             eta = elapsed / (epoch + 1 - start_epoch) * (tc.epochs - epoch - 1)
-            log.info("epoch %d/%d: train loss %.4f acc %.2f | %s | %.0f img/s | elapsed %s, "
-                     "train stage ETA %s", epoch + 1, tc.epochs, tr["loss"], tr["acc"], test,
-                     tr["img_per_s"], fmt_seconds(elapsed), fmt_seconds(eta))  # fmt: skip
+            log.info(
+                "epoch %d/%d: train loss %.4f acc %.2f | %s | %.0f img/s | elapsed %s, "
+                "train stage ETA %s",
+                epoch + 1,
+                tc.epochs,
+                tr["loss"],
+                tr["acc"],
+                test,
+                tr["img_per_s"],
+                fmt_seconds(elapsed),
+                fmt_seconds(eta),
+            )
             _write_csv(ctx, history)
-            save_torch(state_path, training_state(epoch + 1, history, model, optimizer,
-                                                  scheduler))  # fmt: skip
+            save_torch(state_path, training_state(epoch + 1, history, model, optimizer, scheduler))
             # a signal during the evaluation or the save: stop here
             preempt.stop_if_requested("train", epoch + 1, state_path)
 
     last = history[-1]
-    save_model(ctx.checkpoint, model, ctx.cfg.model, epochs=tc.epochs, test_acc=last["test_acc"],
-               data=ctx.cfg.data.name)  # fmt: skip
+    save_model(
+        ctx.checkpoint,
+        model,
+        ctx.cfg.model,
+        epochs=tc.epochs,
+        test_acc=last["test_acc"],
+        data=ctx.cfg.data.name,
+    )
     ctx.remove_after_record(state_path)
     return {
         "epochs": tc.epochs,

@@ -9,8 +9,13 @@ import numpy as np
 
 from hawq.viz.common import plt, save_figure
 
-UNITS = {"avg_bits": "bits", "size_mb": "MB", "bops": "GBOPs / image",
-         "latency_us": "us / image", "int4_share": "share of MACs at <= 4 bits"}  # fmt: skip
+UNITS = {
+    "avg_bits": "bits",
+    "size_mb": "MB",
+    "bops": "GBOPs / image",
+    "latency_us": "us / image",
+    "int4_share": "share of MACs at <= 4 bits",
+}
 
 
 def plot_allocation(
@@ -25,8 +30,7 @@ def plot_allocation(
     at its lowest-bit candidate (bars) and at the chosen setting (dots), log scale."""
     names = list(w_bits)
     x = np.arange(len(names))
-    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True,
-                                   figsize=(max(6.0, 0.3 * len(names) + 2), 6.0))  # fmt: skip
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(max(6.0, 0.3 * len(names) + 2), 6.0))
     wb = [32 if w_bits[n] is None else w_bits[n] for n in names]
     ab = [32 if a_bits[n] is None else a_bits[n] for n in names]
     ax1.bar(x - 0.2, wb, 0.4, label="weight bits", color="tab:blue")
@@ -38,8 +42,13 @@ def plot_allocation(
     ax1.set_title(title)
     low = np.array([max(float(sens_low[n]), 1e-30) for n in names])
     ax2.bar(x, low, color="tab:gray", label="at lowest-bit candidate")
-    ax2.plot(x, [max(float(sens_chosen[n]), 1e-30) for n in names], "o", color="tab:red",
-             label="at chosen setting")  # fmt: skip
+    ax2.plot(
+        x,
+        [max(float(sens_chosen[n]), 1e-30) for n in names],
+        "o",
+        color="tab:red",
+        label="at chosen setting",
+    )
     if (low > 0).any():
         ax2.set_yscale("log")
     ax2.set_ylabel("predicted sensitivity")

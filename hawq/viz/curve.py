@@ -29,12 +29,24 @@ def plot_int4_curve(
     """
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, (shares, accs) in curves.items():
-        ax.plot([100 * s for s in shares], accs, "o-", markersize=3,
-                color=COLORS.get(name), label=f"{name} order")  # fmt: skip
+        ax.plot(
+            [100 * s for s in shares],
+            accs,
+            "o-",
+            markersize=3,
+            color=COLORS.get(name),
+            label=f"{name} order",
+        )
     ax.axhline(fp_acc, color="black", linewidth=1, label=f"FP {fp_acc:.2f}")
     for i, t in enumerate(thresholds):
-        ax.axhline(fp_acc - t, color="tab:red", linestyle="--", linewidth=0.8,
-                   alpha=max(0.3, 1.0 - 0.25 * i), label=f"FP - {t:g}")  # fmt: skip
+        ax.axhline(
+            fp_acc - t,
+            color="tab:red",
+            linestyle="--",
+            linewidth=0.8,
+            alpha=max(0.3, 1.0 - 0.25 * i),
+            label=f"FP - {t:g}",
+        )
     ax.set_xlabel(f"{xlabel} (%)")
     ax.set_ylabel("PTQ accuracy (%)")
     ax.set_xlim(-2, 102)
@@ -66,29 +78,49 @@ def plot_int4_share_curves(
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, key, label in ((axes[0], "op_shares", "INT4 share of ops"),
-                           (axes[1], "shares", "INT4 share of MACs")):  # fmt: skip
+    for ax, key, label in (
+        (axes[0], "op_shares", "INT4 share of ops"),
+        (axes[1], "shares", "INT4 share of MACs"),
+    ):
         for name, e in entries.items():
             if name == "random" and random_band is not None:
                 continue
-            ax.plot([100 * s for s in e[key]], e["accuracies"], "o-", markersize=3,
-                    color=COLORS.get(name), label=f"{name} order")  # fmt: skip
+            ax.plot(
+                [100 * s for s in e[key]],
+                e["accuracies"],
+                "o-",
+                markersize=3,
+                color=COLORS.get(name),
+                label=f"{name} order",
+            )
         if random_band is not None:
             if key == "op_shares":  # every permutation has the same op shares
                 x = np.array(random_band["op_shares"])
                 mean, std = np.array(random_band["acc_mean"]), np.array(random_band["acc_std"])
             else:  # MAC shares differ per permutation: interpolate onto one grid
                 x = np.linspace(0, 1, 101)
-                ys = np.array([np.interp(x, r["shares"], r["accuracies"])
-                               for r in random_band["runs"]])  # fmt: skip
+                ys = np.array(
+                    [np.interp(x, r["shares"], r["accuracies"]) for r in random_band["runs"]]
+                )
                 mean, std = ys.mean(0), ys.std(0, ddof=1 if len(ys) > 1 else 0)
-            ax.plot(100 * x, mean, "-", color=COLORS["random"],
-                    label=f"random orders (mean +- std, n={random_band['n']})")  # fmt: skip
+            ax.plot(
+                100 * x,
+                mean,
+                "-",
+                color=COLORS["random"],
+                label=f"random orders (mean +- std, n={random_band['n']})",
+            )
             ax.fill_between(100 * x, mean - std, mean + std, color=COLORS["random"], alpha=0.3)
         ax.axhline(fp_acc, color="black", linewidth=1, label=f"FP {fp_acc:.2f}")
         for i, t in enumerate(thresholds):
-            ax.axhline(fp_acc - t, color="tab:red", linestyle="--", linewidth=0.8,
-                       alpha=max(0.3, 1.0 - 0.25 * i), label=f"FP - {t:g}")  # fmt: skip
+            ax.axhline(
+                fp_acc - t,
+                color="tab:red",
+                linestyle="--",
+                linewidth=0.8,
+                alpha=max(0.3, 1.0 - 0.25 * i),
+                label=f"FP - {t:g}",
+            )
         ax.set_xlabel(f"{label} (%)")
         ax.set_xlim(-2, 102)
         ax.grid(alpha=0.3)

@@ -27,8 +27,9 @@ def plot_report(report: Mapping, out_dir: str | Path, prefix: str = "hessian") -
     if tr:
         err = {n: ops[n]["trace_stderr"] or 0.0 for n in tr}
         paths.append(out / f"{prefix}_trace.png")
-        bar_per_op(tr, "Hessian trace per op (Hutchinson, +-1 stderr)", "trace", paths[-1],
-                   errors=err)  # fmt: skip
+        bar_per_op(
+            tr, "Hessian trace per op (Hutchinson, +-1 stderr)", "trace", paths[-1], errors=err
+        )
         per = {n: tr[n] / ops[n]["numel"] for n in tr if ops[n]["numel"]}
         paths.append(out / f"{prefix}_trace_per_param.png")
         bar_per_op(per, "Hessian trace / parameters per op", "trace / numel", paths[-1])
@@ -36,11 +37,18 @@ def plot_report(report: Mapping, out_dir: str | Path, prefix: str = "hessian") -
     if eig:
         paths.append(out / f"{prefix}_eigenvalue.png")
         bar_per_op(eig, "Top Hessian eigenvalue per op", "eigenvalue", paths[-1])
-    act = {f"{n}:{k}": v for n, e in ops.items() for k, v in (e["act_trace"] or {}).items()
-           if v is not None}  # fmt: skip
+    act = {
+        f"{n}:{k}": v
+        for n, e in ops.items()
+        for k, v in (e["act_trace"] or {}).items()
+        if v is not None
+    }
     if act:
-        err = {f"{n}:{k}": v or 0.0 for n, e in ops.items()
-               for k, v in (e["act_trace_stderr"] or {}).items()}  # fmt: skip
+        err = {
+            f"{n}:{k}": v or 0.0
+            for n, e in ops.items()
+            for k, v in (e["act_trace_stderr"] or {}).items()
+        }
         paths.append(out / f"{prefix}_act_trace.png")
         bar_per_op(act, "Activation Hessian trace per sample", "trace", paths[-1], errors=err)
     return paths

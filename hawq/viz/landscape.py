@@ -12,8 +12,14 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from hawq.viz.common import save_figure
 
-COLORS = {"fp": "black", "w8": "tab:green", "w4": "tab:blue", "w3": "tab:purple",
-          "w2": "tab:red", "ptq": "tab:orange"}  # fmt: skip
+COLORS = {
+    "fp": "black",
+    "w8": "tab:green",
+    "w4": "tab:blue",
+    "w3": "tab:purple",
+    "w2": "tab:red",
+    "ptq": "tab:orange",
+}
 
 
 def _color(version: str, i: int) -> str:
@@ -22,9 +28,12 @@ def _color(version: str, i: int) -> str:
 
 
 def plot_1d(
-    axis: Mapping, curves: Mapping[str, list[float]], points: Mapping[str, tuple[float, float]],
-    title: str, path: str | Path,
-) -> Path:  # fmt: skip
+    axis: Mapping,
+    curves: Mapping[str, list[float]],
+    points: Mapping[str, tuple[float, float]],
+    title: str,
+    path: str | Path,
+) -> Path:
     """Loss along one direction for every model version.
 
     Args:
@@ -39,8 +48,16 @@ def plot_1d(
     for i, (name, loss) in enumerate(curves.items()):
         ax.plot(t, loss, label=name, color=_color(name, i), lw=1.6 if name == "fp" else 1.2)
     for i, (name, (c, loss)) in enumerate(points.items()):
-        ax.plot([c], [loss], marker="*", ms=11, ls="none", color=_color(name, i),
-                markeredgecolor="k", label=f"FP at Q_{name}(W): coord {c:.3g}")  # fmt: skip
+        ax.plot(
+            [c],
+            [loss],
+            marker="*",
+            ms=11,
+            ls="none",
+            color=_color(name, i),
+            markeredgecolor="k",
+            label=f"FP at Q_{name}(W): coord {c:.3g}",
+        )
     ax.set_xlabel(axis.get("label", "t"))
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -53,10 +70,13 @@ MARKERS = ("o", "D", "s", "^", "v", "p", "h", "8")  # one shape per version
 
 
 def plot_2d(
-    surface: Mapping, grids: Mapping[str, list[list[float]]],
-    points: Mapping[str, tuple[float, float]], title: str, path: str | Path,
+    surface: Mapping,
+    grids: Mapping[str, list[list[float]]],
+    points: Mapping[str, tuple[float, float]],
+    title: str,
+    path: str | Path,
     labels: tuple[str, str] = ("alpha", "beta"),
-) -> Path:  # fmt: skip
+) -> Path:
     """Contours of the 2D surface, one panel per version, shared (log-spaced) levels.
 
     ``points``: version -> ``(alpha, beta)`` projection of its ``Q(W) - W``, marked
@@ -66,26 +86,46 @@ def plot_2d(
     """
     a, b = np.asarray(surface["alpha"]), np.asarray(surface["beta"])
     n = len(grids)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.2, 4.4), squeeze=False, sharey=True,
-                             layout="constrained")  # fmt: skip
+    fig, axes = plt.subplots(
+        1, n, figsize=(3.6 * n + 1.2, 4.4), squeeze=False, sharey=True, layout="constrained"
+    )
     allv = np.concatenate([np.asarray(g, dtype=float).ravel() for g in grids.values()])
     allv = allv[np.isfinite(allv)]
     lo, hi = float(allv.min()), float(allv.max())
-    levels = (np.geomspace(lo, hi, 20) if lo > 0 and hi > lo * 1.01 else
-              np.linspace(lo, hi + 1e-12, 20))  # fmt: skip
+    levels = (
+        np.geomspace(lo, hi, 20) if lo > 0 and hi > lo * 1.01 else np.linspace(lo, hi + 1e-12, 20)
+    )
     cs = None
     for j, (ax, (name, grid)) in enumerate(zip(axes.flat, grids.items())):
         cs = ax.contourf(a, b, np.asarray(grid, dtype=float), levels=levels, cmap="viridis")
-        ax.contour(a, b, np.asarray(grid, dtype=float), levels=levels, colors="k",
-                   linewidths=0.3)  # fmt: skip
-        ax.plot([0], [0], marker="o", ms=4.5, color="w", mec="k", mew=0.6, ls="none", zorder=20,
-                label="FP weights W (origin)")  # fmt: skip
+        ax.contour(a, b, np.asarray(grid, dtype=float), levels=levels, colors="k", linewidths=0.3)
+        ax.plot(
+            [0],
+            [0],
+            marker="o",
+            ms=4.5,
+            color="w",
+            mec="k",
+            mew=0.6,
+            ls="none",
+            zorder=20,
+            label="FP weights W (origin)",
+        )
         for i, (pname, (pa, pb)) in enumerate(points.items()):
             # hollow, shrinking shapes: points that (nearly) coincide show as nested rings
-            ax.plot([pa], [pb], marker=MARKERS[i % len(MARKERS)], ms=(24, 16, 9)[i % 3], mfc="none",
-                    mec=_color(pname, i), mew=2.0, ls="none", zorder=4 + i,
-                    path_effects=[patheffects.withStroke(linewidth=3.0, foreground="w")],
-                    label=f"Q_{pname}(W) at ({pa:.2g}, {pb:.2g})")  # fmt: skip
+            ax.plot(
+                [pa],
+                [pb],
+                marker=MARKERS[i % len(MARKERS)],
+                ms=(24, 16, 9)[i % 3],
+                mfc="none",
+                mec=_color(pname, i),
+                mew=2.0,
+                ls="none",
+                zorder=4 + i,
+                path_effects=[patheffects.withStroke(linewidth=3.0, foreground="w")],
+                label=f"Q_{pname}(W) at ({pa:.2g}, {pb:.2g})",
+            )
         ax.set_title(name)
         ax.set_xlabel(labels[0])
         if j == 0:
@@ -93,8 +133,14 @@ def plot_2d(
     if cs is not None:
         fig.colorbar(cs, ax=axes.ravel().tolist(), label="loss", format="%.3g")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    legend = fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4),
-                        fontsize=8, facecolor="0.85")  # fmt: skip
+    legend = fig.legend(
+        handles,
+        names,
+        loc="outside lower center",
+        ncol=min(len(names), 4),
+        fontsize=8,
+        facecolor="0.85",
+    )
     for h in getattr(legend, "legend_handles", getattr(legend, "legendHandles", [])):
         h.set_markersize(min(h.get_markersize(), 9.0))  # the nesting sizes are for the panels
     fig.suptitle(title)
@@ -139,9 +185,11 @@ def spread_labels(xs: Sequence[float], gap: float, lo: float = 0.0, hi: float = 
 
 
 def plot_op_rise(
-    per_op: Mapping[str, Mapping[str, Mapping[str, float]]], key: str, title: str,
+    per_op: Mapping[str, Mapping[str, Mapping[str, float]]],
+    key: str,
+    title: str,
     path: str | Path,
-) -> Path:  # fmt: skip
+) -> Path:
     """Per op: loss rise from quantizing that op alone vs its curvature ``key``.
 
     Every version's points of one op share its x (the op's curvature) and are
@@ -160,8 +208,14 @@ def plot_op_rise(
         rows = [(op, abs(r[key]), r["rise"]) for op, r in ops.items() if r.get(key) is not None]
         if not rows:
             continue
-        ax.scatter([x for _, x, _ in rows], [y for _, _, y in rows], color=_color(name, i),
-                   label=name, s=20, zorder=3)  # fmt: skip
+        ax.scatter(
+            [x for _, x, _ in rows],
+            [y for _, _, y in rows],
+            color=_color(name, i),
+            label=name,
+            s=20,
+            zorder=3,
+        )
         for op, x, y in rows:
             at.setdefault(op, x)
             rises.setdefault(op, []).append(y)
@@ -180,13 +234,23 @@ def plot_op_rise(
         frac = [(np.log(at[n]) - np.log(lo / 1.3)) / span for n in names]
         gap = 9.0 / (72.0 * fig.get_figwidth() * ax.get_position().width)  # ~9 pt per label
         for n, f, p in zip(names, frac, spread_labels(frac, gap, hi=1.0)):
-            ax.annotate(n, xy=(f, 1.0), xycoords="axes fraction", xytext=(p, 1.06),
-                        textcoords="axes fraction", rotation=90, ha="center", va="bottom",
-                        fontsize=6.5, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
+            ax.annotate(
+                n,
+                xy=(f, 1.0),
+                xycoords="axes fraction",
+                xytext=(p, 1.06),
+                textcoords="axes fraction",
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"},
+            )
     ax.set_xlabel(f"|{key}| of the op's weight Hessian block")
     ax.set_ylabel("L(W + delta_op) - L(W)")
     ax.set_title(title, pad=95)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="version", title_fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    ax.legend(
+        fontsize=7, title="version", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
     return save_figure(fig, path)

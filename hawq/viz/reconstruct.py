@@ -11,8 +11,9 @@ import numpy as np
 from hawq.viz.common import plt, save_figure
 
 
-def plot_reconstruction(units: Mapping[str, Mapping[str, Any]], path: str | Path,
-                        title: str = "block reconstruction") -> Path:  # fmt: skip
+def plot_reconstruction(
+    units: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "block reconstruction"
+) -> Path:
     """Grouped bars, units in network order: the unit's output error against the FP model
     at nearest rounding / calibrated steps (before) and after reconstruction; a unit that
     did not improve (restored) is hatched."""

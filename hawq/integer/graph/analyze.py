@@ -28,12 +28,34 @@ from torch import fx, nn
 from hawq.errors import HawqError
 from hawq.integer.graph.trace import is_quant_op, module_name
 
-SHAPE_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand",
-                 "squeeze", "unsqueeze", "unflatten", "chunk", "split", "unbind",
-                 "clone"}  # fmt: skip
-SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                   torch.unsqueeze, torch.chunk, torch.split, torch.unbind,
-                   operator.getitem}  # fmt: skip
+SHAPE_METHODS = {
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "flatten",
+    "contiguous",
+    "expand",
+    "squeeze",
+    "unsqueeze",
+    "unflatten",
+    "chunk",
+    "split",
+    "unbind",
+    "clone",
+}
+SHAPE_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.chunk,
+    torch.split,
+    torch.unbind,
+    operator.getitem,
+}
 IDENTITY_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
 ADD = {operator.add, operator.iadd, torch.add}
 RELU = {F.relu, torch.relu}
@@ -78,8 +100,9 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def _method_or_function(node: fx.Node, methods: set, functions: set) -> bool:
-    return (node.op == "call_method" and node.target in methods) or \
-        (node.op == "call_function" and node.target in functions)  # fmt: skip
+    return (node.op == "call_method" and node.target in methods) or (
+        node.op == "call_function" and node.target in functions
+    )
 
 
 def is_shape(node: fx.Node) -> bool:
@@ -101,16 +124,26 @@ def role(node: fx.Node) -> str:
         m = _module_of(node)
         if is_quant_op(m):
             return "qop"
-        for kind, cls in (("bn", nn.BatchNorm2d), ("relu", nn.ReLU), ("norm", nn.LayerNorm),
-                          ("gelu", nn.GELU), ("softmax", nn.Softmax)):  # fmt: skip
+        for kind, cls in (
+            ("bn", nn.BatchNorm2d),
+            ("relu", nn.ReLU),
+            ("norm", nn.LayerNorm),
+            ("gelu", nn.GELU),
+            ("softmax", nn.Softmax),
+        ):
             if isinstance(m, cls):
                 return kind
         if isinstance(m, nn.AdaptiveAvgPool2d):
             return "mean"
-    checks = (("relu", {"relu"}, RELU), ("add", {"add", "__add__"}, ADD),
-              ("gelu", set(), GELU), ("softmax", {"softmax"}, SOFTMAX),
-              ("mean", {"mean"}, MEAN), ("cat", set(), {torch.cat}),
-              ("scale", {"mul", "div"}, {operator.mul, operator.truediv}))  # fmt: skip
+    checks = (
+        ("relu", {"relu"}, RELU),
+        ("add", {"add", "__add__"}, ADD),
+        ("gelu", set(), GELU),
+        ("softmax", {"softmax"}, SOFTMAX),
+        ("mean", {"mean"}, MEAN),
+        ("cat", set(), {torch.cat}),
+        ("scale", {"mul", "div"}, {operator.mul, operator.truediv}),
+    )
     for kind, methods, functions in checks:
         if _method_or_function(node, methods, functions):
             return kind
@@ -190,11 +223,15 @@ def _kind_of(node: fx.Node, r: str, inputs: list[str]) -> str:
         return "acc"
     if r in ("bn", "scale"):
         if inputs[:1] != ["acc"]:
-            raise Unsupported(f"integer conversion: {where(node)} must follow a quantized op "
-                              f"(it reads a {inputs[0] if inputs else 'constant'} value)")
+            raise Unsupported(
+                f"integer conversion: {where(node)} must follow a quantized op "
+                f"(it reads a {inputs[0] if inputs else 'constant'} value)"
+            )
         if r == "scale" and constant_factor(node) is None:
-            raise Unsupported(f"integer conversion: {where(node)} multiplies by a tensor; "
-                              "only constants fold into the accumulator scale")
+            raise Unsupported(
+                f"integer conversion: {where(node)} multiplies by a tensor; "
+                "only constants fold into the accumulator scale"
+            )
         return "acc"
     if r == "relu":
         return inputs[0]

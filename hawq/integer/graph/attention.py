@@ -40,8 +40,11 @@ def _args_are(node: fx.Node, values: tuple) -> bool:
 
 
 def _qop(lo: Lowering, node, kind: str) -> bool:
-    return isinstance(node, fx.Node) and lo.an.role.get(node) == "qop" and \
-        type(lo.gm.get_submodule(str(node.target))).__name__ == kind  # fmt: skip
+    return (
+        isinstance(node, fx.Node)
+        and lo.an.role.get(node) == "qop"
+        and type(lo.gm.get_submodule(str(node.target))).__name__ == kind
+    )
 
 
 def match(lo: Lowering, node: fx.Node) -> dict | None:
@@ -69,8 +72,10 @@ def match(lo: Lowering, node: fx.Node) -> dict | None:
         return None
     k = kt.args[0]
     parts = [q, k, v]
-    if not all(p.op == "call_function" and p.args[1] == i and _one_user(p) is not None
-               for i, p in enumerate(parts)):  # fmt: skip
+    if not all(
+        p.op == "call_function" and p.args[1] == i and _one_user(p) is not None
+        for i, p in enumerate(parts)
+    ):
         return None
     perm = q.args[0]
     if any(p.args[0] is not perm for p in parts) or len(perm.users) != 3:
@@ -82,8 +87,12 @@ def match(lo: Lowering, node: fx.Node) -> dict | None:
         return None
     qkv = resh.args[0]
     shape = resh.meta["value"].shape
-    if not (_qop(lo, qkv, "QuantLinear") and _one_user(qkv) is resh and len(shape) == 5
-            and shape[2] == 3):  # fmt: skip
+    if not (
+        _qop(lo, qkv, "QuantLinear")
+        and _one_user(qkv) is resh
+        and len(shape) == 5
+        and shape[2] == 3
+    ):
         return None
     return {"qkv": qkv, "qk": qk, "av": av, "mult": mult, "heads": int(shape[3])}
 
@@ -103,8 +112,17 @@ def fused(lo: Lowering, m: dict, demand: tuple) -> fx.Node:
     sm = IntSoftmax(qk.a.scale * qk.b.scale * m["mult"])
     p_rq = IntRequant.to_grid(sm.out_scale, av.a)
     out_rq = IntRequant.to_grid(av.a.scale * av.b.scale, demand[1])
-    step = steps.Attention(IntLinear(qkv, rq, lo.pack_int4), m["heads"], qk.a.zero, qk.b.zero,
-                           av.b.zero, av.a.zero, sm, p_rq, out_rq)  # fmt: skip
+    step = steps.Attention(
+        IntLinear(qkv, rq, lo.pack_int4),
+        m["heads"],
+        qk.a.zero,
+        qk.b.zero,
+        av.b.zero,
+        av.a.zero,
+        sm,
+        p_rq,
+        out_rq,
+    )
     h = lo.emit(tensor_args(m["qkv"])[0], codes(qkv.act))
     name = module_name(m["qkv"]).rsplit(".", 1)[0] or "attention"
     node = lo.add_step(step, (h,), f"{name}.attention", name)

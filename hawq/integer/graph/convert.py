@@ -50,9 +50,18 @@ class IntegerGraph(IntegerModel):
         float_ops: the float islands, where they sit (empty: the model is integer-only).
     """
 
-    def __init__(self, steps: nn.Module, nodes: list[dict], in_grid: Grid, logit_scale: float,
-                 ops: dict[str, str], s_r: float, limit: int, op_paths: dict[str, str],
-                 float_ops: list[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        steps: nn.Module,
+        nodes: list[dict],
+        in_grid: Grid,
+        logit_scale: float,
+        ops: dict[str, str],
+        s_r: float,
+        limit: int,
+        op_paths: dict[str, str],
+        float_ops: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.float_ops = list(float_ops or [])  # float islands (empty: integer-only)
         self.steps, self.nodes = steps, nodes
@@ -91,9 +100,13 @@ class IntegerGraph(IntegerModel):
                 entry["step"] = type(self.steps.get_submodule(r["target"])).__name__
                 entry["implements"] = self.ops.get(r["target"])
             out.append(entry)
-        return {"input_grid": self.in_grid.as_dict(), "logit_scale": self.logit_scale,
-                "residual": {"scale": self.s_r, "limit": self.limit},
-                "float_ops": self.float_ops, "graph": out}  # fmt: skip
+        return {
+            "input_grid": self.in_grid.as_dict(),
+            "logit_scale": self.logit_scale,
+            "residual": {"scale": self.s_r, "limit": self.limit},
+            "float_ops": self.float_ops,
+            "graph": out,
+        }
 
 
 def clamp_points(lo: Lowering) -> list[fx.Node]:
@@ -102,8 +115,9 @@ def clamp_points(lo: Lowering) -> list[fx.Node]:
     an, out = lo.an, []
     for node, r in an.role.items():
         wide_relu = r == "relu" and an.kind[node] == "wide"
-        lone_add = r == "add" and not (len(node.users) == 1 and
-                                       an.role.get(next(iter(node.users))) == "relu")  # fmt: skip
+        lone_add = r == "add" and not (
+            len(node.users) == 1 and an.role.get(next(iter(node.users))) == "relu"
+        )
         acc_relu = r == "relu" and an.kind[node] == "acc" and WIDE_D in lo.demands(node)
         if wide_relu or lone_add or acc_relu:
             out.append(node)
@@ -111,8 +125,9 @@ def clamp_points(lo: Lowering) -> list[fx.Node]:
 
 
 @torch.no_grad()
-def observe(gm: fx.GraphModule, batches: Iterable, nodes: list[fx.Node],
-            max_batches: int) -> dict[fx.Node, float]:  # fmt: skip
+def observe(
+    gm: fx.GraphModule, batches: Iterable, nodes: list[fx.Node], max_batches: int
+) -> dict[fx.Node, float]:
     """Largest ``|value|`` of each of ``nodes`` over up to ``max_batches`` batches."""
     found = {n: 0.0 for n in nodes}
     watched = set(nodes)
@@ -140,9 +155,16 @@ def _finite(v: float) -> float:
 
 
 @torch.no_grad()
-def convert_graph(qmodel: nn.Module, batches: Iterable, residual_bits: int = 16,
-                  pack_int4: bool = True, max_batches: int = 4, margin: float = 1.25,
-                  fuse: bool = True, float_islands: bool = False) -> IntegerGraph:  # fmt: skip
+def convert_graph(
+    qmodel: nn.Module,
+    batches: Iterable,
+    residual_bits: int = 16,
+    pack_int4: bool = True,
+    max_batches: int = 4,
+    margin: float = 1.25,
+    fuse: bool = True,
+    float_islands: bool = False,
+) -> IntegerGraph:
     """Integer-only model equivalent to the fake-quant ``qmodel`` (see the module docstring).
 
     Raises:
@@ -175,10 +197,14 @@ def convert_graph(qmodel: nn.Module, batches: Iterable, residual_bits: int = 16,
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     float_ops = [where(n) for n in sorted(lo.float_ops, key=order.__getitem__)]
     if float_ops:
-        log.warning("integer conversion: %d op(s) left in float between dequantize and "
-                    "quantize: %s", len(float_ops), "; ".join(float_ops))  # fmt: skip
-    return IntegerGraph(lo.root, nodes, lo.in_grid, logit_scale, lo.names, s_r, limit,
-                        lo.op_paths, float_ops).eval()
+        log.warning(
+            "integer conversion: %d op(s) left in float between dequantize and quantize: %s",
+            len(float_ops),
+            "; ".join(float_ops),
+        )
+    return IntegerGraph(
+        lo.root, nodes, lo.in_grid, logit_scale, lo.names, s_r, limit, lo.op_paths, float_ops
+    ).eval()
 
 
 def batch_inputs(batch) -> torch.Tensor:

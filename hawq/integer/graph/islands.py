@@ -24,18 +24,84 @@ from hawq.integer.graph import steps
 from hawq.integer.graph.analyze import Unsupported, tensor_args, where
 
 FLOAT_D = ("float",)
-FUNCTIONS = (torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
-             torch.abs, torch.clamp, torch.softmax, torch.mean, torch.mul, torch.matmul,
-             F.silu, F.sigmoid, F.tanh, F.softplus, F.elu, F.leaky_relu, F.hardswish,
-             F.hardsigmoid, F.mish, F.gelu, F.relu, F.softmax, F.layer_norm, F.linear,
-             F.conv2d, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.normalize,
-             operator.mul, operator.truediv, operator.add, operator.sub, operator.pow,
-             operator.neg, operator.matmul)  # fmt: skip
-METHODS = {"sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "clamp", "softmax",
-           "mean", "sum", "mul", "div", "pow", "relu", "float", "matmul"}  # fmt: skip
-MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.GELU, nn.ReLU, nn.SiLU,
-           nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Softmax, nn.MaxPool2d, nn.AvgPool2d,
-           nn.AdaptiveAvgPool2d, nn.Mish, nn.ELU, nn.LeakyReLU)  # fmt: skip
+FUNCTIONS = (
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.log,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.abs,
+    torch.clamp,
+    torch.softmax,
+    torch.mean,
+    torch.mul,
+    torch.matmul,
+    F.silu,
+    F.sigmoid,
+    F.tanh,
+    F.softplus,
+    F.elu,
+    F.leaky_relu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.mish,
+    F.gelu,
+    F.relu,
+    F.softmax,
+    F.layer_norm,
+    F.linear,
+    F.conv2d,
+    F.adaptive_avg_pool2d,
+    F.avg_pool2d,
+    F.max_pool2d,
+    F.normalize,
+    operator.mul,
+    operator.truediv,
+    operator.add,
+    operator.sub,
+    operator.pow,
+    operator.neg,
+    operator.matmul,
+)
+METHODS = {
+    "sigmoid",
+    "tanh",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "clamp",
+    "softmax",
+    "mean",
+    "sum",
+    "mul",
+    "div",
+    "pow",
+    "relu",
+    "float",
+    "matmul",
+}
+MODULES = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.BatchNorm2d,
+    nn.LayerNorm,
+    nn.GELU,
+    nn.ReLU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Softmax,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Mish,
+    nn.ELU,
+    nn.LeakyReLU,
+)
 
 
 def check_float_op(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -47,8 +113,10 @@ def check_float_op(gm: fx.GraphModule, node: fx.Node) -> None:
     else:
         ok = node.target in FUNCTIONS
     if not ok:
-        raise Unsupported(f"integer conversion: {where(node)} has no integer-only form and "
-                          "is not allowed in a float island")  # fmt: skip
+        raise Unsupported(
+            f"integer conversion: {where(node)} has no integer-only form and "
+            "is not allowed in a float island"
+        )
 
 
 def value(lo, node: fx.Node, demand: tuple) -> fx.Node:
@@ -68,8 +136,9 @@ def value(lo, node: fx.Node, demand: tuple) -> fx.Node:
         l_max = 2**15 - 1
         step = steps.Quantize(r.logit_scale, -l_max, l_max)
     else:
-        raise Unsupported(f"integer conversion: {where(node)} (float island) is read as "
-                          f"{demand[0]}")  # fmt: skip
+        raise Unsupported(
+            f"integer conversion: {where(node)} (float island) is read as {demand[0]}"
+        )
     return lo.add_step(step, (x,), f"{node.name}.quantize", node.name)
 
 

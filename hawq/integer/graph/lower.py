@@ -64,8 +64,9 @@ def codes(grid: Grid) -> tuple:
 class Lowering:
     """Builds the integer graph (see the module docstring) from ``gm`` and its analysis."""
 
-    def __init__(self, gm: fx.GraphModule, an: Analysis, ranges: Ranges, pack_int4: bool,
-                 fuse: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, gm: fx.GraphModule, an: Analysis, ranges: Ranges, pack_int4: bool, fuse: bool = True
+    ) -> None:
         self.gm, self.an, self.r, self.pack_int4, self.fuse = gm, an, ranges, pack_int4, fuse
         self.graph = fx.Graph()
         self.root = steps.Steps()
@@ -152,8 +153,10 @@ class Lowering:
                 mult *= c if getattr(node.target, "__name__", node.target) == "mul" else 1.0 / c
             src = tensor_args(node)[0]
             if len(src.users) != 1:
-                raise Unsupported(f"integer conversion: {where(src)} is read before and after "
-                                  f"{where(node)}; fold it into one consumer")  # fmt: skip
+                raise Unsupported(
+                    f"integer conversion: {where(src)} is read before and after "
+                    f"{where(node)}; fold it into one consumer"
+                )
             node = src
         if self.an.role.get(node) != "qop":
             raise Unsupported(f"integer conversion: {where(end)} does not read a quantized op")
@@ -163,8 +166,11 @@ class Lowering:
 
     def _identity(self, node: fx.Node) -> bool:
         """A module that returns its input in eval mode (Dropout, Identity: a folded BN)."""
-        return node.op == "call_module" and node not in self.an.role and isinstance(
-            self.gm.get_submodule(str(node.target)), nn.Dropout | nn.Identity)
+        return (
+            node.op == "call_module"
+            and node not in self.an.role
+            and isinstance(self.gm.get_submodule(str(node.target)), nn.Dropout | nn.Identity)
+        )
 
     def acc_scale(self, op: fx.Node, mult: float) -> torch.Tensor:
         spec = self.spec(op)
@@ -182,12 +188,12 @@ class Lowering:
             return IntRequant(scale / r.s_r, 0, lo, hi, torch.int32)
         if demand[0] == "gelu":
             g_max = 2 ** (GELU_BITS - 1) - 1
-            return IntRequant(scale / r.gelu[demand[1]], 0, 0 if relu else -g_max, g_max,
-                              torch.int32)  # fmt: skip
+            return IntRequant(
+                scale / r.gelu[demand[1]], 0, 0 if relu else -g_max, g_max, torch.int32
+            )
         if demand == LOGITS_D:
             l_max = 2 ** (LOGIT_BITS - 1) - 1
-            return IntRequant(scale / r.logit_scale, 0, 0 if relu else -l_max, l_max,
-                              torch.int32)  # fmt: skip
+            return IntRequant(scale / r.logit_scale, 0, 0 if relu else -l_max, l_max, torch.int32)
         raise Unsupported(f"integer conversion: no requantisation onto {demand[0]}")
 
     # ------------------------------------------------------------------ graph building
@@ -216,8 +222,11 @@ class Lowering:
 
     def _emit(self, node: fx.Node, demand: tuple) -> fx.Node:
         kind = self.an.kind[node]
-        if kind == "island" or (demand == ("float",) and node.op != "placeholder"
-                                and (node in self.an.role or node.op == "get_attr")):  # fmt: skip
+        if kind == "island" or (
+            demand == ("float",)
+            and node.op != "placeholder"
+            and (node in self.an.role or node.op == "get_attr")
+        ):
             from hawq.integer.graph import islands
 
             if kind == "island":
@@ -236,8 +245,9 @@ class Lowering:
             src = tensor_args(node)[0]
             if node.op == "call_module" or node.target is F.dropout:  # identity in eval
                 return self.emit(src, demand)
-            return self.graph.node_copy(node, lambda a: self.emit(a, demand) if a is src
-                                        else self.arg(a))  # fmt: skip
+            return self.graph.node_copy(
+                node, lambda a: self.emit(a, demand) if a is src else self.arg(a)
+            )
         if kind == "acc":
             return self._acc(node, demand)
         from hawq.integer.graph import materialize
@@ -257,11 +267,14 @@ class Lowering:
 
     def _input(self, node: fx.Node, demand: tuple) -> fx.Node:
         if demand[0] != "codes":
-            raise Unsupported(f"integer conversion: the model input reaches {demand[0]} "
-                              "before any quantized op")  # fmt: skip
+            raise Unsupported(
+                f"integer conversion: the model input reaches {demand[0]} before any quantized op"
+            )
         if self.in_grid is not None and self.in_grid != demand[1]:
-            raise Unsupported("integer conversion: the model input is read on two grids "
-                              f"({self.in_grid} and {demand[1]}); one input quantizer allowed")
+            raise Unsupported(
+                "integer conversion: the model input is read on two grids "
+                f"({self.in_grid} and {demand[1]}); one input quantizer allowed"
+            )
         self.in_grid = demand[1]
         return self.placeholder
 
@@ -293,18 +306,28 @@ class Lowering:
         if demand == ACC_D:
             return acc
         rq = self.requant_to(self.acc_scale(op, mult), demand, relu)
-        dim = 1 if isinstance(self.spec(op), adapter.WeightSpec) and \
-            self.spec(op).kind == "conv2d" else -1  # fmt: skip
-        return self.add_step(steps.Requant(rq, 0, dim), (acc,), f"{module_name(op)}.rq",
-                             module_name(op))  # fmt: skip
+        dim = (
+            1
+            if isinstance(self.spec(op), adapter.WeightSpec) and self.spec(op).kind == "conv2d"
+            else -1
+        )
+        return self.add_step(
+            steps.Requant(rq, 0, dim), (acc,), f"{module_name(op)}.rq", module_name(op)
+        )
 
     def _raw(self, op: fx.Node) -> fx.Node:
         self.memo[(op, "raw")] = node = self.op_step(op, None)
         return node
 
-    def op_step(self, op: fx.Node, rq: IntRequant | None, residual: fx.Node | None = None,
-                limit: int = 0, relu: bool = False,
-                lut: torch.Tensor | None = None) -> fx.Node:  # fmt: skip
+    def op_step(
+        self,
+        op: fx.Node,
+        rq: IntRequant | None,
+        residual: fx.Node | None = None,
+        limit: int = 0,
+        relu: bool = False,
+        lut: torch.Tensor | None = None,
+    ) -> fx.Node:
         """The quantized op as an integer step with output requantiser ``rq`` (None: int32
         accumulator) and the optional fused epilogue."""
         spec = self.spec(op)

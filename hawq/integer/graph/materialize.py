@@ -74,21 +74,27 @@ def _wide(lo: Lowering, node: fx.Node) -> fx.Node:
                 if x_relu:
                     continue
                 spec = lo.spec(op)
-                if getattr(spec, "kind", None) not in ("linear", "conv2d") or \
-                        (relu and spec.kind != "conv2d"):  # fmt: skip
+                if getattr(spec, "kind", None) not in ("linear", "conv2d") or (
+                    relu and spec.kind != "conv2d"
+                ):
                     continue
                 rq = lo.requant_to(lo.acc_scale(op, mult), WIDE_D, False)
                 return lo.op_step(op, rq, lo.emit(y, WIDE_D), lo.r.limit, relu)
-        return lo.add_step(steps.ResidualAdd(lo.r.limit, relu), (lo.emit(a, WIDE_D),
-                           lo.emit(b, WIDE_D)), f"{name}", name)  # fmt: skip
+        return lo.add_step(
+            steps.ResidualAdd(lo.r.limit, relu),
+            (lo.emit(a, WIDE_D), lo.emit(b, WIDE_D)),
+            f"{name}",
+            name,
+        )
     if r == "relu":
         src = tensor_args(node)[0]
         if lo.an.role.get(src) == "add" and _only_relu_user(lo, src):
             return lo.emit(src, WIDE_D)  # the add already clamps to [0, limit]
         return lo.add_step(steps.Clamp(0, lo.r.limit), (lo.emit(src, WIDE_D),), name, name)
     if r == "cat":
-        return lo.graph.node_copy(node, lambda a: lo.emit(a, WIDE_D) if a in tensor_args(node)
-                                  else lo.arg(a))  # fmt: skip
+        return lo.graph.node_copy(
+            node, lambda a: lo.emit(a, WIDE_D) if a in tensor_args(node) else lo.arg(a)
+        )
     if r == "mean":
         return _mean(lo, node)
     raise Unsupported(f"integer conversion: {where(node)} cannot join the residual stream")
@@ -102,8 +108,11 @@ def _only_relu_user(lo: Lowering, node: fx.Node) -> bool:
 def _mean(lo: Lowering, node: fx.Node) -> fx.Node:
     x = tensor_args(node)[0]
     if node.op == "call_module" or node.target is torch.nn.functional.adaptive_avg_pool2d:
-        size = node.args[1] if node.op != "call_module" else \
-            lo.gm.get_submodule(str(node.target)).output_size  # fmt: skip
+        size = (
+            node.args[1]
+            if node.op != "call_module"
+            else lo.gm.get_submodule(str(node.target)).output_size
+        )
         if size not in (1, (1, 1)):
             raise Unsupported(f"integer conversion: {where(node)}: pooling to {size}, not 1")
         dims, keep = (2, 3), True
@@ -117,8 +126,10 @@ def _mean(lo: Lowering, node: fx.Node) -> fx.Node:
 def _norm(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
     m = lo.gm.get_submodule(str(node.target))
     if len(m.normalized_shape) != 1:
-        raise Unsupported(f"integer conversion: {where(node)} normalises over "
-                          f"{tuple(m.normalized_shape)}; the last dimension only")  # fmt: skip
+        raise Unsupported(
+            f"integer conversion: {where(node)} normalises over "
+            f"{tuple(m.normalized_shape)}; the last dimension only"
+        )
     w = m.weight if m.weight is not None else torch.ones(m.normalized_shape)
     b = m.bias if m.bias is not None else torch.zeros(m.normalized_shape)
     r = lo.r
@@ -145,15 +156,19 @@ def _gelu(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
     table = gelu_table(lo.r.gelu[node], -g_max, g_max, g.scale, g.zero, g.lo, g.hi)
     x = tensor_args(node)[0]
     src = lo.an.through(x)
-    if lo.fuse and len(lo.demands(node)) == 1 and lo.an.kind.get(src) == "acc" and \
-            lo.demands(src) == [("gelu", node)] and x is src:  # fmt: skip
+    if (
+        lo.fuse
+        and len(lo.demands(node)) == 1
+        and lo.an.kind.get(src) == "acc"
+        and lo.demands(src) == [("gelu", node)]
+        and x is src
+    ):
         op, relu, mult = lo.chain(src)
         if getattr(lo.spec(op), "kind", None) == "linear":
             rq = lo.requant_to(lo.acc_scale(op, mult), ("gelu", node), relu)
             return lo.op_step(op, rq, lut=table)
     name = f"{node.name}.table"
-    return lo.add_step(steps.Lookup(table, -g_max), (lo.emit(x, ("gelu", node)),), name,
-                       node.name)  # fmt: skip
+    return lo.add_step(steps.Lookup(table, -g_max), (lo.emit(x, ("gelu", node)),), name, node.name)
 
 
 def _softmax(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
@@ -162,8 +177,9 @@ def _softmax(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
         dim = lo.gm.get_submodule(str(node.target)).dim
     x = tensor_args(node)[0]
     if dim not in (-1, x.meta["value"].dim() - 1) or demand[0] != "codes":
-        raise Unsupported(f"integer conversion: {where(node)}: softmax over the last "
-                          "dimension onto a grid only")  # fmt: skip
+        raise Unsupported(
+            f"integer conversion: {where(node)}: softmax over the last dimension onto a grid only"
+        )
     op, _, mult = lo.chain(lo.an.through(x))
     sm = IntSoftmax(float(lo.acc_scale(op, mult)))
     rq = IntRequant.to_grid(sm.out_scale, demand[1])

@@ -26,23 +26,51 @@ def _named(prefix: str, fns) -> dict:
 
 #: functions a stored graph may call: shape ops, shape arithmetic, float-island ops
 FUNCTIONS = {
-    **_named("operator", (operator.getitem, operator.floordiv, operator.mul, operator.add,
-                          operator.sub, operator.truediv, operator.pow, operator.neg,
-                          operator.matmul)),
+    **_named(
+        "operator",
+        (
+            operator.getitem,
+            operator.floordiv,
+            operator.mul,
+            operator.add,
+            operator.sub,
+            operator.truediv,
+            operator.pow,
+            operator.neg,
+            operator.matmul,
+        ),
+    ),
     **_named("builtins", (builtins.getattr,)),
-    **_named("torch", (torch.cat, torch.flatten, torch.reshape, torch.permute,
-                       torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk,
-                       torch.split, torch.unbind)),
+    **_named(
+        "torch",
+        (
+            torch.cat,
+            torch.flatten,
+            torch.reshape,
+            torch.permute,
+            torch.transpose,
+            torch.squeeze,
+            torch.unsqueeze,
+            torch.chunk,
+            torch.split,
+            torch.unbind,
+        ),
+    ),
     "F.pad": F.pad,
-}  # fmt: skip
+}
 
 
 def _add_island_ops() -> None:
     from hawq.integer.graph import islands
 
     for f in islands.FUNCTIONS:
-        mod = "F" if f.__module__ and "functional" in f.__module__ else \
-            "operator" if f.__module__ == "_operator" else "torch"  # fmt: skip
+        mod = (
+            "F"
+            if f.__module__ and "functional" in f.__module__
+            else "operator"
+            if f.__module__ == "_operator"
+            else "torch"
+        )
         FUNCTIONS.setdefault(f"{mod}.{f.__name__}", f)
 
 
@@ -75,7 +103,7 @@ def _decode_arg(a: Any, env: dict[str, fx.Node]) -> Any:
         return [_decode_arg(x, env) for x in a]
     if not isinstance(a, dict):
         return a
-    (key, v), = a.items()
+    ((key, v),) = a.items()
     if key == "node":
         return env[v]
     if key == "slice":
@@ -107,9 +135,15 @@ def encode(graph: fx.Graph) -> list[dict]:
             if target not in NAMES:
                 raise HawqError(f"integer graph: function {target} is not storable")
             target = NAMES[target]
-        out.append({"name": n.name, "op": n.op, "target": str(target),
-                    "args": _encode_arg(tuple(n.args))["tuple"],
-                    "kwargs": {k: _encode_arg(v) for k, v in n.kwargs.items()}})  # fmt: skip
+        out.append(
+            {
+                "name": n.name,
+                "op": n.op,
+                "target": str(target),
+                "args": _encode_arg(tuple(n.args))["tuple"],
+                "kwargs": {k: _encode_arg(v) for k, v in n.kwargs.items()},
+            }
+        )
     return out
 
 

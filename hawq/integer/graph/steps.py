@@ -147,8 +147,18 @@ class Attention(nn.Module):
     """Fused multi-head attention from a qkv projection: ``ops.int_attention`` (the same
     integers as its composition of linear, requant, matmul, softmax and matmul steps)."""
 
-    def __init__(self, qkv: IntLinear, heads: int, zq: int, zk: int, zv: int, zp: int,
-                 softmax: nn.Module, p_rq: IntRequant, out_rq: IntRequant) -> None:  # fmt: skip
+    def __init__(
+        self,
+        qkv: IntLinear,
+        heads: int,
+        zq: int,
+        zk: int,
+        zv: int,
+        zp: int,
+        softmax: nn.Module,
+        p_rq: IntRequant,
+        out_rq: IntRequant,
+    ) -> None:
         super().__init__()
         self.qkv, self.heads, self.softmax = qkv, heads, softmax
         self.zq, self.zk, self.zv, self.zp = zq, zk, zv, zp
@@ -156,17 +166,30 @@ class Attention(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         q = self.qkv
-        return ops.int_attention(h, q.weight, q.bias, q.rq.requant, self.heads, self.zq,
-                                 self.zk, self.zv, self.zp, self.softmax, self.p_rq.requant,
-                                 self.out_rq.requant, k=q.k)  # fmt: skip
+        return ops.int_attention(
+            h,
+            q.weight,
+            q.bias,
+            q.rq.requant,
+            self.heads,
+            self.zq,
+            self.zk,
+            self.zv,
+            self.zp,
+            self.softmax,
+            self.p_rq.requant,
+            self.out_rq.requant,
+            k=q.k,
+        )
 
 
 class Dequantize(nn.Module):
     """Integers at real ``scale`` (per channel along ``channel_dim``) -> float32, for a
     float island (:mod:`hawq.integer.graph.islands`); ``relu`` clamps at 0 first."""
 
-    def __init__(self, scale: Tensor, zero: int = 0, channel_dim: int = -1,
-                 relu: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, scale: Tensor, zero: int = 0, channel_dim: int = -1, relu: bool = False
+    ) -> None:
         super().__init__()
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float64))
         self.zero, self.channel_dim, self.relu = int(zero), channel_dim, relu

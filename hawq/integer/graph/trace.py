@@ -144,8 +144,10 @@ def trace(qmodel: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     except HawqError:
         raise
     except Exception as e:  # noqa: BLE001 - fx raises many kinds
-        raise HawqError(f"integer conversion: cannot trace {type(qmodel).__name__}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise HawqError(
+            f"integer conversion: cannot trace {type(qmodel).__name__}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     gm = fx.GraphModule(entry, graph)
     gm.graph.eliminate_dead_code()  # branch conditions the example decided
     gm.recompile()
@@ -155,7 +157,7 @@ def trace(qmodel: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 def module_name(node: fx.Node) -> str:
     """The model's name of a ``call_module`` node's module (without the ``model.`` root)."""
     t = str(node.target)
-    return t[len("model."):] if t.startswith("model.") else t
+    return t[len("model.") :] if t.startswith("model.") else t
 
 
 def is_getitem(node: fx.Node) -> bool:
