@@ -30,6 +30,10 @@ run torch_vit_cifar $E stages='[train,evaluate]' "$@"
 run torch_vit_cifar_hessian $E stages='[hessian]' "${CK[@]}" hessian.batch_size=128 \
     hessian.max_samples=100 hessian.top_k=0 hessian.density=false "$@"
 H=$RUNS/torch_vit_cifar_hessian/hessian.json
+#    the first-order alternative (issue 32): empirical Fisher traces from per-sample gradients
+run torch_vit_cifar_fisher $E stages='[hessian]' "${CK[@]}" hessian.method=fisher \
+    hessian.batch_size=128 "$@"
+HF=$RUNS/torch_vit_cifar_fisher/hessian.json
 
 # 2. uniform PTQ: W8A8 (+ integer-only inference) and all-INT4 (~2 min each)
 Q=(quant.default.granularity=per_channel quant.default.calibrator=mse quant.default.a_symmetric=false)
@@ -41,9 +45,13 @@ run torch_vit_cifar_w4a4 $E stages='[ptq]' "${CK[@]}" "${Q[@]}" quant.default.w_
 #    (same ILP, same budgets), draw by draw (~2 min per run)
 B=()
 for f in 0.25 0.5 0.75; do B+=("$f=$(python -m hawq.report budget "$H" --kind bops --fraction "$f")"); done
-A() { echo alloc.int4_share=null "alloc.bops=${1#*=}" "alloc.hessian=$H"; }
+A() { echo alloc.int4_share=null "alloc.bops=${1#*=}" "alloc.hessian=${2:-$H}"; }
 for fb in "${B[@]}"; do
   run "torch_vit_cifar_hawq_bops${fb%%=*}" $E stages='[alloc,ptq]' "${CK[@]}" "${Q[@]}" $(A "$fb") "$@"
+done
+for fb in "${B[@]}"; do  # the same ILP on the Fisher ranking
+  run "torch_vit_cifar_fisher_bops${fb%%=*}" $E stages='[alloc,ptq]' "${CK[@]}" "${Q[@]}" \
+      $(A "$fb" "$HF") "$@"
 done
 for s in $DRAWS; do
   for fb in "${B[@]}"; do
