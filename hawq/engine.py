@@ -203,16 +203,7 @@ def train_epoch(
     lval = float("nan")
     bar = tqdm(batches, desc=desc, leave=False, disable=None)
     for step, (x, y) in enumerate(bar, start=first):
-        with autocast(device, amp):
-            out = model(x)
-            loss = loss_fn(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        out, loss = _step(model, x, y, optimizer, loss_fn, device, scheduler, amp, grad_clip)
         total_loss += loss.detach() * y.shape[0]
         correct += (out.argmax(-1) == y).sum()
         seen += y.shape[0]
@@ -236,7 +227,25 @@ def train_epoch(
             }
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    return _epoch_metrics(total_loss, correct, seen, time.perf_counter() - start, optimizer)
+
+
+def _step(model, x, y, optimizer, loss_fn, device, scheduler, amp: bool, grad_clip):
+    """One optimizer step on ``(x, y)``; returns ``(output, loss)``."""
+    with autocast(device, amp):
+        out = model(x)
+        loss = loss_fn(out.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return out, loss
+
+
+def _epoch_metrics(total_loss, correct, seen: int, seconds: float, optimizer) -> dict[str, Any]:
     mean_loss = (total_loss / max(seen, 1)).item()
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"mean training loss is {mean_loss}")

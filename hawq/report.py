@@ -303,7 +303,7 @@ def tradeoff_points(
     return points, fp
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hawq.report", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table", help="Markdown results table from rows.yaml and run directories")
@@ -342,57 +342,61 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--stage", default="ptq", choices=("ptq", "qat"))
     d.add_argument("--cost", default="bops", choices=("bops", "size_mb", "int4_share"))
     d.add_argument("--out", default="tradeoff.png")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "table":
-            sys.stdout.write(results_table(load_rows(args.rows), args.runs))
-        elif args.cmd in ("verify", "publish"):
-            return _artifacts(args)
-        elif args.cmd == "tradeoff":
-            from hawq.viz.report import plot_tradeoff
+    return p
 
-            series, ref = {}, {}
-            for item in args.series:
-                label, _, pattern = item.rpartition("=")
-                series[label or pattern], fp = tradeoff_points([pattern], args.stage, args.cost)
-                if fp is not None:
-                    ref["FP"] = fp
-            if not any(series.values()):
-                raise HawqError(f"no finished {args.stage} run matches {' '.join(args.series)}")
-            xlabel = {
-                "bops": "GBOPs / image",
-                "size_mb": "size (MB)",
-                "int4_share": "INT4 share of MACs",
-            }[args.cost]
-            print(
-                plot_tradeoff(
-                    series,
-                    xlabel,
-                    args.out,
-                    reference=ref,
-                    title=f"{args.stage} accuracy vs {args.cost}",
-                )
-            )
-        else:
-            cands = [{"w_bits": w, "a_bits": a} for w in args.bits for a in args.bits]
-            pins = {}
-            for item in args.pin:
-                op, sep, bits = item.partition("=")
-                if not sep:
-                    raise HawqError(f"--pin {item!r} is invalid; allowed: OP=BITS or OP=W,A")
-                pins[op] = _pin(bits)
-            lo, hi = budget_range(
-                args.hessian,
-                cands,
-                args.kind,
-                pins,
-                _pin(args.pin_first) if args.pin_first else None,
-                _pin(args.pin_last) if args.pin_last else None,
-            )
-            print(repr(budget_at(lo, hi, args.fraction)))  # all digits: B(0) stays feasible
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {
+        "table": _table,
+        "tradeoff": _tradeoff,
+        "budget": _budget,
+        "verify": _artifacts,
+        "publish": _artifacts,
+    }
+    try:
+        return commands[args.cmd](args)
     except HawqError as e:
         print(f"hawq: error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _table(args: argparse.Namespace) -> int:
+    sys.stdout.write(results_table(load_rows(args.rows), args.runs))
+    return 0
+
+
+def _tradeoff(args: argparse.Namespace) -> int:
+    from hawq.viz.report import plot_tradeoff
+
+    series, ref = {}, {}
+    for item in args.series:
+        label, _, pattern = item.rpartition("=")
+        series[label or pattern], fp = tradeoff_points([pattern], args.stage, args.cost)
+        if fp is not None:
+            ref["FP"] = fp
+    if not any(series.values()):
+        raise HawqError(f"no finished {args.stage} run matches {' '.join(args.series)}")
+    xlabel = {"bops": "GBOPs / image", "size_mb": "size (MB)", "int4_share": "INT4 share of MACs"}[
+        args.cost
+    ]
+    title = f"{args.stage} accuracy vs {args.cost}"
+    print(plot_tradeoff(series, xlabel, args.out, reference=ref, title=title))
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    cands = [{"w_bits": w, "a_bits": a} for w in args.bits for a in args.bits]
+    pins = {}
+    for item in args.pin:
+        op, sep, bits = item.partition("=")
+        if not sep:
+            raise HawqError(f"--pin {item!r} is invalid; allowed: OP=BITS or OP=W,A")
+        pins[op] = _pin(bits)
+    first = _pin(args.pin_first) if args.pin_first else None
+    last = _pin(args.pin_last) if args.pin_last else None
+    lo, hi = budget_range(args.hessian, cands, args.kind, pins, first, last)
+    print(repr(budget_at(lo, hi, args.fraction)))  # all digits: B(0) stays feasible
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from hawq.alloc import allocate, frontier, read_hessian
 from hawq.alloc.allocate import choices_per_op, resolve_pins
@@ -159,37 +160,15 @@ def _cached_sens(path: Path, key: str, ops: list[str]):
 def run(ctx: Context) -> dict:
     t_stage = time.perf_counter()
     cfg = _config(ctx)
-    hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
-    report = read_hessian(hessian_path)
-    model = ctx.load_fp_model()
+    hessian_path, report, model = _inputs(ctx, cfg)
     load_s = time.perf_counter() - t_stage
-    names = list(quantizable_ops(model))
-    if set(names) != set(report.ops):
-        raise HawqError(
-            f"{hessian_path} does not match the model's ops: only in the report "
-            f"{choices(set(report.ops) - set(names)) or '-'}; only in the model "
-            f"{choices(set(names) - set(report.ops)) or '-'}"
-        )
     base = _base(ctx, cfg)
     quant = ctx.cfg.get("quant")
     fold_bn = bool(quant.get("fold_bn", True)) if quant is not None else True
-    latency = _latency_table(ctx, cfg)
-    sens, extra = None, {}
-    start = time.perf_counter()
-    cache_path, key = ctx.path("alloc_sens.json"), None
-    if cfg.method == "measured":
-        sens, fp_acc = _measured(ctx, cfg, report, model, base)
-        extra["measured_fp_acc"] = fp_acc
-        extra["measured_s"] = time.perf_counter() - start
-    elif cfg.cache and cfg.method.startswith("hawq"):
-        key = _cache_key(ctx, cfg, base, fold_bn, hessian_path)
-        sens = _cached_sens(cache_path, key, list(report.ops))
-        extra["sensitivity_cache"] = "hit" if sens is not None else "miss"
-    calib = (
-        ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
-        if cfg.method in ACT_METHODS and sens is None
-        else None
-    )
+    sens, extra, cache = _known_sensitivities(ctx, cfg, report, model, base, fold_bn, hessian_path)
+    calib = None
+    if cfg.method in ACT_METHODS and sens is None:
+        calib = ctx.data.eval_loader("train", ctx.device, batch_size=cfg.calib_batch_size)
     alloc = allocate(
         report,
         cfg.candidates,
@@ -209,89 +188,123 @@ def run(ctx: Context) -> dict:
         pins=cfg.pins,
         pin_first=cfg.pin_first,
         pin_last=cfg.pin_last,
-        latency=latency,
+        latency=_latency_table(ctx, cfg),
         avg_bits_by=cfg.avg_bits_by,
         seed=cfg.seed,
     )
-    if key is not None and sens is None:
-        write_json(
-            cache_path,
-            {
-                "key": key,
-                "method": cfg.method,
-                "sens": {
-                    n: [float(v) for v in alloc.problem.sens[i]]
-                    for i, n in enumerate(alloc.problem.ops)
-                },
-            },
-        )
-    budgets = cfg.budgets
-    kind = cfg.frontier_budget or next(iter(budgets), "bops")
-    t0 = time.perf_counter()
-    points = (
-        frontier(
-            alloc.problem,
-            kind,
-            cfg.frontier_points,
-            {k: v for k, v in budgets.items() if k != kind},
-        )
-        if cfg.frontier_points
-        else []
-    )
-    frontier_s = time.perf_counter() - t0
+    if cache is not None and sens is None:
+        _write_sens_cache(cache, cfg, alloc)
+    kind, points, frontier_s = _frontier(cfg, alloc)
+    out = ctx.path(cfg.out)
+    t_plots = time.perf_counter()
+    if cfg.plots:
+        _plots(cfg, alloc, report, kind, points, out.with_suffix(""))
+    plots_s = time.perf_counter() - t_plots
     meta = {
         **alloc.meta,
         "config": _config_dict(cfg),
         **extra,
         "frontier": {"budget": kind, "points": [p.as_dict() for p in points]},
     }
-    out = ctx.path(cfg.out)
-    stem = out.with_suffix("")
-    chosen = alloc.chosen
-    t_plots = time.perf_counter()
-    low = _at_lowest_bits(alloc.problem, {n: c.kind for n, c in report.ops.items()})
-    if cfg.plots:
-        plot_allocation(
-            {n: c.w_bits for n, c in chosen.items()},
-            {n: c.a_bits for n, c in chosen.items()},
-            low,
-            alloc.op_sensitivity,
-            path=f"{stem}_per_op.png",
-            title=budget_title(cfg.method, budgets),
-        )
-    if points and cfg.plots:
-        plot_frontier(
-            kind,
-            [p.cost for p in points],
-            [p.objective for p in points],
-            (alloc.solution.totals[kind], alloc.solution.objective),
-            path=f"{stem}_frontier.png",
-            title=f"{cfg.method}: exact ILP frontier",
-        )
-    plots_s = time.perf_counter() - t_plots
     save_plan(out, alloc.plan, meta)  # last: the plan exists only when everything succeeded
+    sol = alloc.solution
     log.info(
         "alloc: %s under %s -> objective %.4g, totals %s (solve %.3f s)",
         cfg.method,
-        budgets,
-        alloc.solution.objective,
-        alloc.solution.totals,
-        alloc.solution.solve_s,
+        cfg.budgets,
+        sol.objective,
+        sol.totals,
+        sol.solve_s,
     )
+    timings = {
+        **{k: round(v, 4) for k, v in alloc.timings.items()},
+        "frontier_s": round(frontier_s, 4),
+        "load_s": round(load_s, 4),
+        "plots_s": round(plots_s, 4),
+        "stage_s": round(time.perf_counter() - t_stage, 4),
+    }
     return {
         "method": cfg.method,
-        "budgets": budgets,
-        "objective": alloc.solution.objective,
-        "totals": alloc.solution.totals,
+        "budgets": cfg.budgets,
+        "objective": sol.objective,
+        "totals": sol.totals,
         "ops": len(report.ops),
-        "timings": {
-            **{k: round(v, 4) for k, v in alloc.timings.items()},
-            "frontier_s": round(frontier_s, 4),
-            "load_s": round(load_s, 4),
-            "plots_s": round(plots_s, 4),
-            "stage_s": round(time.perf_counter() - t_stage, 4),
-        },
+        "timings": timings,
         "bits": str(out),
         "hessian": str(hessian_path),
         **extra,
     }
+
+
+def _inputs(ctx: Context, cfg: AllocConfig) -> tuple[Path, object, nn.Module]:
+    """``(hessian.json path, its report, the FP model)``, checked to name the same ops."""
+    hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
+    report = read_hessian(hessian_path)
+    model = ctx.load_fp_model()
+    names = list(quantizable_ops(model))
+    if set(names) != set(report.ops):
+        raise HawqError(
+            f"{hessian_path} does not match the model's ops: only in the report "
+            f"{choices(set(report.ops) - set(names)) or '-'}; only in the model "
+            f"{choices(set(names) - set(report.ops)) or '-'}"
+        )
+    return hessian_path, report, model
+
+
+def _known_sensitivities(ctx, cfg, report, model, base, fold_bn, hessian_path):
+    """``(sens or None, extra metrics, (cache path, key) or None)``: measured sensitivities
+    (``method=measured``) or a cache hit; None leaves them to :func:`allocate`."""
+    start, extra = time.perf_counter(), {}
+    if cfg.method == "measured":
+        sens, fp_acc = _measured(ctx, cfg, report, model, base)
+        extra["measured_fp_acc"] = fp_acc
+        extra["measured_s"] = time.perf_counter() - start
+        return sens, extra, None
+    if cfg.cache and cfg.method.startswith("hawq"):
+        key = _cache_key(ctx, cfg, base, fold_bn, hessian_path)
+        cache_path = ctx.path("alloc_sens.json")
+        sens = _cached_sens(cache_path, key, list(report.ops))
+        extra["sensitivity_cache"] = "hit" if sens is not None else "miss"
+        return sens, extra, (cache_path, key)
+    return None, extra, None
+
+
+def _write_sens_cache(cache: tuple, cfg: AllocConfig, alloc) -> None:
+    path, key = cache
+    prob = alloc.problem
+    sens = {n: [float(v) for v in prob.sens[i]] for i, n in enumerate(prob.ops)}
+    write_json(path, {"key": key, "method": cfg.method, "sens": sens})
+
+
+def _frontier(cfg: AllocConfig, alloc) -> tuple[str, list, float]:
+    """The exact ILP frontier over the first budget kind (others held): kind, points, secs."""
+    kind = cfg.frontier_budget or next(iter(cfg.budgets), "bops")
+    t0 = time.perf_counter()
+    points = []
+    if cfg.frontier_points:
+        others = {k: v for k, v in cfg.budgets.items() if k != kind}
+        points = frontier(alloc.problem, kind, cfg.frontier_points, others)
+    return kind, points, time.perf_counter() - t0
+
+
+def _plots(cfg: AllocConfig, alloc, report, kind: str, points: list, stem: Path) -> None:
+    chosen = alloc.chosen
+    low = _at_lowest_bits(alloc.problem, {n: c.kind for n, c in report.ops.items()})
+    plot_allocation(
+        {n: c.w_bits for n, c in chosen.items()},
+        {n: c.a_bits for n, c in chosen.items()},
+        low,
+        alloc.op_sensitivity,
+        path=f"{stem}_per_op.png",
+        title=budget_title(cfg.method, cfg.budgets),
+    )
+    if points:
+        best = (alloc.solution.totals[kind], alloc.solution.objective)
+        plot_frontier(
+            kind,
+            [p.cost for p in points],
+            [p.objective for p in points],
+            best,
+            path=f"{stem}_frontier.png",
+            title=f"{cfg.method}: exact ILP frontier",
+        )

@@ -77,23 +77,11 @@ def run(ctx: Context) -> dict:
 
 def _run(ctx: Context) -> dict:
     hc = typed(ctx.cfg.get("hessian"), HessianConfig, "hessian")
-    dtype = torch.float64 if hc.dtype == "float64" else torch.float32
-    model = ctx.load_fp_model()
-    data = ctx.data
-    inventory = op_inventory(model, data.input_size)  # before any dtype change
-    model = model.to(dtype).eval()
-    loader = data.eval_loader(hc.split, ctx.device, hc.batch_size)
-    if hc.batches > len(loader):
-        raise HawqError(
-            f"hessian.batches={hc.batches} but the {hc.split} split has only "
-            f"{len(loader)} batches of {hc.batch_size}"
-        )
-    batches = [(x.to(dtype), y) for _, (x, y) in zip(range(hc.batches), loader)]
+    model, inventory, batches = _inputs(ctx, hc)
     loss_fn = nn.CrossEntropyLoss()
     if hc.method == "fisher":
         return _run_fisher(ctx, hc, model, loss_fn, batches, inventory)
     start = time.perf_counter()
-
     op, why = hessian_operator(model, loss_fn, batches, backend=hc.backend)
     log.info(
         "hessian: backend %s (%s) over %d parameters in %d ops",
@@ -102,47 +90,11 @@ def _run(ctx: Context) -> dict:
         op.size,
         len(op.blocks),
     )
-    bar, update = _progress("hessian traces", hc.max_samples)
-    traces = block_traces(
-        op,
-        rtol=hc.rtol,
-        max_samples=hc.max_samples,
-        min_samples=hc.min_samples,
-        seed=hc.seed,
-        estimator=hc.estimator,
-        sketch=hc.sketch,
-        callback=update,
-        chunk=hc.chunk,
-    )
-    bar.close()
-    t_traces = time.perf_counter() - start
-
-    eigs = {}
-    if hc.top_k:
-        eigs = layer_eigenpairs(
-            op, hc.top_k, hc.tol, hc.max_iter, hc.seed, hc.eig_method, hc.eig_which
-        )
-    densities = {}
-    if hc.density:
-        densities[""] = slq(op, hc.density_vectors, hc.density_steps, hc.seed)
-        if hc.density_per_layer:
-            for name in op.blocks:
-                densities[name] = slq(op.block(name), hc.density_vectors, hc.density_steps, hc.seed)
+    traces, t_traces = _traces(op, hc), time.perf_counter() - start
+    eigs, densities = _spectrum(op, hc)
     op.release()
-    acts = {}
-    if hc.activation:
-        bar, update = _progress("activation traces", hc.max_samples)
-        acts = operand_traces(
-            ActivationHessian(model, loss_fn, batches),
-            rtol=hc.rtol,
-            max_samples=hc.max_samples,
-            min_samples=hc.min_samples,
-            seed=hc.seed,
-            callback=update,
-        )
-        bar.close()
+    acts = _activation_traces(model, loss_fn, batches, hc) if hc.activation else {}
     wall = time.perf_counter() - start
-
     report = curvature_report(
         inventory,
         traces.blocks,
@@ -170,6 +122,72 @@ def _run(ctx: Context) -> dict:
         whole_trace={"mean": traces.total.mean, "stderr": traces.total.stderr},
     )
     _write(ctx, report, densities)
+    return _summary(ctx, op, traces, t_traces)
+
+
+def _inputs(ctx: Context, hc: HessianConfig) -> tuple[nn.Module, dict, list]:
+    """The FP model in the configured dtype, its op inventory and the fixed batches."""
+    dtype = torch.float64 if hc.dtype == "float64" else torch.float32
+    model = ctx.load_fp_model()
+    inventory = op_inventory(model, ctx.data.input_size)  # before any dtype change
+    model = model.to(dtype).eval()
+    loader = ctx.data.eval_loader(hc.split, ctx.device, hc.batch_size)
+    if hc.batches > len(loader):
+        raise HawqError(
+            f"hessian.batches={hc.batches} but the {hc.split} split has only "
+            f"{len(loader)} batches of {hc.batch_size}"
+        )
+    return model, inventory, [(x.to(dtype), y) for _, (x, y) in zip(range(hc.batches), loader)]
+
+
+def _traces(op, hc: HessianConfig):
+    bar, update = _progress("hessian traces", hc.max_samples)
+    traces = block_traces(
+        op,
+        rtol=hc.rtol,
+        max_samples=hc.max_samples,
+        min_samples=hc.min_samples,
+        seed=hc.seed,
+        estimator=hc.estimator,
+        sketch=hc.sketch,
+        callback=update,
+        chunk=hc.chunk,
+    )
+    bar.close()
+    return traces
+
+
+def _spectrum(op, hc: HessianConfig) -> tuple[dict, dict]:
+    """Per-op top eigenpairs and the spectral densities the config asks for."""
+    eigs = {}
+    if hc.top_k:
+        eigs = layer_eigenpairs(
+            op, hc.top_k, hc.tol, hc.max_iter, hc.seed, hc.eig_method, hc.eig_which
+        )
+    densities = {}
+    if hc.density:
+        densities[""] = slq(op, hc.density_vectors, hc.density_steps, hc.seed)
+        if hc.density_per_layer:
+            for name in op.blocks:
+                densities[name] = slq(op.block(name), hc.density_vectors, hc.density_steps, hc.seed)
+    return eigs, densities
+
+
+def _activation_traces(model: nn.Module, loss_fn, batches: list, hc: HessianConfig) -> dict:
+    bar, update = _progress("activation traces", hc.max_samples)
+    acts = operand_traces(
+        ActivationHessian(model, loss_fn, batches),
+        rtol=hc.rtol,
+        max_samples=hc.max_samples,
+        min_samples=hc.min_samples,
+        seed=hc.seed,
+        callback=update,
+    )
+    bar.close()
+    return acts
+
+
+def _summary(ctx: Context, op, traces, t_traces: float) -> dict:
     rel = [e.rel_stderr for e in traces.blocks.values()]
     undetermined = [k for k, e in traces.blocks.items() if e.sign_undetermined]
     if undetermined:

@@ -13,6 +13,7 @@ import csv
 import io
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
@@ -84,46 +85,28 @@ def _announcer(ctx: Context, steps: int, epochs: int):
     return announce
 
 
+@dataclass
+class _Training:
+    """What one training run works with (built by :func:`_setup`)."""
+
+    ctx: Context
+    tc: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: nn.Module
+    train_loader: object
+    test_loader: object
+    steps: int
+    state_path: object
+
+
 def run(ctx: Context) -> dict:
-    tc = typed(ctx.cfg.train, TrainConfig, "train")
-    data = ctx.data
-    model = ctx.build_model()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(tc.optimizer)(params)
-    train_loader = data.train_loader(ctx.device, seed=ctx.run.seed)
-    test_loader = data.eval_loader("test", ctx.device)
-    steps = len(train_loader)
-    scheduler = cosine_scheduler(
-        optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps), tc.min_lr_ratio
-    )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-
-    state_path = ctx.path(STATE)
-    start_epoch, history, partial = 0, [], None
-    if state_path.is_file() and ctx.force:
-        state_path.unlink()
-    if state_path.is_file():
-        state = load_torch(state_path)
-        restore_state(state_path, state, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_epoch, history = state["epoch"], state.get("history", [])
-        partial = state.get("partial")  # stopped inside epoch start_epoch + 1
-        where = f", step {partial['progress']['step']} of the next" if partial else ""
-        log.info("train: resuming after epoch %d%s from %s", start_epoch, where, state_path)
-    if start_epoch > tc.epochs:
-        raise HawqError(f"{state_path} is at epoch {start_epoch} > train.epochs={tc.epochs}")
-
-    step_model = torch.compile(model) if tc.compile else model
-    precision = "bf16 autocast" if amp_enabled(ctx.device, tc.amp) else "fp32"
-    log.info(
-        "train: %d epochs x %d steps of batch %d on %s (%s)%s",
-        tc.epochs,
-        steps,
-        data.batch_size,
-        ctx.device,
-        precision,
-        f", resuming at epoch {start_epoch + 1}" if start_epoch else "",
-    )
-    announce = _announcer(ctx, steps, tc.epochs - start_epoch)
+    t = _setup(ctx)
+    tc = t.tc
+    start_epoch, history, partial = _resume(t)
+    step_model = torch.compile(t.model) if tc.compile else t.model
+    announce = _announcer(ctx, t.steps, tc.epochs - start_epoch)
     stage_start = time.perf_counter()
     bar = tqdm(
         range(start_epoch, tc.epochs),
@@ -134,90 +117,164 @@ def run(ctx: Context) -> dict:
     )
     with preempt.graceful():  # a stop signal ends the epoch after its current step
         for epoch in bar:
-            start_epoch_streams(train_loader, ctx.run.seed, epoch, partial)
-            try:
-                tr = train_epoch(
-                    step_model,
-                    train_loader,
-                    optimizer,
-                    loss_fn,
-                    ctx.device,
-                    scheduler,
-                    amp=tc.amp,
-                    grad_clip=tc.grad_clip,
-                    log_every=tc.log_every,
-                    desc=f"epoch {epoch + 1}/{tc.epochs}",
-                    on_estimate=announce if epoch == start_epoch else None,
-                    resume=partial and partial["progress"],
-                    steps_after=(tc.epochs - epoch - 1) * steps,
-                )
-                partial = None
-                if "stopped" in tr:  # a stop signal inside the epoch: state at its step
-                    save_torch(
-                        state_path,
-                        training_state(
-                            epoch,
-                            history,
-                            model,
-                            optimizer,
-                            scheduler,
-                            partial=stopped_partial(tr["stopped"], train_loader),
-                        ),
-                    )
-                    preempt.stop_if_requested("train", epoch, state_path, tr["stopped"]["step"])
-            except FloatingPointError as e:
-                raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
-            last_epoch = epoch + 1 == tc.epochs
-            if last_epoch or (epoch + 1) % tc.eval_every == 0:
-                ev = evaluate(model, test_loader, ctx.device)
-            else:  # skipped: an fp32 pass over the test set costs ~1/3 of a bf16 epoch on a CPU
-                ev = {"loss": None, "acc": None}
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": tr["loss"],
-                "train_acc": tr["acc"],
-                "test_loss": ev["loss"],
-                "test_acc": ev["acc"],
-                "lr": tr["lr"],
-                "seconds": tr["seconds"],
-                "img_per_s": tr["img_per_s"],
-            }
-            history.append(row)
-            test = (
-                "not evaluated"
-                if ev["acc"] is None
-                else f"test loss {ev['loss']:.4f} acc {ev['acc']:.2f}"
+            start_epoch_streams(t.train_loader, ctx.run.seed, epoch, partial)
+            tr = _train_epoch(
+                t, step_model, epoch, history, partial, announce if epoch == start_epoch else None
             )
-            bar.set_postfix(loss=f"{tr['loss']:.3f}", test=test)
-            elapsed = time.perf_counter() - stage_start
-            eta = elapsed / (epoch + 1 - start_epoch) * (tc.epochs - epoch - 1)
-            log.info(
-                "epoch %d/%d: train loss %.4f acc %.2f | %s | %.0f img/s | elapsed %s, "
-                "train stage ETA %s",
-                epoch + 1,
-                tc.epochs,
-                tr["loss"],
-                tr["acc"],
-                test,
-                tr["img_per_s"],
-                fmt_seconds(elapsed),
-                fmt_seconds(eta),
-            )
+            partial = None
+            history.append(_epoch_row(t, epoch, tr))
+            _report(t, bar, history[-1], (time.perf_counter() - stage_start, start_epoch))
             _write_csv(ctx, history)
-            save_torch(state_path, training_state(epoch + 1, history, model, optimizer, scheduler))
+            state = training_state(epoch + 1, history, t.model, t.optimizer, t.scheduler)
+            save_torch(t.state_path, state)
             # a signal during the evaluation or the save: stop here
-            preempt.stop_if_requested("train", epoch + 1, state_path)
+            preempt.stop_if_requested("train", epoch + 1, t.state_path)
+    return _finish(t, history)
 
-    last = history[-1]
+
+def _setup(ctx: Context) -> _Training:
+    tc = typed(ctx.cfg.train, TrainConfig, "train")
+    model = ctx.build_model()
+    optimizer = instantiate(tc.optimizer)([p for p in model.parameters() if p.requires_grad])
+    train_loader = ctx.data.train_loader(ctx.device, seed=ctx.run.seed)
+    steps = len(train_loader)
+    scheduler = cosine_scheduler(
+        optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps), tc.min_lr_ratio
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    test_loader = ctx.data.eval_loader("test", ctx.device)
+    return _Training(
+        ctx,
+        tc,
+        model,
+        optimizer,
+        scheduler,
+        loss_fn,
+        train_loader,
+        test_loader,
+        steps,
+        ctx.path(STATE),
+    )
+
+
+def _resume(t: _Training) -> tuple[int, list[dict], dict | None]:
+    """``(epochs done, history, partial epoch)`` from the state file (fresh: 0, [], None)."""
+    tc, path = t.tc, t.state_path
+    start_epoch, history, partial = 0, [], None
+    if path.is_file() and t.ctx.force:
+        path.unlink()
+    if path.is_file():
+        state = load_torch(path)
+        restore_state(path, state, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler)
+        start_epoch, history = state["epoch"], state.get("history", [])
+        partial = state.get("partial")  # stopped inside epoch start_epoch + 1
+        where = f", step {partial['progress']['step']} of the next" if partial else ""
+        log.info("train: resuming after epoch %d%s from %s", start_epoch, where, path)
+    if start_epoch > tc.epochs:
+        raise HawqError(f"{path} is at epoch {start_epoch} > train.epochs={tc.epochs}")
+    precision = "bf16 autocast" if amp_enabled(t.ctx.device, tc.amp) else "fp32"
+    log.info(
+        "train: %d epochs x %d steps of batch %d on %s (%s)%s",
+        tc.epochs,
+        t.steps,
+        t.ctx.data.batch_size,
+        t.ctx.device,
+        precision,
+        f", resuming at epoch {start_epoch + 1}" if start_epoch else "",
+    )
+    return start_epoch, history, partial
+
+
+def _train_epoch(
+    t: _Training,
+    step_model: nn.Module,
+    epoch: int,
+    history: list[dict],
+    partial: dict | None,
+    announce,
+) -> dict:
+    """One epoch (or its rest after a mid-epoch stop); a stop signal inside it writes the
+    state at its step and exits."""
+    tc = t.tc
+    try:
+        tr = train_epoch(
+            step_model,
+            t.train_loader,
+            t.optimizer,
+            t.loss_fn,
+            t.ctx.device,
+            t.scheduler,
+            amp=tc.amp,
+            grad_clip=tc.grad_clip,
+            log_every=tc.log_every,
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            on_estimate=announce,
+            resume=partial and partial["progress"],
+            steps_after=(tc.epochs - epoch - 1) * t.steps,
+        )
+    except FloatingPointError as e:
+        raise HawqError(f"training diverged in epoch {epoch + 1}: {e}; lower the lr") from e
+    if "stopped" in tr:  # a stop signal inside the epoch: state at its step
+        stopped = stopped_partial(tr["stopped"], t.train_loader)
+        state = training_state(epoch, history, t.model, t.optimizer, t.scheduler, partial=stopped)
+        save_torch(t.state_path, state)
+        preempt.stop_if_requested("train", epoch, t.state_path, tr["stopped"]["step"])
+    return tr
+
+
+def _epoch_row(t: _Training, epoch: int, tr: dict) -> dict:
+    """The epoch's history row, with a test evaluation every ``eval_every`` and at the end
+    (an fp32 pass over the test set costs ~1/3 of a bf16 epoch on a CPU)."""
+    tc = t.tc
+    ev = {"loss": None, "acc": None}
+    if epoch + 1 == tc.epochs or (epoch + 1) % tc.eval_every == 0:
+        ev = evaluate(t.model, t.test_loader, t.ctx.device)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": tr["loss"],
+        "train_acc": tr["acc"],
+        "test_loss": ev["loss"],
+        "test_acc": ev["acc"],
+        "lr": tr["lr"],
+        "seconds": tr["seconds"],
+        "img_per_s": tr["img_per_s"],
+    }
+
+
+def _report(t: _Training, bar, row: dict, timing: tuple[float, int]) -> None:
+    elapsed, start_epoch = timing
+    epoch, epochs = row["epoch"], t.tc.epochs
+    test = (
+        "not evaluated"
+        if row["test_acc"] is None
+        else f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}"
+    )
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=test)
+    eta = elapsed / (epoch - start_epoch) * (epochs - epoch)
+    log.info(
+        "epoch %d/%d: train loss %.4f acc %.2f | %s | %.0f img/s | elapsed %s, train stage ETA %s",
+        epoch,
+        epochs,
+        row["train_loss"],
+        row["train_acc"],
+        test,
+        row["img_per_s"],
+        fmt_seconds(elapsed),
+        fmt_seconds(eta),
+    )
+
+
+def _finish(t: _Training, history: list[dict]) -> dict:
+    ctx, tc, last = t.ctx, t.tc, history[-1]
     save_model(
         ctx.checkpoint,
-        model,
+        t.model,
         ctx.cfg.model,
         epochs=tc.epochs,
         test_acc=last["test_acc"],
         data=ctx.cfg.data.name,
     )
-    ctx.remove_after_record(state_path)
+    ctx.remove_after_record(t.state_path)
     return {
         "epochs": tc.epochs,
         "test_acc": last["test_acc"],
