@@ -9,6 +9,7 @@ directly follow a quantized conv are folded into it (and replaced by
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -317,3 +318,32 @@ def summary(model: nn.Module) -> dict[str, dict[str, Any]]:
             row["bn_folded"] = op.bn is not None
         out[name] = row
     return out
+
+
+def op_lines(model: nn.Module) -> dict[str, str]:
+    """``op -> "W4 int per_channel | A4 int asym mse"`` for results.json."""
+    out = {}
+    for name, row in summary(model).items():
+        parts = []
+        for key in ("w", "a", "b"):
+            q = row.get(key)
+            if q is None:
+                continue
+            sym = "sym" if q["symmetric"] else "asym"
+            rng = "dynamic" if q["dynamic"] else (q["learn"] or q["calibrator"])
+            gran = q["granularity"] if key == "w" else sym
+            parts.append(f"{key.upper()}{q['bits']} {q['format']} {gran} {rng}")
+        out[name] = " | ".join(parts) + (" | bn folded" if row.get("bn_folded") else "")
+    return out
+
+
+def bits_histogram(model: nn.Module) -> dict[str, int]:
+    """How many ops at each ``W<b>A<b>`` combination."""
+    c: Counter[str] = Counter()
+    for row in summary(model).values():
+        a = row["a"]["bits"] if "a" in row else "fp"
+        if row["kind"] == "matmul":
+            c[f"A{a}xA{a}"] += 1
+        else:
+            c[f"W{row['w']['bits'] if 'w' in row else 'fp'}A{a}"] += 1
+    return dict(sorted(c.items()))

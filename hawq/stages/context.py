@@ -20,7 +20,7 @@ from hawq.data.module import ImageData
 from hawq.distributed import is_main
 from hawq.engine import resolve_device
 from hawq.errors import HawqError
-from hawq.io import read_json, write_error, write_json
+from hawq.io import load_torch, read_json, write_error, write_json
 from hawq.provenance import provenance
 
 log = logging.getLogger("hawq")
@@ -126,6 +126,12 @@ class Context:
         """The FP model from :attr:`checkpoint`, in eval mode on the run's device."""
         model, _ = load_model(self.checkpoint, self.device)
         return model.eval()
+
+    def fp_model_config(self) -> dict | None:
+        """The model config stored in the FP checkpoint (what rebuilds it), or None."""
+        if not self.checkpoint.is_file():
+            return None
+        return load_torch(self.checkpoint).get("model_cfg")
 
     def stage_result(self, stage: str) -> dict | None:
         return self.results["stages"].get(stage)

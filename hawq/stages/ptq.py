@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import Counter
 from typing import Any
 
 from torch import nn
 
 from hawq.config import typed
 from hawq.engine import evaluate
-from hawq.io import load_torch
 from hawq.quant import (
     calibrate,
     check_ready,
     quantize_,
     save_plan,
     save_quantized,
-    summary,
 )
+from hawq.quant.api import bits_histogram, op_lines  # noqa: F401 - results helpers
 from hawq.quant.config import QuantConfig, resolve_plan
 from hawq.quant.equalize import equalize_
 from hawq.quant.reconstruct import calibration_images, reconstruct_, units
@@ -45,37 +43,7 @@ PLAN = "ptq_bits.yaml"
 
 def load_fp(ctx: Context) -> tuple[nn.Module, dict]:
     """The FP model (eval mode, on the run's device) and the config that rebuilds it."""
-    model_cfg = load_torch(ctx.checkpoint).get("model_cfg") if ctx.checkpoint.is_file() else None
-    return ctx.load_fp_model(), model_cfg
-
-
-def op_lines(model: nn.Module) -> dict[str, str]:
-    """``op -> "W4 int per_channel | A4 int asym mse"`` for results.json."""
-    out = {}
-    for name, row in summary(model).items():
-        parts = []
-        for key in ("w", "a", "b"):
-            q = row.get(key)
-            if q is None:
-                continue
-            sym = "sym" if q["symmetric"] else "asym"
-            rng = "dynamic" if q["dynamic"] else (q["learn"] or q["calibrator"])
-            gran = q["granularity"] if key == "w" else sym
-            parts.append(f"{key.upper()}{q['bits']} {q['format']} {gran} {rng}")
-        out[name] = " | ".join(parts) + (" | bn folded" if row.get("bn_folded") else "")
-    return out
-
-
-def bits_histogram(model: nn.Module) -> dict[str, int]:
-    """How many ops at each ``W<b>A<b>`` combination."""
-    c: Counter[str] = Counter()
-    for row in summary(model).values():
-        a = row["a"]["bits"] if "a" in row else "fp"
-        if row["kind"] == "matmul":
-            c[f"A{a}xA{a}"] += 1
-        else:
-            c[f"W{row['w']['bits'] if 'w' in row else 'fp'}A{a}"] += 1
-    return dict(sorted(c.items()))
+    return ctx.load_fp_model(), ctx.fp_model_config()
 
 
 def run(ctx: Context) -> dict[str, Any]:
