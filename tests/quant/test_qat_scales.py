@@ -19,8 +19,8 @@ from torch import nn
 
 from hawq.quant import OpSetting, Plan, calibrate, collapsed_ops, quantize_, quantizers, set_bits_
 from hawq.quant.config import QATConfig
-from hawq.quant.scale_optim import QATAdam
 from hawq.quant.qat import load_optimizer, param_groups, refit_after_drop
+from hawq.quant.scale_optim import QATAdam
 
 from .cases import batches, tiny_resnet, tiny_vit
 
