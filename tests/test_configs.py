@@ -21,7 +21,8 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TYPED = {"train": TrainConfig, "data": DataConfig, "hessian": HessianConfig, "alloc": AllocConfig,
          "curve": CurveConfig, "quant": QuantConfig, "qat": QATConfig, "integer": IntegerConfig,
          "latency": LatencyConfig, "landscape": LandscapeConfig}  # fmt: skip
-OP_COUNTS = {"vit_cifar": 38, "vit_cifar_cpu": 38, "vit_tiny": 14, "resnet20": 20, "resnet_tiny": 8}
+OP_COUNTS = {"vit_cifar": 38, "vit_cifar_cpu": 38, "vit_tiny": 14, "resnet20": 20, "resnet_tiny": 8,
+             "torch_vit_cifar": 50, "torch_vit_tiny": 18}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -17,7 +17,7 @@ EXPERIMENTS = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
 
 
 def test_both_studies_present():
-    assert STUDIES == ["resnet20_cifar", "vit_cifar", "vit_cifar_cpu"]
+    assert STUDIES == ["resnet20_cifar", "torch_vit_cifar", "vit_cifar", "vit_cifar_cpu"]
 
 
 @pytest.mark.parametrize("study", STUDIES)

@@ -92,7 +92,8 @@ def test_cli_unknown_model(tmp_path):
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err == ["hawq: error: unknown model 'no_such_model'; available: resnet20, resnet_tiny, "
-                   "vit_cifar, vit_cifar_cpu, vit_tiny"]  # fmt: skip
+                   "torch_vit_cifar, torch_vit_tiny, vit_cifar, vit_cifar_cpu, "
+                   "vit_tiny"]  # fmt: skip
 
 
 def test_cli_bad_value_and_corrupt_checkpoint(tmp_path):
