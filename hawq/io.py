@@ -228,3 +228,15 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "as_dict"):
         return o.as_dict()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> Path:
+    """``rows`` as a CSV with header ``fields``, written atomically (:func:`write_text`)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())

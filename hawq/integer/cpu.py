@@ -313,6 +313,11 @@ def requant(
     )
 
 
+def scalar_fields(rq: Any) -> list[int]:
+    """A per-tensor requantizer as the five ints the C++ kernels take: m, e, z, lo, hi."""
+    return [int(t) for t in (rq.m, rq.e, rq.z, rq.lo, rq.hi)]
+
+
 def softmax(
     q: Tensor,
     shift: int,
@@ -325,7 +330,7 @@ def softmax(
     """:class:`~hawq.integer.softmax.IntSoftmax` rows, then the scalar ``rq`` if given.
     With ``sub`` the output is float32 ``codes - sub`` (exact: the zero-point-corrected
     operand of the next product)."""
-    fields = [] if rq is None else [int(t) for t in (rq.m, rq.e, rq.z, rq.lo, rq.hi)]
+    fields = [] if rq is None else scalar_fields(rq)
     dt = torch.int64 if rq is None else rq.out_dtype
     dt = dt if sub is None else torch.float32
     t32 = _cached(table, ("t32",), lambda: table.to(torch.int32))  # T[r] <= 2^30
@@ -366,7 +371,6 @@ def attention(
     if scalar and hasattr(ext(), "attention_int8"):
         qkv = requant(acc, bias, qkv_rq).reshape(b, t, 3, heads, hd)
         t32 = _cached(sm.exp_table, ("t32",), lambda: sm.exp_table.to(torch.int32))
-        fields = lambda rq: [int(x) for x in (rq.m, rq.e, rq.z, rq.lo, rq.hi)]  # noqa: E731
         return ext().attention_int8(
             qkv,
             zq,
@@ -377,8 +381,8 @@ def attention(
             sm.q_ln2_int,
             t32,
             sm.out_bits,
-            fields(p_rq),
-            fields(out_rq),
+            scalar_fields(p_rq),
+            scalar_fields(out_rq),
         )
     q, k, v = requant(acc, bias, _centred(qkv_rq, n), split=(b, t, heads, hd))
     p = softmax(

@@ -84,8 +84,7 @@ def run(ctx: Context) -> dict[str, Any]:
             ic.pack_int4,
             ic.calib_batches,
             ic.margin,
-            ctx.device,
-            ic.float_islands,
+            float_islands=ic.float_islands,
         ).to(ctx.device)
         extra = {
             "residual_bits": ic.residual_bits,

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +60,7 @@ from hawq.engine import (
     training_state,
 )
 from hawq.errors import HawqError
-from hawq.io import load_torch, save_torch, write_text
+from hawq.io import load_torch, save_torch, write_csv
 from hawq.models.ops import quantizable_ops
 from hawq.quant import (
     Plan,
@@ -112,11 +110,7 @@ FIELDS = [
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS)
-    w.writeheader()
-    w.writerows(history)
-    write_text(ctx.path(CSV), buf.getvalue())
+    write_csv(ctx.path(CSV), FIELDS, history)
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -9,8 +9,6 @@ so a resumed run ends with the same weights and metrics as an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from hawq.engine import (
     training_state,
 )
 from hawq.errors import HawqError
-from hawq.io import load_torch, save_torch, write_text
+from hawq.io import load_torch, save_torch, write_csv
 from hawq.stages.context import Context
 
 log = logging.getLogger("hawq")
@@ -53,11 +51,7 @@ CSV_FIELDS = [
 
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(ctx.path(CSV), buf.getvalue())
+    write_csv(ctx.path(CSV), CSV_FIELDS, history)
 
 
 LONG_RUN_S = 3600.0  # a train stage estimated beyond this on a CPU names the CPU recipe

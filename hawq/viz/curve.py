@@ -10,6 +10,20 @@ from hawq.viz.common import plt, save_figure
 COLORS = {"hessian": "tab:blue", "measured": "tab:orange", "random": "tab:gray"}
 
 
+def _accuracy_lines(ax, fp_acc: float, thresholds: Sequence[float]) -> None:
+    """The FP accuracy and one dashed line per allowed drop below it."""
+    ax.axhline(fp_acc, color="black", linewidth=1, label=f"FP {fp_acc:.2f}")
+    for i, t in enumerate(thresholds):
+        ax.axhline(
+            fp_acc - t,
+            color="tab:red",
+            linestyle="--",
+            linewidth=0.8,
+            alpha=max(0.3, 1.0 - 0.25 * i),
+            label=f"FP - {t:g}",
+        )
+
+
 def plot_int4_curve(
     curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     fp_acc: float,
@@ -37,16 +51,7 @@ def plot_int4_curve(
             color=COLORS.get(name),
             label=f"{name} order",
         )
-    ax.axhline(fp_acc, color="black", linewidth=1, label=f"FP {fp_acc:.2f}")
-    for i, t in enumerate(thresholds):
-        ax.axhline(
-            fp_acc - t,
-            color="tab:red",
-            linestyle="--",
-            linewidth=0.8,
-            alpha=max(0.3, 1.0 - 0.25 * i),
-            label=f"FP - {t:g}",
-        )
+    _accuracy_lines(ax, fp_acc, thresholds)
     ax.set_xlabel(f"{xlabel} (%)")
     ax.set_ylabel("PTQ accuracy (%)")
     ax.set_xlim(-2, 102)
@@ -111,16 +116,7 @@ def plot_int4_share_curves(
                 label=f"random orders (mean +- std, n={random_band['n']})",
             )
             ax.fill_between(100 * x, mean - std, mean + std, color=COLORS["random"], alpha=0.3)
-        ax.axhline(fp_acc, color="black", linewidth=1, label=f"FP {fp_acc:.2f}")
-        for i, t in enumerate(thresholds):
-            ax.axhline(
-                fp_acc - t,
-                color="tab:red",
-                linestyle="--",
-                linewidth=0.8,
-                alpha=max(0.3, 1.0 - 0.25 * i),
-                label=f"FP - {t:g}",
-            )
+        _accuracy_lines(ax, fp_acc, thresholds)
         ax.set_xlabel(f"{label} (%)")
         ax.set_xlim(-2, 102)
         ax.grid(alpha=0.3)

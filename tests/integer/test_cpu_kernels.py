@@ -134,7 +134,6 @@ def test_attention_kernel_equals_int64_composition():
             p_scale = 3.0  # a product beyond the int32 path: the int64 one
         p_rq = _rq(p_scale, zp)
         o_rq = _rq(2.0 ** -r(4, 16) if case % 9 else 2.0, r(-5, 5))
-        fields = lambda q: [int(x) for x in (q.m, q.e, q.z, q.lo, q.hi)]  # noqa: E731
         got = ext.attention_int8(
             qkv,
             zq,
@@ -145,8 +144,8 @@ def test_attention_kernel_equals_int64_composition():
             sm.q_ln2_int,
             sm.exp_table.to(torch.int32),
             sm.out_bits,
-            fields(p_rq),
-            fields(o_rq),
+            cpu.scalar_fields(p_rq),
+            cpu.scalar_fields(o_rq),
         )
         want = _attention_ref(qkv, zq, zk, zv, zp, sm, p_rq, o_rq)
         assert torch.equal(got, want), (case, sm.shift, bits, p_scale)

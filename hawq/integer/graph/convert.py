@@ -172,6 +172,8 @@ def convert_graph(
             ``float_islands`` leaves allow-listed ones in float instead, listed in
             ``float_ops``), or a model whose output is not one tensor.
     """
+    if not 8 <= residual_bits <= 24:
+        raise HawqError(f"residual_bits={residual_bits} is invalid; allowed: 8-24")
     model = copy.deepcopy(qmodel).cpu().eval()
     batches = list(_take(batches, max_batches))
     gm = trace(model, batch_inputs(batches[0])[:2].cpu())

@@ -20,61 +20,30 @@ from torch import fx, nn
 from hawq.errors import HawqError
 
 
-def _named(prefix: str, fns) -> dict:
-    return {f"{prefix}.{f.__name__}": f for f in fns}
+def stored_name(f) -> str:
+    """How a stored graph names function ``f`` (``torch.cat``, ``F.pad``, ``operator.add``)."""
+    module = getattr(f, "__module__", None) or "torch"
+    if module == "torch.nn.functional":
+        return f"F.{f.__name__}"
+    if module in ("_operator", "operator", "builtins"):
+        return f"{module.lstrip('_')}.{f.__name__}"
+    return f"torch.{f.__name__}"
 
 
-#: functions a stored graph may call: shape ops, shape arithmetic, float-island ops
-FUNCTIONS = {
-    **_named(
-        "operator",
-        (
-            operator.getitem,
-            operator.floordiv,
-            operator.mul,
-            operator.add,
-            operator.sub,
-            operator.truediv,
-            operator.pow,
-            operator.neg,
-            operator.matmul,
-        ),
-    ),
-    **_named("builtins", (builtins.getattr,)),
-    **_named(
-        "torch",
-        (
-            torch.cat,
-            torch.flatten,
-            torch.reshape,
-            torch.permute,
-            torch.transpose,
-            torch.squeeze,
-            torch.unsqueeze,
-            torch.chunk,
-            torch.split,
-            torch.unbind,
-        ),
-    ),
-    "F.pad": F.pad,
-}
-
-
-def _add_island_ops() -> None:
+def _functions() -> dict:
+    """Functions a stored graph may call: the analysis's shape ops, concatenation and zero
+    padding, shape arithmetic on sizes read from tensors, and the float-island ops."""
     from hawq.integer.graph import islands
+    from hawq.integer.graph.analyze import SHAPE_FUNCTIONS
 
-    for f in islands.FUNCTIONS:
-        mod = (
-            "F"
-            if f.__module__ and "functional" in f.__module__
-            else "operator"
-            if f.__module__ == "_operator"
-            else "torch"
-        )
-        FUNCTIONS.setdefault(f"{mod}.{f.__name__}", f)
+    arithmetic = (operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv)
+    fns = (*SHAPE_FUNCTIONS, torch.cat, F.pad, builtins.getattr, *arithmetic, *islands.FUNCTIONS)
+    named = {stored_name(f): f for f in fns}
+    assert len(named) == len(set(fns)), "two allowed functions share a stored name"
+    return named
 
 
-_add_island_ops()
+FUNCTIONS = _functions()
 NAMES = {f: name for name, f in FUNCTIONS.items()}
 
 
