@@ -16,9 +16,35 @@ from hawq.io import load_torch, save_torch
 SCHEMA = 1
 
 
+#: key of a user model's config holding :func:`hawq.models.own.prepared`'s options
+PREPARE_KEY = "prepare"
+
+
 def build_model(model_cfg: DictConfig | dict) -> nn.Module:
-    """Instantiate a model from its config node (``_target_`` + arguments)."""
-    return instantiate(model_cfg)
+    """Instantiate a model from its config node (``_target_`` + arguments).
+
+    hawq's own models are built as they are. Any other ``_target_`` (``model=custom
+    model._target_=mypkg.MyNet model.width=64``) is the user's model: built, then made
+    hawq-ready by :func:`hawq.models.own.prepared` with the options under ``prepare``
+    (``input_shape``, ``min_share``), so no product of it is left float silently.
+    """
+    from hawq.models.config import SCHEMAS
+    from hawq.models.own import prepared
+
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    target = model_cfg.get("_target_")
+    if target in SCHEMAS or target == f"{prepared.__module__}.{prepared.__name__}":
+        return instantiate(model_cfg)
+    options = model_cfg.get(PREPARE_KEY) or {}
+    unknown = sorted(set(options) - {"input_shape", "min_share", "example_batch"})
+    if unknown:
+        raise HawqError(
+            f"bad config model.{PREPARE_KEY}.{unknown[0]}: unknown; allowed: input_shape, "
+            "min_share, example_batch"
+        )
+    user = instantiate({k: v for k, v in model_cfg.items() if k != PREPARE_KEY})
+    return prepared(user, **options)
 
 
 def save_model(

@@ -126,6 +126,48 @@ class DataConfig:
 
 
 @dataclass
+class UserDataConfig:
+    """``data=custom``: the user's own datasets (:mod:`hawq.data.user`)."""
+
+    _target_: str = "hawq.data.user.UserData"
+    datasets: dict[str, Any] = field(default_factory=dict)  # a _target_ and its arguments
+    name: str = "custom"
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        target = self.datasets.get("_target_")
+        require(
+            bool(target) and target != "???",
+            "datasets._target_",
+            target,
+            "a function or class returning {'train': Dataset, 'test': Dataset}",
+        )
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(
+            self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1"
+        )
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+
+def validate_data(node: DictConfig | dict | None) -> DataConfig | UserDataConfig:
+    """The ``data`` group typed by its ``_target_``: CIFAR-10/synthetic images or the
+    user's own datasets."""
+    target = (node or {}).get("_target_", DataConfig._target_)
+    if target == UserDataConfig._target_:
+        config = typed(node, UserDataConfig, "data")
+        check_target(
+            config.datasets["_target_"],
+            "data.datasets._target_",
+            "an importable function or class of your package (on PYTHONPATH)",
+        )
+        return config
+    return typed(node, DataConfig, "data")
+
+
+@dataclass
 class PathsConfig:
     """``paths`` group: where runs live."""
 
@@ -170,7 +212,6 @@ def _schemas() -> dict[str, Any]:
     from hawq.quant.config import QATConfig, QuantConfig, default_setting
 
     groups = {
-        "data": DataConfig,
         "train": TrainConfig,
         "hessian": HessianConfig,
         "quant": QuantConfig,
@@ -183,6 +224,7 @@ def _schemas() -> dict[str, Any]:
     }
     out: dict[str, Any] = {k: (lambda node, s=s, k=k: typed(node, s, k)) for k, s in groups.items()}
     out["model"] = validate_model
+    out["data"] = validate_data
     out["quant"] = lambda node: default_setting(typed(node, QuantConfig, "quant").default)
     return out
 

@@ -7,12 +7,13 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from hawq import preempt
@@ -296,14 +297,26 @@ def stopped_partial(progress: dict, loader: Any) -> dict:
 
 
 @torch.no_grad()
+def call_model(model: nn.Module, batch, device: torch.device | str | None = None):
+    """``model`` on the inputs of ``batch``: ``model(x)`` for an ``(x, y)`` pair or a
+    tensor, ``model(**batch)`` for a dict (tensors moved to ``device`` when given)."""
+    if device is not None:
+        batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(batch[0] if isinstance(batch, tuple | list) else batch)
+
+
 def forward_batches(
     model: nn.Module,
     batches: Iterable,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
 ) -> int:
-    """Eval-mode, no-grad forward passes over up to ``max_batches`` batches (``(x, y)`` pairs
-    or input tensors), for observers and hooks; restores train mode. Returns batches run."""
+    """Eval-mode, no-grad forward passes over up to ``max_batches`` batches, for observers
+    and hooks; restores train mode. Returns batches run. A batch is an ``(x, y)`` pair
+    (``model(x)``), an input tensor, or a dict of keyword inputs (``model(**batch)``:
+    token ids, masks; non-tensor entries passed as they are)."""
     was_training = model.training
     model.eval()
     n = 0
@@ -311,8 +324,7 @@ def forward_batches(
         for batch in batches:
             if max_batches is not None and n >= max_batches:
                 break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device) if device is not None else x)
+            call_model(model, batch, device)
             n += 1
     finally:
         model.train(was_training)

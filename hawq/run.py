@@ -85,6 +85,29 @@ def explicit_default_wins(argv: list[str]) -> list[str]:
     return [*argv, "quant.plan=default"]
 
 
+#: group -> where its ``custom`` option takes the user's own keywords
+CUSTOM_KEYWORDS = {"model": "model.", "data": "data.datasets."}
+
+
+def open_custom_groups(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+    """With ``model=custom`` / ``data=custom``, the user's own keywords (``model.width=64``,
+    ``data.datasets.root=...``) are added to the group (``++``) instead of being refused
+    as unknown keys of the option file."""
+    chosen = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a}
+    out = []
+    for a in argv:
+        key = a.split("=", 1)[0]
+        for group, prefix in CUSTOM_KEYWORDS.items():
+            if chosen.get(group) != "custom" or not key.startswith(prefix):
+                continue
+            known = OmegaConf.load(conf_dir / group / "custom.yaml")
+            inner = key[len(group) + 1 :]
+            if OmegaConf.select(known, inner, default=None, throw_on_missing=False) is None:
+                a = f"++{a}"
+        out.append(a)
+    return out
+
+
 def _one_line(e: BaseException) -> str:
     """Hydra's multi-line composition error as one line (an unknown key names the ``+``)."""
     m = re.match(r"Could not override '([^']+)'\.\s*To append to your config use (\S+)", str(e))
@@ -173,7 +196,7 @@ def main() -> None:
                 print(f"hawq: error: sweep point {line}", file=sys.stderr)
         else:
             check_group_choices(argv)
-            argv = explicit_default_wins(argv)
+            argv = explicit_default_wins(open_custom_groups(argv))
             precheck(argv)
     except HawqError as e:
         _fail(e)

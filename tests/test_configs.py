@@ -22,7 +22,11 @@ TYPED = {"train": TrainConfig, "data": DataConfig, "hessian": HessianConfig, "al
          "curve": CurveConfig, "quant": QuantConfig, "qat": QATConfig, "integer": IntegerConfig,
          "latency": LatencyConfig, "landscape": LandscapeConfig}  # fmt: skip
 OP_COUNTS = {"vit_cifar": 38, "vit_cifar_cpu": 38, "vit_tiny": 14, "resnet20": 20, "resnet_tiny": 8,
-             "torch_vit_cifar": 50, "torch_vit_tiny": 18}
+             "torch_vit_cifar": 50, "torch_vit_tiny": 18, "custom": None}
+#: the custom groups need the user's _target_ (here hawq's own zoo and the worked example)
+CUSTOM = {"model": ["model._target_=hawq.models.zoo.SmallCNN", "++model.width=4"],
+          "data": ["data.datasets._target_=stripes.datasets", "++data.datasets.n_train=64",
+                   "++data.datasets.n_test=32"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -36,9 +40,12 @@ def test_experiment_composes_and_validates(make_cfg, experiment):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_model_group_instantiates(make_cfg, model):
-    cfg = make_cfg(f"model={model}")
-    net = instantiate(cfg.model)
-    assert len(op_inventory(net)) == OP_COUNTS[model]
+    from hawq.checkpoint import build_model
+
+    cfg = make_cfg(f"model={model}", *(CUSTOM["model"] if model == "custom" else []))
+    net = build_model(cfg.model)
+    ops = len(op_inventory(net))
+    assert ops == OP_COUNTS[model] if model != "custom" else net.hawq_capture.share == 1.0
 
 
 def test_data_groups_instantiate(make_cfg):
@@ -47,6 +54,20 @@ def test_data_groups_instantiate(make_cfg):
     assert len(data.splits.train) == 64 and data.input_size == (3, 32, 32)
     data = instantiate(make_cfg("data=cifar10", "data.root=/nowhere").data)
     assert data.root == "/nowhere"  # nothing loaded until used
+
+
+def test_custom_data_group_instantiates(make_cfg, monkeypatch):
+    from hawq.config import validate_data
+
+    from .conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "experiments" / "own_model"))
+    cfg = make_cfg("data=custom", *CUSTOM["data"])
+    validate_data(cfg.data)
+    data = instantiate(cfg.data)
+    assert data.input_size == (1, 16, 16) and data.num_classes == 4
+    x, y = next(iter(data.eval_loader("test", "cpu", 8)))
+    assert x.shape == (8, 1, 16, 16) and y.dtype.is_floating_point is False
 
 
 def test_every_group_option_is_listed_here():

@@ -155,9 +155,14 @@ def sensitivities(
     return out, {**timings, **{f"calibration_{k}": v for k, v in info.items()}}
 
 
-def op_costs(report: HessianReport, model: nn.Module | None, input_size: tuple[int, ...]) -> list:
+def op_costs(
+    report: HessianReport,
+    model: nn.Module | None,
+    input_size: tuple[int, ...],
+    example: Any = None,
+) -> list:
     """:class:`OpCost` per op (GEMM shapes need ``model``)."""
-    shapes = op_shapes(model, input_size) if model is not None else {}
+    shapes = op_shapes(model, input_size, example) if model is not None else {}
     return [OpCost(n, c.kind, c.numel, c.macs, shapes.get(n)) for n, c in report.ops.items()]
 
 
@@ -203,6 +208,7 @@ def allocate(
     calib_rel_se: float = 0.05,
     fold_bn: bool = True,
     input_size: tuple[int, ...] = (3, 32, 32),
+    example: Any = None,
     base: OpSetting | None = None,
     sens: list[np.ndarray] | None = None,
     ties: bool = True,
@@ -229,6 +235,8 @@ def allocate(
             relative standard error exceeds ``calib_rel_se``).
         fold_bn: quantize convs with their following BatchNorm folded (as PTQ/QAT do).
         input_size: one input's shape, for tracing.
+        example: example inputs of any structure (token ids, a dict) instead of zeros of
+            ``input_size``; ``calib_batches`` may then hold dicts of keyword inputs.
         base: the non-bit fields of every op's setting.
         sens: per-op sensitivity arrays overriding ``method``'s (e.g. measured drops).
         ties: derive shared-input tie groups from ``model``.
@@ -266,12 +274,12 @@ def allocate(
         )
     groups = list(tie_groups)
     if ties and model is not None:
-        groups += shared_input_groups(model, input_size)
+        groups += shared_input_groups(model, input_size, example)
     problem = build_problem(
         report,
         cands,
         sens,
-        op_costs(report, model, input_size),
+        op_costs(report, model, input_size, example),
         groups,
         latency,
         avg_bits_by,

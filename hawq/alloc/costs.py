@@ -201,8 +201,9 @@ def gemm_shape(module: nn.Module, kind: str, inputs: tuple[Any, ...], output: to
     return f"matmul:{a.numel() // (b * a.shape[-1])}x{a.shape[-1]}x{output.shape[-1]}"
 
 
-def op_shapes(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, str]:
-    """Op name -> :func:`gemm_shape` key, from one forward pass on a zero image pair."""
+def op_shapes(model: nn.Module, input_size: tuple[int, ...], example: Any = None) -> dict[str, str]:
+    """Op name -> :func:`gemm_shape` key, from one forward pass on a zero image pair (or on
+    ``example`` inputs of any structure)."""
     from hawq.models.ops import op_kind, probe_ops
 
     shapes: dict[str, str] = {}
@@ -210,5 +211,5 @@ def op_shapes(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, str]:
     def record(name: str, m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         shapes.setdefault(name, gemm_shape(m, op_kind(m), inputs, output))
 
-    probe_ops(model, record, input_size, batch=2)
+    probe_ops(model, record, input_size, batch=2, example=example)
     return shapes

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch import nn
 from hawq.alloc.candidates import Candidate
 from hawq.alloc.report import OPERANDS
 from hawq.errors import HawqError
+from hawq.models.ops import call_with, example_batch_size
 from hawq.quant.plan import OpSetting
 
 WLevel = tuple[int | None, str]  # (w_bits, w_format)
@@ -115,6 +117,8 @@ def _per_sample_error(
         q(a)
         q.finish_observe()
     d = q(a).sub_(a)
+    if d.dim() < 2:  # an operand without a sample dim (``x @ self.query``): one value
+        d = d.reshape(1, -1)
     return torch.linalg.vector_norm(d.flatten(1), dim=1).double().pow(2)
 
 
@@ -124,14 +128,20 @@ def _nonfinite(a: torch.Tensor, where: str) -> HawqError:
     )
 
 
-def _images(it: Iterator, n: int, have: list[torch.Tensor]) -> torch.Tensor | None:
-    """The first ``n`` images (drawing more batches from ``it`` into ``have`` as needed)."""
-    while sum(x.shape[0] for x in have) < n:
+def _images(it: Iterator, n: int, have: list[Any]) -> Any:
+    """The inputs of the first ``n`` samples (drawing more batches from ``it`` into
+    ``have`` as needed): images of ``(x, y)`` pairs or tensors, or a dict of keyword
+    inputs (token ids, masks) concatenated entry by entry."""
+    while sum(example_batch_size(x) for x in have) < n:
         batch = next(it, None)
         if batch is None:
             break
         have.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    return torch.cat(have)[:n] if have else None
+    if not have:
+        return None
+    if isinstance(have[0], Mapping):
+        return {k: torch.cat([h[k] for h in have])[:n] for k in have[0]}
+    return torch.cat(have)[:n]
 
 
 @torch.no_grad()
@@ -198,7 +208,7 @@ def activation_errors(
                 if levels[name]
             ]
             try:
-                model(x)
+                call_with(model, x)
             finally:
                 for h in handles:
                     h.remove()
@@ -207,7 +217,8 @@ def activation_errors(
                 m = float(e.mean())
                 if m > 0 and e.numel() > 1:
                     worst = max(worst, float(e.std()) / math.sqrt(e.numel()) / m)
-            if worst <= rel_se or x.shape[0] >= max_images or x.shape[0] < n:
+            got = example_batch_size(x)
+            if worst <= rel_se or got >= max_images or got < n:
                 break
             n = min(2 * n, max_images)
     finally:
@@ -218,4 +229,4 @@ def activation_errors(
         }
         for name, (kind, _) in op_cands.items()
     }
-    return out, {"images": int(x.shape[0]), "rel_se": worst}
+    return out, {"images": example_batch_size(x), "rel_se": worst}

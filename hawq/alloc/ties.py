@@ -16,6 +16,7 @@ with derived ones (:func:`merge_groups`), so tie chains become one group.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,8 +26,11 @@ from hawq.errors import HawqError, choices
 from hawq.models.ops import op_kind, probe_ops
 
 
-def shared_input_groups(model: nn.Module, input_size: tuple[int, ...]) -> list[list[str]]:
-    """Groups (size >= 2) of ops whose input operands share storage, in network order."""
+def shared_input_groups(
+    model: nn.Module, input_size: tuple[int, ...], example: Any = None
+) -> list[list[str]]:
+    """Groups (size >= 2) of ops whose input operands share storage, in network order (one
+    forward on zeros of ``input_size`` or on ``example`` inputs of any structure)."""
     readers: dict[int, list[str]] = {}
     keep: list[torch.Tensor] = []  # hold inputs so no storage is freed and reused mid-pass
     order: list[str] = []
@@ -40,7 +44,7 @@ def shared_input_groups(model: nn.Module, input_size: tuple[int, ...]) -> list[l
             if name not in readers.setdefault(ptr, []):
                 readers[ptr].append(name)
 
-    probe_ops(model, record, input_size)
+    probe_ops(model, record, input_size, example=example)
     return merge_groups([r for r in readers.values() if len(r) > 1], order)
 
 

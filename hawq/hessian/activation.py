@@ -35,6 +35,7 @@ from hawq.errors import HawqError
 from hawq.hessian import dist
 from hawq.hessian.hutchinson import TraceEstimate, rademacher
 from hawq.hessian.hvp import Batch, LossFn, evaluating, note_train_mode, reiterable
+from hawq.hessian.objective import as_batch_loss
 from hawq.hessian.sampling import aggregate_rel_stderr, cross_fit
 from hawq.models.ops import op_kind, quantizable_ops
 
@@ -83,11 +84,11 @@ class ActivationGraph:
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, ops: Mapping[str, nn.Module], batch: Batch
     ) -> None:
-        x, y = batch
-        self.n = len(y)
+        loss_of = as_batch_loss(loss_fn)
+        self.n = loss_of.size(batch)
         taps: dict[Key, list[torch.Tensor]] = {}
         with torch.enable_grad(), tap_operands(ops, taps), evaluating(model):
-            loss = loss_fn(model(x), y)
+            loss = loss_of(model, batch)
         self.keys = list(taps)
         self.taps = taps
         flat = [t for k in self.keys for t in taps[k]]

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from hawq.hessian.hvp import Batch, LossFn
+from hawq.hessian.objective import as_batch_loss, with_state
 
 
 def dense_hessian(
@@ -27,16 +27,18 @@ def dense_hessian(
     state.update(dict(model.named_buffers()))
     flat0 = torch.cat([p.detach().reshape(-1) for p in params])
     total, count = torch.zeros(flat0.numel(), flat0.numel(), dtype=flat0.dtype), 0
-    for x, y in batches:
+    objective = as_batch_loss(loss_fn)
+    for batch in batches:
 
-        def loss_of(flat: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+        def loss_of(flat: torch.Tensor, batch=batch) -> torch.Tensor:
             s = dict(state)
             for n, p, chunk in zip(names, params, flat.split(sizes)):
                 s[n] = chunk.view_as(p)
-            return loss_fn(functional_call(model, s, (x,)), y)
+            return objective(with_state(model, s), batch)
 
-        total = total + len(y) * torch.func.hessian(loss_of)(flat0).detach().cpu()
-        count += len(y)
+        n = objective.size(batch)
+        total = total + n * torch.func.hessian(loss_of)(flat0).detach().cpu()
+        count += n
     return total / count
 
 
@@ -49,11 +51,11 @@ def dense_activation_hessian(
     :math:`z` and :math:`\\nabla_z^2 L` is taken at the value the forward pass
     produces; only this use of the activation is perturbed.
     """
-    x, y = batch
+    objective = as_batch_loss(loss_fn)
     seen: list[torch.Tensor] = []
     h = module.register_forward_pre_hook(lambda m, args: seen.append(args[operand].detach()))
     with torch.no_grad():
-        model(x)
+        objective(model, batch)
     h.remove()
     z0 = seen[0]
 
@@ -63,7 +65,7 @@ def dense_activation_hessian(
 
         handle = module.register_forward_pre_hook(swap)
         try:
-            return loss_fn(model(x), y)
+            return objective(model, batch)
         finally:
             handle.remove()
 

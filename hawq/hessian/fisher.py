@@ -27,18 +27,26 @@ model fits the data (``benchmarks/bench_hessian.py`` measures the rank agreement
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
 
 from hawq.errors import HawqError
 from hawq.hessian.activation import Key, tap_operands
 from hawq.hessian.hutchinson import TraceEstimate
 from hawq.hessian.hvp import evaluating
+from hawq.hessian.objective import as_batch_loss, sample_slice, with_state
 from hawq.models.ops import quantizable_ops
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # (x, y) for a two-argument loss; anything for a BatchLoss
+
+
+def _sample_dim(t, n: int) -> int | None:
+    """vmap's dimension of one batch leaf: 0 for a tensor of ``n`` samples, else None."""
+    return 0 if isinstance(t, torch.Tensor) and t.dim() and len(t) == n else None
 
 
 def _estimate(values: list[torch.Tensor], numel: int) -> TraceEstimate:
@@ -70,16 +78,20 @@ def weight_fisher(
     fixed.update({k: v for k, v in model.named_buffers()})
     weights = {k: fixed[k] for k in names}
 
-    def sample_loss(w: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**fixed, **w}, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0))
+    objective = as_batch_loss(loss_fn)
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    def sample_loss(w: dict, sample) -> torch.Tensor:
+        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+        return objective(with_state(model, {**fixed, **w}), one)
+
     values: dict[str, list[torch.Tensor]] = {n: [] for n in names.values()}
     with evaluating(model), torch.enable_grad():
-        for x, y in batches:
-            for i in range(0, len(y), chunk):
-                g = per_sample(weights, x[i : i + chunk], y[i : i + chunk])
+        for batch in batches:
+            n = objective.size(batch)
+            dims = tree_map(lambda t, n=n: _sample_dim(t, n), batch)
+            per_sample = vmap(grad(sample_loss), in_dims=(None, dims))
+            for i in range(0, n, chunk):
+                g = per_sample(weights, sample_slice(batch, i, i + chunk, n))
                 for key, op in names.items():
                     values[op].append(g[key].flatten(1).pow(2).sum(1).detach())
     return {op: _estimate(v, ops[op].weight.numel()) for op, v in values.items()}
@@ -94,19 +106,20 @@ def operand_fisher(
     """:math:`\\mathrm{tr} F_{x_k}` of every op operand (``loss_fn`` a mean over the
     batch; every operand's leading dimension is the sample)."""
     ops = dict(quantizable_ops(model) if ops is None else ops)
+    objective = as_batch_loss(loss_fn)
     values: dict[Key, list[torch.Tensor]] = {}
     numel: dict[Key, int] = {}
     with evaluating(model), torch.enable_grad():
-        for x, y in batches:
-            n = len(y)
+        for batch in batches:
+            n = objective.size(batch)
             taps: dict[Key, list[torch.Tensor]] = {}
             with tap_operands(ops, taps):
-                loss = loss_fn(model(x), y)
+                loss = objective(model, batch)
             keys = list(taps)
             flat = [t for k in keys for t in taps[k]]
             grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
             for k in keys:
-                per = torch.zeros(n, dtype=torch.float64, device=x.device)
+                per = torch.zeros(n, dtype=torch.float64, device=loss.device)
                 for t in taps[k]:
                     g = next(grads)
                     if t.shape[0] != n:

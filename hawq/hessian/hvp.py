@@ -29,15 +29,16 @@ SDPA attention (no double backward or forward-mode AD).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from hawq.hessian.objective import BatchLoss, LossFn, as_batch_loss, with_state
+
+Batch = Any  # (x, y) for a two-argument loss; anything for a BatchLoss
 
 BACKENDS = ("double_backward", "func")
 log = logging.getLogger("hawq")
@@ -90,13 +91,14 @@ def reiterable(batches: Iterable[Batch], who: str) -> Iterable[Batch]:
 
 
 class BatchHVP:
-    """Base class: Hessian-vector products of ``loss_fn(model(x), y)`` on one batch.
+    """Base class: Hessian-vector products of the loss on one batch.
 
     Args:
         model: the network (eval mode).
-        loss_fn: ``loss_fn(output, target) -> scalar``.
+        loss_fn: ``loss_fn(output, target) -> scalar`` on ``(x, y)`` batches, or a
+            :class:`~hawq.hessian.objective.BatchLoss` on batches of any structure.
         params: parameters of ``model`` that span the Hessian.
-        batch: ``(x, y)``.
+        batch: one batch.
     """
 
     name = "base"
@@ -105,8 +107,9 @@ class BatchHVP:
         self, model: nn.Module, loss_fn: LossFn, params: Sequence[torch.Tensor], batch: Batch
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
+        self.loss: BatchLoss = as_batch_loss(loss_fn)
         self.params = list(params)
-        self.x, self.y = batch
+        self.batch = batch
 
     def __call__(self, vs: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
         """:math:`H_{SS} v_S` for ``S = idx``; ``vs[i]`` has the shape of ``params[idx[i]]``."""
@@ -129,7 +132,7 @@ class DoubleBackwardHVP(BatchHVP):
     ) -> None:
         super().__init__(model, loss_fn, params, batch)
         with torch.enable_grad(), evaluating(model):
-            loss = loss_fn(model(self.x), self.y)
+            loss = self.loss(model, batch)
             self.grads = torch.autograd.grad(
                 loss, self.params, create_graph=True, allow_unused=True
             )
@@ -201,7 +204,7 @@ class FuncHVP(BatchHVP):
         def loss_of(sub: tuple[torch.Tensor, ...]) -> torch.Tensor:
             state = dict(self.fixed)
             state.update(zip(names, sub))
-            return self.loss_fn(functional_call(self.model, state, (self.x,)), self.y)
+            return self.loss(with_state(self.model, state), self.batch)
 
         primals = tuple(self.params[i].detach() for i in idx)
         with evaluating(self.model):

@@ -37,6 +37,7 @@ from hawq.hessian.hvp import (
     note_train_mode,
     reiterable,
 )
+from hawq.hessian.objective import as_batch_loss
 from hawq.models.ops import quantizable_ops
 
 log = logging.getLogger("hawq")
@@ -87,6 +88,7 @@ class HessianOperator:
         batches = reiterable(batches, "Hessian operator")
         note_train_mode(model, "Hessian operator")
         self.model, self.loss_fn, self.batches, self.backend = model, loss_fn, batches, backend
+        self._loss = as_batch_loss(loss_fn)
         blocks = op_blocks(model) if blocks is None else blocks
         if not blocks:
             raise ValueError("no parameters to take the Hessian over")
@@ -184,7 +186,9 @@ class HessianOperator:
                     self.backend, self.model, self.loss_fn, self.params, self._fixed
                 )
             acc = self._cache(vs, idx)
-            count = torch.tensor(float(len(self._fixed[1])), device=self.device, dtype=self.dtype)
+            count = torch.tensor(
+                float(self._loss.size(self._fixed)), device=self.device, dtype=self.dtype
+            )
             acc = [a * count for a in acc]
         else:
             acc = [torch.zeros_like(v) for v in vs]
@@ -192,7 +196,7 @@ class HessianOperator:
             local = [self._fixed] if self._fixed is not None else dist.shard(self.batches)
             for batch in local:
                 hvp = make_batch_hvp(self.backend, self.model, self.loss_fn, self.params, batch)
-                nb = len(batch[1])
+                nb = self._loss.size(batch)
                 acc = [a + nb * h for a, h in zip(acc, hvp(vs, idx))]
                 count += nb
                 del hvp  # frees this batch's graph before the next one is built

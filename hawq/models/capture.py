@@ -12,19 +12,22 @@ the ordinary way (``torch.matmul``, ``@``, ``F.scaled_dot_product_attention``,
 How: (1) every ``nn.MultiheadAttention`` becomes a
 :class:`~hawq.models.captured_mha.CapturedMultiheadAttention`; (2) every user module
 (not ``torch.nn``'s own, not an op) that ran on the example inputs is traced with
-``torch.fx`` *on its own*, its children as leaves, once in eval and once in train mode;
-its product nodes become new children (:mod:`hawq.models.capture_rules`), named
-``<module path>.<role>``, and the module's ``forward`` runs the rewritten graph of its
-current mode. Modules fx cannot trace (data-dependent control flow...) keep their
-forward; their own products are reported. Hooks on every module keep working, and
-module names, classes and methods stay what they were.
+``torch.fx`` *on its own*, its children as leaves, once in eval and once in train mode,
+top-down (a module is traced with the arguments its traced caller passes it), by a tracer
+whose proxies carry example values (:mod:`hawq.models.capture_trace`): control flow on
+shapes and flags follows the example and is guarded, decorated and ``**kwargs`` forwards
+(``transformers``') are traced through. Product nodes become new children
+(:mod:`hawq.models.capture_rules`), named ``<module path>.<role>``, and the module's
+``forward`` runs the rewritten graph of its current mode. Modules that cannot be traced
+(control flow on tensor values...) keep their forward; their own products are reported.
+Hooks on every module keep working, and module names, classes and methods stay.
 
-Limits: non-tensor arguments (None, flags, ints) are specialised to the values seen on
-the example inputs (fx asserts them at run time); Python randomness or other state read
-while tracing is frozen; forwards with ``*args``/``**kwargs`` are not traced; the whole
-model pickles with its rewritten graphs (hawq's :mod:`hawq.safe_load` allow-list does not
-know them); ``state_dict`` keys change where a module was replaced or ``F.linear``
-parameters moved (:attr:`CaptureReport.renamed`).
+Limits: non-tensor arguments (None, flags, ints, ``**kwargs`` keys) and branches are
+specialised to the example inputs: a call that differs raises one :class:`HawqError`
+line naming the argument or the source line; Python randomness or other state read while
+tracing is frozen; the whole model pickles with its rewritten graphs (hawq's
+:mod:`hawq.safe_load` allow-list does not know them); ``state_dict`` keys change where a
+module was replaced or ``F.linear`` parameters moved (:attr:`CaptureReport.renamed`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 from hawq.errors import HawqError
 from hawq.models.capture_rules import Namer, Unsupported, rewrite_graph
+from hawq.models.capture_trace import Call, CaptureTracer, has_tensor, record_calls, same
 from hawq.models.captured_mha import swap_attention
 from hawq.models.coverage import LeftOut, count_flops, split_flops
 from hawq.models.ops import as_call, is_quantizable, quantizable_ops
@@ -95,69 +99,7 @@ class CaptureReport:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- inputs, calls
-
-
-def _has_tensor(value) -> bool:
-    """A tensor, or an fx proxy standing for one (a prepared model traced again)."""
-    return any(isinstance(v, torch.Tensor | fx.Proxy) for v in tree_flatten(value)[0])
-
-
-def _same(a, b) -> bool:
-    try:
-        return a is b or (type(a) is type(b) and bool(a == b))
-    except Exception:  # noqa: BLE001 - uncomparable values are different
-        return False
-
-
-@dataclass
-class _Call:
-    """How a module was called on the example inputs: its non-tensor arguments."""
-
-    concrete: dict
-    consistent: bool = True
-
-
-def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module, _Call]:
-    """One eval forward recording each module's non-tensor arguments (defaults applied)."""
-    calls: dict[nn.Module, _Call] = {}
-
-    def hook(module: nn.Module, a: tuple, kw: dict) -> None:
-        try:
-            bound = inspect.signature(module.forward).bind(*a, **kw)
-        except TypeError:
-            return
-        bound.apply_defaults()
-        concrete = {k: v for k, v in bound.arguments.items() if not _has_tensor(v)}
-        seen = calls.get(module)
-        if seen is None:
-            calls[module] = _Call(concrete)
-        elif seen.concrete.keys() != concrete.keys() or not all(
-            _same(v, seen.concrete[k]) for k, v in concrete.items()
-        ):
-            seen.consistent = False
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
-    try:
-        count_flops(model, args, kwargs)  # a plain eval no-grad forward
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
 # ----------------------------------------------------------------------------- tracing
-
-
-class _LeafTracer(fx.Tracer):
-    """Traces one module's own forward; every child module is a leaf."""
-
-    def __init__(self, root: nn.Module) -> None:
-        super().__init__()
-        self._root = root
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return m is not self._root
 
 
 def should_trace(module: nn.Module) -> bool:
@@ -171,16 +113,16 @@ def should_trace(module: nn.Module) -> bool:
     )
 
 
-def _check_signature(sig: inspect.Signature) -> None:
-    for p in sig.parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY):
-            raise Unsupported(f"forward takes {p}; only plain parameters are traced")
-
-
 def _compile(graph: fx.Graph):
     """The forward function of ``graph``: ``fn(self, *placeholders)`` (as GraphModule does)."""
     code = graph.python_code(root_module="self")
     return _forward_from_src(code.src, code.globals)
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {tuple(value.shape)}"
+    return repr(value)
 
 
 class _GraphForward:
@@ -189,26 +131,48 @@ class _GraphForward:
     Pickles (with the module) as its graphs, recompiled on load; deep copies share them.
     """
 
-    def __init__(self, module: nn.Module, graphs: dict[bool, fx.Graph], concrete: dict) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        graphs: dict[bool, fx.Graph],
+        concrete: dict,
+        kw_keys: set[str] | None = None,
+    ) -> None:
         sig = inspect.signature(type(module).forward)
         self.sig = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
         self.module, self.graphs, self.concrete = module, graphs, concrete
+        self.kw_keys = kw_keys  # the **kwargs keys of the example call
         self.fns = {mode: _compile(g) for mode, g in graphs.items()}
 
     def __call__(self, *args, **kwargs):
         bound = self.sig.bind(*args, **kwargs)
         bound.apply_defaults()
+        params = self.sig.parameters
         for name, value in bound.arguments.items():  # traced as a tensor: must stay one
-            if name not in self.concrete and not _has_tensor(value):
+            if params[name].kind == params[name].VAR_KEYWORD and set(value) != self.kw_keys:
+                raise HawqError(
+                    f"{type(self.module).__name__}.forward was captured with keyword "
+                    f"arguments {sorted(self.kw_keys or ())} in **{name}, got {sorted(value)}; "
+                    "prepare() with example inputs that pass the same keywords as this call"
+                )
+            star = params[name].kind in (params[name].VAR_POSITIONAL, params[name].VAR_KEYWORD)
+            if not star and name not in self.concrete and not has_tensor(value):
                 raise HawqError(
                     f"{type(self.module).__name__}.forward was captured with a "
                     f"tensor {name}, got {value!r}; prepare() with example inputs "
                     "that pass the same arguments as this call"
                 )
-        return self.fns[self.module.training](self.module, *bound.arguments.values())
+            if name in self.concrete and not same(value, self.concrete[name]):
+                raise HawqError(
+                    f"{type(self.module).__name__}.forward was captured with {name}="
+                    f"{_short(self.concrete[name])} on prepare()'s example inputs, got "
+                    f"{_short(value)}; prepare() with example inputs that pass {name} as "
+                    "this call does"
+                )
+        return self.fns[self.module.training](self.module, *bound.args, **bound.kwargs)
 
     def __reduce__(self):
-        return _GraphForward, (self.module, self.graphs, self.concrete)
+        return _GraphForward, (self.module, self.graphs, self.concrete, self.kw_keys)
 
     def __deepcopy__(self, memo: dict) -> _GraphForward:
         new = object.__new__(_GraphForward)
@@ -217,42 +181,49 @@ class _GraphForward:
         return new
 
 
-def capture_module(module: nn.Module, call: _Call) -> Namer | None:
+def capture_module(module: nn.Module, call: Call) -> tuple[Namer, dict[nn.Module, Call]]:
     """Trace ``module`` (eval and train mode), rewrite its products, install the forward.
 
+    Every module that traces runs its graph from then on, products or not, so its
+    submodules are called exactly as the graph calls them (``transformers`` builds
+    attention masks differently while tracing than eagerly).
+
     Returns:
-        The :class:`Namer` with the children created, or None when there was no product.
+        The :class:`Namer` with the children created, and how the eval graph calls its
+        submodules (the example calls to trace them with).
 
     Raises:
         Unsupported: the module cannot be traced (the reason is the message).
     """
-    _check_signature(inspect.signature(type(module).forward))
     if not call.consistent:
         raise Unsupported("called with different non-tensor arguments; cannot specialise")
-    graphs = {}
+    graphs, tracers = {}, {}
     was_training = module.training
     try:
         for mode in (False, True):
             module.training = mode
-            graphs[mode] = _LeafTracer(module).trace(module, concrete_args=call.concrete)
+            tracers[mode] = CaptureTracer(module, call)
+            graphs[mode] = tracers[mode].trace(module, concrete_args=call.concrete)
+    except (HawqError, Unsupported):
+        raise
     except Exception as e:  # noqa: BLE001 - any trace failure leaves the module as it was
         raise Unsupported(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
         module.training = was_training
     namer = Namer(module)
     try:
-        n = sum(rewrite_graph(g, namer) for g in graphs.values())
+        for g in graphs.values():
+            rewrite_graph(g, namer)
     except Unsupported:
         for name in namer.created:
             delattr(module, name)
         raise
-    if not n:
-        return None
     for attr in namer.moved:
         delattr(module, attr)  # now owned by the new nn.Linear
     _order_children(module, graphs[False])
-    module.forward = _GraphForward(module, graphs, call.concrete)
-    return namer
+    kw_keys = next((set(v) for k, v in call.examples.items() if k.startswith("**")), None)
+    module.forward = _GraphForward(module, graphs, call.concrete, kw_keys)
+    return namer, tracers[False].child_calls
 
 
 def _order_children(module: nn.Module, graph: fx.Graph) -> None:
@@ -304,12 +275,11 @@ def _capture_all(model: nn.Module, args: tuple, kwargs: dict, report: CaptureRep
         if not should_trace(module) or module not in calls:
             continue
         try:
-            namer = capture_module(module, calls[module])
+            namer, child_calls = capture_module(module, calls[module])
         except Unsupported as e:
             report.untraced[name] = str(e)
             continue
-        if namer is None:
-            continue
+        calls.update(child_calls)  # pre-order: submodules are traced after their caller
         prefix = f"{name}." if name else ""
         report.added += [prefix + n for n in namer.created]
         report.renamed.update({prefix + a: prefix + b for a, b in namer.moved.items()})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from hawq.models.ops import quantizable_ops
@@ -43,9 +44,11 @@ def _call(model: nn.Module, args: tuple, kwargs: dict):
     return model(*args, **kwargs)
 
 
-@torch.no_grad()
+@torch.enable_grad()
 def count_flops(model: nn.Module, args: tuple, kwargs: dict) -> tuple[object, dict[str, dict]]:
-    """Eval-mode forward under FlopCounterMode (train mode restored afterwards).
+    """Eval-mode forward under FlopCounterMode (train mode restored afterwards); grad
+    stays enabled (a module called with a Parameter operand, ``x @ self.query``, breaks
+    the mode's module tracker under no_grad) and the output is detached.
 
     Returns:
         ``(output, {module name: {aten op name: FLOPs}})`` with inclusive counts per
@@ -55,7 +58,10 @@ def count_flops(model: nn.Module, args: tuple, kwargs: dict) -> tuple[object, di
     model.eval()
     try:
         with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as counter:
-            out = _call(model, args, kwargs)
+            out = tree_map(
+                lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                _call(model, args, kwargs),
+            )
     finally:
         model.train(was_training)
     counts: dict[str, dict] = {}

@@ -53,6 +53,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hawq.config import require
+from hawq.engine import call_model
 from hawq.errors import HawqError
 from hawq.quant.bn_fold import unfold_weight
 from hawq.quant.learnable import lsq_fake_quantize
@@ -131,9 +132,13 @@ def units(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-def calibration_images(batches: Iterable, max_batches: int) -> Tensor:
-    """The inputs of the first ``max_batches`` batches (``(x, y)`` pairs), concatenated."""
-    return torch.cat([b[0] for b in itertools.islice(iter(batches), max_batches)])
+def calibration_images(batches: Iterable, max_batches: int) -> Any:
+    """The inputs of the first ``max_batches`` batches, concatenated: the images of
+    ``(x, y)`` pairs, or dicts of keyword inputs (token ids, masks) entry by entry."""
+    first = list(itertools.islice(iter(batches), max_batches))
+    if first and isinstance(first[0], dict):
+        return _cat(first)
+    return torch.cat([b[0] for b in first])
 
 
 def _h(v: Tensor) -> Tensor:
@@ -201,8 +206,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, unit: nn.Module, images: Tensor, batch: int, what: str) -> list[Any]:
-    """The unit's inputs (``what="in"``: (args, kwargs) per batch) or outputs over ``images``."""
+def _capture(model: nn.Module, unit: nn.Module, images: Any, batch: int, what: str) -> list[Any]:
+    """The unit's inputs (``what="in"``: (args, kwargs) per batch) or outputs over ``images``
+    (a tensor, or a dict of keyword inputs)."""
     got: list[Any] = []
 
     def pre(_m, args, kwargs):
@@ -220,9 +226,10 @@ def _capture(model: nn.Module, unit: nn.Module, images: Tensor, batch: int, what
         else unit.register_forward_hook(post)
     )
     try:
-        for i in range(0, images.shape[0], batch):
+        n = _batch_size(images)
+        for i in range(0, n, batch):
             try:
-                model(images[i : i + batch])
+                call_model(model, _take(images, torch.arange(i, min(i + batch, n)), n))
             except _Stop:
                 pass
     finally:
@@ -254,7 +261,12 @@ def _leaves(x: Any) -> list[Tensor]:
 
 
 def _batch_size(target: Any) -> int:
-    return _leaves(target)[0].shape[0]
+    tensors = _leaves(target) or [t for t in _values(target) if isinstance(t, Tensor)]
+    return tensors[0].shape[0]
+
+
+def _values(x: Any) -> list[Any]:
+    return list(x.values()) if isinstance(x, dict) else [x]
 
 
 def _cat(chunks: list[Any]) -> Any:
@@ -432,7 +444,7 @@ def _optimise(
 def reconstruct_(
     model: nn.Module,
     fp_model: nn.Module,
-    images: Tensor,
+    images: Any,
     st: ReconstructSettings | None = None,
     eval_batch: int = 256,
 ) -> dict[str, dict[str, Any]]:
@@ -442,7 +454,8 @@ def reconstruct_(
         model: quantized with :func:`~hawq.quant.quantize_` (PTQ, no QAT method) and
             calibrated; changed in place.
         fp_model: the FP model it was quantized from (same module names).
-        images: calibration inputs ``(N, ...)`` on the models' device (no labels used).
+        images: calibration inputs ``(N, ...)`` on the models' device (no labels used),
+            or a dict of keyword inputs with ``N`` rows each (token ids, masks).
         st: settings (defaults: :class:`ReconstructSettings`).
         eval_batch: batch for the captures and the before/after errors.
 

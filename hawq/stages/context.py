@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hawq.checkpoint import build_model, load_model
-from hawq.config import DataConfig, RunConfig, typed
+from hawq.config import RunConfig, validate_data
 from hawq.data.module import ImageData
+from hawq.data.user import UserData
 from hawq.distributed import is_main
 from hawq.engine import resolve_device
 from hawq.errors import HawqError
@@ -113,8 +114,8 @@ class Context:
         return Path(self.cfg.paths.checkpoint).expanduser().resolve()
 
     @cached_property
-    def data(self) -> ImageData:
-        typed(self.cfg.data, DataConfig, "data")
+    def data(self) -> ImageData | UserData:
+        validate_data(self.cfg.data)
         return instantiate(self.cfg.data)
 
     def build_model(self) -> nn.Module:

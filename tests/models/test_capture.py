@@ -332,8 +332,8 @@ def test_train_and_eval_graphs_and_argument_guard():
     assert not torch.allclose(a, prepared(x))  # dropout inside the captured attention
     prepared.eval()
     torch.testing.assert_close(prepared(x), model(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(AssertionError, match="scale has been specialized"):
-        prepared.blocks[0](x, scale=0.1)  # a different non-tensor argument: fx's guard
+    with pytest.raises(HawqError, match="captured with scale=.* got 0.1"):
+        prepared.blocks[0](x, scale=0.1)  # a different non-tensor argument: one clear line
 
 
 def test_transformers_bert_if_installed():
@@ -367,3 +367,50 @@ def test_op_inventory_of_a_token_model_from_example_inputs():
     for example in (ids, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
         inv = {i.name: i.macs for i in op_inventory(Tokens(), example=example)}
         assert inv == {"fc": 7 * 8 * 8, "head": 8 * 2}  # per sample
+
+
+def _logged(fn):
+    """A decorator as ``transformers`` writes them: ``(self, *args, **kwargs)`` wrapper."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+class Branchy(nn.Module):
+    """Control flow on shapes, ``**kwargs`` flags and a decorated forward: traced with
+    the example's values, every decision guarded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    @_logged
+    def forward(self, x, mask=None, **kwargs):
+        if x.shape[1] > 4:  # a shape decision
+            x = x @ x.transpose(-2, -1) @ x / x.shape[1]
+        if kwargs.get("double", False):  # a flag passed through **kwargs
+            x = 2 * x
+        if mask is not None:
+            x = x * mask
+        return self.fc(x)
+
+
+def test_shape_flag_and_decorator_decisions_are_captured_and_guarded():
+    model = Branchy().eval()
+    x, mask = tokens(), torch.rand(B, T, 1)
+    prepared, report = prepare(model, {"x": x, "mask": mask, "double": True}, strict=True)
+    assert report.share == 1.0 and {"matmul", "matmul_1"} <= set(report.ops)
+    x2, mask2 = torch.randn(5, 9, D), torch.rand(5, 9, 1)  # other batch and length
+    torch.testing.assert_close(prepared(x2, mask2, double=True), model(x2, mask2, double=True),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    branch = r"condition at test_capture.py:\d+ was True .* False on this call"
+    with pytest.raises(HawqError, match=branch):
+        prepared(torch.randn(2, 3, D), torch.rand(2, 3, 1), double=True)  # length 3 <= 4
+    with pytest.raises(HawqError, match="'double' was True .* False on this call"):
+        prepared(x, mask, double=False)
+    with pytest.raises(HawqError, match="mask"):
+        prepared(x, None, double=True)  # the example passed a tensor mask

@@ -91,8 +91,8 @@ def test_cli_unknown_model(tmp_path):
     proc = run_cli("model=no_such_model", f"paths.run_dir={tmp_path}")
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert err == ["hawq: error: unknown model 'no_such_model'; available: resnet20, resnet_tiny, "
-                   "torch_vit_cifar, torch_vit_tiny, vit_cifar, vit_cifar_cpu, "
+    assert err == ["hawq: error: unknown model 'no_such_model'; available: custom, resnet20, "
+                   "resnet_tiny, torch_vit_cifar, torch_vit_tiny, vit_cifar, vit_cifar_cpu, "
                    "vit_tiny"]  # fmt: skip
 
 

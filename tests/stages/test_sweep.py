@@ -49,7 +49,7 @@ def test_unknown_group_options_are_dropped_per_point():
     assert kept == ["-m", "model=vit_tiny,resnet20", "data=synthetic", "seed=1,2", "model.dim=3",
                     "hydra/launcher=joblib", "stages=[train]"]  # fmt: skip
     assert [f.split(":")[0] for f in failed] == ["model=nope", "data=zzz"]
-    with pytest.raises(HawqError, match="unknown model 'x'; available: resnet20"):
+    with pytest.raises(HawqError, match="unknown model 'x'; available: custom, resnet20"):
         drop_unknown_options(["-m", "model=x,y"], CONF_DIR)
 
 

@@ -5,24 +5,22 @@
 and everything else (the user's modules, ``nn.TransformerEncoderLayer``, the forwards that
 :func:`hawq.models.prepare` rewrote) traced through.
 
-Each proxy carries the value it has on example inputs (``node.meta["value"]``), as the
-``transformers`` fx tracer does with meta tensors: Python control flow on shapes, dtypes
-or flags (``if x.dim() == 3``, ``n, l, _ = x.shape``) takes the branch of the example and
-is not recorded, while shapes read from tensors (``x.shape[0]``) stay graph nodes, so the
-converted graph runs at any batch size. Like :func:`~hawq.models.prepare`, the graph is
-specialised to the control flow of the example.
+Each proxy carries the value it has on example inputs (``node.meta["value"]``, see
+:mod:`hawq.models.value_trace`): Python control flow on shapes, dtypes or flags takes the
+branch of the example, while shapes read from tensors (``x.shape[0]``) stay graph nodes,
+so the converted graph runs at any batch size. The branches are those that
+:func:`~hawq.models.prepare` guarded on its example inputs.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
 
 from hawq.errors import HawqError
+from hawq.models.value_trace import ValueTracer
 
 QUANT_OPS = ("QuantLinear", "QuantConv2d", "QuantMatMul")
 
@@ -31,93 +29,13 @@ def is_quant_op(m: nn.Module) -> bool:
     return type(m).__name__ in QUANT_OPS
 
 
-class ValueProxy(fx.Proxy):
-    """A proxy whose ``len`` is its example value's (``n, l, _ = x.shape`` unpacks)."""
-
-    def __len__(self) -> int:
-        return len(self.tracer.values[self.node])
-
-
-class ValueTracer(fx.Tracer):
-    """fx tracer whose proxies know their example values (see the module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__(autowrap_functions=())
-        self.values: dict[fx.Node, Any] = {}
-        self.computing = False  # inside an example computation: nothing is recorded
+class _IntegerTracer(ValueTracer):
+    """Quantized ops and ``torch.nn``'s childless modules are leaves; the rest is traced."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_quant_op(m):
             return True
         return type(m).__module__.startswith("torch.nn") and not any(True for _ in m.children())
-
-    def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict) -> Any:
-        if self.computing:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
-        if self.computing:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-    def _value(self, a: Any) -> Any:
-        return tree_map(lambda v: self.values[v.node] if isinstance(v, fx.Proxy) else v, a)
-
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest, **kw):
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest, **kw)
-        if kind == "placeholder":
-            self.values[proxy.node] = self.examples[target]
-        elif kind != "output":
-            self.values[proxy.node] = self._run(kind, target, args, kwargs)
-        proxy.node.meta["value"] = self.values.get(proxy.node)
-        return proxy
-
-    def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
-        a, kw = self._value(args), self._value(kwargs)
-        self.computing = True
-        try:
-            return self._compute(kind, target, a, kw)
-        finally:
-            self.computing = False
-
-    def _compute(self, kind: str, target: Any, a: tuple, kw: dict) -> Any:
-        with torch.no_grad():
-            if kind == "call_function":
-                return target(*a, **kw)
-            if kind == "call_method":
-                return getattr(a[0], target)(*a[1:], **kw)
-            if kind == "call_module":
-                return self.root.get_submodule(target)(*a, **kw)
-            if kind == "get_attr":
-                return _attr(self.root, target)
-        raise HawqError(f"trace: unexpected node kind {kind}")
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return ValueProxy(node, self)
-
-    def to_bool(self, obj: fx.Proxy) -> bool:
-        return bool(self.values[obj.node])
-
-    def iter(self, obj: fx.Proxy):
-        return iter([obj[i] for i in range(len(self.values[obj.node]))])
-
-    def keys(self, obj: fx.Proxy):
-        return self.values[obj.node].keys()
-
-
-def _attr(root: nn.Module, target: str) -> Any:
-    """``root.<target>`` without ``nn.Module.__getattr__`` (fx patches it while tracing)."""
-    obj: Any = root
-    for part in target.split("."):
-        d = obj.__dict__
-        for table in ("_parameters", "_buffers", "_modules"):
-            if part in d.get(table, {}):
-                obj = d[table][part]
-                break
-        else:
-            obj = d[part] if part in d else object.__getattribute__(obj, part)
-    return obj
 
 
 class _Entry(nn.Module):
@@ -135,7 +53,7 @@ def trace(qmodel: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """The fx graph of ``qmodel`` (eval mode) on ``example``; node targets name modules as
     ``model.<name>``, ``node.meta["value"]`` holds the example value of each node."""
     entry = _Entry(qmodel.eval())
-    tracer = ValueTracer()
+    tracer = _IntegerTracer()
     tracer.examples = {"x": example}
     tracer.root = entry
     try:
