@@ -46,14 +46,21 @@ def checkpoint_for(metric: str) -> str:
     )
 
 
-def publish(run_dir: str | Path, dest: str | Path, checkpoint: str) -> Path:
-    """Copy ``results.json`` and ``checkpoint`` of ``run_dir`` into ``dest``."""
+#: small files published beside results.json when the run has them (a row's plan, its plot)
+ALSO = ("bits.yaml", "bits_per_op.png")
+
+
+def publish(run_dir: str | Path, dest: str | Path, checkpoint: str | None) -> Path:
+    """Copy ``results.json``, ``checkpoint`` (None: results only, e.g. the draws of a
+    random-sensitivity band) and the run's plan (:data:`ALSO`) of ``run_dir`` into
+    ``dest``."""
     run_dir, dest = Path(run_dir), Path(dest)
-    for name in ("results.json", checkpoint):
+    needed = ["results.json", *([checkpoint] if checkpoint else [])]
+    for name in needed:
         if not (run_dir / name).is_file():
             raise HawqError(f"publish: {run_dir / name} does not exist")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("results.json", checkpoint):
+    for name in [*needed, *(n for n in ALSO if (run_dir / n).is_file())]:
         shutil.copyfile(run_dir / name, dest / name)
     return dest
 

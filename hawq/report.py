@@ -336,7 +336,9 @@ def _parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("publish", help="copy a run's results.json and checkpoint to a folder")
     pb.add_argument("run_dir")
     pb.add_argument("dest")
-    pb.add_argument("--checkpoint", default="model.pt")
+    pb.add_argument(
+        "--checkpoint", default="model.pt", help="checkpoint to copy; 'none': results only"
+    )
     d = sub.add_parser("tradeoff", help="accuracy vs BOPs/size PNG over finished ptq/qat runs")
     d.add_argument("series", nargs="+", help="LABEL=GLOB of run directories, one per line")
     d.add_argument("--stage", default="ptq", choices=("ptq", "qat"))
@@ -406,7 +408,8 @@ def _artifacts(args: argparse.Namespace) -> int:
     from hawq import artifacts
 
     if args.cmd == "publish":
-        print(artifacts.publish(args.run_dir, args.dest, args.checkpoint))
+        ckpt = None if args.checkpoint.lower() == "none" else args.checkpoint
+        print(artifacts.publish(args.run_dir, args.dest, ckpt))
         return 0
     checks = artifacts.verify(load_rows(args.rows), args.data or os.environ.get("HAWQ_DATA"))
     bad = [c for c in checks if abs(c.diff) > args.tol]
