@@ -100,10 +100,11 @@ def reevaluate(folder: str | Path, metric: str, data_root: str | None = None) ->
     folder = Path(folder)
     results = read_json(folder / "results.json")
     data_cfg = dict(results["config"]["data"])
-    data_cfg["download"] = False
-    if data_root is not None:
-        data_cfg["root"] = data_root
-    data = instantiate(data_cfg)
+    if "download" in data_cfg:
+        data_cfg["download"] = False
+    if data_root is not None and data_cfg.get("root") is not None:
+        data_cfg["root"] = data_root  # a run on a CIFAR-10 folder: this machine's copy
+    data = instantiate(data_cfg)  # synthetic and custom data are rebuilt as recorded
     ckpt = folder / checkpoint_for(metric)
     if ckpt.name == "model.pt":
         model, _ = load_model(ckpt)
