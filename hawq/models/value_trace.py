@@ -43,9 +43,23 @@ class ValueTracer(fx.Tracer):
         self.examples: dict[str, Any] = {}
         self.computing = False  # inside an example computation: nothing is recorded
 
+    def trace(self, root, concrete_args=None):
+        """fx's trace, with ``torch.finfo`` / ``torch.iinfo`` of a traced dtype answered from
+        its example value (``torch.finfo(x.dtype).min``: a constant of the example's dtype)."""
+        finfo, iinfo = torch.finfo, torch.iinfo
+
+        def concrete(info):
+            return lambda t=None: info() if t is None else info(self.value_of(t))
+
+        torch.finfo, torch.iinfo = concrete(finfo), concrete(iinfo)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.finfo, torch.iinfo = finfo, iinfo
+
     def call_module(self, m: nn.Module, forward, args: tuple, kwargs: dict) -> Any:
-        if self.computing:
-            return forward(*args, **kwargs)
+        if self.computing or m not in (getattr(self, "submodule_paths", None) or {m: ""}):
+            return forward(*args, **kwargs)  # a module made on the fly (nn.ReLU()(x)): inline
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:

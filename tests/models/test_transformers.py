@@ -74,6 +74,44 @@ def test_bert_and_vit_are_fully_captured_with_readable_names():
     assert sum(n.endswith((".qk", ".av")) for n in report.ops) == 4
 
 
+def _more_models() -> dict:
+    """Tiny decoder, encoder-decoder and distilled models (caches off: a cache object is
+    state, not an input to specialise on)."""
+    T = transformers
+    return {
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(  # Conv1D: torch.addmm
+            vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16)),
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(  # rotary, GQA, RMSNorm
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)),
+        "distilbert": lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+            max_position_embeddings=16)),  # nn.ReLU()(x) built inline
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(  # torch.finfo(x.dtype), bmm
+            vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "distilbert", "t5"])
+def test_more_transformers_models_are_fully_captured(name):
+    torch.manual_seed(0)
+    model = _more_models()[name]().eval()
+
+    def call(n, t, seed):
+        batch = {**tokens(n, t, seed=seed, pad=1 if name != "gpt2" else 0), "use_cache": False}
+        if name == "distilbert":
+            batch.pop("use_cache")
+        if name == "t5":
+            batch["decoder_input_ids"] = batch["input_ids"][:, :3]
+        return batch
+
+    prepared, report = prepare(model, call(2, 6, 0), strict=True)
+    assert report.share == 1.0 and not report.left_out
+    batch = call(3, 5, 1)  # another batch size and length
+    got, want = prepared(**batch), model(**batch)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+
+
 def test_prepared_bert_runs_other_shapes_and_padding_exactly():
     """Prepared on an unpadded (2, 5) batch, run on a padded (3, 7) one: transformers skips
     the mask eagerly for unpadded inputs but builds it while tracing, so the captured
