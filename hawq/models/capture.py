@@ -203,7 +203,7 @@ def capture_module(module: nn.Module, call: Call) -> tuple[Namer, dict[nn.Module
         for mode in (False, True):
             module.training = mode
             tracers[mode] = CaptureTracer(module, call)
-            graphs[mode] = tracers[mode].trace(module, concrete_args=call.concrete)
+            graphs[mode] = tracers[mode].trace(module)
     except (HawqError, Unsupported):
         raise
     except Exception as e:  # noqa: BLE001 - any trace failure leaves the module as it was

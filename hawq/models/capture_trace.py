@@ -11,7 +11,8 @@ called with on the example inputs (:func:`record_calls`), by a
   not captured, and its products are reported as left out);
 * a non-tensor value read from ``*args``/``**kwargs`` (a flag, ``None``, a config
   object) becomes that constant, checked by a :func:`kwarg_guard` node;
-* non-tensor named arguments are fx ``concrete_args`` (fx asserts them itself).
+* non-tensor named arguments (``None``, flags, tuples of sizes, objects) are the example's
+  values while tracing; the captured forward checks them on every call.
 
 So a captured module either computes exactly what the original would on a call, or
 raises a :class:`~hawq.errors.HawqError` naming the line whose decision changed.
@@ -112,7 +113,7 @@ class Call:
     Attributes:
         examples: placeholder name -> value of the first call (fx names ``*args`` and
             ``**kwargs`` placeholders with their stars).
-        concrete: the named non-tensor arguments (fx ``concrete_args``).
+        concrete: the named non-tensor arguments (their example values are traced).
         consistent: every call passed the same non-tensor named arguments.
     """
 
@@ -185,7 +186,7 @@ class CaptureTracer(ValueTracer):
 
     def __init__(self, root: nn.Module, call: Call) -> None:
         super().__init__()
-        self.root, self.examples = root, call.examples
+        self.root, self.examples, self.concrete = root, call.examples, call.concrete
         self.proxy_buffer_attributes = True  # buffers sliced by traced sizes stay nodes
         self.star_args: set[fx.Node] = set()
         self.child_calls: dict[nn.Module, Call] = {}  # how the graph calls its modules
@@ -199,18 +200,25 @@ class CaptureTracer(ValueTracer):
         return m is not self.root
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        """A decorated forward (``functools.wraps``, as ``transformers`` wraps most) is
-        traced *through* its wrapper: placeholders come from the wrapped signature (as fx
-        names them) and are passed to the wrapper the way a caller would pass them."""
+        """Placeholders as fx makes them, but the function traced receives the example's
+        value for every non-tensor named argument (``None``, flags, a tuple of sizes: the
+        captured forward checks them on every call). A decorated forward
+        (``functools.wraps``, as ``transformers`` wraps most) is traced *through* its
+        wrapper: placeholders come from the wrapped signature and are passed to the
+        wrapper the way a caller would pass them."""
         inner = inspect.unwrap(root_fn)
-        if inner is root_fn:
-            return super().create_args_for_root(root_fn, is_module, concrete_args)
-        _, args = super().create_args_for_root(inner, is_module, concrete_args)
+        fn, args = super().create_args_for_root(inner, is_module, concrete_args)
         params = list(inspect.signature(inner).parameters.values())
 
+        def concrete(values) -> list:
+            return [self.concrete.get(p.name, v) for p, v in zip(params, values)]
+
+        if inner is root_fn:
+            return (lambda *values: fn(*concrete(values))), args
         by_position = any(p.kind == p.VAR_POSITIONAL for p in params)
 
         def call_wrapper(*values):  # self and positional-only by position, the rest by name
+            values = concrete(values)
             pos, kw = [values[0]], {}
             for p, v in zip(params[1:], values[1:]):
                 if p.kind == p.VAR_POSITIONAL:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from hawq.errors import HawqError
 
@@ -93,9 +93,10 @@ class ValueTracer(fx.Tracer):
     def _example(self, name: str) -> Any:
         if name in self.examples:
             return self.examples[name]
-        base, _, count = name.rpartition("_")  # fx's placeholder of a concrete argument
-        if count.isdigit() and base in self.examples:
-            return self.examples[base]
+        base, _, count = name.rpartition("_")  # fx's placeholder of a concrete argument:
+        if count.isdigit() and base in self.examples:  # leaf <count> of its pytree
+            leaves = tree_flatten(self.examples[base])[0]
+            return leaves[int(count) - 1] if len(leaves) >= int(count) else self.examples[base]
         raise HawqError(f"trace: no example value for the input {name!r}")
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:

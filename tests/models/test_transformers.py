@@ -92,6 +92,18 @@ def _more_models() -> dict:
     }  # fmt: skip
 
 
+def test_swin_windows_and_patch_merging_are_fully_captured():
+    """Window attention with shape arithmetic, tuples of sizes passed between modules."""
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                  num_heads=[1, 2], window_size=4, num_labels=LABELS)  # fmt: skip
+    model = transformers.SwinForImageClassification(cfg).eval()
+    prepared, report = prepare(model, torch.randn(2, 3, 32, 32), strict=True)
+    assert report.share == 1.0 and not report.untraced
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(prepared(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "distilbert", "t5"])
 def test_more_transformers_models_are_fully_captured(name):
     torch.manual_seed(0)
