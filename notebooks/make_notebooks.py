@@ -1,10 +1,13 @@
-"""Write the notebooks of this folder from the cell sources below (``python make_notebooks.py``).
+"""Write the notebooks of this folder from the cell sources below (``python make_notebooks.py``;
+``--execute`` also runs each on the published artifacts and saves it with its outputs,
+as they are committed).
 
-Edit the cells here, not the ``.ipynb`` files, then rerun; the notebooks are saved
-without outputs. Each starts with a ``parameters`` cell: by default it builds a tiny
-run (smoke config, synthetic data, a few seconds of CPU); set ``RUN_DIR`` and
-``OVERRIDES`` to a real run to plot its artifacts instead (stages whose outputs
-exist are loaded, not recomputed).
+Edit the cells here, not the ``.ipynb`` files, then rerun. Each starts with a
+``parameters`` cell: by default it opens the published artifacts of the second study
+(``PUBLISHED``: a trained ViT's checkpoint, ``hessian.json`` and allocation runs; cells
+that need images read CIFAR-10 from ``HAWQ_DATA``); ``PUBLISHED = None`` builds a tiny
+synthetic run instead (seconds of CPU), or set ``RUN_DIR`` and ``OVERRIDES`` to a real
+run of yours (stages whose outputs exist are loaded, not recomputed).
 """
 
 from __future__ import annotations
@@ -16,8 +19,13 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-TINY = '''# Tiny default: synthetic data, a 1-block ViT, seconds on a CPU. For a real run use e.g.
-# RUN_DIR = "../runs/vit_cifar"; OVERRIDES = ["experiment=vit_cifar"]
+TINY = '''# Default: the published artifacts of the second study (../experiments/torch_vit_cifar:
+# a ViT from nn.TransformerEncoderLayer trained on CIFAR-10, FP 78.54%); cells that need
+# images read CIFAR-10 from HAWQ_DATA. PUBLISHED = None: the tiny synthetic run below
+# (seconds on a CPU); or a run of yours: PUBLISHED = None; RUN_DIR = "../runs/vit_cifar";
+# OVERRIDES = ["experiment=vit_cifar"]
+PUBLISHED = "../experiments/torch_vit_cifar/artifacts"
+STUDY = ["experiment=torch_vit_cifar", "data.download=false"]  # the published runs' config
 RUN_DIR = None  # None: runs/<name> under the working directory
 OVERRIDES = ["experiment=smoke", "name={name}", "model.depth=1", "data.train_subset=256",
              "data.test_subset=128", "train.epochs=2", "hessian.batch_size=32",
@@ -38,15 +46,30 @@ def landscape() -> list:
             "`python -m hawq.run ... stages=[landscape]` writes the same plots)."),
         new_code_cell(TINY.format(name="nb_landscape") + '''
 LANDSCAPE = ["landscape.batch_size=64", "landscape.points_1d=9", "landscape.points_2d=5",
-             "landscape.eig_max_iter=8", "landscape.quant_path_points=7"]''',
+             "landscape.eig_max_iter=8", "landscape.quant_path_points=7"]
+LANDSCAPE_PUBLISHED = ["landscape.batch_size=512", "landscape.points_1d=13",
+                       "landscape.points_2d=9", "landscape.eig_max_iter=12",
+                       "landscape.quant_path_points=9"]''',
                       metadata={"tags": ["parameters"]}),
-        new_code_cell('''from IPython.display import Image, display
+        new_code_cell('''import shutil
+from pathlib import Path
+
+from IPython.display import Image, display
 
 from hawq.io import read_json
 from hawq.report import run_stages
 from hawq.viz.landscape import plot_1d, plot_2d, plot_op_rise, plot_quant_path
 
-results, run_dir = run_stages(OVERRIDES + LANDSCAPE, ["train", "hessian", "landscape"], RUN_DIR)
+if PUBLISHED:  # the published FP checkpoint and its per-op curvature, CIFAR-10 test images
+    art = Path(PUBLISHED).resolve()
+    run_dir = Path("runs/nb_landscape_published").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(art / "torch_vit_cifar_hessian" / "hessian.json", run_dir / "hessian.json")
+    ckpt = f"paths.checkpoint={art / 'torch_vit_cifar' / 'model.pt'}"
+    results, run_dir = run_stages(STUDY + [ckpt] + LANDSCAPE_PUBLISHED, ["landscape"], run_dir)
+else:
+    results, run_dir = run_stages(OVERRIDES + LANDSCAPE, ["train", "hessian", "landscape"],
+                                  RUN_DIR)
 rep = read_json(run_dir / "landscape.json")
 print("run:", run_dir, "| versions:", rep["versions"], "| FP loss", rep["fp"]["loss"])
 print("eigenvalues of the directions:", rep["eigen"] and rep["eigen"]["values"])'''),
@@ -110,8 +133,18 @@ from hawq.hessian import load_hessian_report, spectral_density
 from hawq.report import compose_config, run_stages
 from hawq.viz.hessian import plot_density, plot_report
 
-results, run_dir = run_stages(OVERRIDES, ["train", "hessian"], RUN_DIR)
-report = load_hessian_report(run_dir / "hessian.json")
+if PUBLISHED:  # the published hessian.json and FP checkpoint; CIFAR-10 for the density
+    art = Path(PUBLISHED).resolve()
+    run_dir = Path("runs/nb_hessian_published").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report = load_hessian_report(art / "torch_vit_cifar_hessian" / "hessian.json")
+    cfg = compose_config(STUDY, run_dir)
+    checkpoint = art / "torch_vit_cifar" / "model.pt"
+else:
+    results, run_dir = run_stages(OVERRIDES, ["train", "hessian"], RUN_DIR)
+    report = load_hessian_report(run_dir / "hessian.json")
+    cfg = compose_config(OVERRIDES, run_dir)
+    checkpoint = Path(cfg.paths.checkpoint)
 print("run:", run_dir, "| estimator:", report["estimator"], "| whole trace:",
       report["whole_trace"])'''),
         new_markdown_cell("## Per-op top eigenvalue and trace"),
@@ -121,9 +154,8 @@ for name, e in report["ops"].items():
     if e["eigenvalues"]:
         print(f"{name:28s} lambda_max {e['eigenvalues'][0]:10.4g}  trace {e['trace']:10.4g}")'''),
         new_markdown_cell("## SLQ spectral density of the whole model"),
-        new_code_cell('''cfg = compose_config(OVERRIDES, run_dir)
-data = instantiate(cfg.data)
-model, _ = load_model(Path(cfg.paths.checkpoint), "cpu")
+        new_code_cell('''data = instantiate(cfg.data)
+model, _ = load_model(checkpoint, "cpu")
 model.eval()
 hc = cfg.hessian
 x, y = next(iter(data.eval_loader(hc.split, "cpu", hc.batch_size)))
@@ -145,41 +177,61 @@ FRACTIONS = [0.25, 0.5, 0.75]   # of the BOPs range between all-4-bit and all-8-
 CANDIDATES = [{"w_bits": w, "a_bits": a} for w in (4, 8) for a in (4, 8)]
 ALLOC = ["alloc.frontier_points=6", "quant.calib_batches=2"]''',
                       metadata={"tags": ["parameters"]}),
-        new_code_cell('''from IPython.display import Image, display
+        new_code_cell('''from pathlib import Path
 
+from IPython.display import Image, display
+
+from hawq.io import read_json
 from hawq.quant import load_plan
 from hawq.report import budget_at, budget_range, run_stages
 from hawq.viz.alloc import plot_frontier
 from hawq.viz.report import plot_tradeoff
 
-results, base = run_stages(OVERRIDES, ["train", "evaluate", "hessian"], RUN_DIR)
-lo, hi = budget_range(base / "hessian.json", CANDIDATES, "bops")
+if PUBLISHED:  # the published runs: FP, curvature, and one allocation + PTQ per budget
+    art = Path(PUBLISHED).resolve()
+    base = Path("runs/nb_alloc_published").resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    results = read_json(art / "torch_vit_cifar" / "results.json")
+    hessian = art / "torch_vit_cifar_hessian" / "hessian.json"
+else:
+    results, base = run_stages(OVERRIDES, ["train", "evaluate", "hessian"], RUN_DIR)
+    hessian = base / "hessian.json"
+lo, hi = budget_range(hessian, CANDIDATES, "bops")
 print(f"run: {base} | BOPs range [{lo:.4g}, {hi:.4g}] G per image")'''),
         new_markdown_cell("## One allocation + PTQ per budget"),
-        new_code_cell('''points, runs = [], {}
+        new_code_cell('''def point(d: Path) -> tuple[float, float]:
+    res = read_json(d / "results.json")["stages"]
+    return res["alloc"]["totals"]["bops"], res["ptq"]["quantized"]["acc"]
+
+
+series, runs = {"Hessian ILP (hawq_v3_act) + PTQ": []}, {}
 for f in FRACTIONS:
-    budget = budget_at(lo, hi, f)
-    res, d = run_stages(OVERRIDES + ALLOC + [
-        f"paths.checkpoint={base / 'model.pt'}", f"alloc.hessian={base / 'hessian.json'}",
-        f"alloc.bops={budget}"], ["alloc", "ptq"], base / f"alloc_bops_{f}")
+    if PUBLISHED:
+        d = art / f"torch_vit_cifar_hawq_bops{f}"
+    else:
+        _, d = run_stages(OVERRIDES + ALLOC + [
+            f"paths.checkpoint={base / 'model.pt'}", f"alloc.hessian={hessian}",
+            f"alloc.bops={budget_at(lo, hi, f)}"], ["alloc", "ptq"], base / f"alloc_bops_{f}")
     runs[f] = d
-    bops = res["stages"]["alloc"]["totals"]["bops"]
-    acc = res["stages"]["ptq"]["quantized"]["acc"]
-    points.append((bops, acc))
-    print(f"f={f}: budget {budget:.4g} -> BOPs {bops:.4g}, PTQ acc {acc:.2f}")
+    series["Hessian ILP (hawq_v3_act) + PTQ"].append(point(d))
+    print(f"f={f}: budget {budget_at(lo, hi, f):.4g} -> BOPs, PTQ acc", point(d))
+if PUBLISHED:  # the same ILP and budgets on the Fisher ranking and on random sensitivities
+    series["empirical-Fisher ILP + PTQ"] = [point(art / f"torch_vit_cifar_fisher_bops{f}")
+                                            for f in FRACTIONS]
+    for s in range(5):
+        series[f"random sensitivities, draw {s}"] = [
+            point(art / f"torch_vit_cifar_random{s}_bops{f}") for f in FRACTIONS]
 fp_acc = results["stages"]["evaluate"]["fp"]["acc"]
-display(Image(str(plot_tradeoff({"hawq_v3 + PTQ": points}, "GBOPs / image",
-                                 base / "nb_alloc_acc_vs_bops.png",
+display(Image(str(plot_tradeoff(series, "GBOPs / image", base / "nb_alloc_acc_vs_bops.png",
                                  reference={"FP": fp_acc}))))'''),
         new_markdown_cell("## The middle budget: plan per op and the sensitivity frontier"),
         new_code_cell('''mid = runs[FRACTIONS[len(FRACTIONS) // 2]]
 display(Image(str(mid / "bits_per_op.png")))
 plan, meta = load_plan(mid / "bits.yaml")
 pts = [p for p in meta["frontier"]["points"] if p["cost"] is not None]
-display(Image(str(plot_frontier(meta["frontier"]["budget"], [p["cost"] for p in pts],
-                                [p["objective"] for p in pts],
-                                (meta["totals"]["bops"], meta["objective"]),
-                                path=mid / "nb_alloc_frontier.png"))))
+plot_frontier(meta["frontier"]["budget"], [p["cost"] for p in pts], [p["objective"] for p in pts],
+              (meta["totals"]["bops"], meta["objective"]), path=base / "nb_alloc_frontier.png")
+display(Image(str(base / "nb_alloc_frontier.png")))
 for name, e in meta["ops"].items():
     print(f"{name:28s} {e['setting']:10s} sensitivity {e['sensitivity']:.4g}")'''),
     ]
@@ -205,6 +257,21 @@ def write_all(out_dir: Path = HERE) -> list[Path]:
     return paths
 
 
+def execute(path: Path, timeout: int = 3600) -> None:
+    """Run ``path`` top to bottom from this folder (its default parameters: the published
+    artifacts) and save it with its outputs, as committed."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, 4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(HERE)}}).execute()  # fmt: skip
+    nbformat.write(nb, path)
+
+
 if __name__ == "__main__":
+    import sys
+
     for p in write_all():
+        if "--execute" in sys.argv[1:]:  # HAWQ_DATA must point at CIFAR-10
+            execute(p)
         print(p)

@@ -43,3 +43,24 @@ def test_custom_groups_fail_in_one_line_without_their_target(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.datasets._target_" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_transformers_model_through_the_cli(tmp_path):
+    """``model=custom model._target_=hf_vit.vit``: a ViTForImageClassification from a
+    config, trained, curvature-ranked, allocated and quantized by the CLI (its
+    ImageClassifierOutput read through .logits)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    proc = subprocess.run(
+        ["bash", str(EXAMPLE / "run.sh"), "model._target_=hf_vit.vit", f"paths.run_dir={tmp_path}",
+         "device=cpu", "train.epochs=2", "data.datasets.n_train=512", "data.datasets.n_test=256",
+         "hessian.max_samples=10"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())["stages"]
+    bits = (tmp_path / "bits.yaml").read_text()
+    assert "vit.layers.1.attention.qk:" in bits and "classifier:" in bits
+    fp, q = res["ptq"]["fp"]["acc"], res["ptq"]["quantized"]["acc"]
+    assert res["evaluate"]["fp"]["acc"] == fp and abs(q - fp) <= 10.0  # 2 epochs: barely trained

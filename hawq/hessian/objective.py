@@ -26,6 +26,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from hawq.errors import HawqError
+from hawq.models.ops import as_logits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -80,7 +81,7 @@ class _PairLoss(BatchLoss):
 
     def _pair(self, model, batch) -> torch.Tensor:
         x, y = batch
-        return self.loss_fn(model(x), y)
+        return self.loss_fn(as_logits(model(x)), y)
 
     def size(self, batch) -> int:
         return len(batch[1])

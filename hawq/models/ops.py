@@ -103,6 +103,20 @@ def as_call(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
+def as_logits(output: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, ``output.logits`` (a
+    ``transformers`` ``ModelOutput``), ``output["logits"]``, or the first item of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot read logits from a {type(output).__name__} model output")
+
+
 def call_with(model: nn.Module, example: Any) -> Any:
     """``model`` called on ``example`` (:func:`as_call`)."""
     args, kwargs = as_call(example)
