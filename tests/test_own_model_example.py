@@ -47,15 +47,16 @@ def test_custom_groups_fail_in_one_line_without_their_target(tmp_path):
 
 def test_a_transformers_model_through_the_cli(tmp_path):
     """``model=custom model._target_=hf_vit.vit``: a ViTForImageClassification from a
-    config, trained, curvature-ranked, allocated and quantized by the CLI (its
-    ImageClassifierOutput read through .logits)."""
+    config, trained, curvature-ranked, allocated, quantized and run integer-only by the
+    CLI (its ImageClassifierOutput read through .logits)."""
     import pytest
 
     pytest.importorskip("transformers")
     proc = subprocess.run(
         ["bash", str(EXAMPLE / "run.sh"), "model._target_=hf_vit.vit", f"paths.run_dir={tmp_path}",
          "device=cpu", "train.epochs=2", "data.datasets.n_train=512", "data.datasets.n_test=256",
-         "hessian.max_samples=10"],
+         "hessian.max_samples=10", "stages=[train,evaluate,hessian,alloc,ptq,integer]",
+         "integer.calib_batches=1"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -64,3 +65,4 @@ def test_a_transformers_model_through_the_cli(tmp_path):
     assert "vit.layers.1.attention.qk:" in bits and "classifier:" in bits
     fp, q = res["ptq"]["fp"]["acc"], res["ptq"]["quantized"]["acc"]
     assert res["evaluate"]["fp"]["acc"] == fp and abs(q - fp) <= 10.0  # 2 epochs: barely trained
+    assert res["integer"]["model"] == "IntegerGraph" and res["integer"]["agreement"] >= 80.0

@@ -27,6 +27,7 @@ from hawq.integer.config import IntegerConfig
 from hawq.integer.export import export
 from hawq.integer.standalone import load
 from hawq.io import load_torch
+from hawq.models.ops import as_logits
 from hawq.stages.context import Context
 from hawq.stages.integer import OUT, source
 
@@ -84,7 +85,7 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
         return res
     import onnxruntime as ort
 
-    ref = qmodel(x)
+    ref = as_logits(qmodel(x))
     for prefix, integer in (("ort", True), ("ort_float", False)):
         so = ort.SessionOptions()
         if integer:

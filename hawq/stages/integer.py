@@ -26,6 +26,7 @@ from hawq.integer.config import IntegerConfig
 from hawq.integer.convert import convert
 from hawq.integer.fp8 import convert_fp8, has_fp8_ops
 from hawq.io import save_torch
+from hawq.models.ops import as_logits
 from hawq.quant import load_quantized
 from hawq.stages.context import Context
 
@@ -55,7 +56,7 @@ def compare(qmodel: nn.Module, imodel: nn.Module, batches, device: torch.device)
     """Accuracy of both models and their argmax agreement (percent) over ``batches``."""
     n = agree = ok_q = ok_i = 0
     for x, y in batches:
-        pq = qmodel(x).argmax(-1)
+        pq = as_logits(qmodel(x)).argmax(-1)
         pi = imodel(x).argmax(-1)
         n += y.numel()
         agree += int((pq == pi).sum())

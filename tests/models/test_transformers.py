@@ -224,6 +224,25 @@ def test_bert_allocation_ptq_qat_and_reconstruction_on_dict_batches():
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns through the fake quantizers
 
 
+def test_vit_converts_to_integer_only():
+    """The graph converter runs a ``transformers`` ViT integer-only (its ``ModelOutput``
+    returns the logits), attention products included."""
+    from hawq.integer import convert
+
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 16, 16)
+    qmodel, _ = prepare(tiny_vit(), images[:2], strict=True)
+    quantize_(qmodel, Plan(OpSetting(w_bits=8, a_bits=8)))
+    calibrate(qmodel, [(images,)])
+    imodel = convert(qmodel.eval(), [(images,)])
+    assert type(imodel).__name__ == "IntegerGraph" and not imodel.float_ops
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        got, want = imodel(x), qmodel(x).logits
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()
+
+
 def test_bert_exports_to_onnx_with_every_product_on_integer_kernels(tmp_path):
     """ORT's optimized graph of the QDQ export: all 18 captured products (projections,
     ``q @ k^T``, ``attn @ v``, the pooler and the classifier) on integer kernels."""

@@ -66,10 +66,28 @@ def trace(qmodel: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             f"integer conversion: cannot trace {type(qmodel).__name__}: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
+    _logits_output(graph)
     gm = fx.GraphModule(entry, graph)
     gm.graph.eliminate_dead_code()  # branch conditions the example decided
     gm.recompile()
     return gm
+
+
+def _logits_output(graph: fx.Graph) -> None:
+    """A model returning a ``transformers`` ``ModelOutput`` (a dict subclass built in the
+    graph) returns its ``logits`` here, the one tensor integer inference computes."""
+    (out,) = [n for n in graph.nodes if n.op == "output"]
+    made = out.args[0]
+    fields = made if isinstance(made, dict) else None  # fx stores the output as a dict
+    if (
+        isinstance(made, fx.Node)
+        and made.op == "call_function"
+        and isinstance(made.target, type)
+        and issubclass(made.target, dict)
+    ):
+        fields = made.kwargs
+    if fields is not None and isinstance(fields.get("logits"), fx.Node):
+        out.args = (fields["logits"],)
 
 
 def module_name(node: fx.Node) -> str:
