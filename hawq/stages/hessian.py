@@ -101,21 +101,13 @@ def _run(ctx: Context) -> dict:
         acts,
         eigs,
         trace_numel=op.numel,
-        model=ctx.cfg.model.get("_target_"),
-        checkpoint=str(ctx.checkpoint),
+        **_run_meta(ctx, hc, wall),
         estimator=hc.estimator,
         method="hessian",
         backend=op.backend,
-        seed=hc.seed,
-        dtype=hc.dtype,
-        batches=hc.batches,
-        batch_size=hc.batch_size,
-        wall_s=round(wall, 3),
         eig_which=hc.eig_which,
         sketch=traces.sketch,
         trace_rel_stderr=_finite_or_none(traces.rel_stderr),
-        split=hc.split,
-        world_size=dist.world()[1],
         backend_requested=hc.backend,
         backend_choice=why,  # auto: decided by trying double backward, never by timing
         hvp_products=op.n_hvp,
@@ -224,12 +216,13 @@ def _run_fisher(
     t_traces = time.perf_counter() - start
     acts = operand_fisher(model, loss_fn, batches) if hc.activation else {}
     wall = time.perf_counter() - start
+    samples = sum(len(y) for _, y in batches)
     log.info(
         "hessian: empirical Fisher traces of %d weights and %d ops' operands from %d "
         "samples in %.1f s (no Hessian-vector products)",
         len(weights),
         len(acts),
-        sum(len(y) for _, y in batches),
+        samples,
         wall,
     )
     total = sum(e.mean for e in weights.values())
@@ -239,18 +232,10 @@ def _run_fisher(
         inventory,
         weights,
         acts,
-        model=ctx.cfg.model.get("_target_"),
-        checkpoint=str(ctx.checkpoint),
+        **_run_meta(ctx, hc, wall),
         estimator="fisher",
         method="fisher",
         backend="per_sample_grad",
-        seed=hc.seed,
-        dtype=hc.dtype,
-        batches=hc.batches,
-        batch_size=hc.batch_size,
-        wall_s=round(wall, 3),
-        split=hc.split,
-        world_size=dist.world()[1],
         hvp_products=0,
         whole_trace={"mean": total, "stderr": total_se},
     )
@@ -259,10 +244,25 @@ def _run_fisher(
         "report": str(ctx.path(REPORT)),
         "method": "fisher",
         "backend": "per_sample_grad",
-        "trace_samples": sum(len(y) for _, y in batches),
+        "trace_samples": samples,
         "whole_trace": total,
         "hvp_products": 0,
         "traces_s": round(t_traces, 3),
+    }
+
+
+def _run_meta(ctx: Context, hc: HessianConfig, wall: float) -> dict:
+    """What ``hessian.json`` records of the run, whichever method made it."""
+    return {
+        "model": ctx.cfg.model.get("_target_"),
+        "checkpoint": str(ctx.checkpoint),
+        "seed": hc.seed,
+        "dtype": hc.dtype,
+        "batches": hc.batches,
+        "batch_size": hc.batch_size,
+        "split": hc.split,
+        "wall_s": round(wall, 3),
+        "world_size": dist.world()[1],
     }
 
 

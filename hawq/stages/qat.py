@@ -122,6 +122,15 @@ def run(ctx: Context) -> dict[str, Any]:
             dist.tdist.destroy_process_group()
 
 
+def _save_state(q: _QAT, epoch: int, history: list[dict], drops, partial=None) -> None:
+    """The resumable QAT state after ``epoch`` epochs (``partial``: a stopped epoch's)."""
+    extra = {"partial": partial} if partial is not None else {}
+    state = training_state(
+        epoch, history, q.model, q.optimizer, q.scheduler, init=q.init, drops=drops, **extra
+    )
+    save_torch(q.state_path, state)
+
+
 @dataclass
 class _QAT:
     """What one QAT run works with (built by :func:`_prepare` and :func:`_optimizers`)."""
@@ -168,16 +177,7 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
                 history.append(_epoch_row(q, epoch, floor, frozen, tr))
                 if rank == 0:
                     _write_csv(ctx, history)
-                    state = training_state(
-                        epoch + 1,
-                        history,
-                        q.model,
-                        q.optimizer,
-                        q.scheduler,
-                        init=q.init,
-                        drops=drops,
-                    )
-                    save_torch(q.state_path, state)
+                    _save_state(q, epoch + 1, history, drops)
                 # a signal during the evaluation or the save: stop here
                 preempt.stop_if_requested("qat", epoch + 1, q.state_path)
     finally:
@@ -332,18 +332,7 @@ def _train_epoch(
         steps_after=(tc.epochs - epoch - 1) * q.steps,
     )
     if "stopped" in tr:  # one process (graceful only then): state at its step
-        stopped = stopped_partial(tr["stopped"], q.train)
-        state = training_state(
-            epoch,
-            history,
-            q.model,
-            q.optimizer,
-            q.scheduler,
-            init=q.init,
-            drops=drops,
-            partial=stopped,
-        )
-        save_torch(q.state_path, state)
+        _save_state(q, epoch, history, drops, partial=stopped_partial(tr["stopped"], q.train))
         preempt.stop_if_requested("qat", epoch, q.state_path, tr["stopped"]["step"])
     if dist.world()[1] > 1:
         tr = dist.reduce_train_metrics(tr, q.train.seen, q.device)
