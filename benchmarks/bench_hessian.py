@@ -22,6 +22,7 @@ would replace the installed torch) and ``pip install --no-deps pyhessian``.
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_hessian.py --out benchmarks/results/hessian_cpu.json
+    PYTHONPATH=. python benchmarks/bench_hessian.py --timing-only   # part 2 only, ~1.5 min
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -219,6 +221,26 @@ def profile_hvp(op: HessianOperator, v: torch.Tensor, top: int = 8) -> list:
     return [[e.key, round(e.self_cpu_time_total / total, 3)] for e in rows[:top]]
 
 
+def _accuracy(args) -> dict:
+    """Part 1: trace error per product budget on the trained micro ViT vs exact traces."""
+    model, train_info = trained_micro(args.train_steps, Path(args.cache))
+    batch = cifar(args.batch, seed=7)
+    op = HessianOperator(model, nn.CrossEntropyLoss(), [batch])
+    start = time.perf_counter()
+    ref = exact_traces(op)
+    result = {
+        "model": {"vit": MODELS["micro"], **train_info, "weights": op.size,
+                  "ops": len(op.blocks)},
+        "exact_reference_s": time.perf_counter() - start,
+        "exact_traces": ref,
+        "metric": "mean over seeds of sum_l |t_l - t*_l| / sum_l |t*_l|",
+        "by_budget": bench_accuracy(op, ref, [int(b) for b in args.budgets.split(",")],
+                                    args.seeds),
+    }  # fmt: skip
+    op.release()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -230,6 +252,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: default)")
     ap.add_argument("--cache", default="/tmp/hawq_bench/micro_vit.pt")
     ap.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only part 2 (HVP time / fwd+bwd, peers in the same run)")  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,24 +261,11 @@ def main() -> None:
     result: dict = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": isa.model_name(), "isa": isa.describe(), "batch": args.batch,
-        "note": "2-core CPU shared with other jobs (load average ~15-20): absolute times are "
-                "noisy; ratios are from the same run",
+        "load_average_at_start": os.getloadavg()[0],
+        "note": "ratios are from the same run; absolute times depend on the machine's load",
     }  # fmt: skip
-    model, train_info = trained_micro(args.train_steps, Path(args.cache))
-    batch = cifar(args.batch, seed=7)
-    op = HessianOperator(model, nn.CrossEntropyLoss(), [batch])
-    start = time.perf_counter()
-    ref = exact_traces(op)
-    result["accuracy"] = {
-        "model": {"vit": MODELS["micro"], **train_info, "weights": op.size,
-                  "ops": len(op.blocks)},
-        "exact_reference_s": time.perf_counter() - start,
-        "exact_traces": ref,
-        "metric": "mean over seeds of sum_l |t_l - t*_l| / sum_l |t*_l|",
-        "by_budget": bench_accuracy(op, ref, [int(b) for b in args.budgets.split(",")],
-                                    args.seeds),
-    }  # fmt: skip
-    op.release()
+    if not args.timing_only:
+        result["accuracy"] = _accuracy(args)
     result["hvp"] = {}
     g = torch.Generator().manual_seed(0)
     for name in args.timing_models.split(","):

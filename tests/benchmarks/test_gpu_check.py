@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -40,6 +41,7 @@ def _dead(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: the default run stays near 10 minutes
 def test_cpu_dry_run_runs_every_step(tmp_path):
     """Every step's real command at smoke sizes, the data staged from packed WebP parts."""
     g = np.random.default_rng(0)
