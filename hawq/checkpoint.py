@@ -26,7 +26,8 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
     hawq's own models are built as they are. Any other ``_target_`` (``model=custom
     model._target_=mypkg.MyNet model.width=64``) is the user's model: built, then made
     hawq-ready by :func:`hawq.models.own.prepared` with the options under ``prepare``
-    (``input_shape``, ``min_share``), so no product of it is left float silently.
+    (``input_shape``, ``min_share``, ``input_dtype``, ``vocab_size``), so no product of it
+    is left float silently.
     """
     from hawq.models.config import SCHEMAS
     from hawq.models.own import prepared
@@ -37,11 +38,12 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
     if target in SCHEMAS or target == f"{prepared.__module__}.{prepared.__name__}":
         return instantiate(model_cfg)
     options = model_cfg.get(PREPARE_KEY) or {}
-    unknown = sorted(set(options) - {"input_shape", "min_share", "example_batch"})
+    allowed = ("input_shape", "min_share", "example_batch", "input_dtype", "vocab_size")
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise HawqError(
-            f"bad config model.{PREPARE_KEY}.{unknown[0]}: unknown; allowed: input_shape, "
-            "min_share, example_batch"
+            f"bad config model.{PREPARE_KEY}.{unknown[0]}: unknown; allowed: "
+            + ", ".join(allowed)
         )
     user = instantiate({k: v for k, v in model_cfg.items() if k != PREPARE_KEY})
     return prepared(user, **options)

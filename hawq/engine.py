@@ -7,16 +7,16 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from hawq import preempt
+from hawq.batches import call_model as _call_model
 from hawq.errors import HawqError
 from hawq.models.ops import as_logits
 
@@ -299,13 +299,8 @@ def stopped_partial(progress: dict, loader: Any) -> dict:
 
 @torch.no_grad()
 def call_model(model: nn.Module, batch, device: torch.device | str | None = None):
-    """``model`` on the inputs of ``batch``: ``model(x)`` for an ``(x, y)`` pair or a
-    tensor, ``model(**batch)`` for a dict (tensors moved to ``device`` when given)."""
-    if device is not None:
-        batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(batch[0] if isinstance(batch, tuple | list) else batch)
+    """:func:`hawq.batches.call_model` without autograd."""
+    return _call_model(model, batch, device)
 
 
 def forward_batches(

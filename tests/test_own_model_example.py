@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO, run_cli
 
 EXAMPLE = REPO / "experiments" / "own_model"
@@ -66,3 +68,30 @@ def test_a_transformers_model_through_the_cli(tmp_path):
     fp, q = res["ptq"]["fp"]["acc"], res["ptq"]["quantized"]["acc"]
     assert res["evaluate"]["fp"]["acc"] == fp and abs(q - fp) <= 10.0  # 2 epochs: barely trained
     assert res["integer"]["model"] == "IntegerGraph" and res["integer"]["agreement"] >= 80.0
+
+
+@pytest.mark.slow  # ~100 s on 2 idle cores; tests/integer/test_graph_tokens.py is the fast one
+def test_a_token_model_through_the_cli_to_integer_only_and_onnx(tmp_path):
+    """``run_bert.sh``: a transformers BERT on token ids (``model.prepare.input_dtype=int64``)
+    through every stage: its embeddings become integer lookups onto the residual stream, its
+    pooler's tanh a table, and the exported ONNX runs every product on an integer kernel."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    proc = subprocess.run(
+        ["bash", str(EXAMPLE / "run_bert.sh"), f"paths.run_dir={tmp_path}", "device=cpu",
+         "train.epochs=4", "data.datasets.n_train=2048", "data.datasets.n_test=256",
+         "hessian.max_samples=10", "quant.calib_batches=2", "integer.calib_batches=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())["stages"]
+    bits = (tmp_path / "bits.yaml").read_text()
+    for op in ("bert.encoder.layer.1.attention.self.qk", "bert.pooler.dense", "classifier"):
+        assert f"{op}:" in bits, op
+    hess = json.loads((tmp_path / "hessian.json").read_text())
+    assert len(hess["ops"]) == 18  # 14 linears + qk and av of both layers: none skipped
+    assert res["evaluate"]["fp"]["acc"] > 35.0  # 4 classes: chance is 25
+    assert res["integer"]["model"] == "IntegerGraph" and res["integer"]["agreement"] >= 95.0
+    assert res["integer"]["integer_only"] and res["integer"]["float_ops"] == []
+    onnx = res["export"]["onnx"]
+    assert onnx["ort_integer_ops"] == 18 and onnx["ort_argmax_agreement"] >= 99.0

@@ -7,15 +7,17 @@ user's own package) returning the splits as a mapping or a pair::
         return {"train": train_set, "test": test_set}  # "val" optional
 
 Each split is a ``torch.utils.data.Dataset`` (anything with ``__len__`` and
-``__getitem__``) whose samples are ``(input, label)``: ``input`` a float tensor of any
-shape (the model's input, already normalised and augmented as the user wants: hawq
-applies no transform), ``label`` an integer class. Batches are made by
+``__getitem__``) whose samples are ``(input, label)``: ``input`` a tensor of any
+shape (the model's input: floats already normalised and augmented as the user wants, hawq
+applies no transform, or integer token ids), ``label`` an integer class. Batches are made by
 ``torch.utils.data.DataLoader`` (default collation), so every stage sees the
 ``(x, y)`` batches it sees on CIFAR-10: training with the configured optimizer and
 cross-entropy, evaluation by top-1 accuracy, curvature, calibration and export.
 
-Models taking other input structures (token ids, dicts with masks) with a loss of their
-own are supported by the library (:class:`hawq.hessian.objective.BatchLoss`,
+A token model (``transformers`` BERT on ``(ids, label)`` samples) runs every stage through
+the CLI, integer-only inference and export included (``experiments/own_model/run_bert.sh``).
+Models taking other input structures (dicts with masks) with a loss of their own are
+supported by the library (:class:`hawq.hessian.objective.BatchLoss`,
 ``calibrate``/``reconstruct_``/``allocate`` on dict batches); the CLI stages train and
 evaluate classifiers of ``(input, label)`` samples.
 """
@@ -94,11 +96,11 @@ class UserData:
                 "(input tensor, integer label) pair"
             )
         x, y = sample
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool:
             raise HawqError(
                 f"data.datasets: a sample's input is a {type(x).__name__}"
                 f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}; "
-                "allowed: a float tensor"
+                "allowed: a float tensor (images, features) or an integer one (token ids)"
             )
         return x, y
 

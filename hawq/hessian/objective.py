@@ -23,31 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_map
 
-from hawq.errors import HawqError
+from hawq.batches import batch_size, sample_slice  # noqa: F401 - this module's API
 from hawq.models.ops import as_logits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def batch_size(batch: Any) -> int:
-    """Samples in ``batch``: the leading dimension of its tensors (``(x, y)``: of ``y``)."""
-    if isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
-        return len(batch[1])
-    tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim()]
-    if not tensors:
-        raise HawqError(f"hessian: no tensor with a batch dimension in a {type(batch).__name__}")
-    return tensors[0].shape[0]
-
-
-def sample_slice(batch: Any, start: int, stop: int, n: int) -> Any:
-    """Samples ``start:stop`` of ``batch``: every tensor whose leading dimension is ``n``
-    is sliced, the rest (flags, shared tensors) kept."""
-    return tree_map(
-        lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.dim() and len(t) == n else t,
-        batch,
-    )
 
 
 class BatchLoss:

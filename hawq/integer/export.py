@@ -143,7 +143,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     nodes = {n: d for n, m in root.named_modules() if (d := _node(n, m)) is not None}
     fmt = {
         "model": type(model).__name__,
-        "in_grid": model.in_grid.as_dict(),
+        "in_grid": None if model.in_grid is None else model.in_grid.as_dict(),  # None: ids
         "residual_scale": model.s_r,
         "residual_limit": model.limit,
         "logit_scale": model.logit_scale,

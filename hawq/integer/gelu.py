@@ -112,13 +112,36 @@ def gelu_table(
     Raises:
         HawqError: non-finite or non-positive scales, or more than :data:`MAX_TABLE` codes.
     """
+    gelu = lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))  # noqa: E731
+    return pointwise_table(gelu, scale, lo, hi, out_scale, out_zero, out_lo, out_hi, "GELU")
+
+
+def pointwise_table(
+    fn,
+    scale: float,
+    lo: int,
+    hi: int,
+    out_scale: float,
+    out_zero: int,
+    out_lo: int,
+    out_hi: int,
+    what: str = "pointwise",
+) -> Tensor:
+    """``table[q - lo] = clamp(round(fn(S q) / s_out) + z, lo', hi')`` for every input code
+    ``q in [lo, hi]``, ``fn`` evaluated in float64 (any elementwise function: GELU, tanh,
+    sigmoid, SiLU), round half to even: the function and the requantization onto the next
+    grid as one exact integer lookup.
+
+    Raises:
+        HawqError: non-finite or non-positive scales, or more than :data:`MAX_TABLE` codes.
+    """
     for name, v in (("input", scale), ("output", out_scale)):
         if not (math.isfinite(float(v)) and v > 0):
-            raise HawqError(f"GELU table: {name} scale must be finite and > 0, got {v!r}")
+            raise HawqError(f"{what} table: {name} scale must be finite and > 0, got {v!r}")
     if not 0 < hi - lo + 1 <= MAX_TABLE:
-        raise HawqError(f"GELU table: {hi - lo + 1} input codes (at most {MAX_TABLE})")
+        raise HawqError(f"{what} table: {hi - lo + 1} input codes (at most {MAX_TABLE})")
     x = torch.arange(lo, hi + 1, dtype=torch.float64) * float(scale)
-    y = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    y = fn(x).to(torch.float64)
     q = torch.clamp(torch.round(y / float(out_scale)) + out_zero, out_lo, out_hi)
     dtype = torch.int8 if -128 <= out_lo and out_hi <= 127 else torch.int32
     return q.to(dtype)

@@ -123,6 +123,11 @@ def call_with(model: nn.Module, example: Any) -> Any:
     return model(*args, **kwargs)
 
 
+#: attribute of a model whose input is not a float tensor (token ids): the dtype the
+#: probes' zero inputs take (set by :func:`hawq.models.own.prepared`)
+INPUT_DTYPE_ATTR = "hawq_input_dtype"
+
+
 def example_batch_size(example: Any) -> int:
     """The leading dimension of the first tensor in ``example``."""
     args, kwargs = as_call(example)
@@ -154,7 +159,8 @@ def probe_ops(
     try:
         with torch.no_grad():
             if example is None:
-                model(torch.zeros(batch, *input_size, device=device))
+                dtype = getattr(model, INPUT_DTYPE_ATTR, None)  # token ids: zeros are ids
+                model(torch.zeros(batch, *input_size, device=device, dtype=dtype))
             else:
                 call_with(model, example)
     finally:

@@ -9,6 +9,10 @@ A ``model`` config group for any image classifier::
     input_shape: [3, 32, 32]       # one example image (C, H, W); the batch is added
     min_share: 1.0                 # fail if less of the product FLOPs is captured
 
+A model taking token ids (a ``transformers`` BERT, an embedding-first network) says so:
+``input_dtype: int64`` and ``vocab_size: 30522`` draw the example's ids uniformly from
+``[0, vocab_size)`` (``input_shape: [128]``: one sequence of 128 tokens).
+
 Every stage (train, hessian, alloc, ptq, qat, evaluate, export) then sees named ops for
 every matrix product. Checkpoints store this config, so :func:`hawq.checkpoint.load_model`
 rebuilds and re-prepares the same model (the rewrite is deterministic) before loading the
@@ -25,6 +29,7 @@ from torch import nn
 
 from hawq.errors import HawqError
 from hawq.models.capture import CaptureReport, prepare
+from hawq.models.ops import INPUT_DTYPE_ATTR
 
 log = logging.getLogger("hawq")
 
@@ -34,6 +39,8 @@ def prepared(
     input_shape: Sequence[int] = (3, 32, 32),
     min_share: float = 1.0,
     example_batch: int = 2,
+    input_dtype: str = "float32",
+    vocab_size: int | None = None,
 ) -> nn.Module:
     """``model`` prepared on a random example batch of ``input_shape``.
 
@@ -43,6 +50,9 @@ def prepared(
         min_share: least captured share of the product FLOPs; below it, one error line
             names what stays float (1.0: nothing may be left out).
         example_batch: rows of the example batch.
+        input_dtype: the example's dtype: a float type (standard normal values) or an
+            integer type (token ids, needs ``vocab_size``).
+        vocab_size: integer examples are drawn from ``[0, vocab_size)``.
 
     Returns:
         The prepared model; its :class:`~hawq.models.capture.CaptureReport` is at
@@ -55,15 +65,37 @@ def prepared(
         )
     if not 0.0 <= min_share <= 1.0:
         raise HawqError(f"bad config model.min_share={min_share}: allowed 0 <= min_share <= 1")
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn(example_batch, *input_shape, generator=gen)
+    example = example_input(input_shape, example_batch, input_dtype, vocab_size)
     was_training = model.training
     out, report = prepare(model.eval(), example, inplace=True)
     out.train(was_training)
     _check_share(report, min_share, type(model).__name__)
     out.hawq_capture = report
+    if not example.is_floating_point():
+        setattr(out, INPUT_DTYPE_ATTR, example.dtype)  # the op probes feed ids, not floats
     log.info("prepared %s: %s", type(model).__name__, report.summary().splitlines()[0])
     return out
+
+
+def example_input(
+    input_shape: Sequence[int], batch: int, dtype: str = "float32", vocab_size: int | None = None
+) -> torch.Tensor:
+    """A seeded example batch of ``input_shape``: normal floats or token ids."""
+    kind = getattr(torch, str(dtype), None)
+    if not isinstance(kind, torch.dtype) or kind.is_complex or kind == torch.bool:
+        raise HawqError(
+            f"bad config model.prepare.input_dtype={dtype}: allowed a torch float or integer "
+            "dtype name (float32, bfloat16, int64, ...)"
+        )
+    gen = torch.Generator().manual_seed(0)
+    if kind.is_floating_point:
+        return torch.randn(batch, *input_shape, generator=gen).to(kind)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise HawqError(
+            f"bad config model.prepare.vocab_size={vocab_size}: an integer input_dtype "
+            f"({dtype}) needs vocab_size >= 1, the ids are drawn from [0, vocab_size)"
+        )
+    return torch.randint(0, vocab_size, (batch, *input_shape), generator=gen, dtype=kind)
 
 
 def _check_share(report: CaptureReport, min_share: float, name: str) -> None:

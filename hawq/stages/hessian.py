@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed import destroy_process_group
 from tqdm import tqdm
 
+from hawq.batches import cast_floats
 from hawq.config import typed
 from hawq.distributed import init_from_env
 from hawq.engine import StepTimer
@@ -129,7 +130,8 @@ def _inputs(ctx: Context, hc: HessianConfig) -> tuple[nn.Module, dict, list]:
             f"hessian.batches={hc.batches} but the {hc.split} split has only "
             f"{len(loader)} batches of {hc.batch_size}"
         )
-    return model, inventory, [(x.to(dtype), y) for _, (x, y) in zip(range(hc.batches), loader)]
+    batches = [(cast_floats(x, dtype), y) for _, (x, y) in zip(range(hc.batches), loader)]
+    return model, inventory, batches
 
 
 def _traces(op, hc: HessianConfig):

@@ -107,3 +107,37 @@ def test_bad_builds_are_one_line():
         prepared(copy.deepcopy)  # not a module
     with pytest.raises(HawqError, match="min_share"):
         prepared(zoo.SmallCNN(), min_share=2.0)
+
+
+def test_a_token_model_is_prepared_on_ids_from_its_config(tmp_path):
+    """``prepare.input_dtype: int64`` + ``vocab_size``: the example is token ids, so the
+    embedding-first model traces, and the op probes (inventory, MACs) feed ids too."""
+    from hawq.models.ops import op_inventory
+
+    class Tokens(nn.Module):
+        def __init__(self, vocab: int = 30, dim: int = 16) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(vocab, dim), nn.Linear(dim, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.fc((h.transpose(1, 2) @ h).mean(1))  # a product of activations
+
+    import sys
+
+    sys.modules[__name__].Tokens = Tokens  # reachable by _target_
+    prep = {"input_shape": [9], "input_dtype": "int64", "vocab_size": 30}
+    cfg = {"_target_": f"{__name__}.Tokens", "prepare": prep}
+    model = build_model(cfg)
+    assert model.hawq_capture.share == 1.0 and set(quantizable_ops(model)) == {"fc", "matmul"}
+    macs = {o.name: o.macs for o in op_inventory(model, (9,))}
+    assert macs == {"matmul": 16 * 9 * 16, "fc": 16 * 3}
+    save_model(tmp_path / "m.pt", model, cfg)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x = torch.randint(0, 30, (4, 9))
+    assert torch.equal(loaded(x), model(x))
+    for bad, match in (({"input_dtype": "int64"}, "vocab_size"),
+                       ({"input_dtype": "complex64"}, "input_dtype"),
+                       ({"input_dtype": "nonsense"}, "input_dtype")):  # fmt: skip
+        with pytest.raises(HawqError, match=match):
+            build_model({**cfg, "prepare": {**prep, "vocab_size": None, **bad}})

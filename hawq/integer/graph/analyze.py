@@ -3,11 +3,16 @@
 Every tensor value gets a **kind**:
 
 * ``float``: the model input (before the first quantizer; only shape ops may touch it);
+* ``index``: integer tensors: a model input of token ids, integer buffers (position ids),
+  and what index arithmetic (:data:`INDEX_FUNCTIONS`, :data:`INDEX_METHODS`) makes of them;
+  they pass to the integer graph as they are, and an embedding reads them;
 * ``param``: a parameter or buffer read by the graph (class token, positions);
 * ``acc``: the int32 accumulator of a quantized op, with what is folded into it on the way
   to its consumers (a BatchNorm, a ReLU, a multiplication by a constant);
-* ``wide``: the residual stream (int32 at one scale ``s_r``): adds, concatenations, means;
-* ``norm``, ``gelu``, ``softmax``: the outputs of LayerNorm, GELU and softmax.
+* ``wide``: the residual stream (int32 at one scale ``s_r``): adds, concatenations, means,
+  and embedding lookups (the table quantised at ``s_r``);
+* ``norm``, ``gelu``, ``softmax``: the outputs of LayerNorm, of a pointwise function
+  computed by table (GELU, tanh, sigmoid, SiLU...: :data:`TABLE_FUNCTIONS`) and softmax.
 
 Shape ops (view, reshape, permute, transpose, flatten, getitem, expand, dropout in eval...)
 are **transparent**: a value keeps its kind through them, and a consumer's **demand**
@@ -59,7 +64,33 @@ SHAPE_FUNCTIONS = {
 IDENTITY_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
 ADD = {operator.add, operator.iadd, torch.add}
 RELU = {F.relu, torch.relu}
-GELU = {F.gelu}
+#: pointwise functions computed exactly by a table from a 16-bit input grid (the "gelu" role)
+TABLE_FUNCTIONS = {
+    F.gelu: F.gelu,
+    torch.tanh: torch.tanh,
+    F.tanh: torch.tanh,
+    torch.sigmoid: torch.sigmoid,
+    F.sigmoid: torch.sigmoid,
+    F.silu: F.silu,
+    F.hardswish: F.hardswish,
+    F.mish: F.mish,
+}
+TABLE_METHODS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}
+TABLE_MODULES = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Hardswish, nn.Mish)
+#: integer arithmetic on index tensors (position ids from a mask, token-type ids)
+INDEX_FUNCTIONS = {
+    torch.gather,
+    torch.cumsum,
+    torch.ne,
+    torch.eq,
+    torch.arange,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.ne,
+    operator.eq,
+}
+INDEX_METHODS = {"gather", "cumsum", "ne", "eq", "long", "int", "to", "type_as", "add", "mul"}
 SOFTMAX = {F.softmax, torch.softmax}
 MEAN = {torch.mean, F.adaptive_avg_pool2d}
 
@@ -128,8 +159,9 @@ def role(node: fx.Node) -> str:
             ("bn", nn.BatchNorm2d),
             ("relu", nn.ReLU),
             ("norm", nn.LayerNorm),
-            ("gelu", nn.GELU),
+            ("gelu", TABLE_MODULES),
             ("softmax", nn.Softmax),
+            ("embed", nn.Embedding),
         ):
             if isinstance(m, cls):
                 return kind
@@ -138,7 +170,8 @@ def role(node: fx.Node) -> str:
     checks = (
         ("relu", {"relu"}, RELU),
         ("add", {"add", "__add__"}, ADD),
-        ("gelu", set(), GELU),
+        ("gelu", set(TABLE_METHODS), set(TABLE_FUNCTIONS)),
+        ("embed", set(), {F.embedding}),
         ("softmax", {"softmax"}, SOFTMAX),
         ("mean", {"mean"}, MEAN),
         ("cat", set(), {torch.cat}),
@@ -176,13 +209,15 @@ def analyze(gm: fx.GraphModule, islands: bool = False) -> Analysis:
     roles: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            kind[node] = "float"
+            kind[node] = "index" if _is_index(node) else "float"
         elif node.op == "get_attr":
-            kind[node] = "param" if is_tensor(node) else "meta"
+            kind[node] = ("index" if _is_index(node) else "param") if is_tensor(node) else "meta"
         elif node.op == "output" or not is_tensor(node):
             continue
         elif is_shape(node) or (is_pad(node) and _zero_pad(node)):
             kind[node] = kind[tensor_args(node)[0]]
+        elif _is_index_op(node, kind):
+            roles[node], kind[node] = "index", "index"
         else:
             inputs = [kind[a] for a in tensor_args(node)]
             try:
@@ -199,6 +234,33 @@ def analyze(gm: fx.GraphModule, islands: bool = False) -> Analysis:
                 r = k = "island"
             roles[node], kind[node] = r, k
     return Analysis(kind, roles)
+
+
+def _is_index(node: fx.Node) -> bool:
+    v = node.meta.get("value")
+    return isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
+
+
+def _is_index_op(node: fx.Node, kind: dict) -> bool:
+    """Index arithmetic: an allow-listed op whose tensor inputs are all index values."""
+    ins = tensor_args(node)
+    allowed = _method_or_function(node, INDEX_METHODS, INDEX_FUNCTIONS)
+    return allowed and _is_index(node) and all(kind.get(a) == "index" for a in ins)
+
+
+def table_function(node: fx.Node, module: nn.Module | None = None):
+    """The float function a ``gelu``-role node applies (its table is built from it)."""
+    if node.op == "call_module":
+        m = module if module is not None else _module_of(node)
+        if isinstance(m, nn.GELU):
+            return lambda x: F.gelu(x, approximate=m.approximate)
+        return m.__class__()  # the stateless activation itself
+    if node.op == "call_method":
+        return TABLE_METHODS[node.target]
+    if node.target is F.gelu:
+        approximate = node.kwargs.get("approximate", "none")
+        return lambda x: F.gelu(x, approximate=approximate)
+    return TABLE_FUNCTIONS[node.target]
 
 
 def _zero_pad(node: fx.Node) -> bool:
@@ -236,5 +298,9 @@ def _kind_of(node: fx.Node, r: str, inputs: list[str]) -> str:
     if r == "relu":
         return inputs[0]
     if r in ("add", "cat", "mean"):
+        return "wide"
+    if r == "embed":
+        if inputs[:1] != ["index"]:
+            raise Unsupported(f"integer conversion: {where(node)} looks up a non-integer input")
         return "wide"
     return r  # norm, gelu, softmax

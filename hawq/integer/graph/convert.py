@@ -12,7 +12,8 @@
 4. lowers the graph to integer steps (:mod:`.lower`, :mod:`.materialize`).
 
 The result is an :class:`IntegerGraph`: ``quantize_input`` (float -> codes on the first
-op's grid), ``forward_int`` (codes -> int32 logits), ``forward`` (float logits).
+op's grid; token ids pass as they are), ``forward_int`` (codes -> int32 logits),
+``forward`` (float logits).
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class IntegerGraph(IntegerModel):
         return super()._apply(fn, recurse)
 
     def quantize_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images onto the first op's grid; token ids (no input grid) pass as they are."""
+        if self.in_grid is None:
+            if images.is_floating_point():
+                raise HawqError("integer model: this model reads integer token ids, not floats")
+            return images
         return self.in_grid.quantize(images)
 
     def forward_int(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,7 @@ class IntegerGraph(IntegerModel):
                 entry["implements"] = self.ops.get(r["target"])
             out.append(entry)
         return {
-            "input_grid": self.in_grid.as_dict(),
+            "input_grid": None if self.in_grid is None else self.in_grid.as_dict(),
             "logit_scale": self.logit_scale,
             "residual": {"scale": self.s_r, "limit": self.limit},
             "float_ops": self.float_ops,
@@ -111,7 +117,8 @@ class IntegerGraph(IntegerModel):
 
 def clamp_points(lo: Lowering) -> list[fx.Node]:
     """Nodes whose float values the residual range must cover: where the stream is clamped
-    (adds, unless only a ReLU reads them; ReLUs of the stream; ReLU'd accumulators joining it)."""
+    (adds, unless only a ReLU reads them; ReLUs of the stream; ReLU'd accumulators joining it),
+    and embedding lookups (their tables are quantised onto it)."""
     an, out = lo.an, []
     for node, r in an.role.items():
         wide_relu = r == "relu" and an.kind[node] == "wide"
@@ -119,7 +126,7 @@ def clamp_points(lo: Lowering) -> list[fx.Node]:
             len(node.users) == 1 and an.role.get(next(iter(node.users))) == "relu"
         )
         acc_relu = r == "relu" and an.kind[node] == "acc" and WIDE_D in lo.demands(node)
-        if wide_relu or lone_add or acc_relu:
+        if wide_relu or lone_add or acc_relu or r == "embed":
             out.append(node)
     return out
 

@@ -12,7 +12,10 @@ materialised. Rules (the numerics of the hand-written ViT/ResNet classes):
   a table from its 16-bit input grid onto its consumer's grid (fused into the producing
   linear's epilogue when it is the only reader); softmax reads the raw accumulator;
 * adds clamp to ``+-limit`` (a ReLU after them to ``[0, limit]``); constants meeting the
-  stream are quantised at its scale.
+  stream are quantised at its scale;
+* token ids (``index`` values) pass as they are, index arithmetic is replayed on them, and
+  an embedding is a lookup in its table quantised onto the stream (or a grid); GELU's table
+  serves every pointwise function of :data:`~.analyze.TABLE_FUNCTIONS` (tanh, sigmoid...).
 
 Fusions (residual add in a linear/conv epilogue, GELU table in fc1's, fused attention)
 compute the same integers as the unfused steps.
@@ -44,6 +47,7 @@ GELU_BITS = 16
 WIDE_D = ("wide",)
 ACC_D = ("acc",)
 LOGITS_D = ("logits",)
+INDEX_D = ("index",)
 
 
 @dataclass
@@ -113,6 +117,8 @@ class Lowering:
             return [("gelu", user)]
         if r == "softmax":
             return [ACC_D]
+        if r in ("index", "embed"):
+            return [INDEX_D]
         return [WIDE_D]  # add, cat, mean, norm, relu of the stream
 
     def spec(self, node: fx.Node):
@@ -232,6 +238,8 @@ class Lowering:
             if kind == "island":
                 return islands.value(self, node, demand)
             return islands.dequantized(self, node, kind)
+        if kind == "index":
+            return self._index(node, demand)
         if node.op == "placeholder":
             return self._input(node, demand)
         if node.op == "get_attr":
@@ -277,6 +285,24 @@ class Lowering:
             )
         self.in_grid = demand[1]
         return self.placeholder
+
+    def _index(self, node: fx.Node, demand: tuple) -> fx.Node:
+        """An integer tensor (token ids, position ids) as it is: the input, a buffer, or
+        index arithmetic replayed on them."""
+        if demand != INDEX_D:
+            raise Unsupported(
+                f"integer conversion: {where(node)} (integer ids) is read as {demand[0]}; "
+                "ids may only reach embeddings and index arithmetic"
+            )
+        if node.op == "placeholder":
+            return self.placeholder
+        if node.op == "get_attr":
+            name = str(node.target).removeprefix("model.")
+            return self.const(node.meta["value"].detach().cpu().clone(), name)
+        ins = set(tensor_args(node))
+        return self.graph.node_copy(
+            node, lambda a: self.emit(a, INDEX_D) if a in ins else self.arg(a)
+        )
 
     def _param(self, node: fx.Node, demand: tuple) -> fx.Node:
         t = node.meta["value"].detach().double().cpu()

@@ -6,13 +6,19 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from hawq.integer.gelu import gelu_table
+from hawq.integer.gelu import pointwise_table
 from hawq.integer.graph import steps
-from hawq.integer.graph.analyze import IDENTITY_MODULES, Unsupported, tensor_args, where
-from hawq.integer.graph.lower import ACC_D, GELU_BITS, WIDE_D, Lowering
+from hawq.integer.graph.analyze import (
+    IDENTITY_MODULES,
+    Unsupported,
+    table_function,
+    tensor_args,
+    where,
+)
+from hawq.integer.graph.lower import ACC_D, GELU_BITS, INDEX_D, LOGITS_D, WIDE_D, Lowering
 from hawq.integer.graph.trace import module_name
 from hawq.integer.layernorm import IntLayerNorm
-from hawq.integer.layers import IntRequant
+from hawq.integer.layers import LOGIT_BITS, IntRequant
 from hawq.integer.softmax import IntSoftmax
 
 
@@ -97,7 +103,30 @@ def _wide(lo: Lowering, node: fx.Node) -> fx.Node:
         )
     if r == "mean":
         return _mean(lo, node)
+    if r == "embed":
+        return embedding(lo, node, WIDE_D)
     raise Unsupported(f"integer conversion: {where(node)} cannot join the residual stream")
+
+
+def embedding(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
+    """An embedding lookup: its table quantised onto the stream (``WIDE_D``) or a grid."""
+    if node.op == "call_module":
+        m = lo.gm.get_submodule(str(node.target))
+        if m.max_norm is not None:
+            raise Unsupported(f"integer conversion: {where(node)}: max_norm renormalises rows")
+        table, ids = m.weight, tensor_args(node)[0]
+    else:
+        ids, table = tensor_args(node)[:2]
+        if node.kwargs.get("max_norm") is not None:
+            raise Unsupported(f"integer conversion: {where(node)}: max_norm renormalises rows")
+        table = table.meta["value"]
+    t = table.detach().double().cpu()
+    if demand == WIDE_D:
+        q = torch.clamp(torch.round(t / lo.r.s_r), -lo.r.limit, lo.r.limit).to(torch.int32)
+    else:
+        q = demand[1].quantize(t.float())
+    name = module_name(node) if node.op == "call_module" else node.name
+    return lo.add_step(steps.Lookup(q, 0), (lo.emit(ids, INDEX_D),), name, name)
 
 
 def _only_relu_user(lo: Lowering, node: fx.Node) -> bool:
@@ -146,14 +175,12 @@ def _norm(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
 
 
 def _gelu(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
-    approximate = node.kwargs.get("approximate", "none")
-    if node.op == "call_module":
-        approximate = lo.gm.get_submodule(str(node.target)).approximate
-    if approximate != "none" or demand[0] != "codes":
-        raise Unsupported(f"integer conversion: {where(node)}: GELU (exact) onto a grid only")
-    g = demand[1]
+    """GELU or another pointwise function (tanh, sigmoid, SiLU...): one exact table from
+    its 16-bit input grid onto what the consumer reads (a grid, the residual stream, the
+    logits), fused into a producing linear's epilogue when that linear has no other reader."""
     g_max = 2 ** (GELU_BITS - 1) - 1
-    table = gelu_table(lo.r.gelu[node], -g_max, g_max, g.scale, g.zero, g.lo, g.hi)
+    out = _table_format(lo, node, demand)
+    table = pointwise_table(table_function(node), lo.r.gelu[node], -g_max, g_max, *out)
     x = tensor_args(node)[0]
     src = lo.an.through(x)
     if (
@@ -169,6 +196,19 @@ def _gelu(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:
             return lo.op_step(op, rq, lut=table)
     name = f"{node.name}.table"
     return lo.add_step(steps.Lookup(table, -g_max), (lo.emit(x, ("gelu", node)),), name, node.name)
+
+
+def _table_format(lo: Lowering, node: fx.Node, demand: tuple) -> tuple:
+    """``(scale, zero, lo, hi)`` of the format a pointwise table writes for ``demand``."""
+    if demand[0] == "codes":
+        g = demand[1]
+        return g.scale, g.zero, g.lo, g.hi
+    if demand == WIDE_D:
+        return lo.r.s_r, 0, -lo.r.limit, lo.r.limit
+    if demand == LOGITS_D:
+        l_max = 2 ** (LOGIT_BITS - 1) - 1
+        return lo.r.logit_scale, 0, -l_max, l_max
+    raise Unsupported(f"integer conversion: {where(node)} (by table) is read as {demand[0]}")
 
 
 def _softmax(lo: Lowering, node: fx.Node, demand: tuple) -> fx.Node:

@@ -34,10 +34,11 @@ def _functions() -> dict:
     """Functions a stored graph may call: the analysis's shape ops, concatenation and zero
     padding, shape arithmetic on sizes read from tensors, and the float-island ops."""
     from hawq.integer.graph import islands
-    from hawq.integer.graph.analyze import SHAPE_FUNCTIONS
+    from hawq.integer.graph.analyze import INDEX_FUNCTIONS, SHAPE_FUNCTIONS
 
     arithmetic = (operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv)
     fns = (*SHAPE_FUNCTIONS, torch.cat, F.pad, builtins.getattr, *arithmetic, *islands.FUNCTIONS)
+    fns = tuple(dict.fromkeys((*fns, *INDEX_FUNCTIONS)))  # index arithmetic on token ids
     named = {stored_name(f): f for f in fns}
     assert len(named) == len(set(fns)), "two allowed functions share a stored name"
     return named
@@ -89,10 +90,10 @@ def _decode_arg(a: Any, env: dict[str, fx.Node]) -> Any:
 
 
 def _methods() -> set[str]:
-    from hawq.integer.graph.analyze import SHAPE_METHODS
+    from hawq.integer.graph.analyze import INDEX_METHODS, SHAPE_METHODS
     from hawq.integer.graph.islands import METHODS
 
-    return SHAPE_METHODS | METHODS | {"size", "dim"}
+    return SHAPE_METHODS | METHODS | INDEX_METHODS | {"size", "dim"}
 
 
 def encode(graph: fx.Graph) -> list[dict]:

@@ -32,6 +32,10 @@ def is_quant_op(m: nn.Module) -> bool:
 class _IntegerTracer(ValueTracer):
     """Quantized ops and ``torch.nn``'s childless modules are leaves; the rest is traced."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = True  # buffers sliced by traced sizes stay nodes
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_quant_op(m):
             return True

@@ -1,0 +1,210 @@
+"""Integer-only conversion of token models and of pointwise functions by table.
+
+A model taking token ids converts as an image model does: the ids pass as they are, index
+arithmetic (position ids, token types, ``gather``) is replayed on them, an embedding is a
+lookup in its table quantised onto the residual stream, and every pointwise function of
+``TABLE_FUNCTIONS`` (tanh, sigmoid, SiLU, GELU in both forms...) is one exact table.
+
+Oracles: brute force for the tables; the ``reference`` backend (every backend bit-exact to
+it); the fake-quant model (close values; the same argmax on most samples); the pickled
+model through the safe loader (the same integers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawq.errors import HawqError
+from hawq.integer import ops
+from hawq.integer.gelu import pointwise_table
+from hawq.integer.graph import steps
+from hawq.integer.graph.convert import convert_graph
+from hawq.io import load_torch, save_torch
+from hawq.models.own import prepared
+from hawq.quant import Plan, calibrate, quantize_
+
+VOCAB, LENGTH = 50, 12
+
+
+def ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+class TokenNet(nn.Module):
+    """Word + position (an integer buffer sliced by the sequence length) + type embeddings
+    (``F.embedding`` of a parameter, ids from ``gather``), LayerNorm, an SDPA block with a
+    SiLU MLP, a tanh pooler on the first token, a head."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.words = nn.Embedding(VOCAB, dim)
+        self.positions = nn.Embedding(LENGTH, dim)
+        self.types = nn.Parameter(torch.randn(2, dim) * 0.1)
+        self.register_buffer("position_ids", torch.arange(LENGTH)[None])
+        self.register_buffer("type_ids", torch.zeros(1, LENGTH, dtype=torch.long))
+        self.norm, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim)
+        self.pool, self.head = nn.Linear(dim, dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        b, t = x.shape
+        pos = self.position_ids[:, :t]
+        types = torch.gather(self.type_ids.expand(b, -1), 1, pos.expand(b, -1) * 0)
+        h = self.words(x) + self.positions(pos) + F.embedding(types, self.types)
+        h = self.norm(h)
+        q, k, v = self.qkv(h).view(b, t, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        h = h + self.proj(a)
+        h = h + self.fc2(self.act(self.fc1(self.norm2(h))))
+        return self.head(torch.tanh(self.pool(h[:, 0])))
+
+
+def fake_quant_ids(model: nn.Module, plan: Plan | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    model = prepared(model, input_shape=[LENGTH], input_dtype="int64", vocab_size=VOCAB).eval()
+    quantize_(model, plan or Plan(), None, True)
+    calibrate(model, [(ids(64, 0),)])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def token_pair():
+    torch.manual_seed(0)
+    q = fake_quant_ids(TokenNet())
+    return q, convert_graph(q, [(ids(32, 1),), (ids(32, 2),)])
+
+
+def test_a_token_model_converts_to_integers_only(token_pair):
+    q, im = token_pair
+    assert im.float_ops == [] and im.in_grid is None  # ids pass as they are
+    children = list(im.steps.children())
+    assert sum(isinstance(m, steps.Lookup) for m in children) == 3  # the embeddings
+    fused = [m for m in children if isinstance(m, steps.Linear) and m.lut is not None]
+    assert len(fused) == 2  # SiLU in fc1's epilogue, tanh in the pooler's
+    for t in im.state_dict().values():
+        assert not t.is_floating_point() or t.dtype == torch.float64
+    x = ids(40, 3)  # another batch size than calibration's
+    with ops.backend("reference"):
+        ref = im.forward_int(im.quantize_input(x))
+    with ops.backend("cpu"):
+        assert torch.equal(im.forward_int(im.quantize_input(x)), ref)
+    with torch.no_grad():
+        fq, out = q(x), im(x)
+    assert (out - fq).abs().max() <= 0.1 * fq.abs().max()
+    assert (out.argmax(1) == fq.argmax(1)).float().mean() >= 0.9
+
+
+def test_a_shorter_sequence_runs_and_the_model_pickles(token_pair, tmp_path):
+    """Position ids are sliced by the traced length: 7 tokens run the same graph."""
+    q, im = token_pair
+    back = load_torch(save_torch(tmp_path / "im.pt", im))
+    x = ids(6, 4)[:, :7]
+    assert torch.equal(back(x), im(x))
+    with torch.no_grad():
+        assert (im(x) - q(x)).abs().max() <= 0.1 * q(x).abs().max()
+    with pytest.raises(HawqError, match="token ids, not floats"):
+        im(x.float())
+
+
+def test_a_transformers_bert_converts_to_integers_only():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=LENGTH, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    q = fake_quant_ids(transformers.BertForSequenceClassification(cfg))
+    im = convert_graph(q, [(ids(32, 1),)])
+    assert im.float_ops == []
+    x = ids(48, 5)
+    with torch.no_grad():
+        fq, out = q(x).logits, im(x)
+    assert (out - fq).abs().max() <= 0.1 * fq.abs().max()
+    assert (out.argmax(1) == fq.argmax(1)).float().mean() >= 0.9
+
+
+class Ids2Float(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(LENGTH, 4)
+
+    def forward(self, x):
+        return self.fc(x.float() / VOCAB)
+
+
+class MaxNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(VOCAB, 8, max_norm=1.0), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [(Ids2Float, r"call_method float .*has no integer-only form"),
+     (MaxNorm, r"emb \(Embedding\): max_norm")],
+    ids=["ids_as_floats", "embedding_max_norm"],
+)  # fmt: skip
+def test_what_ids_cannot_do_is_named(make, match):
+    q = fake_quant_ids(make())
+    with pytest.raises(HawqError, match=match):
+        convert_graph(q, [(ids(16, 1),)])
+
+
+ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "sigmoid": nn.Sigmoid(),
+    "silu": F.silu,
+    "gelu_tanh": nn.GELU(approximate="tanh"),
+    "hardswish": nn.Hardswish(),
+    "mish": nn.Mish(),
+}
+
+
+class ActNet(nn.Module):
+    def __init__(self, act, last: bool) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(3 * 8 * 8, 32), act, nn.Linear(32, 6)
+        self.last = last
+
+    def forward(self, x):
+        h = self.fc2(self.act(self.fc1(x.flatten(1))))
+        return self.act(h) if self.last else h
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+@pytest.mark.parametrize("last", [False, True], ids=["hidden", "onto_logits"])
+def test_pointwise_functions_are_tables(name, last):
+    torch.manual_seed(0)
+    model = prepared(ActNet(ACTIVATIONS[name], last), input_shape=[3, 8, 8]).eval()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    quantize_(model, Plan(), None, True)
+    calibrate(model, [(x,)])
+    im = convert_graph(model, [(x,)])
+    assert im.float_ops == []
+    y = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fq, out = model(y), im(y)
+    assert (out - fq).abs().max() <= 0.05 * fq.abs().max() + 1e-3, name
+    plain = convert_graph(model, [(x,)], fuse=False)  # the table fused into fc1's epilogue
+    assert torch.equal(
+        plain.forward_int(plain.quantize_input(y)), im.forward_int(im.quantize_input(y))
+    )
+
+
+@pytest.mark.parametrize("fn", [torch.tanh, torch.sigmoid, F.silu, F.mish], ids=str)
+def test_pointwise_table_is_the_rounded_function_everywhere(fn):
+    """Brute force over every input code: one rounding of fn(s q) onto the output grid."""
+    s, so, z = 0.013, 0.009, 3
+    t = pointwise_table(fn, s, -300, 300, so, z, -128, 127)
+    for q in range(-300, 301):
+        y = float(fn(torch.tensor(q * s, dtype=torch.float64)))
+        want = min(max(round(y / so) + z, -128), 127)
+        assert int(t[q + 300]) == want, q
+    assert t.dtype == torch.int8
+    with pytest.raises(HawqError, match="pointwise table: output scale"):
+        pointwise_table(fn, s, -3, 3, 0.0, 0, -128, 127)
