@@ -42,8 +42,7 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise HawqError(
-            f"bad config model.{PREPARE_KEY}.{unknown[0]}: unknown; allowed: "
-            + ", ".join(allowed)
+            f"bad config model.{PREPARE_KEY}.{unknown[0]}: unknown; allowed: " + ", ".join(allowed)
         )
     user = instantiate({k: v for k, v in model_cfg.items() if k != PREPARE_KEY})
     return prepared(user, **options)
