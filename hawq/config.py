@@ -14,39 +14,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from hawq.errors import HawqError
+from hawq.schema import check_target, require, typed  # noqa: F401 - re-exported
 
 T = TypeVar("T")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # the packaged Hydra config groups
-
-
-def require(cond: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise ``ValueError('<key>=<value>: <allowed>')`` unless ``cond``."""
-    if not cond:
-        raise ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
-
-
-def typed(node: DictConfig | dict | None, schema: type[T], section: str) -> T:
-    """Validate ``node`` against dataclass ``schema`` and return the instance.
-
-    Args:
-        node: the config group (e.g. ``cfg.train``).
-        schema: a dataclass whose fields mirror the group's keys.
-        section: the group name used in error messages (``train``).
-    """
-    try:
-        if isinstance(node, DictConfig):  # resolve ${...} against the whole config first
-            node = OmegaConf.to_container(node, resolve=True)
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node or {})
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as e:  # wrong type or unknown key (before ValueError: a subclass)
-        key = getattr(e, "full_key", None) or ""
-        msg = str(e).splitlines()[0]
-        raise HawqError(f"bad config {section}.{key}: {msg}") from e
-    except ValueError as e:  # a range check in __post_init__
-        raise HawqError(f"bad config: {section}.{e}") from e
 
 
 @dataclass
@@ -202,7 +174,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
 
 
 def _schemas() -> dict[str, Any]:
-    """Config group -> validator (imported here: the group modules import this one)."""
+    """Config group -> validator returning the group's typed value (imported here, where
+    the groups are gathered: each library defines its own dataclass)."""
     from hawq.alloc.config import AllocConfig
     from hawq.alloc.curve import CurveConfig
     from hawq.analysis.config import LandscapeConfig
@@ -225,42 +198,35 @@ def _schemas() -> dict[str, Any]:
     out: dict[str, Any] = {k: (lambda node, s=s, k=k: typed(node, s, k)) for k, s in groups.items()}
     out["model"] = validate_model
     out["data"] = validate_data
-    out["quant"] = lambda node: default_setting(typed(node, QuantConfig, "quant").default)
+
+    def quant(node: Any) -> Any:
+        qc = typed(node, QuantConfig, "quant")
+        default_setting(qc.default)  # the default op setting is a valid one
+        return qc
+
+    out["quant"] = quant
     return out
 
 
-def validate_groups(cfg: DictConfig, groups: set[str] | list[str]) -> None:
-    """Validate each named config group present in ``cfg`` against its schema, before any
-    work (one-line :class:`HawqError` on the first bad value). Also checks the train
-    optimizer's ``_target_`` is importable."""
+def validate_group(cfg: DictConfig, group: str) -> Any:
+    """The typed value of config group ``group`` (one-line :class:`HawqError` on a bad
+    value; a group absent from ``cfg`` takes its schema's defaults); None for a group
+    without a schema."""
     schemas = _schemas()
-    for group in sorted(groups):
-        if group in schemas and group in cfg:
-            schemas[group](cfg[group])
-    if "train" in groups and "train" in cfg:
+    if group not in schemas:
+        return None
+    value = schemas[group](cfg.get(group))
+    if group == "train" and "train" in cfg:
         check_target(
             OmegaConf.select(cfg, "train.optimizer._target_"),
             "train.optimizer._target_",
             "a torch.optim class such as torch.optim.AdamW or torch.optim.SGD",
         )
+    return value
 
 
-def check_target(target: Any, key: str, allowed: str) -> None:
-    """``key`` names an importable callable (a Hydra ``_target_``)."""
-    import importlib
-
-    parts = str(target or "").split(".")
-    for i in range(len(parts) - 1, 0, -1):  # longest importable module prefix, then attributes
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:i]))
-        except Exception:  # noqa: BLE001, S112 - try a shorter prefix
-            continue
-        try:
-            for name in parts[i:]:
-                obj = getattr(obj, name)
-        except AttributeError:
-            break
-        if callable(obj):
-            return
-        break
-    raise HawqError(f"bad config {key}={target!r}: cannot import it; allowed: {allowed}")
+def validate_groups(cfg: DictConfig, groups: set[str] | list[str]) -> dict[str, Any]:
+    """Validate each named config group present in ``cfg`` against its schema, before any
+    work (one-line :class:`HawqError` on the first bad value); returns their typed values
+    (``Context.group`` hands them to the stages: validated once per run)."""
+    return {g: validate_group(cfg, g) for g in sorted(groups) if g in _schemas() and g in cfg}

@@ -18,6 +18,7 @@ import logging
 import pkgutil
 import time
 from types import ModuleType
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -51,25 +52,30 @@ def load_stage(name: str) -> ModuleType:
     return importlib.import_module(f"hawq.stages.{name}")
 
 
-def validate(cfg: DictConfig) -> tuple[RunConfig, list[ModuleType]]:
+def validate(cfg: DictConfig) -> tuple[RunConfig, list[ModuleType], dict[str, Any]]:
     """Check the top-level keys, the stage names and every config group the stages read
-    (before any work; the CLI runs this before Hydra writes its log)."""
+    (before any work; the CLI runs this before Hydra writes its log). Returns the run's
+    keys, its stage modules and the typed groups the stages get from ``ctx.group``."""
     run = run_config(cfg)
     stages = [load_stage(name) for name in run.stages]  # fail on a typo before any work
-    validate_groups(cfg, {k.split(".")[0] for n in run.stages for k in record.spec_keys(n)})
+    groups = validate_groups(
+        cfg, {k.split(".")[0] for n in run.stages for k in record.spec_keys(n)}
+    )
     check_run_dir(cfg.paths.run_dir)  # before anything is written
-    return run, stages
+    return run, stages, groups
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run ``cfg.stages`` in order; returns the final contents of ``results.json``."""
-    run, stages = validate(cfg)
+    run, stages, groups = validate(cfg)
     with RunDirLock(cfg.paths.run_dir):  # one process per run directory at a time
-        return _run_stages(cfg, run, stages)
+        return _run_stages(cfg, run, stages, groups)
 
 
-def _run_stages(cfg: DictConfig, run: RunConfig, stages: list[ModuleType]) -> dict:
-    ctx = Context(cfg, run)
+def _run_stages(
+    cfg: DictConfig, run: RunConfig, stages: list[ModuleType], groups: dict[str, Any]
+) -> dict:
+    ctx = Context(cfg, run, groups)
     log.info("run directory: %s (device %s)", ctx.run_dir, ctx.device)
     if not run.force:  # trained weights made with other settings: refuse before any work
         for name in run.stages:

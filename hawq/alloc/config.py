@@ -8,7 +8,7 @@ from typing import Any
 from hawq.alloc.costs import AVG_BY
 from hawq.alloc.ilp import BUDGET_KINDS
 from hawq.alloc.sensitivity import METHODS
-from hawq.config import require
+from hawq.schema import require
 
 
 def _default_candidates() -> list[Any]:

@@ -52,9 +52,9 @@ from torch import nn
 from hawq.alloc.allocate import choices_per_op, sensitivities
 from hawq.alloc.candidates import Candidate
 from hawq.alloc.report import HessianReport
-from hawq.config import require
 from hawq.errors import HawqError
 from hawq.quant.plan import OpSetting, Plan
+from hawq.schema import require
 
 log = logging.getLogger("hawq")
 ORDERS = ("hessian", "measured", "random")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hawq.config import require
+from hawq.schema import require
 
 DIRECTIONS = ("eigen", "random")
 

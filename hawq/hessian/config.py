@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hawq.config import require
+from hawq.schema import require
 
 METHODS = ("hessian", "fisher")
 

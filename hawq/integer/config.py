@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hawq.config import require
 from hawq.integer.ops import BACKENDS
+from hawq.schema import require
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from hawq.config import require, typed
 from hawq.errors import HawqError
+from hawq.schema import require, typed
 
 
 @dataclass

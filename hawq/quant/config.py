@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hawq.config import require
 from hawq.errors import HawqError
 from hawq.quant.plan import DEFAULT_KEY, OpSetting, Plan, load_plan
 from hawq.quant.reconstruct import ReconstructSettings
+from hawq.schema import require
 
 log = logging.getLogger("hawq")
 

@@ -52,13 +52,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hawq.config import require
 from hawq.engine import call_model
 from hawq.errors import HawqError
 from hawq.quant.bn_fold import unfold_weight
 from hawq.quant.learnable import lsq_fake_quantize
 from hawq.quant.modules import QuantConv2d
 from hawq.quant.quantizer import MIN_SCALE, Quantizer
+from hawq.schema import require
 
 log = logging.getLogger("hawq")
 Tensor = torch.Tensor

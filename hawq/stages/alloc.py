@@ -27,7 +27,6 @@ from hawq.alloc.allocate import choices_per_op, resolve_pins
 from hawq.alloc.config import AllocConfig
 from hawq.alloc.costs import LatencyTable
 from hawq.alloc.sensitivity import ACT_METHODS, measured_sensitivity
-from hawq.config import typed
 from hawq.errors import HawqError, choices
 from hawq.io import read_json, write_json
 from hawq.models.ops import quantizable_ops
@@ -41,7 +40,7 @@ log = logging.getLogger("hawq")
 
 
 def _config(ctx: Context) -> AllocConfig:
-    return typed(ctx.cfg.get("alloc"), AllocConfig, "alloc")
+    return ctx.group("alloc")
 
 
 def _config_dict(cfg: AllocConfig) -> dict[str, Any]:

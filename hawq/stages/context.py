@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hawq.checkpoint import build_model, load_model
-from hawq.config import RunConfig, validate_data
+from hawq.config import RunConfig, validate_group
 from hawq.data.module import ImageData
 from hawq.data.user import UserData
 from hawq.distributed import is_main
@@ -70,9 +70,10 @@ class Context:
 
     RESULTS = "results.json"
 
-    def __init__(self, cfg: DictConfig, run: RunConfig) -> None:
+    def __init__(self, cfg: DictConfig, run: RunConfig, groups: dict | None = None) -> None:
         self.cfg = cfg
         self.run = run
+        self._groups = dict(groups or {})  # typed config groups, validated once
         self.run_dir = Path(cfg.paths.run_dir).expanduser().resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(run.device)
@@ -113,9 +114,17 @@ class Context:
         """The FP model checkpoint (``paths.checkpoint``), trained here or given."""
         return Path(self.cfg.paths.checkpoint).expanduser().resolve()
 
+    def group(self, name: str) -> Any:
+        """Config group ``name`` as its typed dataclass (``ctx.group("quant")`` is a
+        :class:`~hawq.quant.config.QuantConfig`): validated once per run, by the pipeline
+        before any stage (a group no stage declared is validated on first use)."""
+        if name not in self._groups:
+            self._groups[name] = validate_group(self.cfg, name)
+        return self._groups[name]
+
     @cached_property
     def data(self) -> ImageData | UserData:
-        validate_data(self.cfg.data)
+        self.group("data")
         return instantiate(self.cfg.data)
 
     def build_model(self) -> nn.Module:

@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from hawq.config import typed
 from hawq.errors import HawqError
-from hawq.integer.config import IntegerConfig
 from hawq.integer.export import export
 from hawq.integer.standalone import load
 from hawq.io import load_torch
@@ -37,7 +35,7 @@ ONNX = "model.onnx"
 
 def _plan(ctx: Context) -> tuple[bool, bool]:
     """``(integer, onnx)``: which artifacts this run's export writes."""
-    ic = typed(ctx.cfg.get("integer"), IntegerConfig, "integer")
+    ic = ctx.group("integer")
     return ctx.path(OUT).is_file() or not ic.onnx, ic.onnx
 
 
@@ -75,7 +73,7 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
     from hawq.quant import load_quantized
     from hawq.quant.onnx_export import export_onnx
 
-    src = source(ctx, typed(ctx.cfg.get("integer"), IntegerConfig, "integer"))
+    src = source(ctx, ctx.group("integer"))
     qmodel, _plan_, _meta = load_quantized(src, "cpu")
     qmodel.eval()
     x = next(iter(ctx.data.eval_loader("test", "cpu", 64)))[0].cpu()

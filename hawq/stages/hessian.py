@@ -27,7 +27,6 @@ from torch.distributed import destroy_process_group
 from tqdm import tqdm
 
 from hawq.batches import cast_floats
-from hawq.config import typed
 from hawq.distributed import init_from_env
 from hawq.engine import StepTimer
 from hawq.errors import HawqError
@@ -77,7 +76,7 @@ def run(ctx: Context) -> dict:
 
 
 def _run(ctx: Context) -> dict:
-    hc = typed(ctx.cfg.get("hessian"), HessianConfig, "hessian")
+    hc = ctx.group("hessian")
     model, inventory, batches = _inputs(ctx, hc)
     loss_fn = nn.CrossEntropyLoss()
     if hc.method == "fisher":

@@ -44,7 +44,6 @@ from hawq.alloc.curve import (
     spearman,
 )
 from hawq.alloc.report import read_hessian
-from hawq.config import typed
 from hawq.engine import evaluate
 from hawq.errors import HawqError, choices
 from hawq.io import read_json, write_json
@@ -58,7 +57,7 @@ log = logging.getLogger("hawq")
 
 
 def _config(ctx: Context) -> CurveConfig:
-    return typed(ctx.cfg.get("curve"), CurveConfig, "curve")
+    return ctx.group("curve")
 
 
 def _base(ctx: Context) -> OpSetting:
@@ -72,7 +71,7 @@ def _key(cfg: CurveConfig, base: OpSetting) -> dict[str, Any]:
 
 
 def _quant(ctx: Context) -> QuantConfig:
-    return typed(ctx.cfg.get("quant"), QuantConfig, "quant")
+    return ctx.group("quant")
 
 
 def _hessian_stage_seconds(hessian_path: Path) -> float | None:
@@ -258,7 +257,7 @@ def run(ctx: Context) -> dict[str, Any]:
         path=png,
         title=f"W4A4 op by op, rest {cfg.rest} ({len(ops)} ops)",
     )
-    write_json(out, result)  # last: done() sees the JSON only when everything succeeded
+    write_json(out, result)  # last: the JSON exists only when everything succeeded
     return {
         "fp_acc": fp_acc,
         "high_acc": result["high_acc"],

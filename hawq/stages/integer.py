@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hawq.config import typed
 from hawq.errors import HawqError
 from hawq.integer import ops
 from hawq.integer.config import IntegerConfig
@@ -67,7 +66,7 @@ def compare(qmodel: nn.Module, imodel: nn.Module, batches, device: torch.device)
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    ic = typed(ctx.cfg.get("integer"), IntegerConfig, "integer")
+    ic = ctx.group("integer")
     ops.set_backend(ic.backend)
     src = source(ctx, ic)
     qmodel, plan, _meta = load_quantized(src, ctx.device)

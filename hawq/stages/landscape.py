@@ -43,7 +43,6 @@ from hawq.analysis import (
     surface_2d,
 )
 from hawq.analysis.config import LandscapeConfig
-from hawq.config import typed
 from hawq.errors import HawqError, choices
 from hawq.io import read_json, write_json
 from hawq.quant import calibrate, check_ready, load_quantized, quantize_
@@ -99,7 +98,7 @@ def _eigenvalues_from_report(ctx: Context) -> dict[str, float]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    lc = typed(ctx.cfg.get("landscape"), LandscapeConfig, "landscape")
+    lc = ctx.group("landscape")
     model = ctx.load_fp_model()
     loader = ctx.data.eval_loader(lc.split, ctx.device, lc.batch_size)
     if lc.batches > len(loader):

@@ -16,10 +16,8 @@ from typing import Any
 
 from hawq.alloc.allocate import resolve_pins
 from hawq.alloc.candidates import parse_candidates
-from hawq.alloc.config import AllocConfig
-from hawq.config import typed
 from hawq.integer import ops
-from hawq.integer.config import IntegerConfig, LatencyConfig
+from hawq.integer.config import LatencyConfig
 from hawq.integer.latency import measure_latency, write_latency_table
 from hawq.models.ops import quantizable_ops
 from hawq.stages.context import Context
@@ -29,7 +27,7 @@ log = logging.getLogger("hawq")
 
 
 def _config(ctx: Context) -> LatencyConfig:
-    return typed(ctx.cfg.get("latency"), LatencyConfig, "latency")
+    return ctx.group("latency")
 
 
 def table_path(ctx: Context) -> Path:
@@ -39,8 +37,8 @@ def table_path(ctx: Context) -> Path:
 
 def run(ctx: Context) -> dict[str, Any]:
     cfg = _config(ctx)
-    ac = typed(ctx.cfg.get("alloc"), AllocConfig, "alloc")
-    ops.set_backend(typed(ctx.cfg.get("integer"), IntegerConfig, "integer").backend)
+    ac = ctx.group("alloc")
+    ops.set_backend(ctx.group("integer").backend)
     # the model that will be quantized: the FP checkpoint when it exists, else the config's
     model = ctx.load_fp_model() if ctx.checkpoint.is_file() else ctx.build_model().eval()
     names = list(quantizable_ops(model))

@@ -19,7 +19,6 @@ from typing import Any
 
 from torch import nn
 
-from hawq.config import typed
 from hawq.engine import evaluate
 from hawq.quant import (
     calibrate,
@@ -29,7 +28,7 @@ from hawq.quant import (
     save_quantized,
 )
 from hawq.quant.api import bits_histogram, op_lines  # noqa: F401 - results helpers
-from hawq.quant.config import QuantConfig, resolve_plan
+from hawq.quant.config import resolve_plan
 from hawq.quant.equalize import equalize_
 from hawq.quant.reconstruct import calibration_images, reconstruct_, units
 from hawq.stages.context import Context
@@ -47,7 +46,7 @@ def load_fp(ctx: Context) -> tuple[nn.Module, dict]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    qc = typed(ctx.cfg.quant, QuantConfig, "quant")
+    qc = ctx.group("quant")
     plan, source = resolve_plan(qc, ctx.run_dir)
     model, model_cfg = load_fp(ctx)
     test = ctx.data.eval_loader("test", ctx.device)

@@ -51,7 +51,6 @@ from torch import nn
 from hawq import distributed as dist
 from hawq import preempt
 from hawq.checkpoint import restore_state
-from hawq.config import typed
 from hawq.engine import (
     cosine_scheduler,
     evaluate,
@@ -189,8 +188,8 @@ def _run(ctx: Context, device: torch.device) -> dict[str, Any]:
 
 def _prepare(ctx: Context, device: torch.device) -> _QAT:
     """The FP model quantized with the plan, calibrated (or loaded from ``qat.init``)."""
-    qc = typed(ctx.cfg.quant, QuantConfig, "quant")
-    tc = typed(ctx.cfg.qat, QATConfig, "qat")
+    qc = ctx.group("quant")
+    tc = ctx.group("qat")
     rank, world = dist.world()
     plan, source = resolve_plan(qc, ctx.run_dir)
     model, model_cfg = ctx.load_fp_model(), ctx.fp_model_config()

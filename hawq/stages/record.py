@@ -335,11 +335,6 @@ def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
     )
 
 
-def done(ctx: Context, stage: str) -> bool:
-    """What a stage's ``done(ctx)`` returns: :func:`check` ``.done``."""
-    return check(ctx, stage).done
-
-
 def refuse_or_redo(ctx: Context, stage: str, status: Status) -> None:
     """Log why ``stage`` runs again, or refuse (``KEEP`` stages whose record and outputs are
     intact but were made with other config/inputs)."""

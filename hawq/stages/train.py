@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from hawq import preempt
 from hawq.checkpoint import restore_state, save_model
-from hawq.config import TrainConfig, typed
+from hawq.config import TrainConfig
 from hawq.engine import (
     amp_enabled,
     cosine_scheduler,
@@ -127,7 +127,7 @@ def run(ctx: Context) -> dict:
 
 
 def _setup(ctx: Context) -> _Training:
-    tc = typed(ctx.cfg.train, TrainConfig, "train")
+    tc = ctx.group("train")
     model = ctx.build_model()
     optimizer = instantiate(tc.optimizer)([p for p in model.parameters() if p.requires_grad])
     train_loader = ctx.data.train_loader(ctx.device, seed=ctx.run.seed)
