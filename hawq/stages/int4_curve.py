@@ -17,8 +17,8 @@ the per-op sensitivities and their Spearman correlation), ``int4_curve.png`` (tw
 panels: INT4 share of ops and of MACs, the random band shaded) and,
 with ``curve.int2_plan_k=k``, ``int2_k<k>_bits.yaml``: the ``k`` least sensitive ops
 of ``curve.int2_order`` at W2A2, the rest FP (its PTQ accuracy is recorded too).
-Skipped when the JSON exists and was made with the same ``curve`` config and
-``quant.default``.
+Skipping a finished run is the pipeline's, as for every stage (its completion record:
+``hawq/stages/record.py``).
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ def run(ctx: Context) -> dict[str, Any]:
     qc = _quant(ctx)
     start = time.perf_counter()
     model = ctx.load_fp_model()
-    input_size = tuple(ctx.data.input_size)
-    macs = {o.name: o.macs for o in op_inventory(model, input_size)}
+    macs = {o.name: o.macs for o in op_inventory(model, tuple(ctx.data.input_size))}
     ops = list(macs)
     if cfg.int2_plan_k is not None and cfg.int2_plan_k > len(ops):
         int2_plan(ops, cfg.int2_plan_k, base)  # raises before any evaluation
@@ -106,120 +105,19 @@ def run(ctx: Context) -> dict[str, Any]:
         "train", ctx.device, cfg.calib_batch_size or qc.calib_batch_size
     )
     calib = list(islice(calib_loader, cfg.calib_batches or qc.calib_batches))
-    test = ctx.data.eval_loader(cfg.split, ctx.device, cfg.batch_size)
-
-    def evaluate_fn(m) -> float:
-        return evaluate(m, test, ctx.device, desc="int4_curve")["acc"]
-
-    high = cfg.high.to_setting(base)
-    low = LOW.to_setting(base)
-    ev = PrefixEvaluator(model, ops, low, high, calib, evaluate_fn, qc.fold_bn)
-    order_ev = ev
-    if "measured" in cfg.orders and (cfg.order_split != cfg.split or cfg.order_subset):
-        held = _loader(ctx, cfg.order_split, cfg.batch_size, cfg.order_subset)
-
-        def order_fn(m) -> float:
-            return evaluate(m, held, ctx.device, desc=f"rank on {cfg.order_split}")["acc"]
-
-        order_ev = PrefixEvaluator(model, ops, low, high, calib, order_fn, qc.fold_bn)
-    fp_acc = float(evaluate_fn(model))
-    sens: dict[str, dict[str, float]] = {}
-    sequences: dict[str, list[str]] = {}
-    hessian_path = None
+    ev, order_ev, rank_images = _evaluators(ctx, cfg, qc, model, ops, base, calib)
+    fp_acc = float(ev.evaluate_fn(model))
     timings: dict[str, float] = {}
-    ranking: dict[str, dict[str, Any]] = {}
-    for name in cfg.orders:
-        t0 = time.perf_counter()
-        if name == "hessian":
-            hessian_path = (
-                Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
-            )
-            report = read_hessian(hessian_path)
-            if set(report.ops) != set(ops):
-                raise HawqError(
-                    f"{hessian_path} does not match the model's ops: only in the "
-                    f"report {choices(set(report.ops) - set(ops)) or '-'}; only in "
-                    f"the model {choices(set(ops) - set(report.ops)) or '-'}"
-                )
-            delta = hessian_sensitivity(report, model, calib, base, cfg.high, LOW, cfg.method)
-            sens["hessian"] = {n: delta[n] for n in ops}
-            ranking["hessian"] = {
-                "evaluations": 0,
-                "seconds": time.perf_counter() - t0,
-                "hessian_stage_s": _hessian_stage_seconds(hessian_path),
-            }
-        elif name == "measured":
-            n_before = len(order_ev.cache)
-            _, drops = order_ev.single_op_drops()
-            sens["measured"] = drops
-            ranking["measured"] = {
-                "evaluations": len(order_ev.cache) - n_before,
-                "seconds": time.perf_counter() - t0,
-                "split": cfg.order_split,
-                "images": sum(int(y.shape[0]) for _, y in (held if order_ev is not ev else test)),
-            }
-        if name == "random":
-            sequences[name] = random_order(ops, cfg.seed)
-        else:
-            sequences[name] = ascending(sens[name])
-        timings[f"{name}_order_s"] = time.perf_counter() - t0
-    points = prefixes(len(ops), cfg.step)
-    rpoints = prefixes(len(ops), cfg.random_step or cfg.step)
-    entries = {}
-    for name, seq in sequences.items():
-        t0 = time.perf_counter()
-        pts = rpoints if name == "random" else points
-        accs = ev.curve(seq, pts)
-        entries[name] = order_entry(seq, pts, accs, macs, fp_acc, cfg.thresholds)
-        timings[f"{name}_curve_s"] = time.perf_counter() - t0
-        log.info("int4_curve: %s order: %s", name, entries[name]["max_share_within"])
-    random_band = None
-    if "random" in sequences:
-        t0 = time.perf_counter()
-        extra = [random_order(ops, cfg.seed + r) for r in range(1, cfg.random_orders)]
-        runs = [entries["random"]] + [
-            order_entry(seq, rpoints, ev.curve(seq, rpoints), macs, fp_acc, cfg.thresholds)
-            for seq in extra
-        ]
-        random_band = {
-            **band(runs, cfg.thresholds),
-            "seeds": [cfg.seed + r for r in range(cfg.random_orders)],
-            "runs": runs,
-        }
-        timings["random_band_s"] = time.perf_counter() - t0
+    sens, sequences, ranking, hessian_path = _rank(
+        ctx, cfg, model, ops, calib, base, order_ev, rank_images, timings
+    )
+    entries, random_band = _curves(cfg, ev, ops, sequences, macs, fp_acc, timings)
     rho = (
         spearman([sens["hessian"][n] for n in ops], [sens["measured"][n] for n in ops])
         if {"hessian", "measured"} <= set(sens)
         else None
     )
-    out = ctx.path(cfg.out)
-    int2, int2_by = None, {}
-    if cfg.int2_plan_k is not None:
-        k = cfg.int2_plan_k
-        for i, pick in enumerate(cfg.int2_picks):
-            plan = int2_plan(sequences[pick], k, base)
-            path = ctx.path(f"int2_k{k}_bits.yaml" if i == 0 else f"int2_k{k}_{pick}_bits.yaml")
-            rec = {
-                "k": k,
-                "order": pick,
-                "ops": list(plan.ops),
-                "acc": ev.ptq_accuracy(plan),
-                "plan": str(path),
-            }
-            save_plan(
-                path,
-                plan,
-                {
-                    "source": "int4_curve",
-                    "k": k,
-                    "order": pick,
-                    "ops": list(plan.ops),
-                    "ptq_acc": rec["acc"],
-                    "fp_acc": fp_acc,
-                },
-            )
-            int2_by[pick] = rec
-            int2 = int2 or rec
+    int2, int2_by = _int2_plans(ctx, cfg, ev, sequences, base, fp_acc)
     all_int2 = None
     if cfg.all_int2:
         w2 = dataclasses.replace(base, w_bits=2, a_bits=2)
@@ -248,6 +146,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "int2_by_order": int2_by,
         "evaluations": n_test_evals + (0 if order_ev is ev else len(order_ev.cache)),
     }
+    out = ctx.path(cfg.out)
     png = out.with_suffix(".png")
     plot_int4_share_curves(
         entries,
@@ -258,11 +157,127 @@ def run(ctx: Context) -> dict[str, Any]:
         title=f"W4A4 op by op, rest {cfg.rest} ({len(ops)} ops)",
     )
     write_json(out, result)  # last: the JSON exists only when everything succeeded
+    return _summary(result, timings, out, png, time.perf_counter() - start)
+
+
+def _evaluators(ctx: Context, cfg: CurveConfig, qc: QuantConfig, model, ops, base, calib):
+    """``(curve evaluator, ranking evaluator, images the ranking scores on)``: the ranking
+    one scores on ``curve.order_split`` (a held-out split) when it differs from the curve's."""
+    test = ctx.data.eval_loader(cfg.split, ctx.device, cfg.batch_size)
+
+    def evaluate_fn(m) -> float:
+        return evaluate(m, test, ctx.device, desc="int4_curve")["acc"]
+
+    high, low = cfg.high.to_setting(base), LOW.to_setting(base)
+    ev = PrefixEvaluator(model, ops, low, high, calib, evaluate_fn, qc.fold_bn)
+    if "measured" not in cfg.orders or (cfg.order_split == cfg.split and not cfg.order_subset):
+        return ev, ev, test
+    held = _loader(ctx, cfg.order_split, cfg.batch_size, cfg.order_subset)
+
+    def order_fn(m) -> float:
+        return evaluate(m, held, ctx.device, desc=f"rank on {cfg.order_split}")["acc"]
+
+    return ev, PrefixEvaluator(model, ops, low, high, calib, order_fn, qc.fold_bn), held
+
+
+def _rank(ctx, cfg: CurveConfig, model, ops, calib, base, order_ev, rank_images, timings):
+    """Per-op sensitivities and op sequences of every order of ``curve.orders``, with the
+    cost to rank each (evaluations, seconds)."""
+    sens: dict[str, dict[str, float]] = {}
+    sequences: dict[str, list[str]] = {}
+    ranking: dict[str, dict[str, Any]] = {}
+    hessian_path = None
+    for name in cfg.orders:
+        t0 = time.perf_counter()
+        if name == "hessian":
+            hessian_path = (
+                Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
+            )
+            report = read_hessian(hessian_path)
+            if set(report.ops) != set(ops):
+                raise HawqError(
+                    f"{hessian_path} does not match the model's ops: only in the "
+                    f"report {choices(set(report.ops) - set(ops)) or '-'}; only in "
+                    f"the model {choices(set(ops) - set(report.ops)) or '-'}"
+                )
+            delta = hessian_sensitivity(report, model, calib, base, cfg.high, LOW, cfg.method)
+            sens["hessian"] = {n: delta[n] for n in ops}
+            ranking["hessian"] = {
+                "evaluations": 0,
+                "seconds": time.perf_counter() - t0,
+                "hessian_stage_s": _hessian_stage_seconds(hessian_path),
+            }
+        elif name == "measured":
+            n_before = len(order_ev.cache)
+            _, drops = order_ev.single_op_drops()
+            sens["measured"] = drops
+            ranking["measured"] = {
+                "evaluations": len(order_ev.cache) - n_before,
+                "seconds": time.perf_counter() - t0,
+                "split": cfg.order_split,
+                "images": sum(int(y.shape[0]) for _, y in rank_images),
+            }
+        sequences[name] = random_order(ops, cfg.seed) if name == "random" else ascending(sens[name])
+        timings[f"{name}_order_s"] = time.perf_counter() - t0
+    return sens, sequences, ranking, hessian_path
+
+
+def _curves(cfg: CurveConfig, ev, ops, sequences, macs, fp_acc, timings):
+    """The accuracy-vs-INT4-share curve of each order, and the random orders' band."""
+    points = prefixes(len(ops), cfg.step)
+    rpoints = prefixes(len(ops), cfg.random_step or cfg.step)
+    entries = {}
+    for name, seq in sequences.items():
+        t0 = time.perf_counter()
+        pts = rpoints if name == "random" else points
+        accs = ev.curve(seq, pts)
+        entries[name] = order_entry(seq, pts, accs, macs, fp_acc, cfg.thresholds)
+        timings[f"{name}_curve_s"] = time.perf_counter() - t0
+        log.info("int4_curve: %s order: %s", name, entries[name]["max_share_within"])
+    if "random" not in sequences:
+        return entries, None
+    t0 = time.perf_counter()
+    extra = [random_order(ops, cfg.seed + r) for r in range(1, cfg.random_orders)]
+    runs = [entries["random"]] + [
+        order_entry(seq, rpoints, ev.curve(seq, rpoints), macs, fp_acc, cfg.thresholds)
+        for seq in extra
+    ]
+    random_band = {
+        **band(runs, cfg.thresholds),
+        "seeds": [cfg.seed + r for r in range(cfg.random_orders)],
+        "runs": runs,
+    }
+    timings["random_band_s"] = time.perf_counter() - t0
+    return entries, random_band
+
+
+def _int2_plans(ctx: Context, cfg: CurveConfig, ev, sequences, base, fp_acc):
+    """With ``curve.int2_plan_k=k``: per pick, the ``k`` least sensitive ops at W2A2 (the
+    rest FP) as a plan file, with its PTQ accuracy."""
+    int2, int2_by = None, {}
+    if cfg.int2_plan_k is None:
+        return int2, int2_by
+    k = cfg.int2_plan_k
+    for i, pick in enumerate(cfg.int2_picks):
+        plan = int2_plan(sequences[pick], k, base)
+        path = ctx.path(f"int2_k{k}_bits.yaml" if i == 0 else f"int2_k{k}_{pick}_bits.yaml")
+        acc = ev.ptq_accuracy(plan)
+        rec = {"k": k, "order": pick, "ops": list(plan.ops), "acc": acc, "plan": str(path)}
+        meta = {"source": "int4_curve", "ptq_acc": acc, "fp_acc": fp_acc}
+        save_plan(path, plan, {**meta, **{key: rec[key] for key in ("k", "order", "ops")}})
+        int2_by[pick] = rec
+        int2 = int2 or rec
+    return int2, int2_by
+
+
+def _summary(result: dict, timings: dict, out: Path, png: Path, total_s: float) -> dict:
+    """The stage's metrics (``results.json``) from its full result."""
+    entries, random_band, int2 = result["orders"], result["random_band"], result["int2"]
     return {
-        "fp_acc": fp_acc,
+        "fp_acc": result["fp_acc"],
         "high_acc": result["high_acc"],
         "int4_acc": result["int4_acc"],
-        "all_int2_acc": all_int2,
+        "all_int2_acc": result["all_int2_acc"],
         "max_share_within": {n: e["max_share_within"] for n, e in entries.items()},
         "max_op_share_within": {n: e["max_op_share_within"] for n, e in entries.items()},
         "random_band": None
@@ -270,15 +285,17 @@ def run(ctx: Context) -> dict[str, Any]:
         else {k: random_band[k] for k in ("n", "seeds", "max_share_within", "max_op_share_within")},
         "ranking": {
             n: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
-            for n, r in ranking.items()
+            for n, r in result["ranking"].items()
         },
-        "spearman": rho,
+        "spearman": result["spearman"],
         "int2": None if int2 is None else {k: int2[k] for k in ("k", "order", "acc", "plan")},
-        "int2_by_order": {n: {k: r[k] for k in ("k", "acc", "ops")} for n, r in int2_by.items()},
+        "int2_by_order": {
+            n: {k: r[k] for k in ("k", "acc", "ops")} for n, r in result["int2_by_order"].items()
+        },
         "evaluations": result["evaluations"],
-        "ops": len(ops),
+        "ops": len(result["ops"]),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "curve": str(out),
         "plot": str(png),
-        "total_s": round(time.perf_counter() - start, 3),
+        "total_s": round(total_s, 3),
     }
