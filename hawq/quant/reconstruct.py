@@ -44,7 +44,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -447,6 +447,8 @@ def reconstruct_(
     images: Any,
     st: ReconstructSettings | None = None,
     eval_batch: int = 256,
+    resume: dict | None = None,
+    on_unit: Callable[[dict], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Reconstruct a calibrated quantized ``model`` unit by unit against ``fp_model``.
 
@@ -458,6 +460,12 @@ def reconstruct_(
             or a dict of keyword inputs with ``N`` rows each (token ids, masks).
         st: settings (defaults: :class:`ReconstructSettings`).
         eval_batch: batch for the captures and the before/after errors.
+        resume: a state ``on_unit`` gave an earlier, stopped call with the same inputs:
+            its finished units are loaded and skipped and the random streams restored, so
+            the result is the uninterrupted call's.
+        on_unit: called after each unit with the resumable state (``model``: the state
+            dict, ``report``, ``generator`` / ``rng``: the random streams); saving it makes
+            a long reconstruction stoppable.
 
     Returns:
         per unit: ops, quantizers learned, squared error per image on ``images`` before
@@ -482,51 +490,73 @@ def reconstruct_(
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(st.seed)
     torch.manual_seed(st.seed)  # QDrop masks
-    report: dict[str, dict[str, Any]] = {}
+    report = {} if resume is None else _resume(model, resume, plan, gen)
     try:
         for uname, ops in plan.items():
-            t0 = time.perf_counter()
-            unit = model.get_submodule(uname)
-            inputs = _cat(_capture(model, unit, images, eval_batch, "in"))
-            target = _cat(
-                _capture(fp_model, fp_model.get_submodule(uname), images, eval_batch, "out")
-            )
-            before = _unit_error(unit, inputs, target, eval_batch)
-            saved = copy.deepcopy(unit.state_dict())
-            swap = _Swap(model, ops, st)
-            for b in swap.biases:
-                b.requires_grad_(True)
-            row: dict[str, Any] = {"ops": ops, "learned": len(swap.items), "before": before}
-            if not swap.items and not swap.biases:
-                swap.restore()
-                report[uname] = {**row, "after": before, "kept": False, "seconds": 0.0}
+            if uname in report:  # finished before a stop
                 continue
-            try:
-                _optimise(unit, swap, inputs, target, st, gen, f"reconstruct {uname}")
-                row["unsettled"] = swap.unsettled()
-            finally:
-                swap.restore()
-                for b in swap.biases:
-                    b.requires_grad_(False)
-            after = _unit_error(unit, inputs, target, eval_batch)
-            kept = after <= before
-            if not kept:
-                unit.load_state_dict(saved)
-                after = before
-            row.update(after=after, kept=kept, seconds=time.perf_counter() - t0)
-            report[uname] = row
-            log.info(
-                "reconstruct %s: error %.4g -> %.4g%s, %.1f%% of roundings unsettled (%.1f s)",
-                uname,
-                before,
-                after,
-                "" if kept else " (worse: restored)",
-                100 * row.get("unsettled", 0.0),
-                row["seconds"],
-            )
+            unit = (uname, ops)
+            report[uname] = _reconstruct_unit(model, fp_model, unit, images, st, gen, eval_batch)
+            if on_unit is not None:
+                rng = {"generator": gen.get_state(), "rng": torch.get_rng_state()}
+                on_unit({"model": model.state_dict(), "report": report, **rng})
     finally:
         for p, g in grads.items():
             p.requires_grad_(g)
         model.train(was[0])
         fp_model.train(was[1])
     return report
+
+
+def _resume(model: nn.Module, state: dict, plan: dict, gen: torch.Generator) -> dict:
+    """Load a stopped reconstruction's finished units and random streams; its report."""
+    report = dict(state.get("report") or {})
+    unknown = sorted(set(report) - set(plan))
+    if unknown:
+        raise HawqError(f"reconstruct: the resume state has units {unknown} this model lacks")
+    model.load_state_dict(state["model"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    log.info("reconstruct: resuming after %d of %d units", len(report), len(plan))
+    return report
+
+
+def _reconstruct_unit(model, fp_model, unit_ops, images, st, gen, batch: int) -> dict:
+    """One unit fitted to the FP model's output there (kept only if its error fell)."""
+    uname, ops = unit_ops
+    t0 = time.perf_counter()
+    unit = model.get_submodule(uname)
+    inputs = _cat(_capture(model, unit, images, batch, "in"))
+    target = _cat(_capture(fp_model, fp_model.get_submodule(uname), images, batch, "out"))
+    before = _unit_error(unit, inputs, target, batch)
+    saved = copy.deepcopy(unit.state_dict())
+    swap = _Swap(model, ops, st)
+    for b in swap.biases:
+        b.requires_grad_(True)
+    row: dict[str, Any] = {"ops": ops, "learned": len(swap.items), "before": before}
+    if not swap.items and not swap.biases:
+        swap.restore()
+        return {**row, "after": before, "kept": False, "seconds": 0.0}
+    try:
+        _optimise(unit, swap, inputs, target, st, gen, f"reconstruct {uname}")
+        row["unsettled"] = swap.unsettled()
+    finally:
+        swap.restore()
+        for b in swap.biases:
+            b.requires_grad_(False)
+    after = _unit_error(unit, inputs, target, batch)
+    kept = after <= before
+    if not kept:
+        unit.load_state_dict(saved)
+        after = before
+    row.update(after=after, kept=kept, seconds=time.perf_counter() - t0)
+    log.info(
+        "reconstruct %s: error %.4g -> %.4g%s, %.1f%% of roundings unsettled (%.1f s)",
+        uname,
+        before,
+        after,
+        "" if kept else " (worse: restored)",
+        100 * row.get("unsettled", 0.0),
+        row["seconds"],
+    )
+    return row

@@ -17,9 +17,11 @@ import copy
 import logging
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import nn
 
 from hawq.engine import evaluate
+from hawq.io import load_torch, save_torch
 from hawq.quant import (
     calibrate,
     check_ready,
@@ -37,12 +39,62 @@ from hawq.viz.reconstruct import plot_reconstruction
 log = logging.getLogger("hawq")
 CKPT = "ptq_model.pt"
 RECON_PLOT = "ptq_reconstruct.png"
+RECON_STATE = "ptq_reconstruct_state.pt"  # resumable reconstruction (deleted when done)
 PLAN = "ptq_bits.yaml"
 
 
 def load_fp(ctx: Context) -> tuple[nn.Module, dict]:
     """The FP model (eval mode, on the run's device) and the config that rebuilds it."""
     return ctx.load_fp_model(), ctx.fp_model_config()
+
+
+def _reconstruct(ctx: Context, qc, model, fp_model, calib, test) -> dict[str, Any]:
+    """Block reconstruction of the calibrated ``model``, resumable unit by unit: the state
+    after each unit is saved (``ptq_reconstruct_state.pt``, keyed by the quant and data
+    config and the FP checkpoint) and a rerun after a stop continues from it, to the same
+    result; the state is deleted once the stage's record is written."""
+    images = calibration_images(calib, qc.calib_batches)
+    before = evaluate(model, test, ctx.device)
+    log.info(
+        "ptq: calibrated %.2f; reconstructing %d units on %d images",
+        before["acc"],
+        len(units(model)),
+        images.shape[0],
+    )
+    path, key = ctx.path(RECON_STATE), _state_key(ctx)
+    resume = None
+    if path.is_file() and not ctx.force:
+        state = load_torch(path)
+        resume = state if isinstance(state, dict) and state.get("key") == key else None
+        if resume is None:
+            log.info("ptq: %s was made with other settings; reconstructing from the start", path)
+    per_unit = reconstruct_(
+        model,
+        fp_model,
+        images,
+        qc.reconstruct,
+        qc.calib_batch_size,
+        resume=resume,
+        on_unit=lambda state: save_torch(path, {**state, "key": key}),
+    )
+    ctx.remove_after_record(path)
+    return {
+        "calibrated": before,
+        "units": per_unit,
+        "images": images.shape[0],
+        "seconds": sum(u.get("seconds", 0.0) for u in per_unit.values()),
+    }
+
+
+def _state_key(ctx: Context) -> dict[str, Any]:
+    """What a saved reconstruction state must have been made with to be resumed."""
+    ck = ctx.checkpoint.stat()
+    return {
+        "quant": OmegaConf.to_container(ctx.cfg.quant, resolve=True),
+        "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
+        "checkpoint": [str(ctx.checkpoint), ck.st_size, ck.st_mtime_ns],
+        "seed": ctx.run.seed,
+    }
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -60,23 +112,7 @@ def run(ctx: Context) -> dict[str, Any]:
     quantize_(model, plan, None, qc.fold_bn)
     n = calibrate(model, calib, qc.calib_batches)
     check_ready(model)
-    recon = None
-    if fp_model is not None:
-        images = calibration_images(calib, qc.calib_batches)
-        before = evaluate(model, test, ctx.device)
-        log.info(
-            "ptq: calibrated %.2f; reconstructing %d units on %d images",
-            before["acc"],
-            len(units(model)),
-            images.shape[0],
-        )
-        per_unit = reconstruct_(model, fp_model, images, rc, qc.calib_batch_size)
-        recon = {
-            "calibrated": before,
-            "units": per_unit,
-            "images": images.shape[0],
-            "seconds": sum(u.get("seconds", 0.0) for u in per_unit.values()),
-        }
+    recon = _reconstruct(ctx, qc, model, fp_model, calib, test) if fp_model is not None else None
     q = evaluate(model, test, ctx.device)
     if recon is not None:
         plot_reconstruction(

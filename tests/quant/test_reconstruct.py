@@ -285,3 +285,44 @@ def test_units_returning_tuples_and_dicts_are_reconstructed():
     assert set(report) == {"blocks.0", "blocks.1", "head"}
     assert all(r["after"] <= r["before"] for r in report.values())
     assert any(r["kept"] and r["after"] < r["before"] for r in report.values())
+
+
+class _StopAfter(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_a_stopped_reconstruction_resumes_to_the_uninterrupted_result(kind, stop_after, tmp_path):
+    """Stopped after any unit (the state saved through the safe loader), resumed on a freshly
+    quantized and calibrated model: the same state dict, bit for bit, and the same report."""
+    from hawq.io import load_torch, save_torch
+
+    torch.manual_seed(0)
+    fp = tiny_vit() if kind == "vit" else tiny_resnet()
+    if kind == "resnet":
+        _randomize_bn(fp)
+    fp.eval()
+    calib, plan = _images(64, 1), {"_default": {"w_bits": 3, "a_bits": 4}}
+    st = ReconstructSettings(**FAST)
+    whole = _ptq(copy.deepcopy(fp), plan, calib)
+    want = reconstruct_(whole, fp, calib, st)
+    assert len(want) > stop_after
+    path, seen = tmp_path / "state.pt", []
+
+    def save_then_stop(state):
+        save_torch(path, state)
+        seen.append(len(state["report"]))
+        if len(seen) == stop_after:
+            raise _StopAfter
+
+    with pytest.raises(_StopAfter):
+        reconstruct_(_ptq(copy.deepcopy(fp), plan, calib), fp, calib, st, on_unit=save_then_stop)
+    torch.manual_seed(123)  # whatever ran in between: the state restores the streams
+    resumed = _ptq(copy.deepcopy(fp), plan, calib)
+    got = reconstruct_(resumed, fp, calib, st, resume=load_torch(path))
+    for k, v in whole.state_dict().items():
+        r = resumed.state_dict()[k]
+        assert torch.equal(r, v) if isinstance(v, torch.Tensor) else r == v, k
+    strip = lambda r: {u: {k: v for k, v in row.items() if k != "seconds"} for u, row in r.items()}  # noqa: E731
+    assert strip(got) == strip(want)

@@ -172,6 +172,48 @@ def test_ptq_with_reconstruction_records_units_and_saves_the_reconstructed_model
             assert torch.equal(torch.round(op.weight / s), torch.round(op.w_quant(op.weight) / s))
 
 
+def test_ptq_reconstruction_stopped_after_a_unit_resumes_to_the_same_checkpoint(
+    make_cfg, tmp_path, fp_vit, monkeypatch, caplog
+):
+    """Killed after the second unit's state is saved, the same command resumes there (the
+    state file keyed by the config) and writes the checkpoint an uninterrupted run writes;
+    the state file is gone once the stage's record is."""
+    import hawq.stages.ptq as ptq_stage
+
+    args = (*SMOKE, *W4A4, fp_vit, "stages=[ptq]", "quant.reconstruct.enabled=true",
+            "quant.reconstruct.iters=20")  # fmt: skip
+    clean = run_pipeline(make_cfg(*args, run_dir=tmp_path / "clean"))["stages"]["ptq"]
+    saves, real_save = [], ptq_stage.save_torch
+
+    def save_then_die(path, obj):
+        real_save(path, obj)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # a kill right after the second unit
+
+    monkeypatch.setattr(ptq_stage, "save_torch", save_then_die)
+    run_dir = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(make_cfg(*args, run_dir=run_dir))
+    state = run_dir / ptq_stage.RECON_STATE
+    assert state.is_file() and not (run_dir / "ptq_model.pt").exists()
+    monkeypatch.setattr(ptq_stage, "save_torch", real_save)
+    other = run_pipeline(make_cfg(*args, "quant.reconstruct.seed=1", run_dir=tmp_path / "o"))
+    assert other["stages"]["ptq"]["reconstruct"]["units"]  # (another dir: state untouched)
+    with caplog.at_level("INFO", logger="hawq"):
+        resumed = run_pipeline(make_cfg(*args, run_dir=run_dir))["stages"]["ptq"]
+    assert "reconstruct: resuming after 2 of 4 units" in caplog.text
+    assert not state.exists()
+    strip = lambda r: {u: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+                       for u, row in r["reconstruct"]["units"].items()}  # fmt: skip
+    assert strip(resumed) == strip(clean) and resumed["quantized"] == clean["quantized"]
+    a, _, _ = load_quantized(tmp_path / "clean" / "ptq_model.pt")
+    b, _, _ = load_quantized(run_dir / "ptq_model.pt")
+    for k, v in a.state_dict().items():
+        w = b.state_dict()[k]
+        assert torch.equal(w, v) if isinstance(v, torch.Tensor) else w == v, k
+
+
 def test_qat_starts_from_a_reconstructed_ptq_checkpoint(make_cfg, tmp_path, fp_vit):
     ptq_dir = tmp_path / "ptq"
     res = run_pipeline(make_cfg(*SMOKE, *W4A4, fp_vit, "stages=[ptq]",
