@@ -195,6 +195,39 @@ def to_plan(problem: Problem, solution: Solution, base: OpSetting) -> Plan:
     return Plan(default, {n: c.to_setting(base) for n, c in solution.chosen(problem).items()})
 
 
+def _meta(method, report, problem, solution, budgets, candidates, pinned, avg_bits_by) -> dict:
+    """What an allocation records beside its plan (``alloc`` stage metrics, ``bits.yaml``)."""
+    ops = list(report.ops)
+    return {
+        "method": method,
+        "setting": SETTINGS.get(method, method),
+        "tie_level": problem.tie_level,
+        "budgets": budgets,
+        "objective": solution.objective,
+        "totals": solution.totals,
+        "solver": {
+            "name": "scipy.optimize.milp (HiGHS)",
+            "status": solution.status,
+            "solve_s": round(solution.solve_s, 6),
+        },
+        "candidates": [c.key for c in parse_candidates(candidates)],
+        "ties": problem.ties,
+        "pins": {n: c.key for n, c in pinned.items()},
+        "avg_bits_by": avg_bits_by,
+        "hessian": {
+            "path": report.path,
+            **{
+                k: report.meta.get(k)
+                for k in ("model", "checkpoint", "estimator", "seed", "batches", "batch_size")
+            },
+        },
+        "ops": {
+            n: {"setting": problem.choices[i][c].key, "sensitivity": float(problem.sens[i][c])}
+            for i, (n, c) in enumerate(zip(ops, solution.index, strict=True))
+        },
+    }
+
+
 def allocate(
     report: HessianReport,
     candidates: Iterable[Any],
@@ -259,62 +292,18 @@ def allocate(
     cands = choices_per_op(report, candidates, pinned)
     timings: dict[str, float] = {}
     if sens is None:
-        sens, timings = sensitivities(
-            method,
-            report,
-            cands,
-            model,
-            calib_batches,
-            max_batches,
-            base,
-            seed,
-            calib_images,
-            calib_rel_se,
-            fold_bn,
-        )
+        calib = (calib_batches, max_batches, base, seed, calib_images, calib_rel_se, fold_bn)
+        sens, timings = sensitivities(method, report, cands, model, *calib)
     groups = list(tie_groups)
     if ties and model is not None:
         groups += shared_input_groups(model, input_size, example)
+    costs = op_costs(report, model, input_size, example)
     problem = build_problem(
-        report,
-        cands,
-        sens,
-        op_costs(report, model, input_size, example),
-        groups,
-        latency,
-        avg_bits_by,
-        tie_level(method),
+        report, cands, sens, costs, groups, latency, avg_bits_by, tie_level(method)
     )
     solution = solve(problem, budgets)
     plan = to_plan(problem, solution, base)
     total = time.perf_counter() - t_start
     timings.update(solve_s=solution.solve_s, alloc_s=total - timings.get("calibration_s", 0.0))
-    meta = {
-        "method": method,
-        "setting": SETTINGS.get(method, method),
-        "tie_level": problem.tie_level,
-        "budgets": budgets,
-        "objective": solution.objective,
-        "totals": solution.totals,
-        "solver": {
-            "name": "scipy.optimize.milp (HiGHS)",
-            "status": solution.status,
-            "solve_s": round(solution.solve_s, 6),
-        },
-        "candidates": [c.key for c in parse_candidates(candidates)],
-        "ties": problem.ties,
-        "pins": {n: c.key for n, c in pinned.items()},
-        "avg_bits_by": avg_bits_by,
-        "hessian": {
-            "path": report.path,
-            **{
-                k: report.meta.get(k)
-                for k in ("model", "checkpoint", "estimator", "seed", "batches", "batch_size")
-            },
-        },
-        "ops": {
-            n: {"setting": problem.choices[i][c].key, "sensitivity": float(problem.sens[i][c])}
-            for i, (n, c) in enumerate(zip(ops, solution.index, strict=True))
-        },
-    }
+    meta = _meta(method, report, problem, solution, budgets, candidates, pinned, avg_bits_by)
     return Allocation(problem, solution, plan, meta, timings)
