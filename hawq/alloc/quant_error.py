@@ -168,55 +168,22 @@ def activation_errors(
     Returns:
         The errors and ``{"images": n, "rel_se": worst relative standard error}``.
     """
-    modules = dict(model.named_modules())
     levels = {
         n: sorted({c.a_level for c in cs if c.a_bits is not None}, key=str)
         for n, (_, cs) in op_cands.items()
     }
     pool: list[torch.Tensor] = []
     it = iter(batches)
-    per: dict[tuple[str, str, ALevel], torch.Tensor] = {}  # (op, operand, level) -> e_s
     n = max(1, min(images, max_images))
     was_training = model.training
     model.eval()
     try:
-        while True:
+        while True:  # double the images until every mean is precise enough
             x = _images(it, n, pool)
             if x is None:
                 raise HawqError("no calibration batches for the activation errors")
-            per.clear()
-
-            def hook_for(name: str, kind: str):
-                def hook(_m, inputs, _out):
-                    for k, a in zip(OPERANDS[kind], inputs[: len(OPERANDS[kind])], strict=True):
-                        a = a.detach().float()
-                        where = f"alloc calibration: op {name} operand {k}"
-                        for lv in levels[name]:
-                            try:  # a static calibrator refuses NaN/Inf; dynamic ones ...
-                                e = _per_sample_error(a, base, lv, kind, k)
-                            except HawqError as err:
-                                raise _nonfinite(a, where) from err
-                            if not bool(torch.isfinite(e).all()):  # ... show in the error
-                                raise _nonfinite(a, where)
-                            per[(name, k, lv)] = e
-
-                return hook
-
-            handles = [
-                modules[name].register_forward_hook(hook_for(name, kind))
-                for name, (kind, _) in op_cands.items()
-                if levels[name]
-            ]
-            try:
-                call_with(model, x)
-            finally:
-                for h in handles:
-                    h.remove()
-            worst = 0.0
-            for e in per.values():
-                m = float(e.mean())
-                if m > 0 and e.numel() > 1:
-                    worst = max(worst, float(e.std()) / math.sqrt(e.numel()) / m)
+            per = _operand_errors(model, x, op_cands, levels, base)
+            worst = _worst_rel_se(per.values())
             got = example_batch_size(x)
             if worst <= rel_se or got >= max_images or got < n:
                 break
@@ -230,3 +197,47 @@ def activation_errors(
         for name, (kind, _) in op_cands.items()
     }
     return out, {"images": example_batch_size(x), "rel_se": worst}
+
+
+def _operand_errors(model, x, op_cands, levels, base) -> dict[tuple, torch.Tensor]:
+    """``(op, operand, level) -> per-sample error`` from one forward pass on ``x``."""
+    modules = dict(model.named_modules())
+    per: dict[tuple[str, str, ALevel], torch.Tensor] = {}
+
+    def hook_for(name: str, kind: str):
+        def hook(_m, inputs, _out):
+            for k, a in zip(OPERANDS[kind], inputs[: len(OPERANDS[kind])], strict=True):
+                a = a.detach().float()
+                where = f"alloc calibration: op {name} operand {k}"
+                for lv in levels[name]:
+                    try:  # a static calibrator refuses NaN/Inf; dynamic ones ...
+                        e = _per_sample_error(a, base, lv, kind, k)
+                    except HawqError as err:
+                        raise _nonfinite(a, where) from err
+                    if not bool(torch.isfinite(e).all()):  # ... show in the error
+                        raise _nonfinite(a, where)
+                    per[(name, k, lv)] = e
+
+        return hook
+
+    handles = [
+        modules[name].register_forward_hook(hook_for(name, kind))
+        for name, (kind, _) in op_cands.items()
+        if levels[name]
+    ]
+    try:
+        call_with(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return per
+
+
+def _worst_rel_se(errors) -> float:
+    """The largest relative standard error of a mean among ``errors``."""
+    worst = 0.0
+    for e in errors:
+        m = float(e.mean())
+        if m > 0 and e.numel() > 1:
+            worst = max(worst, float(e.std()) / math.sqrt(e.numel()) / m)
+    return worst
