@@ -195,12 +195,7 @@ def train_epoch(
     except TypeError:
         total = 0
     timer = StepTimer(
-        total,
-        desc,
-        every_s=progress_s,
-        on_estimate=on_estimate,
-        first=first,
-        steps_after=steps_after,
+        total, desc, progress_s, on_estimate=on_estimate, first=first, steps_after=steps_after
     )
     lval = float("nan")
     bar = tqdm(batches, desc=desc, leave=False, disable=None)
@@ -218,15 +213,9 @@ def train_epoch(
         preempt.step_done()
         if preempt.requested():
             bar.close()
-            return {
-                "stopped": {
-                    "step": step + 1,
-                    "total_loss": total_loss.detach().cpu(),
-                    "correct": correct.cpu(),
-                    "seen": seen,
-                    "seconds": time.perf_counter() - start,
-                }
-            }
+            sums = {"total_loss": total_loss.detach().cpu(), "correct": correct.cpu()}
+            done = {"step": step + 1, "seen": seen, "seconds": time.perf_counter() - start}
+            return {"stopped": {**done, **sums}}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return _epoch_metrics(total_loss, correct, seen, time.perf_counter() - start, optimizer)
