@@ -80,7 +80,7 @@ def _run_stages(
     if not run.force:  # trained weights made with other settings: refuse before any work
         for name in run.stages:
             status = record.check(ctx, name, config_only=True)
-            if status.changed and name in record.KEEP:
+            if status.changed and record.keeps_weights(name):
                 record.refuse_or_redo(ctx, name, status)
     for name, stage in zip(run.stages, stages):
         if not run.force:

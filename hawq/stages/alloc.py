@@ -33,7 +33,14 @@ from hawq.models.ops import quantizable_ops
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, save_plan
 from hawq.stages.context import Context
-from hawq.stages.latency import table_path
+from hawq.stages.contract import (
+    HESSIAN,
+    Contract,
+    checkpoint,
+    configured,
+    latency_out,
+    latency_table,
+)
 from hawq.viz.alloc import budget_title, plot_allocation, plot_frontier
 
 log = logging.getLogger("hawq")
@@ -65,7 +72,7 @@ def _latency_table(ctx: Context, cfg: AllocConfig) -> LatencyTable | None:
         return LatencyTable.load(Path(cfg.latency_table).expanduser())
     if cfg.latency_us is None:
         return None
-    path = table_path(ctx)
+    path = latency_out(ctx)
     if not path.is_file():
         raise HawqError(
             f"alloc.latency_us needs a latency table: none at {path}; run stage "
@@ -156,6 +163,12 @@ def _cached_sens(path: Path, key: str, ops: list[str]):
         return None
 
 
+CONTRACT = Contract(
+    ("seed", "data", "alloc", "quant.default"),
+    (checkpoint, configured("alloc.hessian", HESSIAN), latency_table),
+)
+
+
 def run(ctx: Context) -> dict:
     t_stage = time.perf_counter()
     cfg = _config(ctx)
@@ -237,7 +250,7 @@ def run(ctx: Context) -> dict:
 
 def _inputs(ctx: Context, cfg: AllocConfig) -> tuple[Path, object, nn.Module]:
     """``(hessian.json path, its report, the FP model)``, checked to name the same ops."""
-    hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
+    hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path(HESSIAN)
     report = read_hessian(hessian_path)
     model = ctx.load_fp_model()
     names = list(quantizable_ops(model))

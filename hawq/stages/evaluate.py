@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from hawq.engine import evaluate
 from hawq.stages.context import Context
+from hawq.stages.contract import Contract, checkpoint
+
+CONTRACT = Contract(("data",), (checkpoint,))
 
 
 def run(ctx: Context) -> dict:

@@ -27,7 +27,14 @@ from hawq.integer.standalone import load
 from hawq.io import load_torch
 from hawq.models.ops import as_logits
 from hawq.stages.context import Context
-from hawq.stages.integer import OUT, source
+from hawq.stages.contract import (
+    INTEGER_MODEL,
+    PTQ_MODEL,
+    QAT_MODEL,
+    Contract,
+    quantized_source,
+    run_files,
+)
 
 DIR = "export"
 ONNX = "model.onnx"
@@ -36,7 +43,10 @@ ONNX = "model.onnx"
 def _plan(ctx: Context) -> tuple[bool, bool]:
     """``(integer, onnx)``: which artifacts this run's export writes."""
     ic = ctx.group("integer")
-    return ctx.path(OUT).is_file() or not ic.onnx, ic.onnx
+    return ctx.path(INTEGER_MODEL).is_file() or not ic.onnx, ic.onnx
+
+
+CONTRACT = Contract(("integer",), (run_files(INTEGER_MODEL, QAT_MODEL, PTQ_MODEL),))
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -50,13 +60,13 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def _export_integer(ctx: Context) -> dict[str, Any]:
-    if not ctx.path(OUT).is_file():
-        raise HawqError(f"missing {ctx.path(OUT)}; run the integer stage first")
-    model = load_torch(ctx.path(OUT))
+    if not ctx.path(INTEGER_MODEL).is_file():
+        raise HawqError(f"missing {ctx.path(INTEGER_MODEL)}; run the integer stage first")
+    model = load_torch(ctx.path(INTEGER_MODEL))
     res = ctx.stage_result("integer") or {}
     if hasattr(model, "fp8_ops"):
         raise HawqError(
-            f"{ctx.path(OUT)} is an FP8 model (the integer stage took the fp8 path): "
+            f"{ctx.path(INTEGER_MODEL)} is an FP8 model (the integer stage took the fp8 path): "
             "export writes integer-only models; FP8 plans have no integer graph"
         )
     out = export(
@@ -73,7 +83,7 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
     from hawq.quant import load_quantized
     from hawq.quant.onnx_export import export_onnx
 
-    src = source(ctx, ctx.group("integer"))
+    src = quantized_source(ctx)
     qmodel, _plan_, _meta = load_quantized(src, "cpu")
     qmodel.eval()
     x = next(iter(ctx.data.eval_loader("test", "cpu", 64)))[0].cpu()

@@ -45,10 +45,11 @@ from hawq.hessian.report import (
 )
 from hawq.models.ops import op_inventory
 from hawq.stages.context import Context
+from hawq.stages.contract import HESSIAN, Contract, checkpoint
 from hawq.viz.hessian import plot_density, plot_report
 
 log = logging.getLogger("hawq")
-REPORT = "hessian.json"
+REPORT = HESSIAN
 
 
 def _progress(desc: str, total: int):
@@ -64,6 +65,9 @@ def _progress(desc: str, total: int):
             timer.tick(n - 1, f", rel. error {worst:.3f}")
 
     return bar, update
+
+
+CONTRACT = Contract(("data", "hessian"), (checkpoint,))
 
 
 def run(ctx: Context) -> dict:

@@ -51,6 +51,7 @@ from hawq.models.ops import op_inventory
 from hawq.quant.config import QuantConfig, default_setting
 from hawq.quant.plan import OpSetting, Plan, save_plan
 from hawq.stages.context import Context
+from hawq.stages.contract import HESSIAN, Contract, checkpoint, configured
 from hawq.viz.curve import plot_int4_share_curves
 
 log = logging.getLogger("hawq")
@@ -89,6 +90,11 @@ def _loader(ctx: Context, split: str, batch_size: int | None, subset: int | None
         return loader
     n = -(-subset // loader.batch_size)
     return list(islice(loader, n))  # the first ~subset images (whole batches)
+
+
+CONTRACT = Contract(
+    ("seed", "data", "quant", "curve"), (checkpoint, configured("curve.hessian", HESSIAN))
+)
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -190,9 +196,7 @@ def _rank(ctx, cfg: CurveConfig, model, ops, calib, base, order_ev, rank_images,
     for name in cfg.orders:
         t0 = time.perf_counter()
         if name == "hessian":
-            hessian_path = (
-                Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path("hessian.json")
-            )
+            hessian_path = Path(cfg.hessian).expanduser() if cfg.hessian else ctx.path(HESSIAN)
             report = read_hessian(hessian_path)
             if set(report.ops) != set(ops):
                 raise HawqError(

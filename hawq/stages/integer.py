@@ -13,41 +13,30 @@ which (``path``: ``integer`` or ``fp8``) and, for fp8, how many ops run on fp8 c
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hawq.errors import HawqError
 from hawq.integer import ops
-from hawq.integer.config import IntegerConfig
 from hawq.integer.convert import convert
 from hawq.integer.fp8 import convert_fp8, has_fp8_ops
 from hawq.io import save_torch
 from hawq.models.ops import as_logits
 from hawq.quant import load_quantized
 from hawq.stages.context import Context
+from hawq.stages.contract import (
+    INTEGER_MODEL,
+    PTQ_MODEL,
+    QAT_MODEL,
+    Contract,
+    configured,
+    quantized_source,
+    run_files,
+)
 
 log = logging.getLogger("hawq")
-OUT = "integer_model.pt"
-SOURCES = ("qat_model.pt", "ptq_model.pt")
-
-
-def source(ctx: Context, ic: IntegerConfig) -> Path:
-    """The quantized checkpoint to convert."""
-    if ic.source is not None:
-        path = Path(ic.source).expanduser()
-        if not path.is_file():
-            raise HawqError(f"integer.source={ic.source} does not exist")
-        return path
-    for name in SOURCES:
-        if ctx.path(name).is_file():
-            return ctx.path(name)
-    raise HawqError(
-        f"no quantized checkpoint in {ctx.run_dir} ({' or '.join(SOURCES)}); "
-        "run the ptq or qat stage first, or set integer.source"
-    )
+OUT = INTEGER_MODEL
 
 
 @torch.no_grad()
@@ -65,10 +54,16 @@ def compare(qmodel: nn.Module, imodel: nn.Module, batches, device: torch.device)
     return {"n": n, "fake_quant_acc": pct(ok_q), "integer_acc": pct(ok_i), "agreement": pct(agree)}
 
 
+CONTRACT = Contract(
+    ("data", "integer"),
+    (configured("integer.source", QAT_MODEL), run_files(QAT_MODEL, PTQ_MODEL)),
+)
+
+
 def run(ctx: Context) -> dict[str, Any]:
     ic = ctx.group("integer")
     ops.set_backend(ic.backend)
-    src = source(ctx, ic)
+    src = quantized_source(ctx)
     qmodel, plan, _meta = load_quantized(src, ctx.device)
     qmodel.eval()
     path = "fp8" if has_fp8_ops(qmodel) else "integer"

@@ -49,6 +49,7 @@ from hawq.quant import calibrate, check_ready, load_quantized, quantize_
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, Plan
 from hawq.stages.context import Context
+from hawq.stages.contract import HESSIAN, PTQ_MODEL, Contract, checkpoint, run_files
 from hawq.viz.landscape import plot_1d, plot_2d, plot_op_rise, plot_quant_path
 
 log = logging.getLogger("hawq")
@@ -76,7 +77,7 @@ def quantized_versions(ctx: Context, lc: LandscapeConfig, model: nn.Module) -> d
         calibrate(q, calib, calib_batches if lc.a_bits else 0)
         check_ready(q)
         out[name] = q.eval()
-    ptq = ctx.path("ptq_model.pt")
+    ptq = ctx.path(PTQ_MODEL)
     if lc.run_ptq and ptq.is_file():
         q, _, _ = load_quantized(ptq, ctx.device)
         out["ptq"] = q.eval()
@@ -90,11 +91,16 @@ def _span(base: float, coords: list[float], cover: bool) -> float:
 
 
 def _eigenvalues_from_report(ctx: Context) -> dict[str, float]:
-    path = ctx.path("hessian.json")
+    path = ctx.path(HESSIAN)
     if not path.is_file():
         return {}
     ops = read_json(path).get("ops", {})
     return {n: e["eigenvalues"][0] for n, e in ops.items() if e.get("eigenvalues")}
+
+
+CONTRACT = Contract(
+    ("seed", "data", "quant", "landscape"), (checkpoint, run_files(PTQ_MODEL, HESSIAN))
+)
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -11,7 +11,6 @@ Measure on the hardware you deploy to: a CPU table times the reference kernels.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from hawq.alloc.allocate import resolve_pins
@@ -21,6 +20,7 @@ from hawq.integer.config import LatencyConfig
 from hawq.integer.latency import measure_latency, write_latency_table
 from hawq.models.ops import quantizable_ops
 from hawq.stages.context import Context
+from hawq.stages.contract import Contract, checkpoint, latency_out
 from hawq.viz.alloc import plot_latency
 
 log = logging.getLogger("hawq")
@@ -30,9 +30,19 @@ def _config(ctx: Context) -> LatencyConfig:
     return ctx.group("latency")
 
 
-def table_path(ctx: Context) -> Path:
-    """Where this run's latency table is (``latency.out`` in the run directory)."""
-    return ctx.path(_config(ctx).out)
+CONTRACT = Contract(
+    (
+        "model",
+        "latency",
+        "alloc.candidates",
+        "alloc.pins",
+        "alloc.pin_first",
+        "alloc.pin_last",
+        "integer.backend",
+    ),
+    (checkpoint,),
+    machine=True,
+)
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -54,7 +64,7 @@ def run(ctx: Context) -> dict[str, Any]:
         ctx.device,
         progress=lambda key: log.info("latency: timing %s", key),
     )
-    out = write_latency_table(table, table_path(ctx))
+    out = write_latency_table(table, latency_out(ctx))
     plot_latency(table, ctx.path(out.stem + ".png"))
     per_setting = {c.key: 0.0 for c in cands}
     for shape in table["ops"].values():

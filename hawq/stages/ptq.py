@@ -34,10 +34,11 @@ from hawq.quant.config import resolve_plan
 from hawq.quant.equalize import equalize_
 from hawq.quant.reconstruct import calibration_images, reconstruct_, units
 from hawq.stages.context import Context
+from hawq.stages.contract import PTQ_MODEL, Contract, checkpoint, plan_file
 from hawq.viz.reconstruct import plot_reconstruction
 
 log = logging.getLogger("hawq")
-CKPT = "ptq_model.pt"
+CKPT = PTQ_MODEL
 RECON_PLOT = "ptq_reconstruct.png"
 RECON_STATE = "ptq_reconstruct_state.pt"  # resumable reconstruction (deleted when done)
 PLAN = "ptq_bits.yaml"
@@ -95,6 +96,9 @@ def _state_key(ctx: Context) -> dict[str, Any]:
         "checkpoint": [str(ctx.checkpoint), ck.st_size, ck.st_mtime_ns],
         "seed": ctx.run.seed,
     }
+
+
+CONTRACT = Contract(("seed", "data", "quant"), (checkpoint, plan_file))
 
 
 def run(ctx: Context) -> dict[str, Any]:

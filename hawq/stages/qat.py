@@ -88,9 +88,10 @@ from hawq.quant.qat import (
 )
 from hawq.quant.scale_optim import QATAdam
 from hawq.stages.context import Context
+from hawq.stages.contract import QAT_MODEL, Contract, checkpoint, plan_file
 
 log = logging.getLogger("hawq")
-CKPT = "qat_model.pt"
+CKPT = QAT_MODEL
 PLAN = "qat_bits.yaml"
 STATE = "qat_state.pt"
 CSV = "qat_metrics.csv"
@@ -110,6 +111,9 @@ FIELDS = [
 
 def _write_csv(ctx: Context, history: list[dict]) -> None:
     write_csv(ctx.path(CSV), FIELDS, history)
+
+
+CONTRACT = Contract(("seed", "data", "quant", "qat"), (checkpoint, plan_file), keep=True)
 
 
 def run(ctx: Context) -> dict[str, Any]:

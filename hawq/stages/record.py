@@ -7,11 +7,11 @@ pipeline writes one record, atomically and last, ``<run_dir>/records/<stage>.jso
      "outputs": {path: sha256}, "metrics": {...}}
 
 ``fingerprint = sha256(json(config, inputs))`` where ``config`` holds the values of the
-config keys the stage reads (:data:`SPECS`) and ``inputs`` the SHA-256 of each input
-artifact (``null`` when absent: a ``bits.yaml`` appearing later changes the ``ptq``
-fingerprint). :func:`check` says whether the stage is done: its record exists, every
-recorded output still has its hash, and the fingerprint equals the current one. A
-killed run therefore redoes the stage it was in, however late the kill came, and a
+config keys the stage reads (its ``CONTRACT``, :mod:`hawq.stages.contract`) and ``inputs``
+the SHA-256 of each input artifact (``null`` when absent: a ``bits.yaml`` appearing later
+changes the ``ptq`` fingerprint). :func:`check` says whether the stage is done: its record
+exists, every recorded output still has its hash, and the fingerprint equals the current
+one. A killed run therefore redoes the stage it was in, however late the kill came, and a
 stage's ``results.json`` entry (restored from the record when missing) always
 describes the config that made its artifacts.
 
@@ -21,7 +21,7 @@ A config key that hawq gained after a record was written, still at its packaged 
 
 When the fingerprint changed while the outputs are intact, cheap stages are redone
 (with one log line naming the changed keys); the stages that train weights
-(:data:`KEEP`: ``train``, ``qat``) refuse instead with one line naming the changed
+(``Contract.keep``: ``train``, ``qat``) refuse instead with one line naming the changed
 keys: ``force=true`` redoes them (overwriting), a new ``name=`` keeps both.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -42,95 +43,30 @@ from hawq.config import CONF_DIR
 from hawq.distributed import is_main
 from hawq.errors import HawqError
 from hawq.io import read_json, write_json
-from hawq.quant.config import DEFAULT_PLAN
 from hawq.stages.context import Context
+from hawq.stages.contract import QAT_MODEL, Contract, checkpoint, run_files
 
 log = logging.getLogger("hawq")
 DIR = "records"
-KEEP = frozenset({"train", "qat"})  # trained weights: refuse to overwrite on a config change
 _MISSING = "<absent>"
 
 
-def _ckpt(ctx: Context) -> list[Path]:
-    return [ctx.checkpoint]
+def _contract(stage: str) -> Contract | None:
+    """The ``CONTRACT`` the stage's module declares (None for an unknown name)."""
+    try:
+        module = importlib.import_module(f"hawq.stages.{stage}")
+    except ModuleNotFoundError:
+        return None
+    return getattr(module, "CONTRACT", None)
 
 
-def _run_file(*names: str) -> Callable[[Context], list[Path]]:
-    return lambda ctx: [ctx.path(n) for n in names]
+def keeps_weights(stage: str) -> bool:
+    """Whether ``stage`` trains weights (refuses to overwrite them on a config change)."""
+    c = _contract(stage)
+    return bool(c and c.keep)
 
 
-def _cfg_path(key: str, default: str) -> Callable[[Context], list[Path]]:
-    """The file named by config ``key`` when set, else ``default`` in the run directory."""
-
-    def paths(ctx: Context) -> list[Path]:
-        value = OmegaConf.select(ctx.cfg, key, default=None)
-        return [Path(value).expanduser() if value else ctx.path(default)]
-
-    return paths
-
-
-def _plan(ctx: Context) -> list[Path]:
-    """The plan ``ptq``/``qat`` read (``quant.plan``, else ``bits.yaml``, see
-    :func:`hawq.quant.config.resolve_plan`)."""
-    if OmegaConf.select(ctx.cfg, "quant.plan", default=None) == DEFAULT_PLAN:
-        return []  # quant.default only: no plan file is read
-    return _cfg_path("quant.plan", "bits.yaml")(ctx)
-
-
-def _latency(ctx: Context) -> list[Path]:
-    table = OmegaConf.select(ctx.cfg, "alloc.latency_table", default=None)
-    if table:
-        return [Path(table).expanduser()]
-    if OmegaConf.select(ctx.cfg, "alloc.latency_us", default=None) is None:
-        return []
-    return [ctx.path(OmegaConf.select(ctx.cfg, "latency.out", default="latency.json"))]
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What a stage reads: config keys (dotted) and input artifacts (functions of ctx)."""
-
-    keys: tuple[str, ...]
-    inputs: tuple[Callable[[Context], list[Path]], ...] = ()
-    machine: bool = False  # its result depends on this CPU (the ISA it may use): redo elsewhere
-
-
-SPECS: dict[str, Spec] = {
-    "train": Spec(("seed", "model", "data", "train")),
-    "evaluate": Spec(("data",), (_ckpt,)),
-    "hessian": Spec(("data", "hessian"), (_ckpt,)),
-    "latency": Spec(
-        (
-            "model",
-            "latency",
-            "alloc.candidates",
-            "alloc.pins",
-            "alloc.pin_first",
-            "alloc.pin_last",
-            "integer.backend",
-        ),
-        (_ckpt,),
-        machine=True,
-    ),
-    "alloc": Spec(
-        ("seed", "data", "alloc", "quant.default"),
-        (_ckpt, _cfg_path("alloc.hessian", "hessian.json"), _latency),
-    ),
-    "ptq": Spec(("seed", "data", "quant"), (_ckpt, _plan)),
-    "qat": Spec(("seed", "data", "quant", "qat"), (_ckpt, _plan)),
-    "integer": Spec(
-        ("data", "integer"),
-        (_cfg_path("integer.source", "qat_model.pt"), _run_file("qat_model.pt", "ptq_model.pt")),
-    ),
-    "export": Spec(("integer",), (_run_file("integer_model.pt", "qat_model.pt", "ptq_model.pt"),)),
-    "landscape": Spec(
-        ("seed", "data", "quant", "landscape"), (_ckpt, _run_file("ptq_model.pt", "hessian.json"))
-    ),
-    "int4_curve": Spec(
-        ("seed", "data", "quant", "curve"), (_ckpt, _cfg_path("curve.hessian", "hessian.json"))
-    ),
-}
-#: A stage without a spec (added later) depends on every config key but these.
+#: A stage without a contract depends on every config key but these.
 _NOT_READ = ("stages", "force", "name", "device", "paths", "hydra")
 
 
@@ -147,9 +83,10 @@ def _file_hash(path: Path) -> str | None:
 
 
 def spec_keys(stage: str) -> tuple[str, ...]:
-    """The config keys ``stage`` reads (every group for a stage without a spec)."""
-    if stage in SPECS:
-        return SPECS[stage].keys
+    """The config keys ``stage`` reads (every group for a stage without a contract)."""
+    c = _contract(stage)
+    if c is not None:
+        return c.keys
     return (
         "model",
         "data",
@@ -165,10 +102,13 @@ def spec_keys(stage: str) -> tuple[str, ...]:
     )
 
 
-def spec(stage: str, ctx: Context) -> Spec:
-    if stage in SPECS:
-        return SPECS[stage]
-    return Spec(tuple(k for k in ctx.cfg if k not in _NOT_READ), (_ckpt,))
+def spec(stage: str, ctx: Context) -> Contract:
+    """The stage's contract (a stage without one reads every config key and the FP
+    checkpoint)."""
+    c = _contract(stage)
+    if c is not None:
+        return c
+    return Contract(tuple(k for k in ctx.cfg if k not in _NOT_READ), (checkpoint,))
 
 
 def config_values(stage: str, ctx: Context) -> dict[str, Any]:
@@ -336,10 +276,10 @@ def check(ctx: Context, stage: str, config_only: bool = False) -> Status:
 
 
 def refuse_or_redo(ctx: Context, stage: str, status: Status) -> None:
-    """Log why ``stage`` runs again, or refuse (``KEEP`` stages whose record and outputs are
+    """Log why ``stage`` runs again, or refuse (weight-training stages whose record and outputs are
     intact but were made with other config/inputs)."""
     what = ", ".join(status.changed[:6]) + (" ..." if len(status.changed) > 6 else "")
-    if stage in KEEP and status.outputs_intact and status.changed:
+    if keeps_weights(stage) and status.outputs_intact and status.changed:
         raise HawqError(
             f"{stage}: the outputs in {ctx.run_dir} were made with other settings "
             f"({what}); force=true redoes {stage} and overwrites them, a new name= "
@@ -382,10 +322,10 @@ def commit(
     return write_json(path(ctx, stage), rec)
 
 
-#: KEEP stage -> (its trained outputs, its resumable state file)
+#: weight-training stage -> (its trained outputs, its resumable state file)
 _ADOPT: dict[str, tuple[Callable[[Context], list[Path]], str]] = {
-    "train": (_ckpt, "train_state.pt"),
-    "qat": (_run_file("qat_model.pt"), "qat_state.pt"),
+    "train": (checkpoint, "train_state.pt"),
+    "qat": (run_files(QAT_MODEL), "qat_state.pt"),
 }
 
 

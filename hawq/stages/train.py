@@ -34,6 +34,7 @@ from hawq.engine import (
 from hawq.errors import HawqError
 from hawq.io import load_torch, save_torch, write_csv
 from hawq.stages.context import Context
+from hawq.stages.contract import Contract
 
 log = logging.getLogger("hawq")
 STATE = "train_state.pt"
@@ -93,6 +94,9 @@ class _Training:
     test_loader: object
     steps: int
     state_path: object
+
+
+CONTRACT = Contract(("seed", "model", "data", "train"), keep=True)
 
 
 def run(ctx: Context) -> dict:
