@@ -41,6 +41,7 @@ import torch
 from hawq.alloc import Problem, allocate, greedy, read_hessian, solve
 from hawq.alloc.report import synthetic_report
 from hawq.checkpoint import save_model
+from hawq.config import CONF_DIR
 from hawq.io import write_json
 from hawq.models import ViT
 
@@ -78,7 +79,7 @@ def _stage_rows(tmp: Path, repeats: int, extra: list[str], method: str,
             overrides = ["model=vit_cifar", "data=synthetic", "stages=[alloc]", "name=bench",
                          f"paths.run_dir={run}", f"paths.checkpoint={tmp / 'model.pt'}",
                          f"alloc.method={method}", budget, *extra]  # fmt: skip
-            with initialize_config_dir(config_dir=str(REPO / "hawq" / "conf"), version_base="1.3"):
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 cfg = compose("config", overrides=overrides)
             t = time.perf_counter()
             res = run_pipeline(cfg)

@@ -1,8 +1,8 @@
 """Training step time on the CPU: fp32 vs bf16 autocast vs bf16 autocast + torch.compile.
 
 The issue-12 question: how much does bf16 autocast (AMX-BF16 on this Xeon) buy a training
-step, and does ``torch.compile`` add to it? Models: the seed ViT (``hawq/conf/model/vit_cifar``)
-and the CPU study's ViT (``hawq/conf/model/vit_cifar_cpu``), built from their config files, at
+step, and does ``torch.compile`` add to it? Models: the seed ViT (``conf/model/vit_cifar``)
+and the CPU study's ViT (``conf/model/vit_cifar_cpu``), built from their config files, at
 the study's batch 128 (random images; step time does not depend on pixel values).
 
     python benchmarks/bench_train_cpu.py --out benchmarks/results/train_cpu.json
@@ -28,9 +28,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from hawq.config import CONF_DIR
 from hawq.provenance import provenance
 
-CONF = Path(__file__).resolve().parent.parent / "hawq" / "conf" / "model"
+CONF = CONF_DIR / "model"
 MODES = ("fp32", "bf16", "bf16_compile")
 
 

@@ -15,10 +15,24 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from hawq.errors import HawqError
 from hawq.schema import check_target, require, typed  # noqa: F401 - re-exported
 
 T = TypeVar("T")
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # the packaged Hydra config groups
+
+
+def _conf_dir() -> Path:
+    """The Hydra config groups: the repository's top-level ``conf/`` in a checkout or an
+    editable install, ``hawq/conf`` in an installed wheel (setup.py ships ``conf/`` as the
+    package ``hawq.conf``)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "conf", here.parent / "conf"):
+        if (d / "config.yaml").is_file():
+            return d
+    raise HawqError(f"hawq's configs are missing: no conf/config.yaml in {here} or beside it")
+
+
+CONF_DIR = _conf_dir()
 
 
 @dataclass

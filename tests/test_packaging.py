@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import hawq
 from hawq.run import CONF_DIR
 
 from .conftest import REPO
@@ -27,15 +26,19 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_configs_live_in_the_package_and_package_data_ships_them():
-    pkg = Path(hawq.__file__).resolve().parent
-    assert CONF_DIR.is_relative_to(pkg), f"{CONF_DIR} is outside the hawq package {pkg}"
-    globs = SETUP["options.package_data"]["hawq"].split()
-    files = [p.relative_to(pkg).as_posix() for p in CONF_DIR.rglob("*.yaml")]
-    assert "conf/config.yaml" in files and "conf/experiment/smoke.yaml" in files
+def test_configs_live_at_the_top_level_and_package_data_ships_them():
+    """One copy of every YAML, in the repository's conf/; setup.py maps it onto the package
+    hawq.conf and the package_data globs cover every file, so a wheel carries them all."""
+    assert CONF_DIR == (REPO / "conf").resolve()
+    assert not (REPO / "hawq" / "conf").exists(), "a second copy of the configs"
+    globs = SETUP["options.package_data"]["hawq.conf"].split()
+    files = [p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml")]
+    assert "config.yaml" in files and "experiment/smoke.yaml" in files
     missed = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/")
                                           for g in globs)]  # fmt: skip
     assert not missed, f"not shipped in a wheel: {missed}"
+    setup_py = (REPO / "setup.py").read_text()
+    assert '"hawq.conf": "conf"' in setup_py and '"hawq.conf"]' in setup_py
 
 
 def test_console_entry_point_runs_from_another_directory(tmp_path):

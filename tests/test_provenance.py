@@ -61,7 +61,7 @@ def test_outside_a_repository_is_unknown(tmp_path):
 
 
 def test_results_keep_the_provenance_of_the_start(tmp_path, monkeypatch):
-    with initialize_config_dir(config_dir=str(REPO / "hawq" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", f"paths.run_dir={tmp_path}"])
     ctx = Context(cfg, run_config(cfg))
     at_start = ctx.provenance

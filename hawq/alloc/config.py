@@ -17,7 +17,7 @@ def _default_candidates() -> list[Any]:
 
 @dataclass
 class AllocConfig:
-    """Validated view of ``cfg.alloc`` (``hawq/conf/alloc/default.yaml`` explains the keys).
+    """Validated view of ``cfg.alloc`` (``conf/alloc/default.yaml`` explains the keys).
 
     Budgets (null = off): ``avg_bits`` (weighted mean bits, see ``avg_bits_by``),
     ``size_mb`` (MB = 2^20 bytes of quantizable-op parameters), ``bops`` (G bit-ops

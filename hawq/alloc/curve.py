@@ -75,7 +75,7 @@ def parse_rest(spec: str) -> Candidate:
 
 @dataclass
 class CurveConfig:
-    """Validated view of ``cfg.curve`` (see ``hawq/conf/curve/default.yaml``)."""
+    """Validated view of ``cfg.curve`` (see ``conf/curve/default.yaml``)."""
 
     orders: list[str] = field(default_factory=lambda: list(ORDERS))
     method: str = "hawq_v3_act"  # Hessian sensitivity of the hessian order

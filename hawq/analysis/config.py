@@ -11,7 +11,7 @@ DIRECTIONS = ("eigen", "random")
 
 @dataclass
 class LandscapeConfig:
-    """Schema of ``hawq/conf/landscape/*.yaml`` (validated with :func:`hawq.config.typed`)."""
+    """Schema of ``conf/landscape/*.yaml`` (validated with :func:`hawq.config.typed`)."""
 
     split: str = "train"  # the training loss (the one the Hessian describes)
     batches: int = 1  # batches of the fixed probe set

@@ -11,7 +11,7 @@ METHODS = ("hessian", "fisher")
 
 @dataclass
 class HessianConfig:
-    """Schema of ``hawq/conf/hessian/*.yaml`` (validated with :func:`hawq.config.typed`)."""
+    """Schema of ``conf/hessian/*.yaml`` (validated with :func:`hawq.config.typed`)."""
 
     method: str = "hessian"  # hessian (HVP traces, eigenvalues) | fisher (per-sample grads)
     batches: int = 1  # batches averaged; 1 keeps the first-order graph for every product

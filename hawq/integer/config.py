@@ -10,7 +10,7 @@ from hawq.schema import require
 
 @dataclass
 class IntegerConfig:
-    """Options of the ``integer`` and ``export`` stages (see hawq/conf/integer/default.yaml)."""
+    """Options of the ``integer`` and ``export`` stages (see conf/integer/default.yaml)."""
 
     source: str | None = None  # quantized checkpoint; None: qat_model.pt, else ptq_model.pt
     residual_bits: int = 16  # fixed-point bits of the residual stream (int32 storage)
@@ -34,7 +34,7 @@ class IntegerConfig:
 
 @dataclass
 class LatencyConfig:
-    """Options of the ``latency`` stage (see hawq/conf/latency/default.yaml)."""
+    """Options of the ``latency`` stage (see conf/latency/default.yaml)."""
 
     batch: int = 256  # images per timed call
     iters: int = 20  # timed calls per (shape, setting); median kept

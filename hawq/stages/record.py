@@ -16,7 +16,7 @@ stage's ``results.json`` entry (restored from the record when missing) always
 describes the config that made its artifacts.
 
 A config key that hawq gained after a record was written, still at its packaged default
-(``hawq/conf/<group>/<default option>.yaml``), is not a change: the stage stays done
+(``conf/<group>/<default option>.yaml``), is not a change: the stage stays done
 (upgrading hawq does not redo or refuse finished stages).
 
 When the fingerprint changed while the outputs are intact, cheap stages are redone

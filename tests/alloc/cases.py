@@ -14,7 +14,7 @@ from hawq.models import ViT
 
 SETTINGS = [Candidate(4, 4), Candidate(4, 8), Candidate(8, 4), Candidate(8, 8)]
 TINY_VIT = dict(image_size=32, patch_size=4, in_chans=3, num_classes=10, dim=64, depth=2,
-                heads=4, mlp_dim=128, dropout=0.0)  # fmt: skip  (= hawq/conf/model/vit_tiny.yaml)
+                heads=4, mlp_dim=128, dropout=0.0)  # fmt: skip  (= conf/model/vit_tiny.yaml)
 
 
 def random_problem(rng: np.random.Generator, n_ops: int, ties: bool = False) -> Problem:

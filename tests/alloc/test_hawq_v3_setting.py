@@ -101,12 +101,12 @@ def test_whole_layer_ties_against_brute_force():
 
 def test_configs_name_the_setting():
     assert AllocConfig().method == "hawq_v3_act"
-    text = open(REPO / "hawq/conf/alloc/default.yaml").read()
+    text = open(REPO / "conf/alloc/default.yaml").read()
     assert "hawq_v3      HAWQ-V3 exactly" in text and "hawq_v3_act" in text
     for m in ("hawq_v3", "hawq_v3_act"):
         assert m in SETTINGS
     for exp in ("vit_cifar_hawq", "resnet20_cifar_mixed", "resnet20_cifar_hawq_a4"):
-        assert "method: hawq_v3_act" in open(REPO / f"hawq/conf/experiment/{exp}.yaml").read()
+        assert "method: hawq_v3_act" in open(REPO / f"conf/experiment/{exp}.yaml").read()
 
 
 def test_one_forward_pass_and_more_images_only_when_imprecise():

@@ -27,7 +27,7 @@ ORDER = "stages=[train,evaluate,ptq,hessian,alloc,qat,integer,int4_curve,landsca
 
 
 def compose_cfg(run_dir, *overrides):
-    with initialize_config_dir(config_dir=str(REPO / "hawq" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"paths.run_dir={run_dir}", *BASE, *overrides])
 
 
