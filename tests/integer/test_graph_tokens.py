@@ -208,3 +208,67 @@ def test_pointwise_table_is_the_rounded_function_everywhere(fn):
     assert t.dtype == torch.int8
     with pytest.raises(HawqError, match="pointwise table: output scale"):
         pointwise_table(fn, s, -3, 3, 0.0, 0, -128, 127)
+
+
+class BiasedAttention(nn.Module):
+    """Patches -> one attention whose scores get a relative position bias (a parameter table
+    gathered by an integer index buffer, as Swin's) and a causal mask (a float buffer with
+    -inf above the diagonal), softmax, then ``AdaptiveAvgPool1d`` over the tokens -> head."""
+
+    def __init__(self, dim: int = 32, tokens: int = 16) -> None:
+        super().__init__()
+        self.embed, self.qkv = nn.Linear(12, dim), nn.Linear(dim, 3 * dim)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1) * 0.5)
+        pos = torch.arange(tokens)
+        self.register_buffer("rel_index", pos[:, None] - pos[None, :] + tokens - 1)
+        self.register_buffer("mask", torch.full((tokens, tokens), float("-inf")).triu(1))
+        self.pool, self.head = nn.AdaptiveAvgPool1d(1), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        b = x.shape[0]
+        t = self.embed(x.reshape(b, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 12))
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        scores = scores + self.table[self.rel_index] + self.mask
+        h = torch.softmax(scores, dim=-1) @ v
+        return self.head(self.pool(h.transpose(1, 2)).flatten(1))
+
+
+def test_score_biases_and_masks_are_added_to_the_integer_scores():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = prepared(BiasedAttention(), input_shape=[3, 8, 8]).eval()
+    quantize_(model, Plan(), None, True)
+    calibrate(model, [(x,)])
+    im = convert_graph(model, [(x,)])
+    assert im.float_ops == [] and any(isinstance(m, steps.AddBias) for m in im.steps.children())
+    y = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    xq = im.quantize_input(y)
+    with ops.backend("reference"):
+        ref = im.forward_int(xq)
+    with ops.backend("cpu"):  # the masked scores (-2^29 units) through the cpu softmax kernel
+        assert torch.equal(im.forward_int(xq), ref)
+    with torch.no_grad():
+        fq, out = model(y), im(y)
+    assert (out - fq).abs().max() <= 0.05 * fq.abs().max()
+    plain = convert_graph(model, [(x,)], fuse=False)
+    assert torch.equal(plain.forward_int(plain.quantize_input(y)), ref)
+
+
+def test_a_transformers_swin_converts_to_integers_only():
+    """Swin: relative position biases on the scores, AdaptiveAvgPool1d pooling."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                  num_heads=[2, 2], window_size=4, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    model = prepared(transformers.SwinForImageClassification(cfg), input_shape=[3, 32, 32]).eval()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    quantize_(model, Plan(), None, True)
+    calibrate(model, [(x,)])
+    im = convert_graph(model, [(x[:16],)])
+    assert im.float_ops == []
+    y = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fq, out = model(y).logits, im(y)
+    assert (out - fq).abs().max() <= 0.05 * fq.abs().max()
+    assert (out.argmax(1) == fq.argmax(1)).float().mean() >= 0.9

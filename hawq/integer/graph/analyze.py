@@ -92,7 +92,7 @@ INDEX_FUNCTIONS = {
 }
 INDEX_METHODS = {"gather", "cumsum", "ne", "eq", "long", "int", "to", "type_as", "add", "mul"}
 SOFTMAX = {F.softmax, torch.softmax}
-MEAN = {torch.mean, F.adaptive_avg_pool2d}
+MEAN = {torch.mean, F.adaptive_avg_pool2d, F.adaptive_avg_pool1d}
 
 
 class Unsupported(HawqError):
@@ -165,7 +165,7 @@ def role(node: fx.Node) -> str:
         ):
             if isinstance(m, cls):
                 return kind
-        if isinstance(m, nn.AdaptiveAvgPool2d):
+        if isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool1d):
             return "mean"
     checks = (
         ("relu", {"relu"}, RELU),
@@ -236,6 +236,50 @@ def analyze(gm: fx.GraphModule, islands: bool = False) -> Analysis:
     return Analysis(kind, roles)
 
 
+def is_bias(node: fx.Node, kind: dict) -> bool:
+    """An ``add`` of an accumulator and a constant (a parameter, or one gathered by index:
+    a relative position bias) that only softmax reads: its integer form adds the constant,
+    quantised at the accumulator's scale, to the int32 scores."""
+    return kind.get(node) == "acc" and _method_or_function(node, {"add", "__add__"}, ADD)
+
+
+def _feeds_softmax(node: fx.Node) -> bool:
+    """Whether every reader of ``node``, through shape ops, is a softmax."""
+    users = list(node.users)
+    while users:
+        u = users.pop()
+        if not is_tensor(u):
+            continue
+        if is_shape(u) or _adds_constant(u):
+            users.extend(u.users)
+        elif not (u.op != "call_module" and _method_or_function(u, {"softmax"}, SOFTMAX)) and not (
+            u.op == "call_module" and isinstance(_module_of(u), nn.Softmax)
+        ):
+            return False
+    return True
+
+
+def _adds_constant(node: fx.Node) -> bool:
+    """An ``add`` one of whose operands depends on no model input (a bias, a mask)."""
+    if not _method_or_function(node, {"add", "__add__"}, ADD):
+        return False
+    return any(_constant(a) for a in tensor_args(node))
+
+
+def _constant(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends only on parameters and buffers."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" or (n.op == "call_module" and is_quant_op(_module_of(n))):
+            return False
+        todo.extend(a for a in n.all_input_nodes)
+    return True
+
+
 def _is_index(node: fx.Node) -> bool:
     v = node.meta.get("value")
     return isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
@@ -297,6 +341,8 @@ def _kind_of(node: fx.Node, r: str, inputs: list[str]) -> str:
         return "acc"
     if r == "relu":
         return inputs[0]
+    if r == "add" and sorted(inputs) == ["acc", "param"] and _feeds_softmax(node):
+        return "acc"  # a constant bias on attention scores: added to the accumulator
     if r in ("add", "cat", "mean"):
         return "wide"
     if r == "embed":

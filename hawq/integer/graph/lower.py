@@ -36,6 +36,7 @@ from hawq.integer.graph.analyze import (
     Analysis,
     Unsupported,
     constant_factor,
+    is_bias,
     is_tensor,
     tensor_args,
     where,
@@ -48,6 +49,7 @@ WIDE_D = ("wide",)
 ACC_D = ("acc",)
 LOGITS_D = ("logits",)
 INDEX_D = ("index",)
+BIAS_LIMIT = 2**29  # |a score bias| in accumulator units: int32 headroom over any product
 
 
 @dataclass
@@ -111,6 +113,8 @@ class Lowering:
             from hawq.integer.graph.islands import FLOAT_D
 
             return [FLOAT_D]
+        if r == "add" and is_bias(user, self.an.kind):
+            return [ACC_D] if self.an.kind[node] == "acc" else [("bias", user)]
         if r in ("bn", "scale") or (r == "relu" and self.an.kind[user] == "acc"):
             return [ACC_D]  # folded into the chain; materialised at its end
         if r == "gelu":
@@ -145,9 +149,13 @@ class Lowering:
     def chain(self, end: fx.Node) -> tuple[fx.Node, bool, float]:
         """``(quantized op, relu, constant multiplier)`` behind an accumulator node."""
         relu, mult, node = False, 1.0, end
-        while self.an.role.get(node) in ("bn", "relu", "scale") or self._identity(node):
-            if self._identity(node):
-                node = tensor_args(node)[0]
+        while (
+            self.an.role.get(node) in ("bn", "relu", "scale")
+            or self._identity(node)
+            or (is_bias(node, self.an.kind))
+        ):
+            if self._identity(node) or is_bias(node, self.an.kind):
+                node = self._acc_input(node)
                 continue
             r = self.an.role[node]
             if r == "relu":
@@ -169,6 +177,11 @@ class Lowering:
         if mult <= 0:
             raise Unsupported(f"integer conversion: {where(end)}: a non-positive scale {mult}")
         return node, relu, mult
+
+    def _acc_input(self, node: fx.Node) -> fx.Node:
+        """The input an identity module or a bias add passes the accumulator through."""
+        ins = tensor_args(node)
+        return next((a for a in ins if self.an.kind.get(a) == "acc"), ins[0])
 
     def _identity(self, node: fx.Node) -> bool:
         """A module that returns its input in eval mode (Dropout, Identity: a folded BN)."""
@@ -256,6 +269,8 @@ class Lowering:
             return self.graph.node_copy(
                 node, lambda a: self.emit(a, demand) if a is src else self.arg(a)
             )
+        if kind == "acc" and is_bias(node, self.an.kind):
+            return self._bias(node, demand)
         if kind == "acc":
             return self._acc(node, demand)
         from hawq.integer.graph import materialize
@@ -264,6 +279,8 @@ class Lowering:
 
     def arg(self, a: fx.Node) -> fx.Node:
         """A non-demanded argument: a shape read (any materialisation has the shape)."""
+        if is_tensor(a) and self.an.kind.get(a) == "index":
+            return self.emit(a, INDEX_D)  # ids indexing a value (a bias table's positions)
         if is_tensor(a):
             d = self.demands(a)
             if not d:
@@ -313,6 +330,9 @@ class Lowering:
             return self.const(q, name)
         if demand[0] == "codes":
             return self.const(demand[1].quantize(t.float()), name + "_codes")
+        if demand[0] == "bias":  # in accumulator units; -inf (a mask) to a large negative
+            q = torch.round(torch.nan_to_num(t, neginf=-BIAS_LIMIT) / self.bias_scale(demand[1]))
+            return self.const(torch.clamp(q, -BIAS_LIMIT, BIAS_LIMIT).to(torch.int32), name + "_b")
         raise Unsupported(f"integer conversion: {where(node)} is read as {demand[0]}")
 
     def _acc(self, end: fx.Node, demand: tuple) -> fx.Node:
@@ -340,6 +360,20 @@ class Lowering:
         return self.add_step(
             steps.Requant(rq, 0, dim), (acc,), f"{module_name(op)}.rq", module_name(op)
         )
+
+    def _bias(self, node: fx.Node, demand: tuple) -> fx.Node:
+        """Scores plus a constant bias: the raw accumulator plus the bias in its units."""
+        if demand != ACC_D:
+            raise Unsupported(f"integer conversion: {where(node)}: a score bias is read by softmax")
+        acc = self._acc_input(node)
+        (const,) = [a for a in tensor_args(node) if a is not acc]
+        args = (self.emit(acc, ACC_D), self.emit(const, ("bias", node)))
+        return self.add_step(steps.AddBias(), args, node.name, node.name)
+
+    def bias_scale(self, node: fx.Node) -> float:
+        """The real value of one accumulator unit where bias ``node`` is added."""
+        op, _, mult = self.chain(self._acc_input(node))
+        return float(self.acc_scale(op, mult))
 
     def _raw(self, op: fx.Node) -> fx.Node:
         self.memo[(op, "raw")] = node = self.op_step(op, None)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from hawq.integer.gelu import pointwise_table
@@ -136,15 +137,14 @@ def _only_relu_user(lo: Lowering, node: fx.Node) -> bool:
 
 def _mean(lo: Lowering, node: fx.Node) -> fx.Node:
     x = tensor_args(node)[0]
-    if node.op == "call_module" or node.target is torch.nn.functional.adaptive_avg_pool2d:
-        size = (
-            node.args[1]
-            if node.op != "call_module"
-            else lo.gm.get_submodule(str(node.target)).output_size
-        )
-        if size not in (1, (1, 1)):
+    pools = (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d)
+    if node.op == "call_module" or node.target in pools:
+        m = lo.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        size = m.output_size if m is not None else node.args[1]
+        one_d = isinstance(m, torch.nn.AdaptiveAvgPool1d) or node.target is F.adaptive_avg_pool1d
+        if size not in (1, (1,), (1, 1)):
             raise Unsupported(f"integer conversion: {where(node)}: pooling to {size}, not 1")
-        dims, keep = (2, 3), True
+        dims, keep = ((-1,) if one_d else (2, 3)), True
     else:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = tuple(dims) if isinstance(dims, list | tuple) else (dims,)

@@ -117,6 +117,14 @@ class ResidualAdd(nn.Module):
         return torch.clamp(x.to(torch.int32) + y.to(torch.int32), lo, self.limit)
 
 
+class AddBias(nn.Module):
+    """Scores plus a constant in accumulator units (a relative position bias, a mask):
+    ``x + b``, int32."""
+
+    def forward(self, x: Tensor, b: Tensor) -> Tensor:
+        return x.to(torch.int32) + b.to(torch.int32)
+
+
 class Clamp(nn.Module):
     """``clamp(x, lo, hi)``: a ReLU of a residual-stream value."""
 
