@@ -1,0 +1,7 @@
+"""``python -m hawq.report``."""
+
+import sys
+
+from hawq.report.cli import main
+
+sys.exit(main())
