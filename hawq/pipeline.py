@@ -13,6 +13,7 @@ record when a kill came in between).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import pkgutil
@@ -20,7 +21,8 @@ import time
 from types import ModuleType
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import hawq.stages
 from hawq.config import RunConfig, run_config, validate_groups
@@ -52,16 +54,36 @@ def load_stage(name: str) -> ModuleType:
     return importlib.import_module(f"hawq.stages.{name}")
 
 
+#: configs validated in this process (the CLI checks before Hydra starts, the pipeline after)
+_VALIDATED: dict[str, tuple[RunConfig, list[ModuleType], dict[str, Any]]] = {}
+
+
+def _digest(cfg: DictConfig) -> str | None:
+    try:
+        keys = [k for k in cfg if k != "hydra"]
+        text = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    except OmegaConfBaseException:
+        return None  # an interpolation only Hydra's app resolves: validate then
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def validate(cfg: DictConfig) -> tuple[RunConfig, list[ModuleType], dict[str, Any]]:
     """Check the top-level keys, the stage names and every config group the stages read
     (before any work; the CLI runs this before Hydra writes its log). Returns the run's
-    keys, its stage modules and the typed groups the stages get from ``ctx.group``."""
+    keys, its stage modules and the typed groups the stages get from ``ctx.group``. The
+    same config is validated once per process."""
+    key = _digest(cfg)
+    if key is not None and key in _VALIDATED:
+        check_run_dir(cfg.paths.run_dir)
+        return _VALIDATED[key]
     run = run_config(cfg)
     stages = [load_stage(name) for name in run.stages]  # fail on a typo before any work
     groups = validate_groups(
         cfg, {k.split(".")[0] for n in run.stages for k in record.spec_keys(n)}
     )
     check_run_dir(cfg.paths.run_dir)  # before anything is written
+    if key is not None:
+        _VALIDATED[key] = (run, stages, groups)
     return run, stages, groups
 
 
