@@ -64,5 +64,10 @@ done
 run torch_vit_cifar_w4a4_rec $E stages='[ptq]' "${CK[@]}" "${Q[@]}" quant.default.w_bits=4 \
     quant.default.a_bits=4 quant.reconstruct.enabled=true "$@"
 
+#    the same with 5,000 steps per unit (the recipe that met FP-1.5 on the CPU ViT; ~2.5 h on 2
+#    shared cores): resumable unit by unit (ptq_reconstruct_state.pt), so a stopped run goes on
+run torch_vit_cifar_w4a4_rec5k $E stages='[ptq]' "${CK[@]}" "${Q[@]}" quant.default.w_bits=4 \
+    quant.default.a_bits=4 quant.reconstruct.enabled=true quant.reconstruct.iters=5000 "$@"
+
 # 5. the table
 python -m hawq.report table experiments/torch_vit_cifar/rows.yaml --runs "$RUNS"
