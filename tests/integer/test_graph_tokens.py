@@ -272,3 +272,62 @@ def test_a_transformers_swin_converts_to_integers_only():
         fq, out = model(y).logits, im(y)
     assert (out - fq).abs().max() <= 0.05 * fq.abs().max()
     assert (out.argmax(1) == fq.argmax(1)).float().mean() >= 0.9
+
+
+class WrittenOut(nn.Module):
+    """Activations written elementwise, as models in the wild do."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "gelu_new":  # GPT-2
+            return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3.0))))
+        if self.kind == "quick_gelu":  # CLIP
+            return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(x)  # swish
+
+
+@pytest.mark.parametrize("kind", ["gelu_new", "quick_gelu", "swish"])
+def test_activations_written_out_fold_into_one_table(kind):
+    """The elementwise region (products of values of one tensor) becomes one exact table:
+    integer-only, fused == unfused, close to fake-quant."""
+    torch.manual_seed(0)
+    model = prepared(ActNet(WrittenOut(kind), last=False), input_shape=[3, 8, 8]).eval()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    quantize_(model, Plan(), None, True)
+    calibrate(model, [(x,)])
+    im = convert_graph(model, [(x,)])
+    assert im.float_ops == []
+    fused = [m for m in im.steps.children() if isinstance(m, steps.Linear) and m.lut is not None]
+    assert len(fused) == 1  # the whole region is fc1's epilogue table
+    y = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fq, out = model(y), im(y)
+    assert (out - fq).abs().max() <= 0.05 * fq.abs().max() + 1e-3
+    plain = convert_graph(model, [(x,)], fuse=False)
+    yq = im.quantize_input(y)
+    assert torch.equal(plain.forward_int(plain.quantize_input(y)), im.forward_int(yq))
+
+
+def test_a_transformers_gpt2_converts_to_integers_only():
+    """GPT-2: a causal mask built from ids by index arithmetic fills the int32 scores, its
+    tanh-GELU written out elementwise folds into one table, Conv1D is addmm + bias."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                  n_positions=LENGTH, num_labels=3, pad_token_id=0,
+                                  use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    q = fake_quant_ids(transformers.GPT2ForSequenceClassification(cfg))
+    im = convert_graph(q, [(ids(32, 1),)])
+    assert im.float_ops == [] and any(isinstance(m, steps.MaskFill) for m in im.steps.modules())
+    x = ids(48, 5)
+    with ops.backend("reference"):
+        ref = im.forward_int(im.quantize_input(x))
+    with ops.backend("cpu"):
+        assert torch.equal(im.forward_int(im.quantize_input(x)), ref)
+    with torch.no_grad():
+        fq, out = q(x).logits, im(x)
+    assert (out - fq).abs().max() <= 0.1 * fq.abs().max()
+    assert (out.argmax(1) == fq.argmax(1)).float().mean() >= 0.9

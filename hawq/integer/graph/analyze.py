@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hawq.errors import HawqError
+from hawq.integer.graph.pointwise import PointwiseRegion
 from hawq.integer.graph.trace import is_quant_op, module_name
 
 SHAPE_METHODS = {
@@ -76,10 +77,22 @@ TABLE_FUNCTIONS = {
     F.mish: F.mish,
 }
 TABLE_METHODS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}
-TABLE_MODULES = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Hardswish, nn.Mish)
+TABLE_MODULES = (nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Hardswish, nn.Mish, PointwiseRegion)
 #: integer arithmetic on index tensors (position ids from a mask, token-type ids)
 INDEX_FUNCTIONS = {
     torch.gather,
+    torch.diff,
+    torch.argmax,
+    torch.remainder,
+    operator.le,
+    operator.lt,
+    operator.ge,
+    operator.gt,
+    operator.and_,
+    operator.or_,
+    operator.invert,
+    operator.mod,
+    operator.floordiv,
     torch.cumsum,
     torch.ne,
     torch.eq,
@@ -90,7 +103,9 @@ INDEX_FUNCTIONS = {
     operator.ne,
     operator.eq,
 }
-INDEX_METHODS = {"gather", "cumsum", "ne", "eq", "long", "int", "to", "type_as", "add", "mul"}
+INDEX_METHODS = set(
+    "gather cumsum ne eq long int to type_as add mul new_ones le lt ge gt argmax bool sub".split()
+)
 SOFTMAX = {F.softmax, torch.softmax}
 MEAN = {torch.mean, F.adaptive_avg_pool2d, F.adaptive_avg_pool1d}
 
@@ -136,7 +151,17 @@ def _method_or_function(node: fx.Node, methods: set, functions: set) -> bool:
     )
 
 
+def _device_move(node: fx.Node) -> bool:
+    """``x.to(device)``: no dtype change, so the value passes as it is."""
+    if node.op != "call_method" or node.target != "to":
+        return False
+    args = [*node.args[1:], *node.kwargs.values()]
+    return not any(isinstance(a, torch.dtype) for a in args) and "dtype" not in node.kwargs
+
+
 def is_shape(node: fx.Node) -> bool:
+    if _device_move(node):
+        return True
     if node.op == "call_module":
         return isinstance(_module_of(node), IDENTITY_MODULES)
     if node.op == "call_function" and node.target is F.dropout:
@@ -176,6 +201,7 @@ def role(node: fx.Node) -> str:
         ("mean", {"mean"}, MEAN),
         ("cat", set(), {torch.cat}),
         ("scale", {"mul", "div"}, {operator.mul, operator.truediv}),
+        ("mask", {"masked_fill"}, set()),
     )
     for kind, methods, functions in checks:
         if _method_or_function(node, methods, functions):
@@ -238,9 +264,11 @@ def analyze(gm: fx.GraphModule, islands: bool = False) -> Analysis:
 
 def is_bias(node: fx.Node, kind: dict) -> bool:
     """An ``add`` of an accumulator and a constant (a parameter, or one gathered by index:
-    a relative position bias) that only softmax reads: its integer form adds the constant,
-    quantised at the accumulator's scale, to the int32 scores."""
-    return kind.get(node) == "acc" and _method_or_function(node, {"add", "__add__"}, ADD)
+    a relative position bias) that only softmax reads, or a ``masked_fill`` of scores by a
+    mask made from ids: its integer form adds the constant (fills the value), in the
+    accumulator's units, on the int32 scores."""
+    adds = _method_or_function(node, {"add", "__add__", "masked_fill"}, ADD)
+    return kind.get(node) == "acc" and adds
 
 
 def _feeds_softmax(node: fx.Node) -> bool:
@@ -250,13 +278,17 @@ def _feeds_softmax(node: fx.Node) -> bool:
         u = users.pop()
         if not is_tensor(u):
             continue
-        if is_shape(u) or _adds_constant(u):
+        if is_shape(u) or _adds_constant(u) or _masks(u):
             users.extend(u.users)
         elif not (u.op != "call_module" and _method_or_function(u, {"softmax"}, SOFTMAX)) and not (
             u.op == "call_module" and isinstance(_module_of(u), nn.Softmax)
         ):
             return False
     return True
+
+
+def _masks(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "masked_fill"
 
 
 def _adds_constant(node: fx.Node) -> bool:
@@ -298,6 +330,8 @@ def table_function(node: fx.Node, module: nn.Module | None = None):
         m = module if module is not None else _module_of(node)
         if isinstance(m, nn.GELU):
             return lambda x: F.gelu(x, approximate=m.approximate)
+        if isinstance(m, PointwiseRegion):
+            return m  # the folded elementwise graph, evaluated in float64 for the table
         return m.__class__()  # the stateless activation itself
     if node.op == "call_method":
         return TABLE_METHODS[node.target]
@@ -345,6 +379,13 @@ def _kind_of(node: fx.Node, r: str, inputs: list[str]) -> str:
         return "acc"  # a constant bias on attention scores: added to the accumulator
     if r in ("add", "cat", "mean"):
         return "wide"
+    if r == "mask":
+        if inputs[:2] != ["acc", "index"] or not _feeds_softmax(node):
+            raise Unsupported(
+                f"integer conversion: {where(node)}: only scores read by softmax may be masked "
+                "by ids-derived masks"
+            )
+        return "acc"
     if r == "embed":
         if inputs[:1] != ["index"]:
             raise Unsupported(f"integer conversion: {where(node)} looks up a non-integer input")

@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from hawq.errors import HawqError
 from hawq.integer.adapter import Grid
-from hawq.integer.graph import program
+from hawq.integer.graph import pointwise, program
 from hawq.integer.graph.analyze import Unsupported, analyze, tensor_args, where
 from hawq.integer.graph.lower import GELU_BITS, LOGITS_D, WIDE_D, Lowering, Ranges
 from hawq.integer.graph.trace import trace
@@ -184,6 +184,7 @@ def convert_graph(
     model = copy.deepcopy(qmodel).cpu().eval()
     batches = list(_take(batches, max_batches))
     gm = trace(model, batch_inputs(batches[0])[:2].cpu())
+    pointwise.fold(gm)  # activations written out elementwise: one table each
     an = analyze(gm, float_islands)
     lo = Lowering(gm, an, None, pack_int4, fuse)
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]

@@ -113,6 +113,8 @@ class Lowering:
             from hawq.integer.graph.islands import FLOAT_D
 
             return [FLOAT_D]
+        if r == "mask":
+            return [ACC_D] if self.an.kind[node] == "acc" else [INDEX_D]
         if r == "add" and is_bias(user, self.an.kind):
             return [ACC_D] if self.an.kind[node] == "acc" else [("bias", user)]
         if r in ("bn", "scale") or (r == "relu" and self.an.kind[user] == "acc"):
@@ -367,6 +369,13 @@ class Lowering:
             raise Unsupported(f"integer conversion: {where(node)}: a score bias is read by softmax")
         acc = self._acc_input(node)
         (const,) = [a for a in tensor_args(node) if a is not acc]
+        if self.an.role.get(node) == "mask":
+            value = node.args[2] if len(node.args) > 2 else node.kwargs["value"]
+            fill = float(value) / self.bias_scale(node)  # -inf: the most negative score
+            fill = max(-BIAS_LIMIT, min(BIAS_LIMIT, fill)) if fill == fill else 0.0
+            fill = int(round(fill))
+            args = (self.emit(acc, ACC_D), self.emit(const, INDEX_D))
+            return self.add_step(steps.MaskFill(fill), args, node.name, node.name)
         args = (self.emit(acc, ACC_D), self.emit(const, ("bias", node)))
         return self.add_step(steps.AddBias(), args, node.name, node.name)
 

@@ -125,6 +125,17 @@ class AddBias(nn.Module):
         return x.to(torch.int32) + b.to(torch.int32)
 
 
+class MaskFill(nn.Module):
+    """Scores where ``mask`` holds set to ``value`` (accumulator units; -2^29 for -inf)."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__()
+        self.value = int(value)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return x.to(torch.int32).masked_fill(mask.to(torch.bool), self.value)
+
+
 class Clamp(nn.Module):
     """``clamp(x, lo, hi)``: a ReLU of a residual-stream value."""
 
