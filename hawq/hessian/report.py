@@ -1,4 +1,7 @@
-"""``hessian.json``: the curvature artifact the allocation stage reads.
+"""``hessian.json``: the curvature artifact the allocation stage reads, owned here: its
+schema (:data:`SCHEMA`), the writer (:func:`curvature_report`, :func:`write_hessian_report`),
+the validator (:func:`validate`) and the typed reader (:func:`read_hessian` ->
+:class:`HessianReport` of :class:`OpCurvature`); every stage reads it through the reader.
 
 Schema 1 (ops in network order)::
 
@@ -36,12 +39,16 @@ top-level keys (timings, density summaries) may be present; readers ignore them.
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hawq.errors import HawqError
 from hawq.io import read_json, write_json
+
+log = logging.getLogger("hawq")
 
 SCHEMA = 1
 TOP_KEYS = (
@@ -252,3 +259,106 @@ def curvature_report(
         for info in inventory
     }
     return validate({"schema": SCHEMA, **defaults, **meta, "ops": ops}, "curvature report")
+
+
+# ---------------------------------------------------------------- the typed reader
+
+KINDS = ("linear", "conv2d", "matmul")
+
+
+@dataclass(frozen=True)
+class OpCurvature:
+    """One op's entry of ``hessian.json``."""
+
+    name: str
+    kind: str
+    numel: int  # weight + bias elements (0 for matmul): the size costs
+    macs: int  # per image
+    trace: float | None  # Tr(H_W) over the op's weight (weight + bias before v2)
+    top_eig: float | None  # lambda_max: largest algebraic eigenvalue of that block
+    act_trace: dict[str, float]  # operand -> per-sample Tr(H_a)
+    act_numel: dict[str, int]  # operand -> elements per sample
+    trace_numel: int | None = None  # elements the trace spans (None: numel)
+    trace_stderr: float | None = None  # standard error of trace (None: unknown)
+    act_trace_stderr: dict[str, float] = field(default_factory=dict)  # operand -> stderr
+    eigenvalues: tuple[float, ...] = ()  # as listed (eig_which LA: lambda_max first)
+
+
+@dataclass
+class HessianReport:
+    """``hessian.json``: provenance + op entries in network order."""
+
+    path: str
+    meta: dict[str, Any]
+    ops: dict[str, OpCurvature]
+
+
+def _need(d: dict, key: str, where: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise HawqError(f"{where}: missing key {key!r}")
+    return d[key]
+
+
+def parse_hessian(d: dict[str, Any], where: str = "hessian.json") -> HessianReport:
+    """Validate a ``hessian.json`` mapping (see module docstring)."""
+    schema = _need(d, "schema", where)
+    if schema != SCHEMA:
+        raise HawqError(f"{where}: schema {schema!r} is not supported; allowed: {SCHEMA}")
+    which = d.get("eig_which")
+    if which not in (None, "LA", "LM"):
+        raise HawqError(f"{where}: eig_which {which!r} is invalid; allowed: LA, LM")
+    if which != "LA" and any(
+        (e or {}).get("eigenvalues") for e in (d.get("ops") or {}).values() if isinstance(e, dict)
+    ):
+        log.warning(
+            "%s: eigenvalues are ordered by magnitude (eig_which %s): lambda_max is "
+            "taken as the largest listed value, which misses it when every listed "
+            "value is negative; rerun the hessian stage (eig_which=LA)",
+            where,
+            which,
+        )
+    ops_d = _need(d, "ops", where)
+    if not isinstance(ops_d, dict) or not ops_d:
+        raise HawqError(f"{where}: 'ops' must be a non-empty mapping of op name -> entry")
+    ops = {}
+    for name, e in ops_d.items():
+        at = f"{where}: op {name}"
+        kind = _need(e, "kind", at)
+        if kind not in KINDS:
+            raise HawqError(f"{at}: kind {kind!r} is invalid; allowed: {', '.join(KINDS)}")
+        act_trace, act_numel = _need(e, "act_trace", at), _need(e, "act_numel", at)
+        for operand in OPERANDS[kind]:
+            for key, d_ in (("act_trace", act_trace), ("act_numel", act_numel)):
+                if not isinstance(d_, dict) or d_.get(operand) is None:
+                    raise HawqError(
+                        f"{at}: {key}.{operand} is missing or null (the "
+                        "activation sensitivity needs it)"
+                    )
+        eig = e.get("eigenvalues")
+        trace = _need(e, "trace", at)
+        if kind != "matmul" and trace is None and not eig:
+            raise HawqError(f"{at}: needs a weight 'trace' or 'eigenvalues' (both are null)")
+        ops[name] = OpCurvature(
+            name=name,
+            kind=kind,
+            numel=int(_need(e, "numel", at)),
+            macs=int(_need(e, "macs", at)),
+            trace=None if trace is None else float(trace),
+            top_eig=float(max(eig)) if eig else None,
+            act_trace={k: float(act_trace[k]) for k in OPERANDS[kind]},
+            act_numel={k: int(act_numel[k]) for k in OPERANDS[kind]},
+            trace_numel=None if e.get("trace_numel") is None else int(e["trace_numel"]),
+            trace_stderr=None if e.get("trace_stderr") is None else float(e["trace_stderr"]),
+            act_trace_stderr={
+                k: float(v) for k, v in (e.get("act_trace_stderr") or {}).items() if v is not None
+            },
+            eigenvalues=tuple(float(v) for v in eig or ()),
+        )
+    meta = {k: v for k, v in d.items() if k != "ops"}
+    return HessianReport(where, meta, ops)
+
+
+def read_hessian(path: str | Path) -> HessianReport:
+    """Read ``path`` (``hessian.json``): the schema check of :func:`load_hessian_report`,
+    then the typed view (:func:`parse_hessian`): the one way stages read the file."""
+    return parse_hessian(load_hessian_report(path), where=str(path))

@@ -44,7 +44,8 @@ from hawq.analysis import (
 )
 from hawq.analysis.config import LandscapeConfig
 from hawq.errors import HawqError, choices
-from hawq.io import read_json, write_json
+from hawq.hessian.report import read_hessian
+from hawq.io import write_json
 from hawq.quant import calibrate, check_ready, load_quantized, quantize_
 from hawq.quant.config import default_setting
 from hawq.quant.plan import OpSetting, Plan
@@ -94,8 +95,8 @@ def _eigenvalues_from_report(ctx: Context) -> dict[str, float]:
     path = ctx.path(HESSIAN)
     if not path.is_file():
         return {}
-    ops = read_json(path).get("ops", {})
-    return {n: e["eigenvalues"][0] for n, e in ops.items() if e.get("eigenvalues")}
+    ops = read_hessian(path).ops
+    return {n: op.eigenvalues[0] for n, op in ops.items() if op.eigenvalues}
 
 
 CONTRACT = Contract(
