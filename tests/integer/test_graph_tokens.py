@@ -109,13 +109,27 @@ def test_a_shorter_sequence_runs_and_the_model_pickles(token_pair, tmp_path):
         im(x.float())
 
 
-def test_a_transformers_bert_converts_to_integers_only():
+def _hf_text(name: str, transformers):
+    size = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3)
+    if name == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32,
+                                      max_position_embeddings=LENGTH, **size)  # fmt: skip
+        return transformers.BertForSequenceClassification(cfg)
+    if name == "roberta":  # position ids from the ids: ne(pad), cumsum, *, + on integers
+        cfg = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32,
+                                         max_position_embeddings=LENGTH + 2, **size)  # fmt: skip
+        return transformers.RobertaForSequenceClassification(cfg)
+    cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2,
+                                        hidden_dim=64, max_position_embeddings=LENGTH,
+                                        num_labels=3)  # fmt: skip
+    return transformers.DistilBertForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert"])
+def test_transformers_text_encoders_convert_to_integers_only(name):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64,
-                                  max_position_embeddings=LENGTH, num_labels=3)  # fmt: skip
     torch.manual_seed(0)
-    q = fake_quant_ids(transformers.BertForSequenceClassification(cfg))
+    q = fake_quant_ids(_hf_text(name, transformers))
     im = convert_graph(q, [(ids(32, 1),)])
     assert im.float_ops == []
     x = ids(48, 5)

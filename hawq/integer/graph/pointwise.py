@@ -81,10 +81,29 @@ def _region(out: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
                 sources.add(a)
     if len(sources) != 1 or len(region) < 2:
         return None
+    value = out.meta.get("value")
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return None  # index arithmetic on ids stays what it is
+    if not _reads_input(next(iter(sources))):
+        return None  # a function of parameters only: a constant, not an activation
     if any(u not in region for n in region - {out} for u in n.users):
         return None  # an inner value read outside: the region is not one function
     order = {n: i for i, n in enumerate(out.graph.nodes)}
     return sorted(region, key=order.__getitem__), next(iter(sources))
+
+
+def _reads_input(node: fx.Node) -> bool:
+    """Whether ``node`` depends on the model input (else it is a constant of the model)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _worth_folding(nodes: list[fx.Node], source: fx.Node) -> bool:
