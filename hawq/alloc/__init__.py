@@ -15,14 +15,8 @@ calibration images); ``hawq_v3_act`` is ours (plus activation terms, activation 
 from hawq.alloc.allocate import Allocation, allocate, build_problem, sensitivities, to_plan
 from hawq.alloc.candidates import Candidate, parse_candidates
 from hawq.alloc.costs import LatencyTable, OpCost, cost_arrays
-from hawq.alloc.ilp import (
-    BUDGET_KINDS,
-    InfeasibleBudget,
-    Problem,
-    Solution,
-    extreme,
-    solve,
-)
+from hawq.alloc.exact import extreme, solve
+from hawq.alloc.ilp import BUDGET_KINDS, InfeasibleBudget, Problem, Solution
 from hawq.alloc.oracle import brute_force, greedy
 from hawq.alloc.pareto import FrontierPoint, frontier, pareto_filter, sweep
 from hawq.alloc.report import HessianReport, OpCurvature, parse_hessian, read_hessian

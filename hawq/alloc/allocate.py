@@ -18,7 +18,8 @@ from torch import nn
 
 from hawq.alloc.candidates import Candidate, op_candidates, parse_candidates
 from hawq.alloc.costs import LatencyTable, OpCost, exact_costs, op_shapes
-from hawq.alloc.ilp import Problem, Solution, solve
+from hawq.alloc.exact import solve
+from hawq.alloc.ilp import Problem, Solution
 from hawq.alloc.report import HessianReport
 from hawq.alloc.sensitivity import (
     ACT_METHODS,

@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from hawq.alloc.ilp import LOWER_BOUNDS, Problem, Solution, _check_budgets, violation
+from hawq.alloc.exact import violation
+from hawq.alloc.ilp import LOWER_BOUNDS, Problem, Solution, check_budgets
 
 
 def _fsum(rows: list[np.ndarray], index: list[int]) -> float:
@@ -44,9 +45,9 @@ def brute_force(
 ) -> Solution | None:
     """Enumerate every choice (``prod_i k_i`` of them); None when none is feasible.
 
-    With ``tol=0`` feasibility is exact (:func:`~hawq.alloc.ilp.violation`).
+    With ``tol=0`` feasibility is exact (:func:`~hawq.alloc.exact.violation`).
     """
-    budgets = _check_budgets(problem, budgets or {})
+    budgets = check_budgets(problem, budgets or {})
     start = time.perf_counter()
     best: list[int] | None = None
     best_obj = math.inf
@@ -69,7 +70,7 @@ def greedy(problem: Problem, budgets: dict[str, float | None] | None = None) -> 
     """Heuristic peer (ignores ties): start at each op's least-sensitive candidate and
     repeatedly take the move with the smallest ``d_sens / d_violation`` until every
     budget holds; None when it gets stuck."""
-    budgets = _check_budgets(problem, budgets or {})
+    budgets = check_budgets(problem, budgets or {})
     start = time.perf_counter()
     index = [
         int(

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hawq.alloc.ilp import LOWER_BOUNDS, InfeasibleBudget, Problem, extreme, solve
+from hawq.alloc.exact import extreme, solve
+from hawq.alloc.ilp import LOWER_BOUNDS, InfeasibleBudget, Problem
 
 
 @dataclass

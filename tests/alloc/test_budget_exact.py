@@ -348,7 +348,7 @@ def test_plateau_beyond_the_cut_budget_is_searched_in_the_band(monkeypatch):
     """19 plans of total 4 beat every feasible plan; with 8 solves before the limits move
     inward the cuts do not settle it, and the optimum (one of those plans with the extra
     op at its negative cost) lies within the inward margin, in the band."""
-    import hawq.alloc.ilp as ilp
+    import hawq.alloc.exact as ilp
 
     calls = []
     near = ilp._near_limits
@@ -365,7 +365,7 @@ def test_plateau_beyond_the_cut_budget_is_searched_in_the_band(monkeypatch):
 
 
 def test_plateau_too_large_to_certify_warns_and_stays_feasible(monkeypatch):
-    import hawq.alloc.ilp as ilp
+    import hawq.alloc.exact as ilp
 
     monkeypatch.setattr(ilp, "TRIES", 4)  # 4 + 16 solves for 51 plans of total 5
     p, limit = _plateau(5, extra=False)
