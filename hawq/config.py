@@ -122,6 +122,7 @@ class UserDataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     seed: int = 0
+    loss: str | None = None  # dotted name of a loss (fn(logits, labels) or nn.Module class)
 
     def __post_init__(self) -> None:
         target = self.datasets.get("_target_")
@@ -149,6 +150,12 @@ def validate_data(node: DictConfig | dict | None) -> DataConfig | UserDataConfig
             "data.datasets._target_",
             "an importable function or class of your package (on PYTHONPATH)",
         )
+        if config.loss is not None:
+            check_target(
+                config.loss,
+                "data.loss",
+                "the dotted name of a loss function fn(logits, labels) or an nn.Module class",
+            )
         return config
     return typed(node, DataConfig, "data")
 

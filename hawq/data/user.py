@@ -14,6 +14,11 @@ applies no transform, or integer token ids), ``label`` an integer class. Batches
 ``(x, y)`` batches it sees on CIFAR-10: training with the configured optimizer and
 cross-entropy, evaluation by top-1 accuracy, curvature, calibration and export.
 
+The loss hook: ``data.loss=mypkg.my_loss`` names ``fn(logits, labels) -> mean loss`` (or an
+``nn.Module`` class) that replaces cross-entropy wherever the loss defines the result:
+training, QAT (the label term beside distillation) and the curvature (Hessian, Fisher) that
+ranks the ops. Evaluation still reports top-1 accuracy and cross-entropy.
+
 A token model (``transformers`` BERT on ``(ids, label)`` samples) runs every stage through
 the CLI, integer-only inference and export included (``experiments/own_model/run_bert.sh``).
 Models taking other input structures (dicts with masks) with a loss of their own are
@@ -63,6 +68,24 @@ def _as_splits(built: Any) -> dict[str, Any]:
     return splits
 
 
+def build_loss(name: str):
+    """The loss hook ``name`` names: a function ``fn(logits, labels) -> mean loss`` used as
+    it is, or an ``nn.Module`` class built without arguments."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(name)
+    except Exception as e:  # noqa: BLE001 - Hydra raises several kinds
+        raise HawqError(f"bad config data.loss={name!r}: cannot import it ({e})") from e
+    if isinstance(obj, type):
+        if not issubclass(obj, torch.nn.Module):
+            raise HawqError(f"bad config data.loss={name!r}: a class that is not an nn.Module")
+        return obj()
+    if not callable(obj):
+        raise HawqError(f"bad config data.loss={name!r}: not callable")
+    return obj
+
+
 class UserData:
     """Loaders over the user's own datasets, with the interface the stages use.
 
@@ -72,6 +95,7 @@ class UserData:
         batch_size / eval_batch_size: training and evaluation batch sizes.
         num_workers: DataLoader worker processes.
         seed: seeds the training shuffle (with the run's seed).
+        loss: the loss hook's dotted name (:func:`build_loss`); None: cross-entropy.
     """
 
     def __init__(
@@ -82,8 +106,10 @@ class UserData:
         eval_batch_size: int = 256,
         num_workers: int = 0,
         seed: int = 0,
+        loss: str | None = None,
     ) -> None:
         self.datasets = _as_splits(datasets)
+        self.loss = build_loss(loss) if loss else None
         self.name, self.batch_size, self.eval_batch_size = name, batch_size, eval_batch_size
         self.num_workers, self.seed = num_workers, seed
 

@@ -25,6 +25,7 @@ class DistillLoss(nn.Module):
         weight: ``w`` in [0, 1] (1: pure distillation).
         temperature: ``T`` > 0.
         label_smoothing: of the CE term.
+        label_loss: the label term instead of cross-entropy (a loss hook ``fn(out, y)``).
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class DistillLoss(nn.Module):
         weight: float = 1.0,
         temperature: float = 1.0,
         label_smoothing: float = 0.0,
+        label_loss=None,
     ) -> None:
         super().__init__()
         if not 0.0 <= weight <= 1.0 or temperature <= 0:
@@ -42,7 +44,8 @@ class DistillLoss(nn.Module):
             )
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight, self.temperature = weight, temperature
-        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.ce = label_loss if label_loss is not None else ce
         self._x: Tensor | None = None
         self._handle = student.register_forward_pre_hook(self._grab)
 

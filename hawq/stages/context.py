@@ -127,6 +127,12 @@ class Context:
         self.group("data")
         return instantiate(self.cfg.data)
 
+    def loss_fn(self, label_smoothing: float = 0.0):
+        """The training / curvature loss: the data's loss hook (``data.loss``) when it has
+        one, else cross-entropy with ``label_smoothing``."""
+        hook = getattr(self.data, "loss", None)
+        return hook if hook is not None else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
     def build_model(self) -> nn.Module:
         """A fresh model from ``cfg.model``, on the run's device."""
         torch.manual_seed(self.run.seed)

@@ -82,7 +82,7 @@ def run(ctx: Context) -> dict:
 def _run(ctx: Context) -> dict:
     hc = ctx.group("hessian")
     model, inventory, batches = _inputs(ctx, hc)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = ctx.loss_fn()
     if hc.method == "fisher":
         return _run_fisher(ctx, hc, model, loss_fn, batches, inventory)
     start = time.perf_counter()

@@ -108,7 +108,7 @@ def run(ctx: Context) -> dict[str, Any]:
     lc = ctx.group("landscape")
     model = ctx.load_fp_model()
     batches = _probe_batches(ctx, lc)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = ctx.loss_fn()
     probe = LossProbe(batches, loss_fn)
     loss0, acc0 = probe(model)
     versions = quantized_versions(ctx, lc, model)

@@ -246,10 +246,10 @@ def _optimizers(q: _QAT) -> None:
     q.scheduler = cosine_scheduler(
         q.optimizer, tc.epochs * q.steps, round(tc.warmup_epochs * q.steps), tc.min_lr_ratio
     )
-    q.loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    q.loss_fn = q.ctx.loss_fn(tc.label_smoothing)
     if tc.distill > 0:
         q.loss_fn = DistillLoss(
-            q.model, q.fp_ref, tc.distill, tc.distill_temperature, tc.label_smoothing
+            q.model, q.fp_ref, tc.distill, tc.distill_temperature, label_loss=q.loss_fn
         )
     q.state_path = q.ctx.path(STATE)
 

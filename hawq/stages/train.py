@@ -139,7 +139,7 @@ def _setup(ctx: Context) -> _Training:
     scheduler = cosine_scheduler(
         optimizer, tc.epochs * steps, round(tc.warmup_epochs * steps), tc.min_lr_ratio
     )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    loss_fn = ctx.loss_fn(tc.label_smoothing)
     test_loader = ctx.data.eval_loader("test", ctx.device)
     return _Training(
         ctx,

@@ -36,3 +36,54 @@ def test_splits_are_checked():
     with pytest.raises(HawqError, match="split 'val'"):
         UserData({"train": _split(torch.randn(4, 2)), "test": _split(torch.randn(4, 2))}
                  ).eval_loader("val")  # fmt: skip
+
+
+CALLS = {"n": 0}
+
+
+def counting_loss(logits, labels):
+    """A loss hook for the tests: cross-entropy plus a visible trace of every call."""
+    CALLS["n"] += 1
+    return torch.nn.functional.cross_entropy(logits, labels) + 0.0 * logits.sum()
+
+
+class Focal(torch.nn.Module):
+    def forward(self, logits, labels):
+        p = torch.softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+        return ((1 - p) ** 2 * -torch.log(p.clamp_min(1e-8))).mean()
+
+
+def test_loss_hooks_resolve_to_callables_or_are_one_line():
+    from hawq.data.user import build_loss
+
+    assert build_loss(f"{__name__}.counting_loss") is counting_loss
+    assert isinstance(build_loss(f"{__name__}.Focal"), Focal)
+    for bad, match in (("tests.nowhere.loss", "cannot import"),
+                       (f"{__name__}.CALLS", "not callable"),
+                       ("pathlib.Path", "not an nn.Module")):  # fmt: skip
+        with pytest.raises(HawqError, match=match):
+            build_loss(bad)
+
+
+def test_the_loss_hook_trains_and_ranks_through_the_cli_stages(make_cfg, monkeypatch):
+    """data.loss replaces cross-entropy in training and in the curvature the ops are
+    ranked by (every call reaches the hook); a different hook changes the record."""
+    from hawq.pipeline import run_pipeline
+
+    from ..conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "experiments" / "own_model"))
+    args = ("model=custom", "model._target_=tokenmix.TokenMix", "++model.dim=16", "++model.depth=1",
+            "model.prepare.input_shape=[1,16,16]", "data=custom",
+            "data.datasets._target_=stripes.datasets", "++data.datasets.n_train=256",
+            "++data.datasets.n_test=64", f"data.loss={__name__}.counting_loss", "train.epochs=1",
+            "hessian.max_samples=4", "hessian.min_samples=2", "hessian.top_k=0",
+            "hessian.density=false")  # fmt: skip
+    CALLS["n"] = 0
+    run_pipeline(make_cfg(*args, "stages=[train]"))
+    assert CALLS["n"] == 2  # 256 images, batch 128: every training step's loss is the hook's
+    res = run_pipeline(make_cfg(*args, "stages=[train,hessian]"))  # train: done, skipped
+    assert CALLS["n"] > 2 and "hessian" in res["stages"]  # the curvature's loss too
+    other = make_cfg(*args, f"data.loss={__name__}.Focal", "stages=[train]")
+    with pytest.raises(HawqError, match="data.loss"):  # trained weights: refused, not redone
+        run_pipeline(other)
