@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hawq.errors import HawqError
-from hawq.integer.graph.pointwise import PointwiseRegion
+from hawq.integer.graph.pointwise import PointwiseRegion, reads_input
 from hawq.integer.graph.trace import is_quant_op, module_name
 
 SHAPE_METHODS = {
@@ -295,21 +295,7 @@ def _adds_constant(node: fx.Node) -> bool:
     """An ``add`` one of whose operands depends on no model input (a bias, a mask)."""
     if not _method_or_function(node, {"add", "__add__"}, ADD):
         return False
-    return any(_constant(a) for a in tensor_args(node))
-
-
-def _constant(node: fx.Node) -> bool:
-    """Whether ``node``'s value depends only on parameters and buffers."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder" or (n.op == "call_module" and is_quant_op(_module_of(n))):
-            return False
-        todo.extend(a for a in n.all_input_nodes)
-    return True
+    return any(not reads_input(a) for a in tensor_args(node))
 
 
 def _is_index(node: fx.Node) -> bool:

@@ -84,7 +84,7 @@ def _region(out: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
     value = out.meta.get("value")
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return None  # index arithmetic on ids stays what it is
-    if not _reads_input(next(iter(sources))):
+    if not reads_input(next(iter(sources))):
         return None  # a function of parameters only: a constant, not an activation
     if any(u not in region for n in region - {out} for u in n.users):
         return None  # an inner value read outside: the region is not one function
@@ -92,7 +92,7 @@ def _region(out: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
     return sorted(region, key=order.__getitem__), next(iter(sources))
 
 
-def _reads_input(node: fx.Node) -> bool:
+def reads_input(node: fx.Node) -> bool:
     """Whether ``node`` depends on the model input (else it is a constant of the model)."""
     seen, todo = set(), [node]
     while todo:
