@@ -57,10 +57,15 @@ def model_inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, tuple | list) else batch
 
 
+def run_inputs(model: Any, x: Any) -> Any:
+    """``model`` on the inputs ``x`` of one ``(x, y)`` batch: ``model(**x)`` for a mapping
+    of keyword inputs (token ids and attention masks), ``model(x)`` otherwise."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
 def call_model(model: Any, batch: Any, device: torch.device | str | None = None) -> Any:
     """``model`` on the inputs of ``batch``: ``model(x)`` for an ``(x, y)`` pair or a
     tensor, ``model(**batch)`` for a mapping (tensors moved to ``device`` when given)."""
     if device is not None:
         batch = to_device(batch, device)
-    inputs = model_inputs(batch)
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    return run_inputs(model, model_inputs(batch))

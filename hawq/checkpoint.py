@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
     hawq's own models are built as they are. Any other ``_target_`` (``model=custom
     model._target_=mypkg.MyNet model.width=64``) is the user's model: built, then made
     hawq-ready by :func:`hawq.models.own.prepared` with the options under ``prepare``
-    (``input_shape``, ``min_share``, ``input_dtype``, ``vocab_size``), so no product of it
-    is left float silently.
+    (``input_shape``, ``min_share``, ``input_dtype``, ``vocab_size``, or ``inputs``: keyword
+    inputs), so no product of it is left float silently.
     """
     from hawq.models.config import SCHEMAS
     from hawq.models.own import prepared
@@ -38,7 +39,7 @@ def build_model(model_cfg: DictConfig | dict) -> nn.Module:
     if target in SCHEMAS or target == f"{prepared.__module__}.{prepared.__name__}":
         return instantiate(model_cfg)
     options = model_cfg.get(PREPARE_KEY) or {}
-    allowed = ("input_shape", "min_share", "example_batch", "input_dtype", "vocab_size")
+    allowed = [k for k in inspect.signature(prepared).parameters if k != "model"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise HawqError(

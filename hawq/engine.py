@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from hawq import preempt
 from hawq.batches import call_model as _call_model
+from hawq.batches import run_inputs
 from hawq.errors import HawqError
 from hawq.models.ops import as_logits
 
@@ -224,7 +225,7 @@ def train_epoch(
 def _step(model, x, y, optimizer, loss_fn, device, scheduler, amp: bool, grad_clip):
     """One optimizer step on ``(x, y)``; returns ``(output, loss)``."""
     with autocast(device, amp):
-        out = as_logits(model(x))
+        out = as_logits(run_inputs(model, x))
         loss = loss_fn(out.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -334,7 +335,7 @@ def evaluate(
     seen = 0
     for x, y in tqdm(batches, desc=desc, leave=False, disable=None):
         with autocast(device, amp):
-            out = as_logits(model(x)).float()
+            out = as_logits(run_inputs(model, x)).float()
         total_loss += loss_fn(out, y).double() * y.shape[0]
         correct += (out.argmax(-1) == y).sum()
         seen += y.shape[0]

@@ -95,3 +95,26 @@ def test_a_token_model_through_the_cli_to_integer_only_and_onnx(tmp_path):
     assert res["integer"]["integer_only"] and res["integer"]["float_ops"] == []
     onnx = res["export"]["onnx"]
     assert onnx["ort_integer_ops"] == 18 and onnx["ort_argmax_agreement"] >= 99.0
+
+
+def test_dict_samples_with_an_attention_mask_through_the_cli(tmp_path):
+    """``PADDED=1 run_bert.sh``: samples ``({input_ids, attention_mask}, label)`` of padded
+    sequences, the model called ``model(**inputs)`` (``model.prepare.inputs``): every stage
+    runs on dict batches, and the mask is an input of the integer model and the ONNX file."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    proc = subprocess.run(
+        ["bash", str(EXAMPLE / "run_bert.sh"), f"paths.run_dir={tmp_path}", "device=cpu",
+         "train.epochs=2", "data.datasets.n_train=1024", "data.datasets.n_test=256",
+         "hessian.max_samples=10", "quant.calib_batches=2", "integer.calib_batches=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PADDED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())["stages"]
+    hess = json.loads((tmp_path / "hessian.json").read_text())
+    assert len(hess["ops"]) == 18 and "bert.encoder.layer.1.attention.self.av" in hess["ops"]
+    assert res["integer"]["integer_only"] and res["integer"]["float_ops"] == []
+    assert res["integer"]["agreement"] >= 95.0
+    onnx = res["export"]["onnx"]
+    assert onnx["ort_integer_ops"] == 18 and onnx["ort_argmax_agreement"] >= 99.0

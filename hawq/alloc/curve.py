@@ -52,6 +52,7 @@ from torch import nn
 from hawq.alloc.allocate import choices_per_op, sensitivities
 from hawq.alloc.candidates import Candidate
 from hawq.alloc.report import HessianReport
+from hawq.batches import batch_size as samples_in
 from hawq.errors import HawqError
 from hawq.quant.plan import OpSetting, Plan
 from hawq.schema import require
@@ -192,7 +193,7 @@ def hessian_sensitivity(
     """
     batches = list(calib_batches)
     cands = choices_per_op(report, [low, high], {})  # per op: [low, high] in canonical form
-    n_images = sum(int((b[0] if isinstance(b, (tuple, list)) else b).shape[0]) for b in batches)
+    n_images = sum(samples_in(b) for b in batches)
     sens, _ = sensitivities(
         method,
         report,

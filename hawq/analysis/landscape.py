@@ -53,6 +53,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from hawq.batches import run_inputs
 from hawq.hessian import HessianOperator, lanczos, power_iteration
 from hawq.models.ops import as_logits, quantizable_ops
 from hawq.quant import quant_ops
@@ -167,7 +168,7 @@ class LossProbe:
         model.eval()
         total, correct, n = 0.0, 0, 0
         for x, y in self.batches:
-            out = as_logits(model(x))
+            out = as_logits(run_inputs(model, x))
             total += float(self.loss_fn(out, y)) * len(y)
             if classify := (y.ndim == 1 and not y.is_floating_point()):
                 correct += int((out.argmax(-1) == y).sum())
@@ -372,7 +373,7 @@ def loss_gradient(
     names = list(params)
     for x, y in batches:
         with torch.enable_grad():
-            loss = loss_fn(as_logits(model(x)), y)
+            loss = loss_fn(as_logits(run_inputs(model, x)), y)
             gs = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         for name, g in zip(names, gs):
             if g is not None:

@@ -9,22 +9,25 @@ user's own package) returning the splits as a mapping or a pair::
 Each split is a ``torch.utils.data.Dataset`` (anything with ``__len__`` and
 ``__getitem__``) whose samples are ``(input, label)``: ``input`` a tensor of any
 shape (the model's input: floats already normalised and augmented as the user wants, hawq
-applies no transform, or integer token ids), ``label`` an integer class. Batches are made by
-``torch.utils.data.DataLoader`` (default collation), so every stage sees the
-``(x, y)`` batches it sees on CIFAR-10: training with the configured optimizer and
-cross-entropy, evaluation by top-1 accuracy, curvature, calibration and export.
+applies no transform, or integer token ids), or a dict of such tensors, the keyword inputs
+of a model called ``model(**inputs)`` (a ``transformers`` model's ``input_ids`` and
+``attention_mask``; the model config lists them, ``model.prepare.inputs``); ``label`` an
+integer class. Batches are made by ``torch.utils.data.DataLoader`` (default collation:
+dicts entry by entry), so every stage sees ``(x, y)`` batches as on CIFAR-10: training with
+the configured optimizer and cross-entropy, evaluation by top-1 accuracy, curvature,
+calibration, reconstruction, integer-only inference and export.
 
 The loss hook: ``data.loss=mypkg.my_loss`` names ``fn(logits, labels) -> mean loss`` (or an
 ``nn.Module`` class) that replaces cross-entropy wherever the loss defines the result:
 training, QAT (the label term beside distillation) and the curvature (Hessian, Fisher) that
 ranks the ops. Evaluation still reports top-1 accuracy and cross-entropy.
 
-A token model (``transformers`` BERT on ``(ids, label)`` samples) runs every stage through
-the CLI, integer-only inference and export included (``experiments/own_model/run_bert.sh``).
-Models taking other input structures (dicts with masks) with a loss of their own are
-supported by the library (:class:`hawq.hessian.objective.BatchLoss`,
-``calibrate``/``reconstruct_``/``allocate`` on dict batches); the CLI stages train and
-evaluate classifiers of ``(input, label)`` samples.
+A token model (``transformers`` BERT on ``(ids, label)`` samples, or on
+``({input_ids, attention_mask}, label)`` samples of padded sequences) runs every stage through
+the CLI, integer-only inference and export included (``experiments/own_model/run_bert.sh``,
+``PADDED=1`` for the dict samples). Batches of other structures with a loss of their own
+(``fn(model, batch)``) are supported by the library
+(:class:`hawq.hessian.objective.BatchLoss`, ``calibrate``/``reconstruct_``/``allocate``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from hawq.batches import to_device
 from hawq.errors import HawqError
 
 SPLITS = ("train", "test", "val")
@@ -114,25 +118,33 @@ class UserData:
         self.num_workers, self.seed = num_workers, seed
 
     @cached_property
-    def _first(self) -> tuple[torch.Tensor, Any]:
+    def _first(self) -> tuple[Any, Any]:
         sample = self.datasets["train"][0]
         if not (isinstance(sample, tuple | list) and len(sample) == 2):
             raise HawqError(
                 f"data.datasets: a train sample is a {type(sample).__name__}; allowed: an "
-                "(input tensor, integer label) pair"
+                "(input, integer label) pair, the input a tensor or a dict of tensors"
             )
         x, y = sample
-        if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool:
-            raise HawqError(
-                f"data.datasets: a sample's input is a {type(x).__name__}"
-                f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}; "
-                "allowed: a float tensor (images, features) or an integer one (token ids)"
-            )
+        items = x.items() if isinstance(x, Mapping) else [("input", x)]
+        if isinstance(x, Mapping) and not x:
+            raise HawqError("data.datasets: a sample's input is an empty dict")
+        for key, t in items:
+            if not isinstance(t, torch.Tensor) or t.is_complex() or t.dtype == torch.bool:
+                kind = type(t).__name__ + (f" of {t.dtype}" if isinstance(t, torch.Tensor) else "")
+                raise HawqError(
+                    f"data.datasets: a sample's {key!r} is a {kind}; allowed: a float tensor "
+                    "(images, features) or an integer one (token ids, attention masks), alone "
+                    "or in a dict of keyword inputs (model(**inputs))"
+                )
         return x, y
 
     @property
     def input_size(self) -> tuple[int, ...]:
-        return tuple(self._first[0].shape)
+        """One sample's input shape (a dict input: its first tensor's; the op probes of a
+        prepared model feed its own example inputs, model.prepare.inputs)."""
+        x = self._first[0]
+        return tuple(next(iter(x.values())).shape if isinstance(x, Mapping) else x.shape)
 
     @cached_property
     def num_classes(self) -> int:
@@ -198,4 +210,4 @@ class UserLoader:
             self.dataset, batch_sampler=batches[start:], num_workers=self.num_workers
         )
         for x, y in loader:
-            yield x.to(self.device), torch.as_tensor(y).long().to(self.device)
+            yield to_device(x, self.device), torch.as_tensor(y).long().to(self.device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hawq.batches import batch_size, sample_slice  # noqa: F401 - this module's API
+from hawq.batches import batch_size, run_inputs, sample_slice  # noqa: F401 - this module's API
 from hawq.models.ops import as_logits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -61,7 +61,7 @@ class _PairLoss(BatchLoss):
 
     def _pair(self, model, batch) -> torch.Tensor:
         x, y = batch
-        return self.loss_fn(as_logits(model(x)), y)
+        return self.loss_fn(as_logits(run_inputs(model, x)), y)
 
     def size(self, batch) -> int:
         return len(batch[1])

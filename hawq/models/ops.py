@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawq.models.examples import example_spec
+
 
 class MatMul(nn.Module):
     """``a @ b`` as a module, so both activation operands can be observed/quantized.
@@ -123,11 +125,6 @@ def call_with(model: nn.Module, example: Any) -> Any:
     return model(*args, **kwargs)
 
 
-#: attribute of a model whose input is not a float tensor (token ids): the dtype the
-#: probes' zero inputs take (set by :func:`hawq.models.own.prepared`)
-INPUT_DTYPE_ATTR = "hawq_input_dtype"
-
-
 def example_batch_size(example: Any) -> int:
     """The leading dimension of the first tensor in ``example``."""
     args, kwargs = as_call(example)
@@ -144,10 +141,11 @@ def probe_ops(
     batch: int = 1,
     example: Any = None,
 ) -> None:
-    """One eval-mode, no-grad forward pass on zeros of ``(batch, *input_size)`` (or on
-    ``example``, any input structure: :func:`call_with`), calling ``hook(name, module,
-    inputs, output)`` after every quantizable op runs (in execution order). Train mode and
-    hooks are restored afterwards."""
+    """One eval-mode, no-grad forward pass on ``example`` (any input structure:
+    :func:`call_with`), or without one on ``batch`` rows of the inputs a prepared model was
+    traced on (token ids, keyword inputs: :mod:`hawq.models.examples`), or else on float
+    zeros of ``(batch, *input_size)``, calling ``hook(name, module, inputs, output)`` after
+    every quantizable op runs (in execution order). Train mode and hooks are restored."""
     handles = [
         module.register_forward_hook(lambda m, i, o, name=name: hook(name, m, i, o))
         for name, module in quantizable_ops(model).items()
@@ -158,9 +156,11 @@ def probe_ops(
     model.eval()
     try:
         with torch.no_grad():
+            spec = example_spec(model)
+            if example is None and spec is not None:
+                example = spec.make(batch, device)
             if example is None:
-                dtype = getattr(model, INPUT_DTYPE_ATTR, None)  # token ids: zeros are ids
-                model(torch.zeros(batch, *input_size, device=device, dtype=dtype))
+                model(torch.zeros(batch, *input_size, device=device))
             else:
                 call_with(model, example)
     finally:
@@ -190,7 +190,7 @@ def op_inventory(
     def count(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         macs[name] = macs.get(name, 0) + _macs(module, inputs, output)
 
-    probe_ops(model, count, input_size, example=example)
+    probe_ops(model, count, input_size, example=example)  # one row unless example is given
     per = 1 if example is None else example_batch_size(example)
     macs = {k: v // per for k, v in macs.items()}
     infos = []

@@ -11,7 +11,13 @@ A ``model`` config group for any image classifier::
 
 A model taking token ids (a ``transformers`` BERT, an embedding-first network) says so:
 ``input_dtype: int64`` and ``vocab_size: 30522`` draw the example's ids uniformly from
-``[0, vocab_size)`` (``input_shape: [128]``: one sequence of 128 tokens).
+``[0, vocab_size)`` (``input_shape: [128]``: one sequence of 128 tokens). A model called with
+keyword inputs (``model(input_ids=..., attention_mask=...)``, samples whose input is a dict)
+lists them instead (:mod:`hawq.models.examples`)::
+
+    inputs:
+      input_ids: {shape: [128], dtype: int64, vocab_size: 30522}
+      attention_mask: {shape: [128], dtype: int64, vocab_size: 2}
 
 Every stage (train, hessian, alloc, ptq, qat, evaluate, export) then sees named ops for
 every matrix product. Checkpoints store this config, so :func:`hawq.checkpoint.load_model`
@@ -22,14 +28,14 @@ weights: nothing but tensors is pickled.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
 from torch import nn
 
 from hawq.errors import HawqError
 from hawq.models.capture import CaptureReport, prepare
-from hawq.models.ops import INPUT_DTYPE_ATTR
+from hawq.models.examples import EXAMPLE_ATTR, ExampleSpec, input_spec, keyword_spec
 
 log = logging.getLogger("hawq")
 
@@ -41,6 +47,7 @@ def prepared(
     example_batch: int = 2,
     input_dtype: str = "float32",
     vocab_size: int | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """``model`` prepared on a random example batch of ``input_shape``.
 
@@ -53,6 +60,9 @@ def prepared(
         input_dtype: the example's dtype: a float type (standard normal values) or an
             integer type (token ids, needs ``vocab_size``).
         vocab_size: integer examples are drawn from ``[0, vocab_size)``.
+        inputs: keyword inputs instead of one tensor (name -> shape, dtype, vocab_size,
+            fill; :func:`hawq.models.examples.keyword_spec`): the model is called
+            ``model(**inputs)``, as on samples whose input is a dict.
 
     Returns:
         The prepared model; its :class:`~hawq.models.capture.CaptureReport` is at
@@ -65,37 +75,21 @@ def prepared(
         )
     if not 0.0 <= min_share <= 1.0:
         raise HawqError(f"bad config model.min_share={min_share}: allowed 0 <= min_share <= 1")
-    example = example_input(input_shape, example_batch, input_dtype, vocab_size)
+    if inputs:
+        spec = keyword_spec(inputs)
+    else:
+        keys = ("input_shape", "input_dtype")
+        single = input_spec("model.prepare", input_shape, input_dtype, vocab_size, keys=keys)
+        spec = ExampleSpec(((None, single),))
+    example = spec.make(example_batch)
     was_training = model.training
     out, report = prepare(model.eval(), example, inplace=True)
     out.train(was_training)
     _check_share(report, min_share, type(model).__name__)
     out.hawq_capture = report
-    if not example.is_floating_point():
-        setattr(out, INPUT_DTYPE_ATTR, example.dtype)  # the op probes feed ids, not floats
+    setattr(out, EXAMPLE_ATTR, spec)  # the op probes feed inputs like these, not float zeros
     log.info("prepared %s: %s", type(model).__name__, report.summary().splitlines()[0])
     return out
-
-
-def example_input(
-    input_shape: Sequence[int], batch: int, dtype: str = "float32", vocab_size: int | None = None
-) -> torch.Tensor:
-    """A seeded example batch of ``input_shape``: normal floats or token ids."""
-    kind = getattr(torch, str(dtype), None)
-    if not isinstance(kind, torch.dtype) or kind.is_complex or kind == torch.bool:
-        raise HawqError(
-            f"bad config model.prepare.input_dtype={dtype}: allowed a torch float or integer "
-            "dtype name (float32, bfloat16, int64, ...)"
-        )
-    gen = torch.Generator().manual_seed(0)
-    if kind.is_floating_point:
-        return torch.randn(batch, *input_shape, generator=gen).to(kind)
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise HawqError(
-            f"bad config model.prepare.vocab_size={vocab_size}: an integer input_dtype "
-            f"({dtype}) needs vocab_size >= 1, the ids are drawn from [0, vocab_size)"
-        )
-    return torch.randint(0, vocab_size, (batch, *input_shape), generator=gen, dtype=kind)
 
 
 def _check_share(report: CaptureReport, min_share: float, name: str) -> None:

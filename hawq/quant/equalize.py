@@ -26,6 +26,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from hawq.batches import call_model
+
 log = logging.getLogger("hawq")
 Tensor = torch.Tensor
 
@@ -76,8 +78,7 @@ def channel_ranges(
         for n, batch in enumerate(batches):
             if n >= max_batches:
                 break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
+            call_model(model, batch, device)
     finally:
         for h in handles:
             h.remove()

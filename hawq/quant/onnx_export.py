@@ -53,6 +53,7 @@ import copy
 import inspect
 import io
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from torch import nn
 
 from hawq.errors import HawqError, choices
 from hawq.io import write_bytes
+from hawq.models.ops import as_logits
 from hawq.quant.learnable import pact_levels
 from hawq.quant.onnx_graph import prune
 from hawq.quant.onnx_int8 import ort_int8_form
@@ -319,6 +321,18 @@ def quantize_weights(model: Any) -> Any:
     return model
 
 
+class _KeywordCall(nn.Module):
+    """``model(**dict(zip(keys, args)))`` on positional tensors, returning the logits: the
+    exporter's view of a model called with keyword inputs."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return as_logits(self.model(**dict(zip(self.keys, args))))
+
+
 def export_onnx(
     qmodel: nn.Module,
     example_input: Tensor | tuple[Tensor, ...],
@@ -331,7 +345,8 @@ def export_onnx(
 
     Args:
         qmodel: model with :class:`Quantizer` modules (after ``quantize_`` + calibration/QAT).
-        example_input: one input batch (or a tuple of inputs) on the model's device.
+        example_input: one input batch (a tuple of positional inputs, or a dict of keyword
+            inputs: token ids, attention masks) on the model's device.
         path: the ``.onnx`` file to write (atomically).
         opset: ONNX opset, >= 13 (per-channel QDQ).
         dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
@@ -340,8 +355,8 @@ def export_onnx(
             weights quantized in the graph, as traced.
 
     Returns:
-        ``path``. The graph's inputs are ``input`` (``input_<i>`` for several), its output
-        ``output``.
+        ``path``. The graph's inputs are ``input`` (``input_<i>`` for several, the keys of a
+        dict), its output ``output`` (the logits of a ``ModelOutput``).
 
     Raises:
         HawqError: a quantizer has no QDQ form, ``opset`` < 13, an unknown ``weights``, or
@@ -353,8 +368,12 @@ def export_onnx(
         raise HawqError(f"ONNX weights={weights!r}: expected one of {choices(WEIGHT_FORMS)}")
     onnx = _onnx() if weights == "int8" else None
     model = qdq_model(qmodel)
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    if isinstance(example_input, Mapping):  # keyword inputs: graph inputs named by their keys
+        model, names = _KeywordCall(model, list(example_input)), list(example_input)
+        args = tuple(example_input.values())
+    else:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
     kwargs = (
         {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}

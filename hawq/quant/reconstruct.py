@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hawq.batches import model_inputs
 from hawq.engine import call_model
 from hawq.errors import HawqError
 from hawq.quant.bn_fold import unfold_weight
@@ -136,9 +137,7 @@ def calibration_images(batches: Iterable, max_batches: int) -> Any:
     """The inputs of the first ``max_batches`` batches, concatenated: the images of
     ``(x, y)`` pairs, or dicts of keyword inputs (token ids, masks) entry by entry."""
     first = list(itertools.islice(iter(batches), max_batches))
-    if first and isinstance(first[0], dict):
-        return _cat(first)
-    return torch.cat([b[0] for b in first])
+    return _cat([model_inputs(b) for b in first])
 
 
 def _h(v: Tensor) -> Tensor:

@@ -17,10 +17,12 @@ fusion off (all-float, the same function as the fake-quant model to float precis
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from hawq.batches import batch_size, run_inputs, sample_slice
 from hawq.errors import HawqError
 from hawq.integer.export import export
 from hawq.integer.standalone import load
@@ -86,14 +88,16 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
     src = quantized_source(ctx)
     qmodel, _plan_, _meta = load_quantized(src, "cpu")
     qmodel.eval()
-    x = next(iter(ctx.data.eval_loader("test", "cpu", 64)))[0].cpu()
-    path = export_onnx(qmodel, x[:1], ctx.path(DIR) / ONNX)
+    x = next(iter(ctx.data.eval_loader("test", "cpu", 64)))[0]
+    n = batch_size(x)
+    path = export_onnx(qmodel, sample_slice(x, 0, 1, n), ctx.path(DIR) / ONNX)
     res: dict[str, Any] = {"path": str(path), "source": str(src), "bytes": path.stat().st_size}
     if importlib.util.find_spec("onnxruntime") is None:
         return res
     import onnxruntime as ort
 
-    ref = as_logits(qmodel(x))
+    ref = as_logits(run_inputs(qmodel, x))
+    feeds = {k: v.numpy() for k, v in x.items()} if isinstance(x, Mapping) else {"input": x.numpy()}
     for prefix, integer in (("ort", True), ("ort_float", False)):
         so = ort.SessionOptions()
         if integer:
@@ -101,7 +105,7 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
         else:
             so.add_session_config_entry("session.disable_quant_qdq", "1")  # float Q/DQ math
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        got = torch.from_numpy(sess.run(None, feeds)[0])
         agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
         res.update(
             {
@@ -109,7 +113,7 @@ def _export_onnx(ctx: Context) -> dict[str, Any]:
                 f"{prefix}_argmax_agreement": 100.0 * agree,
             }
         )
-    res["ort_n"] = x.shape[0]
+    res["ort_n"] = n
     res["ort_integer_ops"] = _integer_ops(ctx.path(DIR) / "model.ort_optimized.onnx")
     return res
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hawq.batches import run_inputs
 from hawq.integer import ops
 from hawq.integer.convert import convert
 from hawq.integer.fp8 import convert_fp8, has_fp8_ops
@@ -44,8 +45,8 @@ def compare(qmodel: nn.Module, imodel: nn.Module, batches, device: torch.device)
     """Accuracy of both models and their argmax agreement (percent) over ``batches``."""
     n = agree = ok_q = ok_i = 0
     for x, y in batches:
-        pq = as_logits(qmodel(x)).argmax(-1)
-        pi = imodel(x).argmax(-1)
+        pq = as_logits(run_inputs(qmodel, x)).argmax(-1)
+        pi = run_inputs(imodel, x).argmax(-1)
         n += y.numel()
         agree += int((pq == pi).sum())
         ok_q += int((pq == y).sum())

@@ -22,6 +22,7 @@ from torch import nn
 
 from hawq.engine import evaluate
 from hawq.io import load_torch, save_torch
+from hawq.models.ops import example_batch_size
 from hawq.quant import (
     calibrate,
     check_ready,
@@ -60,7 +61,7 @@ def _reconstruct(ctx: Context, qc, model, fp_model, calib, test) -> dict[str, An
         "ptq: calibrated %.2f; reconstructing %d units on %d images",
         before["acc"],
         len(units(model)),
-        images.shape[0],
+        example_batch_size(images),
     )
     path, key = ctx.path(RECON_STATE), _state_key(ctx)
     resume = None
@@ -82,7 +83,7 @@ def _reconstruct(ctx: Context, qc, model, fp_model, calib, test) -> dict[str, An
     return {
         "calibrated": before,
         "units": per_unit,
-        "images": images.shape[0],
+        "images": example_batch_size(images),
         "seconds": sum(u.get("seconds", 0.0) for u in per_unit.values()),
     }
 

@@ -30,6 +30,38 @@ def test_inputs_that_are_neither_floats_nor_ids_are_one_line(x):
         next(iter(data.train_loader()))
 
 
+class _Keyword(torch.utils.data.Dataset):
+    """``({"input_ids", "attention_mask"}, label)`` samples (a ``transformers`` model's)."""
+
+    def __init__(self, n: int, bad: object = None) -> None:
+        self.ids, self.bad = torch.randint(1, 50, (n, 7)), bad
+        self.mask = (torch.arange(7)[None] < torch.randint(3, 8, (n, 1))).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        x = {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+        return ({**x, "extra": self.bad} if self.bad is not None else x), i % 3
+
+
+def test_dict_inputs_are_batched_entry_by_entry():
+    data = UserData({"train": _Keyword(10), "test": _Keyword(5)}, batch_size=4)
+    assert data.input_size == (7,) and data.num_classes == 3
+    x, y = next(iter(data.train_loader()))
+    assert set(x) == {"input_ids", "attention_mask"} and y.shape == (4,)
+    assert x["input_ids"].shape == (4, 7) and x["attention_mask"].dtype == torch.int64
+    batches = list(data.eval_loader())
+    assert [len(b[1]) for b in batches] == [5] and batches[0][0]["input_ids"].shape == (5, 7)
+
+
+@pytest.mark.parametrize("bad", ["text", torch.zeros(7, dtype=torch.bool)], ids=["str", "bool"])
+def test_a_dict_entry_that_is_not_a_tensor_of_numbers_is_named(bad):
+    data = UserData({"train": _Keyword(4, bad), "test": _Keyword(4, bad)})
+    with pytest.raises(HawqError, match="sample's 'extra' is a (str|Tensor of torch.bool)"):
+        next(iter(data.train_loader()))
+
+
 def test_splits_are_checked():
     with pytest.raises(HawqError, match="missing"):
         UserData({"train": _split(torch.randn(4, 2))})

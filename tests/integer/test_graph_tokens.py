@@ -345,3 +345,61 @@ def test_a_transformers_gpt2_converts_to_integers_only():
         fq, out = q(x).logits, im(x)
     assert (out - fq).abs().max() <= 0.1 * fq.abs().max()
     assert (out.argmax(1) == fq.argmax(1)).float().mean() >= 0.9
+
+
+def padded(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Keyword inputs of sequences of varying length: ids, and the mask (1 on real tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(LENGTH)[None] < torch.randint(3, LENGTH + 1, (n, 1), generator=g)).long()
+    return {"input_ids": torch.randint(1, VOCAB, (n, LENGTH), generator=g) * mask,
+            "attention_mask": mask}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def masked_bert():
+    """A ``transformers`` BERT called ``model(input_ids=, attention_mask=)``, fake-quant, and
+    its integer model (one placeholder per keyword input)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=LENGTH, num_labels=3)  # fmt: skip
+    spec = {"input_ids": {"shape": [LENGTH], "dtype": "int64", "vocab_size": VOCAB},
+            "attention_mask": {"shape": [LENGTH], "dtype": "int64", "vocab_size": 2}}  # fmt: skip
+    q = prepared(transformers.BertForSequenceClassification(cfg), inputs=spec).eval()
+    quantize_(q, Plan(), None, True)
+    calibrate(q, [(padded(64, 0), None)])
+    return q.eval(), convert_graph(q, [(padded(32, 1), None), (padded(32, 2), None)])
+
+
+def test_keyword_inputs_and_the_attention_mask_reach_the_integer_model(masked_bert, tmp_path):
+    q, im = masked_bert
+    assert im.float_ops == [] and im.input_names == ["input_ids", "attention_mask"]
+    x = padded(48, 5)
+    with torch.no_grad():
+        fq, out = q(**x).logits, im(**x)
+        full = im(input_ids=x["input_ids"], attention_mask=torch.ones_like(x["attention_mask"]))
+    assert (out - fq).abs().max() <= 0.1 * fq.abs().max()
+    assert (out.argmax(1) == fq.argmax(1)).float().mean() >= 0.9
+    assert not torch.equal(full, out)  # the mask is read, not baked in
+    args = (x["input_ids"], x["attention_mask"])
+    with ops.backend("reference"):
+        ref = im.forward_int(*args)
+    with ops.backend("cpu"):
+        assert torch.equal(im.forward_int(*args), ref)
+    assert torch.equal(im(*args), out)  # positional, in input_names' order
+    save_torch(tmp_path / "im.pt", im)
+    assert torch.equal(load_torch(tmp_path / "im.pt")(**x), out)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [(lambda im, x: im(input_ids=x["input_ids"]), r"missing \['attention_mask'\]"),
+     (lambda im, x: im(**x, token_type_ids=x["input_ids"]), r"unknown \['token_type_ids'\]"),
+     (lambda im, x: im(x["input_ids"], x["attention_mask"].float()),
+      "'attention_mask' must be integer")],
+    ids=["missing", "unknown", "float_mask"],
+)  # fmt: skip
+def test_wrong_keyword_inputs_are_one_line(masked_bert, call, match):
+    with pytest.raises(HawqError, match=match):
+        call(masked_bert[1], padded(4, 9))

@@ -21,11 +21,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import fx, nn
 
+from hawq.batches import batch_size, sample_slice, to_device
 from hawq.errors import HawqError
 from hawq.integer.adapter import Grid
 from hawq.integer.graph import pointwise, program
@@ -49,6 +51,9 @@ class IntegerGraph(IntegerModel):
         s_r, limit: the residual stream's scale and code bound.
         op_paths: quantized op name -> path of its integer layer in :attr:`steps`.
         float_ops: the float islands, where they sit (empty: the model is integer-only).
+        input_names: the keyword inputs of a model called ``model(**inputs)`` (token ids,
+            attention masks), in the program's order; None: one positional input.
+        grid_input: which of them the input grid quantizes (None: all are integers).
     """
 
     def __init__(
@@ -62,9 +67,12 @@ class IntegerGraph(IntegerModel):
         limit: int,
         op_paths: dict[str, str],
         float_ops: list[str] | None = None,
+        input_names: list[str] | None = None,
+        grid_input: str | None = None,
     ) -> None:
         super().__init__()
         self.float_ops = list(float_ops or [])  # float islands (empty: integer-only)
+        self.input_names, self.grid_input = input_names, grid_input
         self.steps, self.nodes = steps, nodes
         self.in_grid, self.logit_scale = in_grid, logit_scale
         self.ops, self.s_r, self.limit, self.op_paths = ops, s_r, limit, op_paths
@@ -94,8 +102,32 @@ class IntegerGraph(IntegerModel):
             return images
         return self.in_grid.quantize(images)
 
-    def forward_int(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
+    def forward_int(self, *x: torch.Tensor) -> torch.Tensor:
+        return self.program(*x)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Float logits from the model's inputs: one tensor, or its keyword inputs (the float
+        one quantized onto the input grid, integer ones passed as they are)."""
+        if self.input_names is None:
+            return super().forward(*args, **kwargs)
+        given = dict(zip(self.input_names, args), **kwargs)
+        missing = [k for k in self.input_names if k not in given]
+        unknown = sorted(set(given) - set(self.input_names))
+        if missing or unknown:
+            raise HawqError(
+                f"integer model: inputs {self.input_names}; "
+                + (f"missing {missing}" if missing else f"unknown {unknown}")
+            )
+        codes = []
+        for k in self.input_names:
+            v = given[k]
+            if k == self.grid_input:
+                codes.append(self.in_grid.quantize(v))
+            elif v.is_floating_point():
+                raise HawqError(f"integer model: input {k!r} must be integer (ids, masks)")
+            else:
+                codes.append(v)
+        return self.forward_int(*codes).to(torch.float32) * self.logit_scale
 
     def describe(self) -> dict:
         """The graph by op name: each node with the step it calls and the op it implements."""
@@ -111,6 +143,7 @@ class IntegerGraph(IntegerModel):
             "logit_scale": self.logit_scale,
             "residual": {"scale": self.s_r, "limit": self.limit},
             "float_ops": self.float_ops,
+            "inputs": self.input_names,
             "graph": out,
         }
 
@@ -150,7 +183,8 @@ def observe(
     for batch in batches:
         if seen >= max_batches:
             break
-        Watch(gm).run(batch_inputs(batch).cpu())
+        inputs = batch_inputs(batch)
+        Watch(gm).run(*(inputs.values() if isinstance(inputs, Mapping) else [inputs]))
         seen += 1
     if not seen:
         raise HawqError("integer conversion needs at least one calibration batch")
@@ -183,7 +217,8 @@ def convert_graph(
         raise HawqError(f"residual_bits={residual_bits} is invalid; allowed: 8-24")
     model = copy.deepcopy(qmodel).cpu().eval()
     batches = list(_take(batches, max_batches))
-    gm = trace(model, batch_inputs(batches[0])[:2].cpu())
+    first = batch_inputs(batches[0])
+    gm = trace(model, sample_slice(first, 0, 2, batch_size(first)))
     pointwise.fold(gm)  # activations written out elementwise: one table each
     an = analyze(gm, float_islands)
     lo = Lowering(gm, an, None, pack_int4, fuse)
@@ -213,13 +248,24 @@ def convert_graph(
             "; ".join(float_ops),
         )
     return IntegerGraph(
-        lo.root, nodes, lo.in_grid, logit_scale, lo.names, s_r, limit, lo.op_paths, float_ops
+        lo.root,
+        nodes,
+        lo.in_grid,
+        logit_scale,
+        lo.names,
+        s_r,
+        limit,
+        lo.op_paths,
+        float_ops,
+        lo.input_names,
+        lo.grid_input,
     ).eval()
 
 
-def batch_inputs(batch) -> torch.Tensor:
-    """The input tensor of a ``(x, y)`` pair or of a bare tensor batch."""
-    return batch[0] if isinstance(batch, tuple | list) else batch
+def batch_inputs(batch) -> Any:
+    """The inputs of a ``(x, y)`` pair or of a bare batch (a tensor or a dict of keyword
+    inputs), on the CPU."""
+    return to_device(batch[0] if isinstance(batch, tuple | list) else batch, "cpu")
 
 
 def _take(batches: Iterable, n: int):

@@ -79,7 +79,15 @@ class Lowering:
         self.memo: dict[tuple, fx.Node] = {}
         self.specs: dict[fx.Node, object] = {}
         self.in_grid: Grid | None = None
-        self.placeholder = self.graph.placeholder("codes")
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        #: model input -> its placeholder: "codes" for one input (the input grid's codes or
+        #: ids), else the keyword input's name
+        self.placeholders = {
+            n: self.graph.placeholder("codes" if len(inputs) == 1 else str(n.target))
+            for n in inputs
+        }
+        self.input_names = None if len(inputs) == 1 else [str(n.target) for n in inputs]
+        self.grid_input: str | None = None  # the input the grid quantizes (keyword inputs)
         self.names: dict[str, str] = {}  # step -> the model's op / module it implements
         self.op_paths: dict[str, str] = {}  # quantized op name -> its integer layer's path
         self.float_ops: list[fx.Node] = []  # float islands
@@ -297,13 +305,18 @@ class Lowering:
             raise Unsupported(
                 f"integer conversion: the model input reaches {demand[0]} before any quantized op"
             )
+        if self.grid_input not in (None, str(node.target)):
+            raise Unsupported(
+                f"integer conversion: two float model inputs ({self.grid_input} and "
+                f"{node.target}) reach quantized ops; one input quantizer allowed"
+            )
         if self.in_grid is not None and self.in_grid != demand[1]:
             raise Unsupported(
                 "integer conversion: the model input is read on two grids "
                 f"({self.in_grid} and {demand[1]}); one input quantizer allowed"
             )
-        self.in_grid = demand[1]
-        return self.placeholder
+        self.in_grid, self.grid_input = demand[1], str(node.target)
+        return self.placeholders[node]
 
     def _index(self, node: fx.Node, demand: tuple) -> fx.Node:
         """An integer tensor (token ids, position ids) as it is: the input, a buffer, or
@@ -314,7 +327,7 @@ class Lowering:
                 "ids may only reach embeddings and index arithmetic"
             )
         if node.op == "placeholder":
-            return self.placeholder
+            return self.placeholders[node]
         if node.op == "get_attr":
             name = str(node.target).removeprefix("model.")
             return self.const(node.meta["value"].detach().cpu().clone(), name)

@@ -15,6 +15,8 @@ so the converted graph runs at any batch size. The branches are those that
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
+from keyword import iskeyword
 
 import torch
 from torch import fx, nn
@@ -53,12 +55,31 @@ class _Entry(nn.Module):
         return self.model(x)
 
 
-def trace(qmodel: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """The fx graph of ``qmodel`` (eval mode) on ``example``; node targets name modules as
-    ``model.<name>``, ``node.meta["value"]`` holds the example value of each node."""
-    entry = _Entry(qmodel.eval())
+def keyword_entry(model: nn.Module, keys: list[str]) -> _Entry:
+    """An entry whose ``forward(<keys>)`` calls ``model(key=key, ...)``: a model called with
+    keyword inputs traces with one placeholder per key, named by it."""
+    bad = [k for k in keys if not k.isidentifier() or iskeyword(k)]
+    if bad:
+        raise HawqError(f"integer conversion: input names {bad} are not Python identifiers")
+    src = (
+        f"def forward(self, {', '.join(keys)}):\n"
+        f"    return self.model({', '.join(f'{k}={k}' for k in keys)})\n"
+    )
+    scope: dict = {}
+    exec(src, scope)  # noqa: S102 - identifiers checked above; fx reads the signature
+    return type("_KeywordEntry", (_Entry,), {"forward": scope["forward"]})(model)
+
+
+def trace(qmodel: nn.Module, example) -> fx.GraphModule:
+    """The fx graph of ``qmodel`` (eval mode) on ``example`` (one input tensor, or a dict of
+    keyword inputs: one placeholder each); node targets name modules as ``model.<name>``,
+    ``node.meta["value"]`` holds the example value of each node."""
+    if isinstance(example, Mapping):
+        entry, examples = keyword_entry(qmodel.eval(), list(example)), dict(example)
+    else:
+        entry, examples = _Entry(qmodel.eval()), {"x": example}
     tracer = _IntegerTracer()
-    tracer.examples = {"x": example}
+    tracer.examples = examples
     tracer.root = entry
     try:
         with torch.no_grad():
