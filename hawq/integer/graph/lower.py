@@ -13,7 +13,8 @@ materialised. Rules (the numerics of the hand-written ViT/ResNet classes):
   linear's epilogue when it is the only reader); softmax reads the raw accumulator;
 * adds clamp to ``+-limit`` (a ReLU after them to ``[0, limit]``); constants meeting the
   stream are quantised at its scale;
-* token ids (``index`` values) pass as they are, index arithmetic is replayed on them, and
+* token ids and masks (``index`` values, one input each when the model takes keyword inputs,
+  :mod:`.sources`) pass as they are, index arithmetic is replayed on them, and
   an embedding is a lookup in its table quantised onto the stream (or a grid); GELU's table
   serves every pointwise function of :data:`~.analyze.TABLE_FUNCTIONS` (tanh, sigmoid...).
 
@@ -31,7 +32,7 @@ from torch import fx, nn
 
 from hawq.integer import adapter
 from hawq.integer.adapter import Grid
-from hawq.integer.graph import steps
+from hawq.integer.graph import sources, steps
 from hawq.integer.graph.analyze import (
     Analysis,
     Unsupported,
@@ -41,15 +42,13 @@ from hawq.integer.graph.analyze import (
     tensor_args,
     where,
 )
+from hawq.integer.graph.sources import BIAS_LIMIT, INDEX_D, WIDE_D
 from hawq.integer.graph.trace import module_name
 from hawq.integer.layers import LOGIT_BITS, WIDE, IntConv2d, IntLinear, IntMatMul, IntRequant
 
 GELU_BITS = 16
-WIDE_D = ("wide",)
 ACC_D = ("acc",)
 LOGITS_D = ("logits",)
-INDEX_D = ("index",)
-BIAS_LIMIT = 2**29  # |a score bias| in accumulator units: int32 headroom over any product
 
 
 @dataclass
@@ -79,14 +78,7 @@ class Lowering:
         self.memo: dict[tuple, fx.Node] = {}
         self.specs: dict[fx.Node, object] = {}
         self.in_grid: Grid | None = None
-        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        #: model input -> its placeholder: "codes" for one input (the input grid's codes or
-        #: ids), else the keyword input's name
-        self.placeholders = {
-            n: self.graph.placeholder("codes" if len(inputs) == 1 else str(n.target))
-            for n in inputs
-        }
-        self.input_names = None if len(inputs) == 1 else [str(n.target) for n in inputs]
+        self.placeholders, self.input_names = sources.placeholders(gm, self.graph)
         self.grid_input: str | None = None  # the input the grid quantizes (keyword inputs)
         self.names: dict[str, str] = {}  # step -> the model's op / module it implements
         self.op_paths: dict[str, str] = {}  # quantized op name -> its integer layer's path
@@ -262,11 +254,11 @@ class Lowering:
                 return islands.value(self, node, demand)
             return islands.dequantized(self, node, kind)
         if kind == "index":
-            return self._index(node, demand)
+            return sources.index_value(self, node, demand)
         if node.op == "placeholder":
-            return self._input(node, demand)
+            return sources.model_input(self, node, demand)
         if node.op == "get_attr":
-            return self._param(node, demand)
+            return sources.parameter(self, node, demand)
         if node not in self.an.role:  # shape op: replay on the materialised input
             from hawq.integer.graph import attention
 
@@ -299,56 +291,6 @@ class Lowering:
         if a.op == "get_attr":
             raise Unsupported(f"integer conversion: {where(a)}: a non-tensor attribute")
         return self.graph.node_copy(a, self.arg)
-
-    def _input(self, node: fx.Node, demand: tuple) -> fx.Node:
-        if demand[0] != "codes":
-            raise Unsupported(
-                f"integer conversion: the model input reaches {demand[0]} before any quantized op"
-            )
-        if self.grid_input not in (None, str(node.target)):
-            raise Unsupported(
-                f"integer conversion: two float model inputs ({self.grid_input} and "
-                f"{node.target}) reach quantized ops; one input quantizer allowed"
-            )
-        if self.in_grid is not None and self.in_grid != demand[1]:
-            raise Unsupported(
-                "integer conversion: the model input is read on two grids "
-                f"({self.in_grid} and {demand[1]}); one input quantizer allowed"
-            )
-        self.in_grid, self.grid_input = demand[1], str(node.target)
-        return self.placeholders[node]
-
-    def _index(self, node: fx.Node, demand: tuple) -> fx.Node:
-        """An integer tensor (token ids, position ids) as it is: the input, a buffer, or
-        index arithmetic replayed on them."""
-        if demand != INDEX_D:
-            raise Unsupported(
-                f"integer conversion: {where(node)} (integer ids) is read as {demand[0]}; "
-                "ids may only reach embeddings and index arithmetic"
-            )
-        if node.op == "placeholder":
-            return self.placeholders[node]
-        if node.op == "get_attr":
-            name = str(node.target).removeprefix("model.")
-            return self.const(node.meta["value"].detach().cpu().clone(), name)
-        ins = set(tensor_args(node))
-        return self.graph.node_copy(
-            node, lambda a: self.emit(a, INDEX_D) if a in ins else self.arg(a)
-        )
-
-    def _param(self, node: fx.Node, demand: tuple) -> fx.Node:
-        t = node.meta["value"].detach().double().cpu()
-        name = str(node.target).removeprefix("model.")
-        if demand == WIDE_D:
-            lim = self.r.limit
-            q = torch.clamp(torch.round(t / self.r.s_r), -lim, lim).to(torch.int32)
-            return self.const(q, name)
-        if demand[0] == "codes":
-            return self.const(demand[1].quantize(t.float()), name + "_codes")
-        if demand[0] == "bias":  # in accumulator units; -inf (a mask) to a large negative
-            q = torch.round(torch.nan_to_num(t, neginf=-BIAS_LIMIT) / self.bias_scale(demand[1]))
-            return self.const(torch.clamp(q, -BIAS_LIMIT, BIAS_LIMIT).to(torch.int32), name + "_b")
-        raise Unsupported(f"integer conversion: {where(node)} is read as {demand[0]}")
 
     def _acc(self, end: fx.Node, demand: tuple) -> fx.Node:
         ds = self.demands(end)
