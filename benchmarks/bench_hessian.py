@@ -166,14 +166,23 @@ def bench_hvp(model: nn.Module, batch, reps: int) -> dict:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
-    base = timeit(fwd_bwd, reps)
-    model.zero_grad(set_to_none=True)
     ops = {b: HessianOperator(model, loss_fn, [batch], backend=b)
            for b in ("double_backward", "func")}  # fmt: skip
     db = ops["double_backward"]
     v = torch.randn(db.size)
-    out = {"params": db.size, "fwd_bwd_s": base}
-    out["ours_reuse_graph_s"] = timeit(lambda: db @ v, reps)
+    pyh = _pyhessian_product(model, loss_fn, batch)
+    out: dict = {"params": db.size}
+    # interleaved, so that all see the same machine state (run order alone moved a ratio by
+    # ~0.5x): forward+backward, our product, PyHessian's (its own graph, kept meanwhile)
+    fns = [fwd_bwd, lambda: db @ v] + ([pyh] if callable(pyh) else [])
+    times = interleaved(fns, reps)
+    base, out["ours_reuse_graph_s"] = times[0], times[1]
+    out["fwd_bwd_s"] = base
+    if callable(pyh):
+        out["pyhessian_s"] = times[2]
+    else:
+        out["pyhessian_error"] = pyh
+    pyh = None  # frees its graph
     for k in (8, 16):
         vk = torch.randn(db.size, k)
         out[f"ours_vmapped_{k}_per_vector_s"] = timeit(lambda vk=vk: db @ vk, reps) / k
@@ -181,18 +190,7 @@ def bench_hvp(model: nn.Module, batch, reps: int) -> dict:
     out["profile_double_backward_top_ops"] = profile_hvp(db, v)
     db.release()
     params = db.params
-    try:
-        from pyhessian import hessian as PyHessian
-        from pyhessian.utils import hessian_vector_product
-
-        model.zero_grad(set_to_none=True)
-        ph = PyHessian(model, loss_fn, data=batch, cuda=False)
-        pv = [torch.randn_like(p) for p in ph.params]
-        out["pyhessian_s"] = timeit(lambda: hessian_vector_product(ph.gradsH, ph.params, pv), reps)
-        ph = None  # frees its graph
-        model.zero_grad(set_to_none=True)
-    except Exception as e:  # noqa: BLE001 - a peer's failure is a result, not a crash
-        out["pyhessian_error"] = f"{type(e).__name__}: {e}"
+    model.zero_grad(set_to_none=True)
     try:
         from curvlinops import HessianLinearOperator
 
@@ -207,6 +205,35 @@ def bench_hvp(model: nn.Module, batch, reps: int) -> dict:
         if k.endswith("_s") and k != "fwd_bwd_s":
             out[k[:-2] + "_over_fwd_bwd"] = round(out[k] / base, 3)
     return out
+
+
+def _pyhessian_product(model: nn.Module, loss_fn, batch):
+    """PyHessian's product on its own first-order graph, as a no-argument call; or the
+    error that stopped it (a peer's failure is a result, not a crash)."""
+    try:
+        from pyhessian import hessian as PyHessian
+        from pyhessian.utils import hessian_vector_product
+
+        model.zero_grad(set_to_none=True)
+        ph = PyHessian(model, loss_fn, data=batch, cuda=False)
+        pv = [torch.randn_like(p) for p in ph.params]
+        return lambda: hessian_vector_product(ph.gradsH, ph.params, pv)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
+def interleaved(fns: list[Callable[[], object]], reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn ``reps`` times (after warm-ups)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def profile_hvp(op: HessianOperator, v: torch.Tensor, top: int = 8) -> list:

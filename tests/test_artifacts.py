@@ -15,6 +15,7 @@ from .conftest import CIFAR10_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY = REPO / "experiments" / "torch_vit_cifar"
+CPU_STUDY = REPO / "experiments" / "vit_cifar_cpu"
 
 
 def test_publish_then_verify_reproduces_fp_and_ptq_rows(make_cfg, tmp_path, capsys):
@@ -43,10 +44,12 @@ def test_publish_then_verify_reproduces_fp_and_ptq_rows(make_cfg, tmp_path, caps
     assert report.main(["verify", str(path), "--tol", "0.5"]) == 1
 
 
-@pytest.mark.skipif(not CIFAR10_DIR.is_dir() or not (STUDY / "artifacts").is_dir(),
-                    reason="needs CIFAR-10 (CIFAR10_DIR) and the artifacts")  # fmt: skip
-def test_published_fp_row_of_the_second_study_reproduces():
-    rows = [r for r in report.load_rows(STUDY / "rows.yaml") if r.artifact]
+@pytest.mark.parametrize("study", [STUDY, CPU_STUDY], ids=["second_study", "cpu_vit"])
+def test_published_fp_row_reproduces(study):
+    """The FP checkpoint behind each study's table, re-evaluated on the CIFAR-10 test set."""
+    if not CIFAR10_DIR.is_dir() or not (study / "artifacts").is_dir():
+        pytest.skip("needs CIFAR-10 (CIFAR10_DIR) and the artifacts")
+    rows = [r for r in report.load_rows(study / "rows.yaml") if r.artifact]
     fp = [r for r in rows if r.metric == "stages.evaluate.fp.acc"]
     assert fp, "the FP row must name its artifact"
     from hawq.artifacts import verify
