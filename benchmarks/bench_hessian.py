@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_integer_cpu import interleaved  # beside this script (its directory is on sys.path)
 from torch import nn
 
 from hawq.hessian.hutchinson import block_traces
@@ -220,20 +221,6 @@ def _pyhessian_product(model: nn.Module, loss_fn, batch):
         return lambda: hessian_vector_product(ph.gradsH, ph.params, pv)
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
-
-
-def interleaved(fns: list[Callable[[], object]], reps: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each of ``fns``, called in turn ``reps`` times (after warm-ups)."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, t in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def profile_hvp(op: HessianOperator, v: torch.Tensor, top: int = 8) -> list:
